@@ -1,0 +1,227 @@
+//! The proxy-wasm adapter: the only code that talks to the host. It turns host calls into a
+//! `RequestView`, asks the core for a decision, and applies the answer.
+
+use std::rc::Rc;
+use std::time::UNIX_EPOCH;
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, MetricType};
+
+use crate::core::codes::ErrorCode;
+use crate::core::config::Config;
+use crate::core::decision::{decide, Decision};
+use crate::core::keyset::KeySet;
+use crate::core::reply::{upstream_edits, LocalReply};
+use crate::core::request::{RequestView, SessionEvidence};
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(KeygateRoot::default()) });
+}}
+
+/// Envoy stats counters, defined once per VM; Envoy shares counters of the same name.
+struct Metrics {
+    allowed: Option<u32>,
+    denied: Option<u32>,
+    denied_by_code: Vec<(ErrorCode, Option<u32>)>,
+}
+
+impl Metrics {
+    fn define(name: &str) -> Metrics {
+        let counter = |suffix: &str| {
+            hostcalls::define_metric(MetricType::Counter, &format!("keygate.{name}.{suffix}")).ok()
+        };
+        Metrics {
+            allowed: counter("allowed"),
+            denied: counter("denied"),
+            denied_by_code: ErrorCode::ALL
+                .iter()
+                .map(|c| (*c, counter(&format!("denied.{}", c.as_str().to_ascii_lowercase()))))
+                .collect(),
+        }
+    }
+
+    fn bump(id: Option<u32>) {
+        if let Some(id) = id {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
+    }
+
+    fn count_denial(&self, code: ErrorCode) {
+        Metrics::bump(self.denied);
+        if let Some((_, id)) = self.denied_by_code.iter().find(|(c, _)| *c == code) {
+            Metrics::bump(*id);
+        }
+    }
+}
+
+struct Runtime {
+    config: Config,
+    keys: KeySet,
+    metrics: Metrics,
+}
+
+#[derive(Default)]
+struct KeygateRoot {
+    runtime: Option<Rc<Runtime>>,
+}
+
+impl Context for KeygateRoot {}
+
+impl RootContext for KeygateRoot {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let bytes = match hostcalls::get_buffer(proxy_wasm::types::BufferType::PluginConfiguration, 0, usize::MAX) {
+            Ok(Some(b)) => b,
+            _ => {
+                log(LogLevel::Critical, "keygate: configuration: the plugin configuration is empty");
+                return false;
+            }
+        };
+        match Config::parse(&bytes) {
+            Ok((config, keys)) => {
+                let metrics = Metrics::define(&config.name);
+                log(
+                    LogLevel::Info,
+                    &format!("keygate[{}]: configured with {} keys", config.name, keys.len()),
+                );
+                self.runtime = Some(Rc::new(Runtime {
+                    config,
+                    keys,
+                    metrics,
+                }));
+                true
+            }
+            Err(err) => {
+                log(LogLevel::Critical, &format!("keygate: invalid configuration: {err}"));
+                false
+            }
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(KeygateRequest {
+            runtime: self.runtime.clone(),
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct KeygateRequest {
+    runtime: Option<Rc<Runtime>>,
+}
+
+impl Context for KeygateRequest {}
+
+impl HttpContext for KeygateRequest {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let Some(runtime) = self.runtime.clone() else {
+            // Not configured: fail closed.
+            send(&LocalReply {
+                status: 503,
+                headers: vec![("content-type", "application/json".into())],
+                body: br#"{"code":"KEYSET_UNAVAILABLE","message":"keygate is not configured"}"#.to_vec(),
+            });
+            return Action::Pause;
+        };
+        let config = &runtime.config;
+        let req = read_request(config);
+        match decide(config, &runtime.keys, &req) {
+            Decision::Deny { code, key_id } => {
+                runtime.metrics.count_denial(code);
+                let reply = config.replies.get(code);
+                log(
+                    LogLevel::Info,
+                    &format!(
+                        "keygate[{}]: denied status={} code={} key_id={}",
+                        config.name,
+                        reply.status,
+                        code.as_str(),
+                        key_id.unwrap_or("-")
+                    ),
+                );
+                send(&reply);
+                Action::Pause
+            }
+            Decision::Allow { principal, .. } => {
+                Metrics::bump(runtime.metrics.allowed);
+                let edits = upstream_edits(config, &req, &principal);
+                for name in &edits.remove {
+                    let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
+                }
+                for (name, value) in &edits.set {
+                    let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
+                }
+                if edits.clear_route_cache {
+                    let _ = hostcalls::call_foreign_function("clear_route_cache", None);
+                }
+                Action::Continue
+            }
+        }
+    }
+}
+
+fn log(level: LogLevel, message: &str) {
+    let _ = hostcalls::log(level, message);
+}
+
+fn send(reply: &LocalReply) {
+    let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    let _ = hostcalls::send_http_response(reply.status, headers, Some(&reply.body));
+}
+
+fn property(path: Vec<&str>) -> Option<Vec<u8>> {
+    hostcalls::get_property(path).ok().flatten()
+}
+
+fn property_text(path: Vec<&str>) -> Option<String> {
+    property(path).and_then(|b| String::from_utf8(b).ok())
+}
+
+/// Gathers everything the core needs with as few host calls as the config allows.
+fn read_request(config: &Config) -> RequestView {
+    let headers = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default();
+    let now = hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs() as i64);
+    let mut req = RequestView {
+        headers,
+        now,
+        route_policy: None,
+        session: SessionEvidence::Absent,
+    };
+    if config.uses_route_policies() {
+        req.route_policy =
+            property_text(vec!["xds", "route_metadata", "filter_metadata", "keygate", "policy"]);
+    }
+    if let Some(session) = &config.session {
+        if session.cookie_present(&req) {
+            req.session = read_session(session);
+        }
+    }
+    req
+}
+
+fn read_session(session: &crate::core::config::SessionConfig) -> SessionEvidence {
+    let ns = session.metadata_namespace.as_str();
+    if property(vec!["metadata", "filter_metadata", ns, &session.payload_key]).is_some() {
+        let subject = property_text(vec![
+            "metadata",
+            "filter_metadata",
+            ns,
+            &session.payload_key,
+            &session.subject_claim,
+        ]);
+        return SessionEvidence::Verified { subject };
+    }
+    match property_text(vec!["metadata", "filter_metadata", ns, &session.failure_key, "message"]) {
+        Some(message) => SessionEvidence::Failed {
+            expired: message.to_ascii_lowercase().contains("expired"),
+        },
+        None => SessionEvidence::Absent,
+    }
+}

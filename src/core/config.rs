@@ -1,0 +1,427 @@
+//! The filter configuration: parsed and validated once at configure time into a `Config`
+//! whose indexes and pre-rendered replies make the per-request path cheap.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+
+use serde::Deserialize;
+
+use super::codes::{ErrorCode, Language};
+use super::credential::{CredentialSource, CredentialSpec};
+use super::keyset::{KeyRecordSpec, KeySet};
+use super::policy::{Policy, PolicySpec, RouteRule, RouteRuleSpec, TenantSelector, TenantSelectorSpec};
+use super::reply::{BodyFormat, Replies};
+use super::request::RequestView;
+
+/// A configuration problem, located by its path in the JSON (`keys[3].secret_sha256`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    /// serde_json names unknown or missing fields and the position in its message.
+    pub fn from_json(err: serde_json::Error) -> ConfigError {
+        ConfigError::new(
+            format!("line {} column {}", err.line(), err.column()),
+            err.to_string(),
+        )
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Names of the trusted headers keygate sends upstream. Client-sent copies are always removed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScopeHeaders {
+    pub key_id: String,
+    pub tenant: String,
+    pub organizations: String,
+    pub environment: String,
+    pub product: String,
+    pub user: String,
+    pub permissions: String,
+    /// `api_key`, `session` or `none`: how the request was authenticated.
+    pub auth: String,
+}
+
+impl Default for ScopeHeaders {
+    fn default() -> Self {
+        ScopeHeaders {
+            key_id: "x-keygate-key-id".into(),
+            tenant: "x-keygate-tenant".into(),
+            organizations: "x-keygate-organizations".into(),
+            environment: "x-keygate-environment".into(),
+            product: "x-keygate-product".into(),
+            user: "x-keygate-user".into(),
+            permissions: "x-keygate-permissions".into(),
+            auth: "x-keygate-auth".into(),
+        }
+    }
+}
+
+impl ScopeHeaders {
+    pub fn all(&self) -> [&str; 8] {
+        [
+            &self.key_id,
+            &self.tenant,
+            &self.organizations,
+            &self.environment,
+            &self.product,
+            &self.user,
+            &self.permissions,
+            &self.auth,
+        ]
+    }
+}
+
+/// Session precedence: a session verified by Envoy's `jwt_authn` filter wins over any API key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    /// The session cookie; its presence tells a failed session from no session.
+    pub cookie: String,
+    /// Dynamic-metadata namespace `jwt_authn` writes to.
+    pub metadata_namespace: String,
+    /// `payload_in_metadata` of the jwt_authn provider.
+    pub payload_key: String,
+    /// `failed_status_in_metadata` of the jwt_authn provider.
+    pub failure_key: String,
+    /// Claim sent upstream as the user.
+    pub subject_claim: String,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            cookie: "accessToken".into(),
+            metadata_namespace: "envoy.filters.http.jwt_authn".into(),
+            payload_key: "session".into(),
+            failure_key: "session_failure".into(),
+            subject_claim: "sub".into(),
+        }
+    }
+}
+
+impl SessionConfig {
+    pub fn cookie_present(&self, req: &RequestView) -> bool {
+        !req.cookie_values(&self.cookie).is_empty()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigSpec {
+    #[serde(default)]
+    name: Option<String>,
+    credentials: Vec<CredentialSpec>,
+    #[serde(default)]
+    keys: Vec<KeyRecordSpec>,
+    /// Keys must belong to this product (MakePay's appSlug); others are `INVALID_API_KEY`.
+    #[serde(default)]
+    product: Option<String>,
+    #[serde(default)]
+    require_user: bool,
+    #[serde(default)]
+    language: Language,
+    #[serde(default)]
+    body: BodyFormat,
+    #[serde(default)]
+    messages: HashMap<String, String>,
+    #[serde(default)]
+    www_authenticate: Option<String>,
+    #[serde(default = "default_true")]
+    strip_credentials: bool,
+    #[serde(default)]
+    scope_headers: ScopeHeaders,
+    #[serde(default)]
+    session: Option<SessionConfig>,
+    #[serde(default)]
+    policies: HashMap<String, PolicySpec>,
+    #[serde(default)]
+    routes: Vec<RouteRuleSpec>,
+    #[serde(default)]
+    default_policy: PolicySpec,
+    #[serde(default)]
+    tenant_selectors: Vec<TenantSelectorSpec>,
+    /// Clear Envoy's route cache after setting the environment header, so routes can send test
+    /// keys to a sandbox cluster.
+    #[serde(default)]
+    route_by_environment: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// The validated configuration of one filter instance.
+#[derive(Debug)]
+pub struct Config {
+    pub name: String,
+    pub sources: Vec<CredentialSource>,
+    pub product: Option<String>,
+    pub require_user: bool,
+    pub replies: Replies,
+    pub strip_credentials: bool,
+    pub scope: ScopeHeaders,
+    pub session: Option<SessionConfig>,
+    pub policies: HashMap<String, Policy>,
+    pub routes: Vec<RouteRule>,
+    pub default_policy: Policy,
+    pub tenant_selectors: Vec<TenantSelector>,
+    pub route_by_environment: bool,
+    /// Every header name keygate removes from a request it passes upstream.
+    pub headers_to_strip: Vec<String>,
+}
+
+impl Config {
+    /// Parses the plugin configuration JSON into a config and its inline key set.
+    pub fn parse(bytes: &[u8]) -> Result<(Config, KeySet), ConfigError> {
+        let spec: ConfigSpec = serde_json::from_slice(bytes).map_err(ConfigError::from_json)?;
+        Config::from_spec(spec)
+    }
+
+    fn from_spec(spec: ConfigSpec) -> Result<(Config, KeySet), ConfigError> {
+        if spec.credentials.is_empty() {
+            return Err(ConfigError::new(
+                "credentials",
+                "enable at least one credential scheme",
+            ));
+        }
+        let mut sources = Vec::with_capacity(spec.credentials.len());
+        let mut places: HashMap<String, usize> = HashMap::new();
+        for (i, c) in spec.credentials.into_iter().enumerate() {
+            let source = CredentialSource::from_spec(c, &format!("credentials[{i}]"))?;
+            for place in source.place_key() {
+                if let Some(first) = places.insert(place.clone(), i) {
+                    return Err(ConfigError::new(
+                        format!("credentials[{i}]"),
+                        format!("{place} is already read by credentials[{first}]"),
+                    ));
+                }
+            }
+            sources.push(source);
+        }
+
+        let mut messages = HashMap::new();
+        for (name, text) in spec.messages {
+            let code = ErrorCode::from_name(&name).ok_or_else(|| {
+                ConfigError::new(format!("messages.{name}"), "unknown error code")
+            })?;
+            messages.insert(code, text);
+        }
+        let www_authenticate = spec
+            .www_authenticate
+            .unwrap_or_else(|| "ApiKey realm=\"keygate\"".to_string());
+        if !is_header_value(&www_authenticate) {
+            return Err(ConfigError::new(
+                "www_authenticate",
+                "must be printable ASCII",
+            ));
+        }
+        let replies = Replies::render(spec.language, spec.body, &messages, &www_authenticate)
+            .map_err(|(code, why)| ConfigError::new(format!("messages.{}", code.as_str()), why))?;
+
+        let scope = spec.scope_headers;
+        let mut seen = HashSet::new();
+        for name in scope.all() {
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            {
+                return Err(ConfigError::new(
+                    "scope_headers",
+                    format!("'{name}' is not a lower-case header name"),
+                ));
+            }
+            if !seen.insert(name) {
+                return Err(ConfigError::new(
+                    "scope_headers",
+                    format!("'{name}' is used twice"),
+                ));
+            }
+        }
+
+        let mut policies = HashMap::with_capacity(spec.policies.len());
+        for (name, p) in spec.policies {
+            let policy = Policy::from_spec(p, &format!("policies.{name}"))?;
+            policies.insert(name, policy);
+        }
+        let mut routes = Vec::with_capacity(spec.routes.len());
+        for (i, r) in spec.routes.into_iter().enumerate() {
+            if !policies.contains_key(&r.policy) {
+                return Err(ConfigError::new(
+                    format!("routes[{i}].policy"),
+                    format!("no policy named '{}' in policies", r.policy),
+                ));
+            }
+            if !r.path_prefix.starts_with('/') {
+                return Err(ConfigError::new(
+                    format!("routes[{i}].path_prefix"),
+                    "must start with '/'",
+                ));
+            }
+            routes.push(RouteRule {
+                path_prefix: r.path_prefix,
+                methods: r.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
+                policy: r.policy,
+            });
+        }
+        let default_policy = Policy::from_spec(spec.default_policy, "default_policy")?;
+        let tenant_selectors = spec
+            .tenant_selectors
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| TenantSelector::from_spec(s, &format!("tenant_selectors[{i}]")))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let keys = KeySet::from_specs(spec.keys, "keys")?;
+        validate_header_safe_fields(&keys)?;
+
+        let mut headers_to_strip: Vec<String> = scope.all().iter().map(|s| s.to_string()).collect();
+        if spec.strip_credentials {
+            for source in &sources {
+                headers_to_strip.extend(source.header_names().iter().map(|s| s.to_string()));
+            }
+        }
+        headers_to_strip.sort();
+        headers_to_strip.dedup();
+
+        let config = Config {
+            name: spec.name.unwrap_or_else(|| "keygate".to_string()),
+            sources,
+            product: spec.product,
+            require_user: spec.require_user,
+            replies,
+            strip_credentials: spec.strip_credentials,
+            scope,
+            session: spec.session,
+            policies,
+            routes,
+            default_policy,
+            tenant_selectors,
+            route_by_environment: spec.route_by_environment,
+            headers_to_strip,
+        };
+        Ok((config, keys))
+    }
+
+    /// Whether the adapter needs to read route metadata for this config.
+    pub fn uses_route_policies(&self) -> bool {
+        !self.policies.is_empty()
+    }
+}
+
+pub fn is_header_value(text: &str) -> bool {
+    text.bytes().all(|b| (0x20..0x7f).contains(&b))
+}
+
+/// Record fields travel upstream in headers: refuse values that could not be sent safely.
+pub fn validate_header_safe_fields(keys: &KeySet) -> Result<(), ConfigError> {
+    for (i, r) in keys.records().iter().enumerate() {
+        let singles = [
+            ("tenant", &r.tenant),
+            ("environment", &r.environment),
+            ("product", &r.product),
+            ("user", &r.user),
+        ];
+        for (field, value) in singles {
+            if let Some(v) = value {
+                if !is_header_value(v) {
+                    return Err(ConfigError::new(
+                        format!("keys[{i}].{field}"),
+                        "must be printable ASCII",
+                    ));
+                }
+            }
+        }
+        let lists = [("organizations", &r.organizations), ("permissions", &r.permissions)];
+        for (field, values) in lists {
+            for (j, v) in values.iter().enumerate() {
+                if v.is_empty() || !is_header_value(v) || v.contains(',') {
+                    return Err(ConfigError::new(
+                        format!("keys[{i}].{field}[{j}]"),
+                        "must be non-empty printable ASCII without ','",
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: serde_json::Value) -> Result<(Config, KeySet), ConfigError> {
+        Config::parse(json.to_string().as_bytes())
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let (config, keys) = parse(serde_json::json!({"credentials": [{"in": "header"}]})).unwrap();
+        assert!(keys.is_empty());
+        assert!(config.strip_credentials);
+        assert!(config.headers_to_strip.contains(&"x-api-key".to_string()));
+        assert!(config.headers_to_strip.contains(&"x-keygate-tenant".to_string()));
+    }
+
+    #[test]
+    fn unknown_top_level_field_is_named() {
+        let err = parse(serde_json::json!({"credentials": [{"in": "header"}], "kyes": []})).unwrap_err();
+        assert!(err.message.contains("unknown field `kyes`"), "{err}");
+    }
+
+    #[test]
+    fn two_sources_on_one_header_are_refused() {
+        let err = parse(serde_json::json!({"credentials": [
+            {"in": "header"}, {"in": "header", "name": "X-API-KEY", "format": "id_secret"}]}))
+        .unwrap_err();
+        assert_eq!(err.path, "credentials[1]");
+    }
+
+    #[test]
+    fn route_naming_an_unknown_policy_is_refused() {
+        let err = parse(serde_json::json!({"credentials": [{"in": "header"}],
+            "routes": [{"path_prefix": "/x", "policy": "nope"}]}))
+        .unwrap_err();
+        assert_eq!(err.path, "routes[0].policy");
+    }
+
+    #[test]
+    fn message_override_for_unknown_code_is_refused() {
+        let err = parse(serde_json::json!({"credentials": [{"in": "header"}],
+            "messages": {"NOT_A_CODE": "x"}}))
+        .unwrap_err();
+        assert_eq!(err.path, "messages.NOT_A_CODE");
+    }
+
+    #[test]
+    fn record_field_with_newline_is_refused() {
+        let err = parse(serde_json::json!({"credentials": [{"in": "header"}],
+            "keys": [{"id": "a", "secret_sha256": "00".repeat(32), "tenant": "a\r\nx-evil: 1"}]}))
+        .unwrap_err();
+        assert_eq!(err.path, "keys[0].tenant");
+    }
+
+    #[test]
+    fn no_credential_scheme_is_refused() {
+        let err = parse(serde_json::json!({"credentials": []})).unwrap_err();
+        assert_eq!(err.path, "credentials");
+    }
+}

@@ -1,0 +1,16 @@
+//! The host-independent core of keygate. Nothing here talks to Envoy: the adapter builds a
+//! `RequestView`, calls `decide`, and applies the rendered result.
+//!
+//! One request flows one way: headers in → `credential` → `keyset` lookup → `policy` →
+//! `decision` → `reply` (a local reply, or the scope headers the upstream receives).
+
+pub mod codes;
+pub mod config;
+pub mod credential;
+pub mod decision;
+pub mod digest;
+pub mod keyset;
+pub mod policy;
+pub mod reply;
+pub mod request;
+pub mod time;

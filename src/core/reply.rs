@@ -1,0 +1,154 @@
+//! Rendering a decision: a local reply (status, headers, body), or the edits that turn the
+//! client's request into the one the upstream sees.
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+
+use super::codes::{reason_phrase, ErrorCode, Language};
+use super::config::{is_header_value, Config};
+use super::decision::Principal;
+use super::request::RequestView;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BodyFormat {
+    /// `{"code": "...", "message": "..."}` as application/json.
+    #[default]
+    Json,
+    /// The message (by default the status's reason phrase) as text/plain.
+    Text,
+}
+
+/// A reply keygate sends itself instead of forwarding the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply {
+    pub status: u32,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Vec<u8>,
+}
+
+/// Every code's reply, rendered once at configure time.
+#[derive(Debug, Clone)]
+pub struct Replies {
+    by_code: HashMap<ErrorCode, LocalReply>,
+}
+
+impl Replies {
+    pub fn render(
+        language: Language,
+        format: BodyFormat,
+        overrides: &HashMap<ErrorCode, String>,
+        www_authenticate: &str,
+    ) -> Result<Replies, (ErrorCode, &'static str)> {
+        let mut by_code = HashMap::with_capacity(ErrorCode::ALL.len());
+        for code in ErrorCode::ALL {
+            let status = code.status();
+            let override_text = overrides.get(&code).map(String::as_str);
+            let (content_type, body) = match format {
+                BodyFormat::Json => {
+                    let message = override_text.unwrap_or(code.default_message(language));
+                    let body = serde_json::json!({"code": code.as_str(), "message": message});
+                    ("application/json", body.to_string().into_bytes())
+                }
+                BodyFormat::Text => {
+                    let message = override_text.unwrap_or(reason_phrase(status));
+                    if !message.chars().all(|c| !c.is_control()) {
+                        return Err((code, "a text message must not contain control characters"));
+                    }
+                    ("text/plain; charset=utf-8", message.as_bytes().to_vec())
+                }
+            };
+            let mut headers = vec![
+                ("content-type", content_type.to_string()),
+                ("x-keygate-code", code.as_str().to_string()),
+            ];
+            if status == 401 && is_header_value(www_authenticate) {
+                headers.push(("www-authenticate", www_authenticate.to_string()));
+            }
+            by_code.insert(
+                code,
+                LocalReply {
+                    status,
+                    headers,
+                    body,
+                },
+            );
+        }
+        Ok(Replies { by_code })
+    }
+
+    pub fn get(&self, code: ErrorCode) -> LocalReply {
+        self.by_code.get(&code).cloned().unwrap_or(LocalReply {
+            status: code.status(),
+            headers: Vec::new(),
+            body: Vec::new(),
+        })
+    }
+}
+
+/// The changes made to a request before it goes upstream.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UpstreamEdits {
+    /// Headers to delete: credentials and client-sent copies of scope headers.
+    pub remove: Vec<String>,
+    /// Headers to set (replacing any client-sent value).
+    pub set: Vec<(String, String)>,
+    /// Set when a routing-relevant header changed and Envoy must pick the route again.
+    pub clear_route_cache: bool,
+}
+
+/// Builds the trusted scope headers for an allowed request and scrubs everything that must not
+/// reach the upstream.
+pub fn upstream_edits(config: &Config, req: &RequestView, principal: &Principal) -> UpstreamEdits {
+    let scope = &config.scope;
+    let mut set: Vec<(String, String)> = Vec::with_capacity(8);
+    let mut put = |name: &str, value: String| set.push((name.to_string(), value));
+    match principal {
+        Principal::Anonymous => put(&scope.auth, "none".into()),
+        Principal::Session { subject } => {
+            put(&scope.auth, "session".into());
+            if let Some(s) = subject.as_deref().filter(|s| is_header_value(s)) {
+                put(&scope.user, s.to_string());
+            }
+        }
+        Principal::ApiKey {
+            record,
+            environment,
+        } => {
+            put(&scope.auth, "api_key".into());
+            put(&scope.key_id, record.id.clone());
+            if let Some(t) = &record.tenant {
+                put(&scope.tenant, t.clone());
+            }
+            if !record.organizations.is_empty() {
+                put(&scope.organizations, record.organizations.join(","));
+            }
+            if let Some(e) = environment {
+                put(&scope.environment, e.clone());
+            }
+            if let Some(p) = &record.product {
+                put(&scope.product, p.clone());
+            }
+            if let Some(u) = &record.user {
+                put(&scope.user, u.clone());
+            }
+            if !record.permissions.is_empty() {
+                put(&scope.permissions, record.permissions.join(","));
+            }
+        }
+    }
+    let remove = config
+        .headers_to_strip
+        .iter()
+        .filter(|h| req.has_header(h) && !set.iter().any(|(n, _)| n == *h))
+        .cloned()
+        .collect();
+    let clear_route_cache = config.route_by_environment
+        && matches!(principal, Principal::ApiKey { environment: Some(_), .. });
+    UpstreamEdits {
+        remove,
+        set,
+        clear_route_cache,
+    }
+}

@@ -1,0 +1,172 @@
+//! The read-only view of one request that the core decides on. The adapter fills it from the host.
+
+/// What Envoy's `jwt_authn` filter (placed before keygate) concluded about the session cookie.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum SessionEvidence {
+    /// No session verification ran or nothing was recorded.
+    #[default]
+    Absent,
+    /// A verified session; the subject claim when there is one.
+    Verified { subject: Option<String> },
+    /// Verification failed; `expired` when the token's lifetime was the reason.
+    Failed { expired: bool },
+}
+
+/// One request as the core sees it. Header names are lower case (Envoy normalizes them).
+#[derive(Debug, Clone, Default)]
+pub struct RequestView {
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Seconds since the Unix epoch, from the host clock.
+    pub now: i64,
+    /// The policy name the matched route carries in `filter_metadata.keygate.policy`.
+    pub route_policy: Option<String>,
+    pub session: SessionEvidence,
+}
+
+impl RequestView {
+    /// Every value of a header, in order (a repeated header yields several values).
+    pub fn header_values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.headers
+            .iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_slice())
+    }
+
+    pub fn has_header(&self, name: &str) -> bool {
+        self.header_values(name).next().is_some()
+    }
+
+    /// The first value of a header as text, if it is valid UTF-8.
+    pub fn header_str<'a>(&'a self, name: &'a str) -> Option<&'a str> {
+        self.header_values(name)
+            .next()
+            .and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    pub fn method(&self) -> &str {
+        self.header_str(":method").unwrap_or("")
+    }
+
+    pub fn path_with_query(&self) -> &str {
+        self.header_str(":path").unwrap_or("")
+    }
+
+    pub fn path(&self) -> &str {
+        let p = self.path_with_query();
+        p.split_once('?').map_or(p, |(path, _)| path)
+    }
+
+    /// Decoded values of a query parameter. `None` inside the iterator marks a value that is not
+    /// valid UTF-8 after percent-decoding.
+    pub fn query_values(&self, param: &str) -> Vec<Option<String>> {
+        let Some((_, query)) = self.path_with_query().split_once('?') else {
+            return Vec::new();
+        };
+        let query = query.split_once('#').map_or(query, |(q, _)| q);
+        query
+            .split('&')
+            .filter_map(|pair| {
+                let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+                (percent_decode(name).as_deref() == Some(param)).then(|| percent_decode(value))
+            })
+            .collect()
+    }
+
+    /// Values of a cookie across every `cookie` header.
+    pub fn cookie_values(&self, cookie: &str) -> Vec<&[u8]> {
+        let mut out = Vec::new();
+        for header in self.header_values("cookie") {
+            for part in header.split(|b| *b == b';') {
+                let part = trim_ascii(part);
+                if let Some(eq) = part.iter().position(|b| *b == b'=') {
+                    if &part[..eq] == cookie.as_bytes() {
+                        out.push(trim_ascii(&part[eq + 1..]));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+pub fn trim_ascii(mut s: &[u8]) -> &[u8] {
+    while let [first, rest @ ..] = s {
+        if first.is_ascii_whitespace() {
+            s = rest;
+        } else {
+            break;
+        }
+    }
+    while let [rest @ .., last] = s {
+        if last.is_ascii_whitespace() {
+            s = rest;
+        } else {
+            break;
+        }
+    }
+    s
+}
+
+/// Decodes `%XX` escapes and `+` in a query component; `None` if the result is not UTF-8 or an
+/// escape is broken.
+pub fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = text.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(headers: &[(&str, &str)]) -> RequestView {
+        RequestView {
+            headers: headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn query_values_are_percent_decoded_by_name() {
+        let req = view(&[(":path", "/p?organization%49d=org%2D1&x=1&organizationId=b+c")]);
+        assert_eq!(
+            req.query_values("organizationId"),
+            vec![Some("org-1".to_string()), Some("b c".to_string())]
+        );
+        assert_eq!(req.path(), "/p");
+    }
+
+    #[test]
+    fn cookies_are_found_across_headers() {
+        let req = view(&[("cookie", "a=1; accessToken=xyz"), ("cookie", "b=2")]);
+        assert_eq!(req.cookie_values("accessToken"), vec![b"xyz".as_slice()]);
+        assert!(req.cookie_values("zzz").is_empty());
+    }
+
+    #[test]
+    fn header_lookup_ignores_case() {
+        let req = view(&[("X-Api-Key", "v")]);
+        assert_eq!(req.header_str("x-api-key"), Some("v"));
+    }
+}
