@@ -37,7 +37,12 @@ impl Metrics {
             denied: counter("denied"),
             denied_by_code: ErrorCode::ALL
                 .iter()
-                .map(|c| (*c, counter(&format!("denied.{}", c.as_str().to_ascii_lowercase()))))
+                .map(|c| {
+                    (
+                        *c,
+                        counter(&format!("denied.{}", c.as_str().to_ascii_lowercase())),
+                    )
+                })
                 .collect(),
         }
     }
@@ -71,10 +76,17 @@ impl Context for KeygateRoot {}
 
 impl RootContext for KeygateRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let bytes = match hostcalls::get_buffer(proxy_wasm::types::BufferType::PluginConfiguration, 0, usize::MAX) {
+        let bytes = match hostcalls::get_buffer(
+            proxy_wasm::types::BufferType::PluginConfiguration,
+            0,
+            usize::MAX,
+        ) {
             Ok(Some(b)) => b,
             _ => {
-                log(LogLevel::Critical, "keygate: configuration: the plugin configuration is empty");
+                log(
+                    LogLevel::Critical,
+                    "keygate: configuration: the plugin configuration is empty",
+                );
                 return false;
             }
         };
@@ -83,7 +95,11 @@ impl RootContext for KeygateRoot {
                 let metrics = Metrics::define(&config.name);
                 log(
                     LogLevel::Info,
-                    &format!("keygate[{}]: configured with {} keys", config.name, keys.len()),
+                    &format!(
+                        "keygate[{}]: configured with {} keys",
+                        config.name,
+                        keys.len()
+                    ),
                 );
                 self.runtime = Some(Rc::new(Runtime {
                     config,
@@ -93,7 +109,10 @@ impl RootContext for KeygateRoot {
                 true
             }
             Err(err) => {
-                log(LogLevel::Critical, &format!("keygate: invalid configuration: {err}"));
+                log(
+                    LogLevel::Critical,
+                    &format!("keygate: invalid configuration: {err}"),
+                );
                 false
             }
         }
@@ -123,7 +142,8 @@ impl HttpContext for KeygateRequest {
             send(&LocalReply {
                 status: 503,
                 headers: vec![("content-type", "application/json".into())],
-                body: br#"{"code":"KEYSET_UNAVAILABLE","message":"keygate is not configured"}"#.to_vec(),
+                body: br#"{"code":"KEYSET_UNAVAILABLE","message":"keygate is not configured"}"#
+                    .to_vec(),
             });
             return Action::Pause;
         };
@@ -153,7 +173,8 @@ impl HttpContext for KeygateRequest {
                     let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
                 }
                 for (name, value) in &edits.set {
-                    let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
+                    let _ =
+                        hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
                 }
                 if edits.clear_route_cache {
                     let _ = hostcalls::call_foreign_function("clear_route_cache", None);
@@ -169,7 +190,11 @@ fn log(level: LogLevel, message: &str) {
 }
 
 fn send(reply: &LocalReply) {
-    let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    let headers: Vec<(&str, &str)> = reply
+        .headers
+        .iter()
+        .map(|(n, v)| (*n, v.as_str()))
+        .collect();
     let _ = hostcalls::send_http_response(reply.status, headers, Some(&reply.body));
 }
 
@@ -195,8 +220,13 @@ fn read_request(config: &Config) -> RequestView {
         session: SessionEvidence::Absent,
     };
     if config.uses_route_policies() {
-        req.route_policy =
-            property_text(vec!["xds", "route_metadata", "filter_metadata", "keygate", "policy"]);
+        req.route_policy = property_text(vec![
+            "xds",
+            "route_metadata",
+            "filter_metadata",
+            "keygate",
+            "policy",
+        ]);
     }
     if let Some(session) = &config.session {
         if session.cookie_present(&req) {
@@ -208,7 +238,14 @@ fn read_request(config: &Config) -> RequestView {
 
 fn read_session(session: &crate::core::config::SessionConfig) -> SessionEvidence {
     let ns = session.metadata_namespace.as_str();
-    if property(vec!["metadata", "filter_metadata", ns, &session.payload_key]).is_some() {
+    if property(vec![
+        "metadata",
+        "filter_metadata",
+        ns,
+        &session.payload_key,
+    ])
+    .is_some()
+    {
         let subject = property_text(vec![
             "metadata",
             "filter_metadata",
@@ -218,7 +255,13 @@ fn read_session(session: &crate::core::config::SessionConfig) -> SessionEvidence
         ]);
         return SessionEvidence::Verified { subject };
     }
-    match property_text(vec!["metadata", "filter_metadata", ns, &session.failure_key, "message"]) {
+    match property_text(vec![
+        "metadata",
+        "filter_metadata",
+        ns,
+        &session.failure_key,
+        "message",
+    ]) {
         Some(message) => SessionEvidence::Failed {
             expired: message.to_ascii_lowercase().contains("expired"),
         },

@@ -9,7 +9,9 @@ use serde::Deserialize;
 use super::codes::{ErrorCode, Language};
 use super::credential::{CredentialSource, CredentialSpec};
 use super::keyset::{KeyRecordSpec, KeySet};
-use super::policy::{Policy, PolicySpec, RouteRule, RouteRuleSpec, TenantSelector, TenantSelectorSpec};
+use super::policy::{
+    Policy, PolicySpec, RouteRule, RouteRuleSpec, TenantSelector, TenantSelectorSpec,
+};
 use super::reply::{BodyFormat, Replies};
 use super::request::RequestView;
 
@@ -349,7 +351,10 @@ pub fn validate_header_safe_fields(keys: &KeySet) -> Result<(), ConfigError> {
                 }
             }
         }
-        let lists = [("organizations", &r.organizations), ("permissions", &r.permissions)];
+        let lists = [
+            ("organizations", &r.organizations),
+            ("permissions", &r.permissions),
+        ];
         for (field, values) in lists {
             for (j, v) in values.iter().enumerate() {
                 if v.is_empty() || !is_header_value(v) || v.contains(',') {
@@ -378,12 +383,15 @@ mod tests {
         assert!(keys.is_empty());
         assert!(config.strip_credentials);
         assert!(config.headers_to_strip.contains(&"x-api-key".to_string()));
-        assert!(config.headers_to_strip.contains(&"x-keygate-tenant".to_string()));
+        assert!(config
+            .headers_to_strip
+            .contains(&"x-keygate-tenant".to_string()));
     }
 
     #[test]
     fn unknown_top_level_field_is_named() {
-        let err = parse(serde_json::json!({"credentials": [{"in": "header"}], "kyes": []})).unwrap_err();
+        let err =
+            parse(serde_json::json!({"credentials": [{"in": "header"}], "kyes": []})).unwrap_err();
         assert!(err.message.contains("unknown field `kyes`"), "{err}");
     }
 

@@ -43,10 +43,7 @@ pub enum TokenFormat {
 #[serde(untagged)]
 pub enum PrefixSpec {
     Plain(String),
-    WithEnvironment {
-        prefix: String,
-        environment: String,
-    },
+    WithEnvironment { prefix: String, environment: String },
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -127,7 +124,9 @@ fn valid_header_name(name: &str) -> bool {
 }
 
 fn header_name(raw: Option<String>, default: &str, path: &str) -> Result<String, ConfigError> {
-    let name = raw.unwrap_or_else(|| default.to_string()).to_ascii_lowercase();
+    let name = raw
+        .unwrap_or_else(|| default.to_string())
+        .to_ascii_lowercase();
     if name.is_empty() {
         return Err(ConfigError::new(path, "a name is required"));
     }
@@ -153,13 +152,14 @@ impl CredentialSource {
         }
         let place = match spec.location {
             Location::Header => Place::Header(header_name(spec.name, "x-api-key", &name_path)?),
-            Location::Bearer => {
-                Place::Bearer(header_name(spec.name, "authorization", &name_path)?)
-            }
+            Location::Bearer => Place::Bearer(header_name(spec.name, "authorization", &name_path)?),
             Location::Query | Location::Cookie => {
                 let name = spec.name.unwrap_or_default();
                 if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) {
-                    return Err(ConfigError::new(name_path, "a parameter or cookie name is required"));
+                    return Err(ConfigError::new(
+                        name_path,
+                        "a parameter or cookie name is required",
+                    ));
                 }
                 if spec.location == Location::Query {
                     Place::Query(name)
@@ -227,7 +227,9 @@ impl CredentialSource {
     pub fn place_key(&self) -> Vec<String> {
         match &self.place {
             Place::Header(h) | Place::Bearer(h) => vec![format!("header {h}")],
-            Place::HeaderPair { id, secret } => vec![format!("header {id}"), format!("header {secret}")],
+            Place::HeaderPair { id, secret } => {
+                vec![format!("header {id}"), format!("header {secret}")]
+            }
             Place::Query(q) => vec![format!("query {q}")],
             Place::Cookie(c) => vec![format!("cookie {c}")],
         }
@@ -313,7 +315,10 @@ impl CredentialSource {
         }
         let environment = self.check_prefix(id)?;
         if !self.secret_prefixes.is_empty()
-            && !self.secret_prefixes.iter().any(|p| secret.starts_with(p.as_str()))
+            && !self
+                .secret_prefixes
+                .iter()
+                .any(|p| secret.starts_with(p.as_str()))
         {
             return Err(ErrorCode::MalformedApiKey);
         }
@@ -468,13 +473,20 @@ mod tests {
         let s = source(serde_json::json!({"in": "header", "prefixes": [
             {"prefix": "caibo_test_sk_", "environment": "test"},
             {"prefix": "caibo_live_sk_", "environment": "live"}]}));
-        let got = s.extract(&req(&[("x-api-key", b"caibo_test_sk_1")])).unwrap();
-        assert_eq!(got.and_then(|c| c.environment().map(str::to_string)), Some("test".into()));
+        let got = s
+            .extract(&req(&[("x-api-key", b"caibo_test_sk_1")]))
+            .unwrap();
+        assert_eq!(
+            got.and_then(|c| c.environment().map(str::to_string)),
+            Some("test".into())
+        );
     }
 
     #[test]
     fn id_secret_splits_at_first_colon_and_hashes_the_secret() {
-        let s = source(serde_json::json!({"in": "bearer", "format": "id_secret", "prefixes": ["abk_"]}));
+        let s = source(
+            serde_json::json!({"in": "bearer", "format": "id_secret", "prefixes": ["abk_"]}),
+        );
         let got = s
             .extract(&req(&[("authorization", b"Bearer abk_1:c2VjcmV0")]))
             .unwrap();
@@ -503,7 +515,10 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
-        assert_eq!(s.extract(&req(&[("authorization", b"Basic dXNlcg==")])), Ok(None));
+        assert_eq!(
+            s.extract(&req(&[("authorization", b"Basic dXNlcg==")])),
+            Ok(None)
+        );
     }
 
     #[test]
@@ -568,9 +583,15 @@ mod tests {
             source(serde_json::json!({"in": "bearer", "format": "id_secret"})),
             source(serde_json::json!({"in": "header", "format": "id_secret"})),
         ];
-        let agree = req(&[("authorization", b"Bearer k1:abc"), ("x-api-key", b"k1:abc")]);
+        let agree = req(&[
+            ("authorization", b"Bearer k1:abc"),
+            ("x-api-key", b"k1:abc"),
+        ]);
         assert!(extract_credential(&sources, &agree).unwrap().is_some());
-        let disagree = req(&[("authorization", b"Bearer k1:abc"), ("x-api-key", b"k2:abc")]);
+        let disagree = req(&[
+            ("authorization", b"Bearer k1:abc"),
+            ("x-api-key", b"k2:abc"),
+        ]);
         assert_eq!(
             extract_credential(&sources, &disagree),
             Err(ErrorCode::ConflictingCredentials)

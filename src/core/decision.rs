@@ -48,7 +48,10 @@ pub fn policy_for<'a>(config: &'a Config, req: &RequestView) -> Result<&'a Polic
         return config.policies.get(name).ok_or(ErrorCode::Forbidden);
     }
     if let Some(rule) = config.routes.iter().find(|r| r.matches(req)) {
-        return config.policies.get(&rule.policy).ok_or(ErrorCode::Forbidden);
+        return config
+            .policies
+            .get(&rule.policy)
+            .ok_or(ErrorCode::Forbidden);
     }
     Ok(&config.default_policy)
 }

@@ -83,7 +83,10 @@ fn parse_time(spec: &TimeSpec, path: &str) -> Result<i64, ConfigError> {
     match spec {
         TimeSpec::Unix(secs) => Ok(*secs),
         TimeSpec::Text(text) => parse_rfc3339(text).ok_or_else(|| {
-            ConfigError::new(path, "expected an RFC 3339 time such as 2027-01-31T00:00:00Z")
+            ConfigError::new(
+                path,
+                "expected an RFC 3339 time such as 2027-01-31T00:00:00Z",
+            )
         }),
     }
 }
@@ -199,7 +202,9 @@ impl KeySet {
     }
 
     pub fn by_digest(&self, digest: &Digest) -> Option<&KeyRecord> {
-        self.by_digest.get(digest).and_then(|i| self.records.get(*i))
+        self.by_digest
+            .get(digest)
+            .and_then(|i| self.records.get(*i))
     }
 
     pub fn records(&self) -> &[KeyRecord] {
@@ -217,7 +222,11 @@ mod tests {
     }
 
     fn load(records: serde_json::Value) -> Result<KeySet, ConfigError> {
-        KeySet::from_json(serde_json::json!({ "keys": records }).to_string().as_bytes())
+        KeySet::from_json(
+            serde_json::json!({ "keys": records })
+                .to_string()
+                .as_bytes(),
+        )
     }
 
     #[test]

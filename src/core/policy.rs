@@ -213,7 +213,7 @@ pub fn check_origin(req: &RequestView, record: &KeyRecord) -> Result<(), ErrorCo
     let all_allowed = origins.all(|o| {
         std::str::from_utf8(o).ok().is_some_and(|o| {
             let o = o.trim().trim_end_matches('/').to_ascii_lowercase();
-            record.origins.iter().any(|allowed| *allowed == o)
+            record.origins.contains(&o)
         })
     });
     if all_allowed {

@@ -145,7 +145,13 @@ pub fn upstream_edits(config: &Config, req: &RequestView, principal: &Principal)
         .cloned()
         .collect();
     let clear_route_cache = config.route_by_environment
-        && matches!(principal, Principal::ApiKey { environment: Some(_), .. });
+        && matches!(
+            principal,
+            Principal::ApiKey {
+                environment: Some(_),
+                ..
+            }
+        );
     UpstreamEdits {
         remove,
         set,

@@ -149,7 +149,10 @@ mod tests {
 
     #[test]
     fn query_values_are_percent_decoded_by_name() {
-        let req = view(&[(":path", "/p?organization%49d=org%2D1&x=1&organizationId=b+c")]);
+        let req = view(&[(
+            ":path",
+            "/p?organization%49d=org%2D1&x=1&organizationId=b+c",
+        )]);
         assert_eq!(
             req.query_values("organizationId"),
             vec![Some("org-1".to_string()), Some("b c".to_string())]

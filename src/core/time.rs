@@ -101,8 +101,14 @@ mod tests {
     fn parses_utc_and_offsets() {
         assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
         assert_eq!(parse_rfc3339("2026-11-22T06:32:16Z"), Some(1_795_329_136));
-        assert_eq!(parse_rfc3339("2026-11-22T07:32:16+01:00"), Some(1_795_329_136));
-        assert_eq!(parse_rfc3339("2026-11-22T06:32:16.123Z"), Some(1_795_329_136));
+        assert_eq!(
+            parse_rfc3339("2026-11-22T07:32:16+01:00"),
+            Some(1_795_329_136)
+        );
+        assert_eq!(
+            parse_rfc3339("2026-11-22T06:32:16.123Z"),
+            Some(1_795_329_136)
+        );
     }
 
     #[test]

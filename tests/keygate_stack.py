@@ -1,0 +1,201 @@
+"""Starts a real Envoy with a shipped config from envoy/, plus its echo upstreams.
+
+The shipped configs use fixed ports (listener 10000, admin 9901, echo upstream 8081, sandbox
+upstream 8082, key service 8090). `Stack` copies the config with those ports swapped for free
+ones, so test groups can run side by side; nothing else in the config changes.
+"""
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ENVOY_BIN = os.environ.get(
+    "ENVOY_BIN", str(ROOT / ".venv/lib/python3.11/site-packages/envoy/_bin/envoy")
+)
+SHIPPED_PORTS = {"listener": 10000, "admin": 9901, "echo": 8081, "sandbox": 8082, "keys": 8090}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port, timeout=15.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+class Response:
+    def __init__(self, status, headers, body):
+        self.status = status
+        self.headers = headers  # list of (lower-case name, value)
+        self.body = body
+
+    def header(self, name):
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+    @property
+    def json(self):
+        return json.loads(self.body)
+
+    @property
+    def code(self):
+        """The `code` of a keygate JSON error body."""
+        try:
+            return self.json.get("code")
+        except ValueError:
+            return None
+
+    @property
+    def upstream(self):
+        """What the echo upstream received: {name: [values]}; None if keygate answered."""
+        try:
+            data = self.json
+        except ValueError:
+            return None
+        if "headers" not in data or "upstream" not in data:
+            return None
+        seen = {}
+        for k, v in data["headers"]:
+            seen.setdefault(k, []).append(v)
+        seen[":upstream"] = [data["upstream"]]
+        seen[":path"] = [data["path"]]
+        return seen
+
+    def __repr__(self):
+        return f"<{self.status} {self.body[:300]!r}>"
+
+
+class Stack:
+    def __init__(self, config_name, concurrency=2, workdir=None, extra_upstreams=("echo", "sandbox"),
+                 log_level="info", substitutions=None):
+        self.config_name = config_name
+        self.ports = {name: free_port() for name in SHIPPED_PORTS}
+        self.concurrency = concurrency
+        self.workdir = Path(workdir or ROOT / ".tmp" / f"{Path(config_name).stem}-{os.getpid()}-{self.ports['listener']}")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.workdir / "envoy.log"
+        self.upstream_names = extra_upstreams
+        self.log_level = log_level
+        self.substitutions = substitutions or {}
+        self.procs = []
+
+    @property
+    def port(self):
+        return self.ports["listener"]
+
+    def render_config(self):
+        text = (ROOT / "envoy" / self.config_name).read_text()
+        for name, shipped in SHIPPED_PORTS.items():
+            text = text.replace(f"port_value: {shipped}", f"port_value: {self.ports[name]}")
+        for old, new in self.substitutions.items():
+            text = text.replace(old, new)
+        path = self.workdir / self.config_name
+        path.write_text(text)
+        return path
+
+    def start(self):
+        for name in self.upstream_names:
+            proc = subprocess.Popen(
+                [sys.executable, str(ROOT / "tests" / "echo_upstream.py"),
+                 "--port", str(self.ports[name]), "--name", name],
+            )
+            self.procs.append(proc)
+        config = self.render_config()
+        self.log_file = open(self.log_path, "wb")
+        self.envoy = subprocess.Popen(
+            [ENVOY_BIN, "-c", str(config), "--concurrency", str(self.concurrency),
+             "--disable-hot-restart", "--log-level", self.log_level],
+            cwd=ROOT, stdout=self.log_file, stderr=subprocess.STDOUT,
+        )
+        self.procs.append(self.envoy)
+        for name in self.upstream_names:
+            if not wait_for_port(self.ports[name]):
+                raise RuntimeError(f"upstream {name} did not start")
+        if not self.wait_ready():
+            self.stop()
+            raise RuntimeError("envoy did not become ready:\n" + self.log_path.read_text()[-4000:])
+        return self
+
+    def wait_ready(self, timeout=30.0):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.envoy.poll() is not None:
+                return False
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['admin']}/ready", timeout=1) as r:
+                    if r.status == 200 and wait_for_port(self.port, 1):
+                        return True
+            except OSError:
+                pass
+            time.sleep(0.1)
+        return False
+
+    def stop(self):
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if getattr(self, "log_file", None):
+            self.log_file.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def request(self, method="GET", path="/", headers=(), body=None, port=None):
+        """Sends one request; `headers` is a list of (name, value) pairs, values str or bytes,
+        so repeated headers and raw bytes can be sent."""
+        conn = http.client.HTTPConnection("127.0.0.1", port or self.port, timeout=10)
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        for name, value in headers:
+            conn.putheader(name, value)
+        if body is not None:
+            conn.putheader("content-length", str(len(body)))
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        data = resp.read()
+        result = Response(resp.status, [(k.lower(), v) for k, v in resp.getheaders()], data)
+        conn.close()
+        return result
+
+    def admin(self, path):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['admin']}{path}", timeout=5) as r:
+            return r.read().decode()
+
+    def stats(self, prefix="wasmcustom.keygate"):
+        out = {}
+        for line in self.admin("/stats").splitlines():
+            if line.startswith(prefix):
+                name, _, value = line.partition(": ")
+                try:
+                    out[name] = int(value)
+                except ValueError:
+                    pass
+        return out
+
+    def log_text(self):
+        self.log_file.flush()
+        return self.log_path.read_text(errors="replace")
