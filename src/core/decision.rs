@@ -182,3 +182,230 @@ fn check_key(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::digest::sha256;
+
+    const NOW: i64 = 1_800_000_000;
+
+    fn setup(extra: serde_json::Value) -> (Config, KeySet) {
+        let mut cfg = serde_json::json!({
+            "credentials": [
+                {"in": "header", "prefixes": [
+                    {"prefix": "caibo_test_sk_", "environment": "test"},
+                    {"prefix": "caibo_live_sk_", "environment": "live"}, "cmp_"]},
+                {"in": "bearer", "format": "id_secret", "prefixes": ["abk_"]}
+            ],
+            "session": {},
+            "policies": {
+                "session-only": {"deny_api_keys": "WEB_SESSION_REQUIRED"},
+                "health": {"auth": "none"},
+                "reports": {"required_permissions": ["reports:read"]}
+            },
+            "default_policy": {"deny_methods": {"DELETE": "API_KEY_DELETE_FORBIDDEN"}},
+            "tenant_selectors": [{"query": "organizationId", "scope": "organizations"},
+                                 {"query": "companyId", "scope": "tenant"}],
+            "keys": [
+                {"id": "k1", "secret_sha256": hex::encode(sha256(b"cmp_one")), "tenant": "c1",
+                 "organizations": ["o1", "o2"], "user": "u1"},
+                {"id": "abk_2", "secret_sha256": hex::encode(sha256(b"c2VjcmV0")), "tenant": "c2",
+                 "permissions": ["reports:read"]},
+                {"id": "old", "secret_sha256": hex::encode(sha256(b"cmp_old")), "not_after": NOW - 1},
+                {"id": "exp", "secret_sha256": hex::encode(sha256(b"cmp_exp")), "expires_at": NOW},
+                {"id": "t1", "secret_sha256": hex::encode(sha256(b"caibo_test_sk_1")), "environment": "live"},
+                {"id": "t2", "secret_sha256": hex::encode(sha256(b"caibo_test_sk_2"))}
+            ]
+        });
+        if let (Some(obj), Some(extra)) = (cfg.as_object_mut(), extra.as_object()) {
+            for (k, v) in extra {
+                obj.insert(k.clone(), v.clone());
+            }
+        }
+        Config::parse(cfg.to_string().as_bytes()).unwrap()
+    }
+
+    fn req(method: &str, path: &str, headers: &[(&str, &str)]) -> RequestView {
+        let mut all = vec![
+            (":method".to_string(), method.as_bytes().to_vec()),
+            (":path".to_string(), path.as_bytes().to_vec()),
+        ];
+        all.extend(
+            headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())),
+        );
+        RequestView {
+            headers: all,
+            now: NOW,
+            ..Default::default()
+        }
+    }
+
+    fn code(d: Decision) -> Option<ErrorCode> {
+        match d {
+            Decision::Deny { code, .. } => Some(code),
+            Decision::Allow { .. } => None,
+        }
+    }
+
+    #[test]
+    fn valid_key_is_allowed_as_its_record() {
+        let (c, k) = setup(serde_json::json!({}));
+        match decide(&c, &k, &req("GET", "/x", &[("x-api-key", "cmp_one")])) {
+            Decision::Allow {
+                principal: Principal::ApiKey { record, .. },
+                ..
+            } => assert_eq!(record.id, "k1"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn verified_session_wins_over_a_wrong_key() {
+        let (c, k) = setup(serde_json::json!({}));
+        let mut r = req(
+            "GET",
+            "/x",
+            &[("x-api-key", "cmp_wrong"), ("cookie", "accessToken=t")],
+        );
+        r.session = SessionEvidence::Verified {
+            subject: Some("u9".into()),
+        };
+        assert!(matches!(
+            decide(&c, &k, &r),
+            Decision::Allow {
+                principal: Principal::Session { .. },
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn failed_session_without_key_reports_the_session_error() {
+        let (c, k) = setup(serde_json::json!({}));
+        let mut r = req("GET", "/x", &[("cookie", "accessToken=t")]);
+        r.session = SessionEvidence::Failed { expired: true };
+        assert_eq!(code(decide(&c, &k, &r)), Some(ErrorCode::TokenExpired));
+        r.session = SessionEvidence::Failed { expired: false };
+        assert_eq!(code(decide(&c, &k, &r)), Some(ErrorCode::InvalidToken));
+        r.session = SessionEvidence::Absent;
+        assert_eq!(code(decide(&c, &k, &r)), Some(ErrorCode::InvalidToken));
+        let none = req("GET", "/x", &[]);
+        assert_eq!(code(decide(&c, &k, &none)), Some(ErrorCode::TokenMissing));
+    }
+
+    #[test]
+    fn failed_session_with_a_valid_key_uses_the_key() {
+        let (c, k) = setup(serde_json::json!({}));
+        let mut r = req(
+            "GET",
+            "/x",
+            &[("x-api-key", "cmp_one"), ("cookie", "accessToken=t")],
+        );
+        r.session = SessionEvidence::Failed { expired: true };
+        assert_eq!(code(decide(&c, &k, &r)), None);
+    }
+
+    #[test]
+    fn route_policies_refuse_api_keys_and_methods() {
+        let (c, k) = setup(serde_json::json!({}));
+        let mut r = req("GET", "/company/switch", &[("x-api-key", "cmp_one")]);
+        r.route_policy = Some("session-only".into());
+        assert_eq!(
+            code(decide(&c, &k, &r)),
+            Some(ErrorCode::WebSessionRequired)
+        );
+        let del = req("DELETE", "/products/1", &[("x-api-key", "cmp_one")]);
+        assert_eq!(
+            code(decide(&c, &k, &del)),
+            Some(ErrorCode::ApiKeyDeleteForbidden)
+        );
+        let mut health = req("GET", "/health", &[]);
+        health.route_policy = Some("health".into());
+        assert_eq!(code(decide(&c, &k, &health)), None);
+        let mut unknown = req("GET", "/x", &[("x-api-key", "cmp_one")]);
+        unknown.route_policy = Some("typo".into());
+        assert_eq!(code(decide(&c, &k, &unknown)), Some(ErrorCode::Forbidden));
+    }
+
+    #[test]
+    fn permissions_are_required_per_route() {
+        let (c, k) = setup(serde_json::json!({}));
+        let mut r = req("GET", "/reports", &[("x-api-key", "cmp_one")]);
+        r.route_policy = Some("reports".into());
+        assert_eq!(code(decide(&c, &k, &r)), Some(ErrorCode::Forbidden));
+        let mut ok = req(
+            "GET",
+            "/reports",
+            &[("authorization", "Bearer abk_2:c2VjcmV0")],
+        );
+        ok.route_policy = Some("reports".into());
+        assert_eq!(code(decide(&c, &k, &ok)), None);
+    }
+
+    #[test]
+    fn tenant_selectors_must_stay_in_the_keys_scope() {
+        let (c, k) = setup(serde_json::json!({}));
+        let key = [("x-api-key", "cmp_one")];
+        assert_eq!(
+            code(decide(&c, &k, &req("GET", "/p?organizationId=o2", &key))),
+            None
+        );
+        assert_eq!(
+            code(decide(&c, &k, &req("GET", "/p?organizationId=o3", &key))),
+            Some(ErrorCode::TenantForbidden)
+        );
+        assert_eq!(
+            code(decide(
+                &c,
+                &k,
+                &req("GET", "/p?organizationId=o1&organizationId=o3", &key)
+            )),
+            Some(ErrorCode::TenantForbidden)
+        );
+        assert_eq!(
+            code(decide(&c, &k, &req("GET", "/p?companyId=c1", &key))),
+            None
+        );
+        assert_eq!(
+            code(decide(&c, &k, &req("GET", "/p?companyId=c2", &key))),
+            Some(ErrorCode::TenantForbidden)
+        );
+    }
+
+    #[test]
+    fn key_validity_window_and_environment() {
+        let (c, k) = setup(serde_json::json!({}));
+        let get = |key: &str| code(decide(&c, &k, &req("GET", "/", &[("x-api-key", key)])));
+        assert_eq!(get("cmp_old"), Some(ErrorCode::InvalidApiKey));
+        assert_eq!(get("cmp_exp"), Some(ErrorCode::ApiKeyExpired));
+        assert_eq!(get("caibo_test_sk_1"), Some(ErrorCode::InvalidApiKey));
+        assert_eq!(get("caibo_test_sk_2"), None);
+    }
+
+    #[test]
+    fn product_scope_and_required_user() {
+        let (c, k) = setup(serde_json::json!({"product": "makepay"}));
+        let r = req("GET", "/", &[("x-api-key", "cmp_one")]);
+        assert_eq!(code(decide(&c, &k, &r)), Some(ErrorCode::InvalidApiKey));
+        let (c, k) = setup(serde_json::json!({"require_user": true}));
+        let r = req("GET", "/", &[("authorization", "Bearer abk_2:c2VjcmV0")]);
+        assert_eq!(code(decide(&c, &k, &r)), Some(ErrorCode::ApiKeyNoUser));
+    }
+
+    #[test]
+    fn cors_preflight_is_never_blocked() {
+        let (c, k) = setup(serde_json::json!({}));
+        let r = req(
+            "OPTIONS",
+            "/x",
+            &[
+                ("origin", "https://a.example"),
+                ("access-control-request-method", "GET"),
+            ],
+        );
+        assert_eq!(code(decide(&c, &k, &r)), None);
+    }
+}

@@ -7,6 +7,7 @@ use serde::Deserialize;
 
 use super::codes::{reason_phrase, ErrorCode, Language};
 use super::config::{is_header_value, Config};
+use super::credential::Place;
 use super::decision::Principal;
 use super::request::RequestView;
 
@@ -138,6 +139,9 @@ pub fn upstream_edits(config: &Config, req: &RequestView, principal: &Principal)
             }
         }
     }
+    if config.strip_credentials {
+        strip_query_and_cookie_credentials(config, req, &mut set);
+    }
     let remove = config
         .headers_to_strip
         .iter()
@@ -156,5 +160,80 @@ pub fn upstream_edits(config: &Config, req: &RequestView, principal: &Principal)
         remove,
         set,
         clear_route_cache,
+    }
+}
+
+/// Query-parameter and cookie credentials live inside `:path` and `cookie`: rewrite those
+/// without the credential rather than dropping them whole.
+fn strip_query_and_cookie_credentials(
+    config: &Config,
+    req: &RequestView,
+    set: &mut Vec<(String, String)>,
+) {
+    for source in &config.sources {
+        match &source.place {
+            Place::Query(param) => {
+                let path = req.path_with_query();
+                if let Some(stripped) = path_without_param(path, param) {
+                    set.retain(|(n, _)| n != ":path");
+                    set.push((":path".to_string(), stripped));
+                }
+            }
+            Place::Cookie(name) => {
+                if req.cookie_values(name).is_empty() {
+                    continue;
+                }
+                let kept: Vec<String> = req
+                    .header_values("cookie")
+                    .flat_map(|v| v.split(|b| *b == b';'))
+                    .map(|c| String::from_utf8_lossy(super::request::trim_ascii(c)).into_owned())
+                    .filter(|c| !c.is_empty() && c.split('=').next() != Some(name.as_str()))
+                    .collect();
+                set.retain(|(n, _)| n != "cookie");
+                set.push(("cookie".to_string(), kept.join("; ")));
+            }
+            Place::Header(_) | Place::Bearer(_) | Place::HeaderPair { .. } => {}
+        }
+    }
+}
+
+/// `path` without every `param=...` pair; `None` when the parameter is not there.
+fn path_without_param(path: &str, param: &str) -> Option<String> {
+    let (base, query) = path.split_once('?')?;
+    let mut removed = false;
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| {
+            let name = pair.split_once('=').map_or(*pair, |(n, _)| n);
+            let is_credential = super::request::percent_decode(name).as_deref() == Some(param);
+            removed |= is_credential;
+            !is_credential
+        })
+        .collect();
+    if !removed {
+        return None;
+    }
+    Some(if kept.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_credential_is_removed_from_the_path() {
+        assert_eq!(
+            path_without_param("/p?a=1&api_key=s3cret&b=2", "api_key").as_deref(),
+            Some("/p?a=1&b=2")
+        );
+        assert_eq!(
+            path_without_param("/p?api%5Fkey=s3cret", "api_key").as_deref(),
+            Some("/p")
+        );
+        assert_eq!(path_without_param("/p?a=1", "api_key"), None);
     }
 }
