@@ -401,28 +401,24 @@ pub fn extract_credential(
 ) -> Result<Option<Credential>, ErrorCode> {
     let mut found: Option<Credential> = None;
     let mut failure: Option<ErrorCode> = None;
-    let mut presented = 0usize;
     for source in sources {
         match source.extract(req) {
             Ok(None) => {}
-            Ok(Some(credential)) => {
-                presented += 1;
-                match &found {
-                    Some(existing) if *existing != credential => {
-                        return Err(ErrorCode::ConflictingCredentials)
-                    }
-                    Some(_) => {}
-                    None => found = Some(credential),
+            Ok(Some(credential)) => match &found {
+                Some(existing) if *existing != credential => {
+                    return Err(ErrorCode::ConflictingCredentials)
                 }
-            }
+                Some(_) => {}
+                None => found = Some(credential),
+            },
             Err(code) => {
-                presented += 1;
                 failure.get_or_insert(code);
             }
         }
     }
     match (found, failure) {
-        (Some(_), Some(_)) if presented > 1 => Err(ErrorCode::ConflictingCredentials),
+        // A broken credential next to a good one is still two different credentials.
+        (Some(_), Some(_)) => Err(ErrorCode::ConflictingCredentials),
         (_, Some(code)) => Err(code),
         (found, None) => Ok(found),
     }
