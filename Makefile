@@ -78,9 +78,12 @@ COMPOSE = $(shell docker compose version >/dev/null 2>&1 && echo "docker compose
 DOCKER_ENGINE_CHECK = docker info >/dev/null 2>&1
 NO_ENGINE = needs a running Docker engine, and 'docker info' got no answer
 
+# compose-up starts from scratch: switching KEYGATE_CONFIG then needs no container recreation,
+# which docker-compose v1 gets wrong on Docker Engine 25+ (KeyError 'ContainerConfig', docker/compose#11742).
 compose-up:
 	@$(DOCKER_ENGINE_CHECK) || { echo "make compose-up: $(NO_ENGINE)." >&2; exit 1; }
 	@$(MAKE) --no-print-directory build
+	@$(COMPOSE) down >/dev/null 2>&1 || true
 	$(COMPOSE) up -d
 	@echo "keygate ($${KEYGATE_CONFIG:-demo.yaml}) is starting on http://localhost:10000" \
 	  "(admin: http://localhost:9901/stats?filter=keygate); logs: $(COMPOSE) logs -f envoy"
@@ -97,6 +100,7 @@ compose-test:
 	  echo "  The compose file is still checked statically by 'make test' (make compose-check)."; fi
 
 compose-test-live: build
+	@$(COMPOSE) down >/dev/null 2>&1 || true
 	KEYGATE_CONFIG=demo.yaml $(COMPOSE) up -d
 	@status=0; tests/curl_suite.sh --wait 90 http://127.0.0.1:10000 http://127.0.0.1:9901 || status=$$?; \
 	  if [ $$status != 0 ]; then $(COMPOSE) logs --tail 60; fi; \

@@ -35,3 +35,21 @@ def test_curl_suite_fails_when_keygate_is_not_in_front(stack):
     assert summary, done.stdout
     assert summary.group(1) == "0", done.stdout
     assert summary.group(2) == "9", done.stdout
+
+
+def test_curl_suite_covers_every_example_of_the_readme_try_it_section():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Try it (`make run`)", 1)[1].split("\n## ", 1)[0]
+    suite = SUITE.read_text()
+    header_values = re.findall(r"-H '[^:']+: ([^']+)'", section)
+    codes = re.findall(r'"code":"([A-Z_]+)"', section)
+    paths = re.findall(r"localhost:10000(/[^\s'\"]*)", section)
+    assert len(header_values) >= 6 and len(codes) >= 5 and paths, section
+    for value in header_values:
+        if value.startswith("Bearer "):
+            value = value.removeprefix("Bearer ")
+        assert value in suite, f"README example credential {value!r} is not exercised by the curl suite"
+    for code in codes:
+        assert f'"code":"{code}"' in suite, f"README code {code} is not checked by the curl suite"
+    for path in set(paths):
+        assert f" {path} " in suite or f" {path}\n" in suite, f"README path {path} is not requested by the suite"
