@@ -9,6 +9,7 @@ use serde::Deserialize;
 use super::codes::{ErrorCode, Language};
 use super::credential::{CredentialSource, CredentialSpec};
 use super::keyset::{KeyRecordSpec, KeySet};
+use super::limits::{Limits, LimitsSpec};
 use super::policy::{
     Policy, PolicySpec, RouteRule, RouteRuleSpec, TenantSelector, TenantSelectorSpec,
 };
@@ -163,6 +164,9 @@ struct ConfigSpec {
     /// keys to a sandbox cluster.
     #[serde(default)]
     route_by_environment: bool,
+    /// Rate-limit and budget defaults, headers and the shared counter table.
+    #[serde(default)]
+    limits: Option<LimitsSpec>,
 }
 
 fn default_true() -> bool {
@@ -187,6 +191,7 @@ pub struct Config {
     pub route_by_environment: bool,
     /// Every header name keygate removes from a request it passes upstream.
     pub headers_to_strip: Vec<String>,
+    pub limits: Limits,
 }
 
 impl Config {
@@ -303,8 +308,10 @@ impl Config {
         headers_to_strip.sort();
         headers_to_strip.dedup();
 
+        let name = spec.name.unwrap_or_else(|| "keygate".to_string());
+        let limits = Limits::from_spec(spec.limits, &name, keys.has_limits())?;
         let config = Config {
-            name: spec.name.unwrap_or_else(|| "keygate".to_string()),
+            name,
             sources,
             product: spec.product,
             require_user: spec.require_user,
@@ -318,6 +325,7 @@ impl Config {
             tenant_selectors,
             route_by_environment: spec.route_by_environment,
             headers_to_strip,
+            limits,
         };
         Ok((config, keys))
     }

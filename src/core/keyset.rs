@@ -7,6 +7,7 @@ use serde::Deserialize;
 
 use super::config::ConfigError;
 use super::digest::{parse_hex_digest, Digest};
+use super::limits::{RateLimit, RateLimitSpec};
 use super::time::parse_rfc3339;
 
 /// A time given as RFC 3339 text or as Unix seconds.
@@ -48,6 +49,15 @@ pub struct KeyRecordSpec {
     pub not_after: Option<TimeSpec>,
     #[serde(default = "default_true")]
     pub enabled: bool,
+    /// This key's rate limit (else the config's `limits.rate_limit`, if any).
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitSpec>,
+    /// Budget units this key may spend per calendar month (UTC); over it, `BUDGET_EXHAUSTED`.
+    #[serde(default)]
+    pub monthly_budget: Option<u64>,
+    /// Set by the billing side: the key's budget is spent, answer `BUDGET_EXHAUSTED`.
+    #[serde(default)]
+    pub budget_exhausted: bool,
 }
 
 fn default_true() -> bool {
@@ -69,6 +79,9 @@ pub struct KeyRecord {
     pub expires_at: Option<i64>,
     pub not_after: Option<i64>,
     pub enabled: bool,
+    pub rate_limit: Option<RateLimit>,
+    pub monthly_budget: Option<u64>,
+    pub budget_exhausted: bool,
 }
 
 /// Records plus the two indexes built once when the set is loaded.
@@ -123,6 +136,11 @@ impl KeyRecord {
                 ));
             }
         }
+        let rate_limit = spec
+            .rate_limit
+            .as_ref()
+            .map(|r| RateLimit::from_spec(r, &format!("{path}.rate_limit")))
+            .transpose()?;
         Ok(KeyRecord {
             id: spec.id,
             digest,
@@ -140,6 +158,9 @@ impl KeyRecord {
             expires_at,
             not_after,
             enabled: spec.enabled,
+            rate_limit,
+            monthly_budget: spec.monthly_budget,
+            budget_exhausted: spec.budget_exhausted,
         })
     }
 }
@@ -209,6 +230,13 @@ impl KeySet {
 
     pub fn records(&self) -> &[KeyRecord] {
         &self.records
+    }
+
+    /// Whether any record carries its own rate limit or monthly budget.
+    pub fn has_limits(&self) -> bool {
+        self.records
+            .iter()
+            .any(|r| r.rate_limit.is_some() || r.monthly_budget.is_some())
     }
 }
 

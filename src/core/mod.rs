@@ -10,6 +10,8 @@ pub mod credential;
 pub mod decision;
 pub mod digest;
 pub mod keyset;
+pub mod limits;
+pub mod memory_store;
 pub mod policy;
 pub mod reply;
 pub mod request;

@@ -1,0 +1,1067 @@
+//! Per-key rate limits (429) and monthly budgets (402), counted in a store that every Envoy
+//! worker shares, updated with compare-and-swap so N workers never let a key through N times.
+//!
+//! **Rate limit: a token bucket kept as one timestamp (GCRA).** A key may send `requests` every
+//! `per_seconds`, and a key that has been idle may send `requests + burst` at once. The bucket is
+//! stored as its "theoretical arrival time" (8 bytes), so one read-modify-write per request is the
+//! whole algorithm. Chosen over a sliding window because the bound is exact and the state is
+//! constant: a sliding log needs `requests` timestamps per key, and a sliding-window counter
+//! only approximates (it assumes the previous window's traffic was spread evenly, so it can let
+//! more through than the limit). Guarantee: in any interval of `t` seconds a key gets at most
+//! `requests + burst + requests * t / per_seconds` requests; at one instant, exactly
+//! `requests + burst`.
+//!
+//! **Budget: units spent per calendar month (UTC).** A request spends its route's `cost`; one that
+//! would take the spent total past the key's cap is refused with `BUDGET_EXHAUSTED`. The month is
+//! stored next to the total, so a new month starts from zero, and the cap is read from the key
+//! record on every request, so a key set with a raised cap lifts the 402 at once. A record the
+//! billing side marked `budget_exhausted` is refused without touching the store.
+//!
+//! **Bounded state.** Envoy's shared data cannot delete a key from wasm, so keygate never mints
+//! per-key or per-month names: it owns a fixed table of `slots` entries (`keygate.limits.<i>`),
+//! created once at configure time. A key's counters live in the slot its hashed id picks, next to
+//! the other keys of that slot. Counters that carry no information any more (bucket full again,
+//! nothing spent this month) are dropped whenever their slot is rewritten and by a periodic
+//! sweep, so the table holds only keys active now or this month, and never more than `slots`
+//! entries.
+
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+
+use super::codes::ErrorCode;
+use super::config::ConfigError;
+use super::keyset::KeyRecord;
+use super::policy::Policy;
+use super::time::utc_year_month;
+
+/// The shared store the counters live in: Envoy's shared data in the adapter, a map in tests.
+pub trait SharedStore {
+    /// The value and its compare-and-swap token, or `None` when the key is absent.
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)>;
+    /// Writes `value` if the stored token is still `cas` (`0` writes unconditionally).
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreError {
+    /// Another writer got there first: read again and retry.
+    CasMismatch,
+    /// The store refused the write for another reason.
+    Unavailable,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSpec {
+    pub requests: u64,
+    pub per_seconds: u64,
+    #[serde(default)]
+    pub burst: u64,
+}
+
+const MICROS_PER_SECOND: i128 = 1_000_000;
+/// A bucket that takes longer than this to refill is a configuration mistake (and would overflow).
+const MAX_REFILL_MICROS: i128 = 100 * 366 * 86_400 * MICROS_PER_SECOND;
+
+/// A validated rate limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub requests: u64,
+    pub per_seconds: u64,
+    pub burst: u64,
+    /// Microseconds one request occupies the bucket (rounded up, so never more permissive).
+    interval_us: i64,
+}
+
+impl RateLimit {
+    pub fn from_spec(spec: &RateLimitSpec, path: &str) -> Result<RateLimit, ConfigError> {
+        if spec.requests == 0 {
+            return Err(ConfigError::new(
+                format!("{path}.requests"),
+                "must be at least 1",
+            ));
+        }
+        if spec.per_seconds == 0 {
+            return Err(ConfigError::new(
+                format!("{path}.per_seconds"),
+                "must be at least 1",
+            ));
+        }
+        let window = i128::from(spec.per_seconds) * MICROS_PER_SECOND;
+        let requests = i128::from(spec.requests);
+        let interval = (window + requests - 1) / requests;
+        let capacity = requests + i128::from(spec.burst);
+        if interval * capacity > MAX_REFILL_MICROS {
+            return Err(ConfigError::new(
+                path,
+                "the bucket would take more than 100 years to refill",
+            ));
+        }
+        Ok(RateLimit {
+            requests: spec.requests,
+            per_seconds: spec.per_seconds,
+            burst: spec.burst,
+            interval_us: interval as i64,
+        })
+    }
+
+    /// How many requests an idle key may send at once.
+    pub fn capacity(&self) -> u64 {
+        self.requests.saturating_add(self.burst)
+    }
+
+    /// How far ahead of now the bucket's arrival time may run (validated to fit).
+    fn tolerance_us(&self) -> i64 {
+        self.interval_us.saturating_mul(self.capacity() as i64)
+    }
+}
+
+/// What to do when the store cannot be updated (persistent CAS contention or a host error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreFailurePolicy {
+    /// Refuse with 429 and `Retry-After: 1`: a limit is never exceeded (the default).
+    #[default]
+    Deny,
+    /// Let the request through uncounted: availability over exact limits.
+    Allow,
+}
+
+const DEFAULT_SLOTS: u32 = 4096;
+const MAX_SLOTS: u32 = 1 << 20;
+const DEFAULT_MAX_RETRIES: u32 = 32;
+
+/// The top-level `limits` object of the filter configuration.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSpec {
+    /// Applies to keys whose record has no `rate_limit`.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitSpec>,
+    /// Applies to keys whose record has no `monthly_budget`.
+    #[serde(default)]
+    pub monthly_budget: Option<u64>,
+    /// Also send `RateLimit-*` headers on allowed responses (429s always carry them).
+    #[serde(default)]
+    pub response_headers: bool,
+    #[serde(default)]
+    pub on_store_failure: StoreFailurePolicy,
+    /// Entries in the shared counter table; size it near the number of keys active at once.
+    #[serde(default)]
+    pub slots: Option<u32>,
+    /// Compare-and-swap attempts per request before `on_store_failure` applies.
+    #[serde(default)]
+    pub max_retries: Option<u32>,
+}
+
+/// The validated limits configuration.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Whether any key can be limited, i.e. whether the adapter needs the shared table at all.
+    pub enabled: bool,
+    pub default_rate: Option<RateLimit>,
+    pub default_budget: Option<u64>,
+    pub response_headers: bool,
+    pub on_store_failure: StoreFailurePolicy,
+    pub slots: u32,
+    pub max_retries: u32,
+    /// Separates the counters of filter instances that share a `vm_id` (the config's name).
+    namespace: String,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            enabled: false,
+            default_rate: None,
+            default_budget: None,
+            response_headers: false,
+            on_store_failure: StoreFailurePolicy::Deny,
+            slots: DEFAULT_SLOTS,
+            max_retries: DEFAULT_MAX_RETRIES,
+            namespace: String::new(),
+        }
+    }
+}
+
+impl Limits {
+    /// `keys_are_limited`: some key record carries its own rate limit or budget.
+    pub fn from_spec(
+        spec: Option<LimitsSpec>,
+        namespace: &str,
+        keys_are_limited: bool,
+    ) -> Result<Limits, ConfigError> {
+        let present = spec.is_some();
+        let spec = spec.unwrap_or_default();
+        let default_rate = spec
+            .rate_limit
+            .as_ref()
+            .map(|r| RateLimit::from_spec(r, "limits.rate_limit"))
+            .transpose()?;
+        let slots = spec.slots.unwrap_or(DEFAULT_SLOTS);
+        if slots == 0 || slots > MAX_SLOTS {
+            return Err(ConfigError::new(
+                "limits.slots",
+                format!("must be between 1 and {MAX_SLOTS}"),
+            ));
+        }
+        Ok(Limits {
+            enabled: present || keys_are_limited,
+            default_rate,
+            default_budget: spec.monthly_budget,
+            response_headers: spec.response_headers,
+            on_store_failure: spec.on_store_failure,
+            slots,
+            max_retries: spec.max_retries.unwrap_or(DEFAULT_MAX_RETRIES),
+            namespace: namespace.to_string(),
+        })
+    }
+
+    fn tag(&self, key_id: &str) -> Tag {
+        let digest = Sha256::new()
+            .chain_update(self.namespace.as_bytes())
+            .chain_update([0u8])
+            .chain_update(key_id.as_bytes())
+            .finalize();
+        let mut tag = [0u8; TAG_LEN];
+        tag.copy_from_slice(&digest[..TAG_LEN]);
+        tag
+    }
+
+    fn slot_of(&self, tag: &Tag) -> u32 {
+        let mut head = [0u8; 8];
+        head.copy_from_slice(&tag[..8]);
+        (u64::from_le_bytes(head) % u64::from(self.slots)) as u32
+    }
+}
+
+/// The shared-data key of slot `index`.
+pub fn slot_name(index: u32) -> String {
+    format!("keygate.limits.{index}")
+}
+
+/// The state of a key's rate limit after a request, for `RateLimit-*` headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateStatus {
+    /// Requests an idle key may send at once (`requests + burst`).
+    pub limit: u64,
+    pub remaining: u64,
+    /// Seconds until the bucket is full again.
+    pub reset_secs: u64,
+}
+
+impl RateStatus {
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("ratelimit-limit", self.limit.to_string()),
+            ("ratelimit-remaining", self.remaining.to_string()),
+            ("ratelimit-reset", self.reset_secs.to_string()),
+        ]
+    }
+}
+
+/// What an allowed request learned about its limits.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LimitInfo {
+    pub rate: Option<RateStatus>,
+}
+
+/// A refusal by the limiter: the code plus what the reply must say about when to come back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitDenial {
+    pub code: ErrorCode,
+    pub rate: Option<RateStatus>,
+    pub retry_after_secs: Option<u64>,
+}
+
+impl LimitDenial {
+    fn budget_exhausted() -> LimitDenial {
+        LimitDenial {
+            code: ErrorCode::BudgetExhausted,
+            rate: None,
+            retry_after_secs: None,
+        }
+    }
+
+    /// Headers added to the pre-rendered reply at send time.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        let mut headers = self.rate.map(|r| r.headers()).unwrap_or_default();
+        if let Some(secs) = self.retry_after_secs {
+            headers.push(("retry-after", secs.to_string()));
+        }
+        headers
+    }
+}
+
+const TAG_LEN: usize = 16;
+type Tag = [u8; TAG_LEN];
+/// Slot values start with this byte; anything else is treated as an empty slot.
+const FORMAT: u8 = 1;
+const ENTRY_LEN: usize = TAG_LEN + 8 + 4 + 8;
+
+/// One key's counters inside a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Counters {
+    /// When the bucket will be full again, in microseconds since the epoch (GCRA's TAT).
+    tat_us: i64,
+    /// `year * 12 + month - 1` of `spent`.
+    month: u32,
+    spent: u64,
+}
+
+impl Counters {
+    /// Counters equal to a key never seen: dropping them loses nothing.
+    fn is_idle(&self, now_us: i64, month: u32) -> bool {
+        self.tat_us <= now_us && (self.month != month || self.spent == 0)
+    }
+}
+
+fn decode(bytes: &[u8]) -> Vec<(Tag, Counters)> {
+    let Some((&FORMAT, body)) = bytes.split_first() else {
+        return Vec::new();
+    };
+    body.chunks_exact(ENTRY_LEN)
+        .map(|e| {
+            let mut tag = [0u8; TAG_LEN];
+            tag.copy_from_slice(&e[..TAG_LEN]);
+            let mut tat = [0u8; 8];
+            tat.copy_from_slice(&e[TAG_LEN..TAG_LEN + 8]);
+            let mut month = [0u8; 4];
+            month.copy_from_slice(&e[TAG_LEN + 8..TAG_LEN + 12]);
+            let mut spent = [0u8; 8];
+            spent.copy_from_slice(&e[TAG_LEN + 12..ENTRY_LEN]);
+            (
+                tag,
+                Counters {
+                    tat_us: i64::from_le_bytes(tat),
+                    month: u32::from_le_bytes(month),
+                    spent: u64::from_le_bytes(spent),
+                },
+            )
+        })
+        .collect()
+}
+
+fn encode(entries: &[(Tag, Counters)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + entries.len() * ENTRY_LEN);
+    out.push(FORMAT);
+    for (tag, c) in entries {
+        out.extend_from_slice(tag);
+        out.extend_from_slice(&c.tat_us.to_le_bytes());
+        out.extend_from_slice(&c.month.to_le_bytes());
+        out.extend_from_slice(&c.spent.to_le_bytes());
+    }
+    out
+}
+
+/// The calendar month (UTC) of a Unix time as one number.
+fn month_number(unix_seconds: i64) -> u32 {
+    let (year, month) = utc_year_month(unix_seconds);
+    u32::try_from(year * 12 + i64::from(month) - 1).unwrap_or(0)
+}
+
+fn ceil_secs(micros: i64) -> u64 {
+    let micros = micros.max(0) as u64;
+    micros.div_ceil(MICROS_PER_SECOND as u64)
+}
+
+/// Decides one request against a key's counters: the counters to store, or the refusal.
+/// Budget first, so a key that is out of money hears 402, not 429.
+fn evaluate(
+    current: Counters,
+    rate: Option<RateLimit>,
+    budget: Option<u64>,
+    cost: u64,
+    now_us: i64,
+    month: u32,
+) -> Result<(Counters, LimitInfo), LimitDenial> {
+    let mut next = current;
+    if let Some(cap) = budget {
+        let spent = if current.month == month {
+            current.spent
+        } else {
+            0
+        };
+        let after = spent.saturating_add(cost);
+        if after > cap {
+            return Err(LimitDenial::budget_exhausted());
+        }
+        next.month = month;
+        next.spent = after;
+    }
+    let mut info = LimitInfo::default();
+    if let Some(rate) = rate {
+        let tolerance = rate.tolerance_us();
+        let start = current.tat_us.max(now_us);
+        let tat = start.saturating_add(rate.interval_us);
+        let ahead = tat - now_us;
+        if ahead > tolerance {
+            return Err(LimitDenial {
+                code: ErrorCode::RateLimitExceeded,
+                rate: Some(RateStatus {
+                    limit: rate.capacity(),
+                    remaining: 0,
+                    reset_secs: ceil_secs(start - now_us),
+                }),
+                retry_after_secs: Some(ceil_secs(ahead - tolerance).max(1)),
+            });
+        }
+        next.tat_us = tat;
+        info.rate = Some(RateStatus {
+            limit: rate.capacity(),
+            remaining: ((tolerance - ahead) / rate.interval_us) as u64,
+            reset_secs: ceil_secs(ahead),
+        });
+    }
+    Ok((next, info))
+}
+
+/// Counts one request of an authenticated key against its rate limit and monthly budget.
+/// `now_ms` is the host clock in milliseconds. Denials write nothing; an allowed request is
+/// recorded with one compare-and-swap, retried on contention up to `max_retries` times.
+pub fn apply_limits(
+    limits: &Limits,
+    record: &KeyRecord,
+    policy: &Policy,
+    store: &dyn SharedStore,
+    now_ms: i64,
+) -> Result<LimitInfo, LimitDenial> {
+    if record.budget_exhausted {
+        return Err(LimitDenial::budget_exhausted());
+    }
+    let rate = record.rate_limit.or(limits.default_rate);
+    let budget = record.monthly_budget.or(limits.default_budget);
+    if rate.is_none() && budget.is_none() {
+        return Ok(LimitInfo::default());
+    }
+    let tag = limits.tag(&record.id);
+    let slot = slot_name(limits.slot_of(&tag));
+    let now_us = now_ms.saturating_mul(1000);
+    let month = month_number(now_ms.div_euclid(1000));
+
+    for _ in 0..=limits.max_retries {
+        let Some((bytes, cas)) = store.get(&slot) else {
+            // Slots are created at configure time; recreate one that is missing and re-read.
+            if store.set(&slot, &[FORMAT], 0).is_err() {
+                break;
+            }
+            continue;
+        };
+        let mut entries = decode(&bytes);
+        let current = entries
+            .iter()
+            .find(|(t, _)| *t == tag)
+            .map(|(_, c)| *c)
+            .unwrap_or_default();
+        let (next, info) = evaluate(current, rate, budget, policy.cost, now_us, month)?;
+        entries.retain(|(t, c)| *t != tag && !c.is_idle(now_us, month));
+        entries.push((tag, next));
+        match store.set(&slot, &encode(&entries), cas) {
+            Ok(()) => return Ok(info),
+            Err(StoreError::CasMismatch) => continue,
+            Err(StoreError::Unavailable) => break,
+        }
+    }
+    match limits.on_store_failure {
+        StoreFailurePolicy::Allow => Ok(LimitInfo::default()),
+        StoreFailurePolicy::Deny => Err(LimitDenial {
+            code: ErrorCode::RateLimitExceeded,
+            rate: None,
+            retry_after_secs: Some(1),
+        }),
+    }
+}
+
+/// Creates every slot that does not exist yet. Called at configure time, before the worker
+/// serves traffic: Envoy's shared data cannot create a key atomically (a write to an absent key
+/// ignores the CAS token), so creation is kept off the request path. Returns how many it created.
+pub fn ensure_slots(limits: &Limits, store: &dyn SharedStore) -> u32 {
+    let mut created = 0;
+    for index in 0..limits.slots {
+        let name = slot_name(index);
+        if store.get(&name).is_none() && store.set(&name, &[FORMAT], 0).is_ok() {
+            created += 1;
+        }
+    }
+    created
+}
+
+/// What one sweep did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    pub visited: u32,
+    pub rewritten: u32,
+    pub dropped: u32,
+}
+
+/// Drops idle counters from `count` slots starting at `first` (wrapping). A slot another writer
+/// changed meanwhile is skipped: every writer prunes its slot anyway.
+pub fn sweep(
+    limits: &Limits,
+    store: &dyn SharedStore,
+    now_ms: i64,
+    first: u32,
+    count: u32,
+) -> SweepReport {
+    let now_us = now_ms.saturating_mul(1000);
+    let month = month_number(now_ms.div_euclid(1000));
+    let mut report = SweepReport::default();
+    for step in 0..count.min(limits.slots) {
+        let index = ((u64::from(first) + u64::from(step)) % u64::from(limits.slots)) as u32;
+        let name = slot_name(index);
+        report.visited += 1;
+        let Some((bytes, cas)) = store.get(&name) else {
+            continue;
+        };
+        let valid = bytes.first() == Some(&FORMAT) && (bytes.len() - 1) % ENTRY_LEN == 0;
+        let mut entries = decode(&bytes);
+        let before = entries.len();
+        entries.retain(|(_, c)| !c.is_idle(now_us, month));
+        if (entries.len() < before || !valid) && store.set(&name, &encode(&entries), cas).is_ok() {
+            report.rewritten += 1;
+            report.dropped += (before - entries.len()) as u32;
+        }
+    }
+    report
+}
+
+/// How many slots one sweep tick visits so the whole table is covered about every 16 ticks.
+pub fn sweep_batch(limits: &Limits) -> u32 {
+    limits.slots.div_ceil(16).clamp(1, 4096)
+}
+
+/// Counters currently stored for a key: `(spent this month, bucket full at µs)`. For tests and
+/// tools; the request path never needs it.
+pub fn peek(
+    limits: &Limits,
+    store: &dyn SharedStore,
+    key_id: &str,
+    now_ms: i64,
+) -> Option<(u64, i64)> {
+    let tag = limits.tag(key_id);
+    let (bytes, _) = store.get(&slot_name(limits.slot_of(&tag)))?;
+    let month = month_number(now_ms.div_euclid(1000));
+    decode(&bytes)
+        .into_iter()
+        .find(|(t, _)| *t == tag)
+        .map(|(_, c)| (if c.month == month { c.spent } else { 0 }, c.tat_us))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::config::Config;
+    use crate::core::digest::sha256;
+    use crate::core::keyset::KeySet;
+    use crate::core::memory_store::MemoryStore;
+    use crate::core::time::parse_rfc3339;
+    use std::cell::Cell;
+
+    /// 2026-11-22T06:32:16Z in milliseconds.
+    const NOW_MS: i64 = 1_795_329_136_000;
+
+    fn setup(limits: serde_json::Value, keys: serde_json::Value) -> (Config, KeySet) {
+        let keys: Vec<serde_json::Value> = keys
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|mut k| {
+                let id = k["id"].as_str().unwrap_or_default().to_string();
+                k["secret_sha256"] = serde_json::json!(hex::encode(sha256(id.as_bytes())));
+                k
+            })
+            .collect();
+        let cfg = serde_json::json!({
+            "name": "t",
+            "credentials": [{"in": "header"}],
+            "limits": limits,
+            "keys": keys,
+        });
+        Config::parse(cfg.to_string().as_bytes()).unwrap()
+    }
+
+    fn ready(config: &Config) -> MemoryStore {
+        let store = MemoryStore::new();
+        ensure_slots(&config.limits, &store);
+        store
+    }
+
+    fn policy(cost: u64) -> Policy {
+        Policy {
+            cost,
+            ..Policy::default()
+        }
+    }
+
+    fn hit(
+        c: &Config,
+        k: &KeySet,
+        id: &str,
+        store: &dyn SharedStore,
+        now_ms: i64,
+    ) -> Result<LimitInfo, LimitDenial> {
+        apply_limits(&c.limits, k.by_id(id).unwrap(), &policy(1), store, now_ms)
+    }
+
+    fn allowed_in_a_row(c: &Config, k: &KeySet, id: &str, store: &MemoryStore, now: i64) -> u32 {
+        (0..1000)
+            .take_while(|_| hit(c, k, id, store, now).is_ok())
+            .count() as u32
+    }
+
+    #[test]
+    fn an_idle_key_gets_exactly_requests_plus_burst_at_once() {
+        let (c, k) = setup(
+            serde_json::json!({}),
+            serde_json::json!([{"id": "a", "rate_limit": {"requests": 20, "per_seconds": 60, "burst": 5}}]),
+        );
+        let store = ready(&c);
+        assert_eq!(allowed_in_a_row(&c, &k, "a", &store, NOW_MS), 25);
+        let denial = hit(&c, &k, "a", &store, NOW_MS).unwrap_err();
+        assert_eq!(denial.code, ErrorCode::RateLimitExceeded);
+        // One request's worth of bucket drains in 60 s / 20 = 3 s.
+        assert_eq!(denial.retry_after_secs, Some(3));
+        assert_eq!(
+            denial.headers(),
+            vec![
+                ("ratelimit-limit", "25".to_string()),
+                ("ratelimit-remaining", "0".to_string()),
+                ("ratelimit-reset", "75".to_string()),
+                ("retry-after", "3".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn allowed_requests_report_what_remains() {
+        let (c, k) = setup(
+            serde_json::json!({}),
+            serde_json::json!([{"id": "a", "rate_limit": {"requests": 10, "per_seconds": 10}}]),
+        );
+        let store = ready(&c);
+        let first = hit(&c, &k, "a", &store, NOW_MS).unwrap().rate.unwrap();
+        assert_eq!(
+            first,
+            RateStatus {
+                limit: 10,
+                remaining: 9,
+                reset_secs: 1
+            }
+        );
+        let second = hit(&c, &k, "a", &store, NOW_MS).unwrap().rate.unwrap();
+        assert_eq!((second.remaining, second.reset_secs), (8, 2));
+    }
+
+    #[test]
+    fn the_bucket_refills_at_the_configured_rate_and_no_faster() {
+        let (c, k) = setup(
+            serde_json::json!({}),
+            serde_json::json!([{"id": "a", "rate_limit": {"requests": 20, "per_seconds": 60, "burst": 5}}]),
+        );
+        let store = ready(&c);
+        assert_eq!(allowed_in_a_row(&c, &k, "a", &store, NOW_MS), 25);
+        assert_eq!(allowed_in_a_row(&c, &k, "a", &store, NOW_MS + 2_999), 0);
+        assert_eq!(allowed_in_a_row(&c, &k, "a", &store, NOW_MS + 3_000), 1);
+        // A long idle period fills the bucket to its capacity, never beyond.
+        assert_eq!(
+            allowed_in_a_row(&c, &k, "a", &store, NOW_MS + 3_600_000),
+            25
+        );
+    }
+
+    #[test]
+    fn no_window_of_per_seconds_sees_more_than_twice_requests_plus_burst() {
+        let (c, k) = setup(
+            serde_json::json!({}),
+            serde_json::json!([{"id": "a", "rate_limit": {"requests": 20, "per_seconds": 60, "burst": 5}}]),
+        );
+        let store = ready(&c);
+        // A client hammering every 100 ms for 10 minutes.
+        let mut allowed_at = Vec::new();
+        for step in 0..6000 {
+            let now = NOW_MS + step * 100;
+            if hit(&c, &k, "a", &store, now).is_ok() {
+                allowed_at.push(now);
+            }
+        }
+        // Burst 25 plus one per 3 s over 600 s (the last refill lands just outside).
+        assert_eq!(allowed_at.len(), 25 + 199);
+        for (i, start) in allowed_at.iter().enumerate() {
+            let in_window = allowed_at[i..]
+                .iter()
+                .take_while(|t| **t < start + 60_000)
+                .count();
+            assert!(in_window <= 20 + 5 + 20, "{in_window} at {start}");
+        }
+    }
+
+    #[test]
+    fn a_budget_of_n_lets_exactly_n_through_then_402() {
+        let (c, k) = setup(
+            serde_json::json!({}),
+            serde_json::json!([{"id": "b", "monthly_budget": 7}]),
+        );
+        let store = ready(&c);
+        assert_eq!(allowed_in_a_row(&c, &k, "b", &store, NOW_MS), 7);
+        let denial = hit(&c, &k, "b", &store, NOW_MS).unwrap_err();
+        assert_eq!(denial.code, ErrorCode::BudgetExhausted);
+        assert_eq!(denial.headers(), vec![]);
+        assert_eq!(
+            peek(&c.limits, &store, "b", NOW_MS).map(|(spent, _)| spent),
+            Some(7)
+        );
+    }
+
+    #[test]
+    fn the_month_rolling_over_in_utc_lifts_the_402() {
+        let (c, k) = setup(
+            serde_json::json!({}),
+            serde_json::json!([{"id": "b", "monthly_budget": 3}]),
+        );
+        let store = ready(&c);
+        let last_second = parse_rfc3339("2026-12-31T23:59:59Z").unwrap() * 1000;
+        assert_eq!(allowed_in_a_row(&c, &k, "b", &store, last_second), 3);
+        assert_eq!(
+            hit(&c, &k, "b", &store, last_second + 999)
+                .unwrap_err()
+                .code,
+            ErrorCode::BudgetExhausted
+        );
+        let new_year = last_second + 1000;
+        assert_eq!(allowed_in_a_row(&c, &k, "b", &store, new_year), 3);
+        assert_eq!(
+            hit(&c, &k, "b", &store, new_year).unwrap_err().code,
+            ErrorCode::BudgetExhausted
+        );
+    }
+
+    #[test]
+    fn a_key_set_with_a_raised_cap_lifts_the_402_and_keeps_what_was_spent() {
+        let (c, k) = setup(
+            serde_json::json!({}),
+            serde_json::json!([{"id": "b", "monthly_budget": 2}]),
+        );
+        let store = ready(&c);
+        assert_eq!(allowed_in_a_row(&c, &k, "b", &store, NOW_MS), 2);
+        // The billing side raises the cap to 5: a new key set, the same shared counters.
+        let (c2, k2) = setup(
+            serde_json::json!({}),
+            serde_json::json!([{"id": "b", "monthly_budget": 5}]),
+        );
+        assert_eq!(allowed_in_a_row(&c2, &k2, "b", &store, NOW_MS), 3);
+    }
+
+    #[test]
+    fn a_record_marked_exhausted_by_billing_is_402_without_touching_the_store() {
+        let (c, k) = setup(
+            serde_json::json!({}),
+            serde_json::json!([{"id": "x", "budget_exhausted": true}]),
+        );
+        let store = MemoryStore::new();
+        assert_eq!(
+            hit(&c, &k, "x", &store, NOW_MS).unwrap_err().code,
+            ErrorCode::BudgetExhausted
+        );
+        assert!(store.is_empty());
+    }
+
+    #[test]
+    fn each_request_spends_its_routes_cost() {
+        let (c, k) = setup(
+            serde_json::json!({}),
+            serde_json::json!([{"id": "b", "monthly_budget": 10}]),
+        );
+        let store = ready(&c);
+        let record = k.by_id("b").unwrap();
+        let expensive = policy(3);
+        let spend = |p: &Policy| apply_limits(&c.limits, record, p, &store, NOW_MS).is_ok();
+        assert!(spend(&expensive) && spend(&expensive) && spend(&expensive));
+        // 9 spent: another 3 would pass the cap, a cost-1 request still fits.
+        assert!(!spend(&expensive));
+        assert!(spend(&policy(1)));
+        assert!(!spend(&policy(1)));
+    }
+
+    #[test]
+    fn an_exhausted_budget_answers_402_even_when_the_bucket_is_empty() {
+        let (c, k) = setup(
+            serde_json::json!({}),
+            serde_json::json!([{"id": "b", "monthly_budget": 2,
+                                "rate_limit": {"requests": 2, "per_seconds": 3600}}]),
+        );
+        let store = ready(&c);
+        assert_eq!(allowed_in_a_row(&c, &k, "b", &store, NOW_MS), 2);
+        assert_eq!(
+            hit(&c, &k, "b", &store, NOW_MS).unwrap_err().code,
+            ErrorCode::BudgetExhausted
+        );
+    }
+
+    #[test]
+    fn a_rate_limited_request_spends_no_budget() {
+        let (c, k) = setup(
+            serde_json::json!({}),
+            serde_json::json!([{"id": "b", "monthly_budget": 100,
+                                "rate_limit": {"requests": 2, "per_seconds": 3600}}]),
+        );
+        let store = ready(&c);
+        for _ in 0..10 {
+            let _ = hit(&c, &k, "b", &store, NOW_MS);
+        }
+        assert_eq!(
+            peek(&c.limits, &store, "b", NOW_MS).map(|(s, _)| s),
+            Some(2)
+        );
+    }
+
+    #[test]
+    fn config_defaults_apply_to_keys_without_their_own_limits() {
+        let (c, k) = setup(
+            serde_json::json!({"rate_limit": {"requests": 3, "per_seconds": 60}, "monthly_budget": 100}),
+            serde_json::json!([{"id": "d"}, {"id": "own", "rate_limit": {"requests": 5, "per_seconds": 60}}]),
+        );
+        let store = ready(&c);
+        assert_eq!(allowed_in_a_row(&c, &k, "d", &store, NOW_MS), 3);
+        assert_eq!(allowed_in_a_row(&c, &k, "own", &store, NOW_MS), 5);
+    }
+
+    #[test]
+    fn keys_without_limits_never_touch_the_store() {
+        let (c, k) = setup(serde_json::Value::Null, serde_json::json!([{"id": "free"}]));
+        assert!(!c.limits.enabled);
+        let store = MemoryStore::new();
+        assert_eq!(allowed_in_a_row(&c, &k, "free", &store, NOW_MS), 1000);
+        assert!(store.is_empty());
+    }
+
+    #[test]
+    fn keys_count_separately() {
+        let (c, k) = setup(
+            serde_json::json!({"slots": 1, "rate_limit": {"requests": 2, "per_seconds": 60}}),
+            serde_json::json!([{"id": "a"}, {"id": "b"}]),
+        );
+        let store = ready(&c);
+        assert_eq!(allowed_in_a_row(&c, &k, "a", &store, NOW_MS), 2);
+        assert_eq!(allowed_in_a_row(&c, &k, "b", &store, NOW_MS), 2);
+    }
+
+    #[test]
+    fn denials_write_nothing() {
+        let (c, k) = setup(
+            serde_json::json!({}),
+            serde_json::json!([{"id": "a", "rate_limit": {"requests": 1, "per_seconds": 60}},
+                               {"id": "b", "monthly_budget": 1}]),
+        );
+        let store = ready(&c);
+        assert!(hit(&c, &k, "a", &store, NOW_MS).is_ok());
+        assert!(hit(&c, &k, "b", &store, NOW_MS).is_ok());
+        let before: Vec<_> = (0..c.limits.slots)
+            .map(|i| store.get(&slot_name(i)))
+            .collect();
+        assert!(hit(&c, &k, "a", &store, NOW_MS).is_err());
+        assert!(hit(&c, &k, "b", &store, NOW_MS).is_err());
+        let after: Vec<_> = (0..c.limits.slots)
+            .map(|i| store.get(&slot_name(i)))
+            .collect();
+        assert_eq!(before, after);
+    }
+
+    /// A store where another worker writes the same slot between our read and our write.
+    struct Contended<'a> {
+        inner: &'a MemoryStore,
+        interruptions: Cell<u32>,
+        writes_attempted: Cell<u32>,
+        competitor: &'a dyn Fn(),
+    }
+
+    impl SharedStore for Contended<'_> {
+        fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+            self.inner.get(key)
+        }
+        fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
+            self.writes_attempted.set(self.writes_attempted.get() + 1);
+            if self.interruptions.get() > 0 {
+                self.interruptions.set(self.interruptions.get() - 1);
+                (self.competitor)();
+            }
+            self.inner.set(key, value, cas)
+        }
+    }
+
+    #[test]
+    fn a_lost_compare_and_swap_is_retried_and_nothing_is_double_counted() {
+        let (c, k) = setup(
+            serde_json::json!({}),
+            serde_json::json!([{"id": "a", "rate_limit": {"requests": 20, "per_seconds": 3600, "burst": 5}}]),
+        );
+        let shared = ready(&c);
+        let competitor_allowed = Cell::new(0u32);
+        let competitor = || {
+            if hit(&c, &k, "a", &shared, NOW_MS).is_ok() {
+                competitor_allowed.set(competitor_allowed.get() + 1);
+            }
+        };
+        let store = Contended {
+            inner: &shared,
+            interruptions: Cell::new(10),
+            writes_attempted: Cell::new(0),
+            competitor: &competitor,
+        };
+        let mut ours = 0;
+        for _ in 0..100 {
+            if hit(&c, &k, "a", &store, NOW_MS).is_ok() {
+                ours += 1;
+            }
+        }
+        // Our first write lost ten races in a row, each to a request the competitor was allowed.
+        assert_eq!(competitor_allowed.get(), 10);
+        assert_eq!(ours, 15);
+        assert_eq!(ours + competitor_allowed.get(), 25);
+        assert_eq!(store.writes_attempted.get(), 10 + 15);
+    }
+
+    #[test]
+    fn persistent_contention_fails_closed_by_default_and_open_when_configured() {
+        for (policy_name, expect_allowed) in [("deny", false), ("allow", true)] {
+            // One slot, so the competitor's key always shares "a"'s slot and wins every race.
+            let (c, k) = setup(
+                serde_json::json!({"slots": 1, "max_retries": 3, "on_store_failure": policy_name,
+                                   "rate_limit": {"requests": 100, "per_seconds": 60}}),
+                serde_json::json!([{"id": "a"}, {"id": "other"}]),
+            );
+            let shared = ready(&c);
+            let competitor = || {
+                let _ = hit(&c, &k, "other", &shared, NOW_MS);
+            };
+            let store = Contended {
+                inner: &shared,
+                interruptions: Cell::new(u32::MAX),
+                writes_attempted: Cell::new(0),
+                competitor: &competitor,
+            };
+            let result = hit(&c, &k, "a", &store, NOW_MS);
+            assert_eq!(store.writes_attempted.get(), 4);
+            match result {
+                Ok(info) => {
+                    assert!(expect_allowed);
+                    assert_eq!(info, LimitInfo::default());
+                }
+                Err(denial) => {
+                    assert!(!expect_allowed);
+                    assert_eq!(denial.code, ErrorCode::RateLimitExceeded);
+                    assert_eq!(denial.retry_after_secs, Some(1));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn default_store_failure_policy_is_deny() {
+        assert_eq!(Limits::default().on_store_failure, StoreFailurePolicy::Deny);
+        let (c, _) = setup(serde_json::json!({}), serde_json::json!([]));
+        assert_eq!(c.limits.on_store_failure, StoreFailurePolicy::Deny);
+    }
+
+    #[test]
+    fn a_missing_slot_is_recreated_on_the_request_path() {
+        let (c, k) = setup(
+            serde_json::json!({"rate_limit": {"requests": 2, "per_seconds": 60}}),
+            serde_json::json!([{"id": "a"}]),
+        );
+        let store = MemoryStore::new();
+        assert_eq!(allowed_in_a_row(&c, &k, "a", &store, NOW_MS), 2);
+        assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn idle_counters_are_dropped_by_writers_and_by_the_sweep() {
+        let (c, k) = setup(
+            serde_json::json!({"slots": 1, "rate_limit": {"requests": 10, "per_seconds": 10}}),
+            serde_json::json!([{"id": "a"}, {"id": "b"}, {"id": "c", "monthly_budget": 5}]),
+        );
+        let store = ready(&c);
+        for id in ["a", "b", "c"] {
+            assert!(hit(&c, &k, id, &store, NOW_MS).is_ok());
+        }
+        let full = store.payload_bytes();
+        assert_eq!(full, slot_name(0).len() + 1 + 3 * ENTRY_LEN);
+        // 10 s later a's and b's buckets are full again; a write by "a" drops "b".
+        let later = NOW_MS + 10_000;
+        assert!(hit(&c, &k, "a", &store, later).is_ok());
+        assert!(peek(&c.limits, &store, "b", later).is_none());
+        // "c" spent budget this month: kept until the month ends, even when its bucket is full.
+        let report = sweep(&c.limits, &store, later + 10_000, 0, 1);
+        assert_eq!(report.dropped, 1);
+        assert!(peek(&c.limits, &store, "c", later + 10_000).is_some());
+        let next_month = parse_rfc3339("2026-12-01T00:00:00Z").unwrap() * 1000;
+        let report = sweep(&c.limits, &store, next_month, 0, 1);
+        assert_eq!((report.rewritten, report.dropped), (1, 1));
+        assert_eq!(store.payload_bytes(), slot_name(0).len() + 1);
+    }
+
+    #[test]
+    fn the_sweep_leaves_busy_slots_alone_and_repairs_unreadable_ones() {
+        let (c, k) = setup(
+            serde_json::json!({"slots": 4, "rate_limit": {"requests": 1, "per_seconds": 60}}),
+            serde_json::json!([{"id": "a"}]),
+        );
+        let store = ready(&c);
+        assert!(hit(&c, &k, "a", &store, NOW_MS).is_ok());
+        let report = sweep(&c.limits, &store, NOW_MS, 0, 4);
+        assert_eq!(
+            report,
+            SweepReport {
+                visited: 4,
+                rewritten: 0,
+                dropped: 0
+            }
+        );
+        store.set(&slot_name(2), b"garbage", 0).unwrap();
+        assert_eq!(sweep(&c.limits, &store, NOW_MS, 2, 1).rewritten, 1);
+        assert_eq!(store.get(&slot_name(2)).map(|(v, _)| v), Some(vec![FORMAT]));
+    }
+
+    #[test]
+    fn state_is_one_table_of_fixed_size() {
+        let (c, _) = setup(serde_json::json!({"slots": 64}), serde_json::json!([]));
+        let store = MemoryStore::new();
+        assert_eq!(ensure_slots(&c.limits, &store), 64);
+        assert_eq!(ensure_slots(&c.limits, &store), 0);
+        assert_eq!(store.len(), 64);
+    }
+
+    #[test]
+    fn bad_limits_are_refused_with_their_path() {
+        let err = |limits: serde_json::Value, keys: serde_json::Value| {
+            let cfg = serde_json::json!({"credentials": [{"in": "header"}], "limits": limits, "keys": keys});
+            Config::parse(cfg.to_string().as_bytes()).unwrap_err()
+        };
+        assert_eq!(
+            err(
+                serde_json::json!({"rate_limit": {"requests": 0, "per_seconds": 1}}),
+                serde_json::json!([])
+            )
+            .path,
+            "limits.rate_limit.requests"
+        );
+        assert_eq!(
+            err(serde_json::json!({"slots": 0}), serde_json::json!([])).path,
+            "limits.slots"
+        );
+        let key = serde_json::json!([{"id": "a", "secret_sha256": "00".repeat(32),
+                                      "rate_limit": {"requests": 1, "per_seconds": 0}}]);
+        assert_eq!(
+            err(serde_json::json!({}), key).path,
+            "keys[0].rate_limit.per_seconds"
+        );
+        let huge = serde_json::json!([{"id": "a", "secret_sha256": "00".repeat(32),
+                                       "rate_limit": {"requests": 1, "per_seconds": 4_000_000_000u64}}]);
+        assert_eq!(err(serde_json::json!({}), huge).path, "keys[0].rate_limit");
+        let unknown = err(serde_json::json!({"rate": 1}), serde_json::json!([]));
+        assert!(
+            unknown.message.contains("unknown field `rate`"),
+            "{unknown}"
+        );
+    }
+}
