@@ -1,8 +1,10 @@
 //! The proxy-wasm adapter: the only code that talks to the host. It turns host calls into a
 //! `RequestView`, asks the core for a decision, and applies the answer.
 
+mod shared_store;
+
 use std::rc::Rc;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, UNIX_EPOCH};
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -10,10 +12,12 @@ use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, MetricType};
 
 use crate::core::codes::ErrorCode;
 use crate::core::config::Config;
-use crate::core::decision::{decide, Decision};
+use crate::core::decision::{decide, Decision, Principal};
 use crate::core::keyset::KeySet;
+use crate::core::limits::{apply_limits, ensure_slots, sweep, sweep_batch};
 use crate::core::reply::{upstream_edits, LocalReply};
 use crate::core::request::{RequestView, SessionEvidence};
+use shared_store::HostStore;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -70,6 +74,8 @@ struct Runtime {
 #[derive(Default)]
 struct KeygateRoot {
     runtime: Option<Rc<Runtime>>,
+    /// Next slot of the shared limits table the tick sweep visits.
+    sweep_cursor: u32,
 }
 
 impl Context for KeygateRoot {}
@@ -101,6 +107,18 @@ impl RootContext for KeygateRoot {
                         keys.len()
                     ),
                 );
+                if config.limits.enabled {
+                    // Create the shared counter table before this worker serves a request.
+                    let created = ensure_slots(&config.limits, &HostStore);
+                    log(
+                        LogLevel::Info,
+                        &format!(
+                            "keygate[{}]: limits table of {} slots ({} created here)",
+                            config.name, config.limits.slots, created
+                        ),
+                    );
+                    let _ = hostcalls::set_tick_period(SWEEP_PERIOD);
+                }
                 self.runtime = Some(Rc::new(Runtime {
                     config,
                     keys,
@@ -118,9 +136,20 @@ impl RootContext for KeygateRoot {
         }
     }
 
+    fn on_tick(&mut self) {
+        let Some(runtime) = self.runtime.clone() else {
+            return;
+        };
+        let limits = &runtime.config.limits;
+        let batch = sweep_batch(limits);
+        let _ = sweep(limits, &HostStore, now_millis(), self.sweep_cursor, batch);
+        self.sweep_cursor = self.sweep_cursor.wrapping_add(batch) % limits.slots;
+    }
+
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(KeygateRequest {
             runtime: self.runtime.clone(),
+            response_headers: Vec::new(),
         }))
     }
 
@@ -129,8 +158,13 @@ impl RootContext for KeygateRoot {
     }
 }
 
+/// How often each worker sweeps part of the shared limits table for idle counters.
+const SWEEP_PERIOD: Duration = Duration::from_secs(1);
+
 struct KeygateRequest {
     runtime: Option<Rc<Runtime>>,
+    /// `RateLimit-*` headers for the response of an allowed request, when configured.
+    response_headers: Vec<(&'static str, String)>,
 }
 
 impl Context for KeygateRequest {}
@@ -151,22 +185,27 @@ impl HttpContext for KeygateRequest {
         let req = read_request(config);
         match decide(config, &runtime.keys, &req) {
             Decision::Deny { code, key_id } => {
-                runtime.metrics.count_denial(code);
-                let reply = config.replies.get(code);
-                log(
-                    LogLevel::Info,
-                    &format!(
-                        "keygate[{}]: denied status={} code={} key_id={}",
-                        config.name,
-                        reply.status,
-                        code.as_str(),
-                        key_id.unwrap_or("-")
-                    ),
-                );
-                send(&reply);
+                deny(&runtime, code, key_id, Vec::new());
                 Action::Pause
             }
-            Decision::Allow { principal, .. } => {
+            Decision::Allow { principal, policy } => {
+                if let Principal::ApiKey { record, .. } = &principal {
+                    if config.limits.enabled || record.budget_exhausted {
+                        let outcome =
+                            apply_limits(&config.limits, record, policy, &HostStore, now_millis());
+                        match outcome {
+                            Err(denial) => {
+                                deny(&runtime, denial.code, Some(&record.id), denial.headers());
+                                return Action::Pause;
+                            }
+                            Ok(info) if config.limits.response_headers => {
+                                self.response_headers =
+                                    info.rate.map(|r| r.headers()).unwrap_or_default();
+                            }
+                            Ok(_) => {}
+                        }
+                    }
+                }
                 Metrics::bump(runtime.metrics.allowed);
                 let edits = upstream_edits(config, &req, &principal);
                 for name in &edits.remove {
@@ -183,6 +222,45 @@ impl HttpContext for KeygateRequest {
             }
         }
     }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        for (name, value) in self.response_headers.drain(..) {
+            let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(&value));
+        }
+        Action::Continue
+    }
+}
+
+/// Answers locally with the code's pre-rendered reply plus any per-request headers
+/// (`Retry-After`, `RateLimit-*`), counts it and logs one line without secrets.
+fn deny(
+    runtime: &Runtime,
+    code: ErrorCode,
+    key_id: Option<&str>,
+    extra_headers: Vec<(&'static str, String)>,
+) {
+    let config = &runtime.config;
+    runtime.metrics.count_denial(code);
+    let mut reply = config.replies.get(code);
+    reply.headers.extend(extra_headers);
+    log(
+        LogLevel::Info,
+        &format!(
+            "keygate[{}]: denied status={} code={} key_id={}",
+            config.name,
+            reply.status,
+            code.as_str(),
+            key_id.unwrap_or("-")
+        ),
+    );
+    send(&reply);
+}
+
+fn now_millis() -> i64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn log(level: LogLevel, message: &str) {
