@@ -3,6 +3,9 @@
 //! --nocapture`) and asserts the bounds: the table never has more than `slots` entries, holds
 //! about 37 bytes per key active now or this month, and shrinks back once keys go quiet.
 
+// A test file: its helpers may fail loudly.
+#![allow(clippy::expect_used)]
+
 use keygate::core::config::Config;
 use keygate::core::keyset::{KeyRecord, KeySet};
 use keygate::core::limits::{apply_limits, ensure_slots, slot_name, sweep, Limits};
