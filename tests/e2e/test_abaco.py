@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from conftest import assert_denied, assert_passed
 
@@ -158,3 +159,38 @@ def test_abaco_cors_preflight_allows_authorization_and_x_api_key(stack):
     allowed = resp.header("access-control-allow-headers") or ""
     assert "authorization" in allowed.lower() and "x-api-key" in allowed.lower()
     assert resp.header("access-control-allow-origin") == "https://app.example"
+
+
+RATE_LIMITED_KEY = "abk_rl5Hour1:cmF0ZS1saW1pdGVkLWtleS0x"  # 5 requests per hour
+
+
+def test_abaco_too_many_requests_with_one_key_is_429_rate_limit_exceeded_in_spanish(stack):
+    def call(_):
+        return stack.request("GET", "/business-partners", bearer(RATE_LIMITED_KEY))
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        responses = list(pool.map(call, range(20)))
+    passed = [r for r in responses if r.status == 200]
+    assert len(passed) == 5
+    for r in passed:
+        assert r.upstream["x-keygate-key-id"] == ["abk_rl5Hour1"]
+    limited = [r for r in responses if r.status != 200]
+    assert len(limited) == 15
+    for r in limited:
+        assert_denied(r, 429, "RATE_LIMIT_EXCEEDED")
+        assert r.json["message"] == "Demasiadas solicitudes con la misma API key. Intente de nuevo más tarde."
+        assert r.header("retry-after") == "720"  # 3600 s / 5 requests
+        assert r.header("ratelimit-remaining") == "0"
+
+
+def test_abaco_allowed_responses_carry_the_keys_rate_limit_headers(stack):
+    resp = stack.request("GET", "/business-partners", bearer(KEY))
+    assert_passed(resp)
+    assert resp.header("ratelimit-limit") == "720"  # 600 per minute + burst 120
+    assert 0 < int(resp.header("ratelimit-remaining")) < 720
+
+
+def test_abaco_session_requests_are_not_counted_against_any_key(stack):
+    resp = stack.request("GET", "/business-partners", [("Cookie", "accessToken=" + session_token())])
+    assert_passed(resp)
+    assert resp.header("ratelimit-limit") is None

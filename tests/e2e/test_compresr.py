@@ -1,5 +1,7 @@
 """Compresr API (seed 001) reproduced by envoy/compresr.yaml: `X-API-Key: cmp_...`, any other
-prefix 401, expired keys 401 after their expiry time."""
+prefix 401, expired keys 401 after their expiry time, 402 when the monthly budget is exhausted."""
+from concurrent.futures import ThreadPoolExecutor
+
 from conftest import assert_denied, assert_passed
 
 CONFIG = "compresr.yaml"
@@ -36,3 +38,34 @@ def test_compresr_key_past_its_expiry_timestamp_is_401(stack):
 
 def test_compresr_key_before_its_expiry_timestamp_passes(stack):
     assert_passed(stack.request("POST", "/api/compress", [("X-API-Key", EXPIRES_NEXT_CENTURY)]))
+
+
+BUDGET_FIVE = "cmp_budget_R4nW8kT2qLx6"
+BILLING_EXHAUSTED = "cmp_billing_J7sM3vP9cZe1"
+
+
+def test_compresr_monthly_budget_of_five_lets_exactly_five_through_then_402(stack):
+    def compress(_):
+        return stack.request("POST", "/api/compress", [("X-API-Key", BUDGET_FIVE)], body=b"{}")
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        responses = list(pool.map(compress, range(20)))
+    passed = [r for r in responses if r.status == 200]
+    assert len(passed) == 5
+    for r in passed:
+        assert r.upstream["x-keygate-key-id"] == ["cmp-key-budget-5"]
+    refused = [r for r in responses if r.status != 200]
+    assert len(refused) == 15
+    for r in refused:
+        assert_denied(r, 402, "BUDGET_EXHAUSTED")
+
+
+def test_compresr_key_marked_exhausted_by_billing_is_402_payment_required(stack):
+    resp = stack.request("POST", "/api/compress", [("X-API-Key", BILLING_EXHAUSTED)], body=b"{}")
+    assert_denied(resp, 402, "BUDGET_EXHAUSTED")
+    assert resp.json["message"] == "The API key's monthly budget is exhausted."
+
+
+def test_compresr_exhausted_budget_does_not_outrank_an_invalid_key(stack):
+    assert_denied(stack.request("POST", "/api/compress", [("X-API-Key", "cmp_budget_wrong_secret")]),
+                  401, "INVALID_API_KEY")
