@@ -1,8 +1,9 @@
 """Starts a real Envoy with a shipped config from envoy/, plus its echo upstreams.
 
 The shipped configs use fixed ports (listener 10000, admin 9901, echo upstream 8081, sandbox
-upstream 8082, key service 8090). `Stack` copies the config with those ports swapped for free
-ones, so test groups can run side by side; nothing else in the config changes.
+upstream 8082, key service 8090, rate limit service 8091). `Stack` copies the config with those
+ports swapped for free ones, so test groups can run side by side; nothing else in the config
+changes.
 """
 import http.client
 import json
@@ -18,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ENVOY_BIN = os.environ.get(
     "ENVOY_BIN", str(ROOT / ".venv/lib/python3.11/site-packages/envoy/_bin/envoy")
 )
-SHIPPED_PORTS = {"listener": 10000, "admin": 9901, "echo": 8081, "sandbox": 8082, "keys": 8090}
+SHIPPED_PORTS = {"listener": 10000, "admin": 9901, "echo": 8081, "sandbox": 8082, "keys": 8090,
+                 "ratelimit": 8091}
 
 
 def free_port():
