@@ -1,7 +1,7 @@
 //! Bounded state: 100,000 distinct keys through the limiter with an in-memory store that has
 //! Envoy's shared-data semantics. Prints the numbers (`cargo test --test limits_state --
 //! --nocapture`) and asserts the bounds: the table never has more than `slots` entries, holds
-//! about 37 bytes per key active now or this month, and shrinks back once keys go quiet.
+//! 36 bytes per key active now or this month, and shrinks back once keys go quiet.
 
 // A test file: its helpers may fail loudly.
 #![allow(clippy::expect_used)]
