@@ -179,7 +179,7 @@ def test_abaco_too_many_requests_with_one_key_is_429_rate_limit_exceeded_in_span
     for r in limited:
         assert_denied(r, 429, "RATE_LIMIT_EXCEEDED")
         assert r.json["message"] == "Demasiadas solicitudes con la misma API key. Intente de nuevo más tarde."
-        assert r.header("retry-after") == "720"  # 3600 s / 5 requests
+        assert 710 <= int(r.header("retry-after")) <= 720  # 3600 s / 5 requests, from the first
         assert r.header("ratelimit-remaining") == "0"
 
 

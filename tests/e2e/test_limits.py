@@ -52,8 +52,9 @@ def test_concurrent_requests_over_two_workers_get_exactly_limit_plus_burst(stack
         assert r.upstream["x-keygate-key-id"] == ["burst-20-per-hour-plus-5"]
     for r in limited:
         assert_denied(r, 429, "RATE_LIMIT_EXCEEDED")
-        # One request's worth of the bucket drains in 3600 s / 20 = 180 s.
-        assert r.header("retry-after") == "180"
+        # One request's worth of the bucket drains in 3600 s / 20 = 180 s, counted from the
+        # first allowed request (a loaded machine may take a few seconds to send them all).
+        assert 170 <= int(r.header("retry-after")) <= 180
     stats = stack.stats()
     assert stats["wasmcustom.keygate.limits.denied.rate_limit_exceeded"] == 75
 
@@ -71,10 +72,10 @@ def test_rate_limit_headers_on_allowed_responses_and_retry_after_on_429(stack):
     denied = stack.request("GET", "/x", key(THREE_PER_HOUR))
     assert_denied(denied, 429, "RATE_LIMIT_EXCEEDED")
     assert denied.json["message"] == "Too many requests with this API key. Try again later."
-    assert denied.header("retry-after") == "1200"
+    assert 1190 <= int(denied.header("retry-after")) <= 1200  # 3600 s / 3 since the first
     assert denied.header("ratelimit-limit") == "3"
     assert denied.header("ratelimit-remaining") == "0"
-    assert 3599 <= int(denied.header("ratelimit-reset")) <= 3600
+    assert 3590 <= int(denied.header("ratelimit-reset")) <= 3600
 
 
 def test_a_monthly_budget_of_seven_lets_exactly_seven_through_then_402(stack):
