@@ -8,6 +8,7 @@ use serde::Deserialize;
 pub enum ErrorCode {
     TokenMissing,
     MalformedApiKey,
+    ApiKeyChecksumMismatch,
     IncompleteApiKey,
     ConflictingCredentials,
     InvalidApiKey,
@@ -37,9 +38,10 @@ pub enum Language {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 19] = [
+    pub const ALL: [ErrorCode; 20] = [
         ErrorCode::TokenMissing,
         ErrorCode::MalformedApiKey,
+        ErrorCode::ApiKeyChecksumMismatch,
         ErrorCode::IncompleteApiKey,
         ErrorCode::ConflictingCredentials,
         ErrorCode::InvalidApiKey,
@@ -95,6 +97,12 @@ impl ErrorCode {
                 401,
                 "The API key is malformed or has an unknown prefix.",
                 "La API key tiene un formato inválido o un prefijo desconocido.",
+            ),
+            ApiKeyChecksumMismatch => (
+                "API_KEY_CHECKSUM_MISMATCH",
+                401,
+                "The API key fails its checksum: it was mistyped or cut short.",
+                "La API key no supera su suma de verificación: está mal escrita o incompleta.",
             ),
             IncompleteApiKey => (
                 "INCOMPLETE_API_KEY",

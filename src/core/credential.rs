@@ -3,6 +3,7 @@
 
 use serde::Deserialize;
 
+use super::checksum::Checksum;
 use super::codes::ErrorCode;
 use super::config::ConfigError;
 use super::digest::{sha256, Digest};
@@ -66,6 +67,9 @@ pub struct CredentialSpec {
     /// Accepted prefixes of the secret (header pair, id:secret).
     #[serde(default)]
     pub secret_prefixes: Vec<String>,
+    /// Keys end with a checksum of the text before it (`"crc32"`), verified before any lookup.
+    #[serde(default)]
+    pub checksum: Option<Checksum>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +94,7 @@ pub struct CredentialSource {
     pub format: TokenFormat,
     pub prefixes: Vec<PrefixRule>,
     pub secret_prefixes: Vec<String>,
+    pub checksum: Option<Checksum>,
 }
 
 /// A credential as presented, with its secret already reduced to a digest.
@@ -211,6 +216,7 @@ impl CredentialSource {
             format: spec.format,
             prefixes,
             secret_prefixes: spec.secret_prefixes,
+            checksum: spec.checksum,
         })
     }
 
@@ -281,7 +287,7 @@ impl CredentialSource {
                 match (single_value(&ids)?, single_value(&secrets)?) {
                     (None, None) => Ok(None),
                     (Some(_), None) | (None, Some(_)) => Err(ErrorCode::IncompleteApiKey),
-                    (Some(id), Some(secret)) => self.parse_pair(id, secret).map(Some),
+                    (Some(id), Some(secret)) => self.parse_pair(id, secret, None).map(Some),
                 }
             }
         }
@@ -292,6 +298,7 @@ impl CredentialSource {
         match self.format {
             TokenFormat::Opaque => {
                 let environment = self.check_prefix(token)?;
+                self.check_checksum(token)?;
                 Ok(Credential::Opaque {
                     digest: sha256(token.as_bytes()),
                     environment,
@@ -302,12 +309,19 @@ impl CredentialSource {
                 if !is_base64url(secret) {
                     return Err(ErrorCode::MalformedApiKey);
                 }
-                self.parse_pair(id.as_bytes(), secret.as_bytes())
+                self.parse_pair(id.as_bytes(), secret.as_bytes(), Some(token))
             }
         }
     }
 
-    fn parse_pair(&self, id: &[u8], secret: &[u8]) -> Result<Credential, ErrorCode> {
+    /// `token` is the whole `<id>:<secret>` text when the pair came as one token: its checksum
+    /// covers the id too. A header pair's checksum covers the secret header's value.
+    fn parse_pair(
+        &self,
+        id: &[u8],
+        secret: &[u8],
+        token: Option<&str>,
+    ) -> Result<Credential, ErrorCode> {
         let id = visible_ascii(id)?;
         let secret = visible_ascii(secret)?;
         if !id.bytes().all(is_id_byte) {
@@ -322,11 +336,20 @@ impl CredentialSource {
         {
             return Err(ErrorCode::MalformedApiKey);
         }
+        self.check_checksum(token.unwrap_or(secret))?;
         Ok(Credential::Pair {
             id: id.to_string(),
             secret_digest: sha256(secret.as_bytes()),
             environment,
         })
+    }
+
+    /// A mistyped key fails its checksum before it is hashed or looked up.
+    fn check_checksum(&self, text: &str) -> Result<(), ErrorCode> {
+        match self.checksum {
+            Some(checksum) if !checksum.verify(text) => Err(ErrorCode::ApiKeyChecksumMismatch),
+            _ => Ok(()),
+        }
     }
 
     /// A wrong prefix is refused before any lookup; the matching prefix may name an environment.

@@ -4,6 +4,7 @@
 //! One request flows one way: headers in → `credential` → `keyset` lookup → `policy` →
 //! `decision` → `reply` (a local reply, or the scope headers the upstream receives).
 
+pub mod checksum;
 pub mod codes;
 pub mod config;
 pub mod credential;
