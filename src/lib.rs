@@ -5,5 +5,10 @@
 
 pub mod core;
 
+/// The `keygate` command-line tool's logic (key generation, key-set files, config checks):
+/// native only, never part of the filter.
+#[cfg(not(target_arch = "wasm32"))]
+pub mod cli;
+
 #[cfg(target_arch = "wasm32")]
 mod adapter;
