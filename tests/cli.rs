@@ -1,6 +1,9 @@
 //! The `keygate` command-line tool, driven as a user would: the built binary, its exit status,
 //! stdout and stderr. What it writes is read back with the filter's own parsers.
 
+// Helpers outside `#[test]` functions are test code too: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
