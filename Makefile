@@ -11,7 +11,7 @@ ARTIFACT := build/keygate.wasm
 PROFILE ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: all deps build lint unit e2e test run validate clean core-wall \
+.PHONY: all deps build cli lint unit e2e test run validate clean core-wall \
 	compose-tools compose-check compose-up compose-down compose-test compose-test-live
 
 all: build
@@ -42,6 +42,10 @@ build: .wasm-target
 	@mkdir -p build && cp $(WASM_OUT) $(ARTIFACT)
 	@echo "built $(ARTIFACT) ($$(stat -c %s $(ARTIFACT)) bytes)"
 
+# The `keygate` command-line tool (native): target/release/keygate.
+cli:
+	cargo build --release --bin keygate
+
 # --- checks -------------------------------------------------------------------------------
 core-wall:
 	@if grep -rn 'proxy_wasm' src/core; then echo "src/core must not use proxy_wasm"; exit 1; fi
@@ -61,7 +65,7 @@ validate: build $(VENV)/.installed
 	    && echo "valid: $$f" || { cat .tmp-validate.log; rm -f .tmp-validate.log; exit 1; }; \
 	done; rm -f .tmp-validate.log
 
-e2e: build $(VENV)/.installed compose-tools
+e2e: build cli $(VENV)/.installed compose-tools
 	ENVOY_BIN=$(ENVOY) $(PY) -m pytest -q tests/e2e $(PYTEST_ARGS)
 
 test: lint unit validate e2e
