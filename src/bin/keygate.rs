@@ -437,7 +437,7 @@ mod native {
                 keyset_file::save(&keyset, &all)
                     .map_err(|e| format!("{}: not changed: {e}", keyset.display()))?;
                 eprintln!(
-                    "keygate: added {count} key(s) to {} ({} keys)",
+                    "keygate: {}: added {count} key(s), now {} in all",
                     keyset.display(),
                     all.len()
                 );
