@@ -173,6 +173,23 @@ mod native {
         /// Create the record disabled ("enabled": false)
         #[arg(long)]
         disabled: bool,
+        /// The key's own rate limit: REQUESTS per SECONDS, e.g. 600/60
+        #[arg(long, value_name = "REQUESTS/SECONDS", value_parser = parse_rate)]
+        rate_limit: Option<(u64, u64)>,
+        /// Extra requests allowed at once above the rate limit
+        #[arg(long, requires = "rate_limit", default_value_t = 0)]
+        burst: u64,
+        /// Budget units the key may spend per calendar month (UTC)
+        #[arg(long, value_name = "UNITS")]
+        monthly_budget: Option<u64>,
+    }
+
+    fn parse_rate(text: &str) -> Result<(u64, u64), String> {
+        let (requests, seconds) = text
+            .split_once('/')
+            .ok_or("expected REQUESTS/SECONDS, e.g. 600/60")?;
+        let number = |t: &str| t.parse::<u64>().map_err(|e| format!("'{t}': {e}"));
+        Ok((number(requests)?, number(seconds)?))
     }
 
     #[derive(Args)]
@@ -294,6 +311,10 @@ mod native {
             expires_at: f.expires_at,
             not_after: f.not_after,
             disabled: f.disabled,
+            rate_limit: f
+                .rate_limit
+                .map(|(requests, seconds)| (requests, seconds, f.burst)),
+            monthly_budget: f.monthly_budget,
         };
         let checksum = args.checksum.map(Checksum::from);
         let format = match args.profile.as_deref().and_then(keygen::profile) {

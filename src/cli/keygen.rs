@@ -134,6 +134,9 @@ pub struct RecordFields {
     pub expires_at: Option<String>,
     pub not_after: Option<String>,
     pub disabled: bool,
+    /// (requests, per_seconds, burst) of the key's own rate limit.
+    pub rate_limit: Option<(u64, u64, u64)>,
+    pub monthly_budget: Option<u64>,
 }
 
 /// A freshly generated key: what the client sends (shown once) and the record the filter keeps.
@@ -359,6 +362,18 @@ pub fn record_json(id: &str, digest_hex: &str, fields: &RecordFields) -> Value {
         "enabled",
         fields.disabled.then_some(Value::from(false)),
     );
+    put(
+        &mut record,
+        "rate_limit",
+        fields.rate_limit.map(|(requests, per_seconds, burst)| {
+            serde_json::json!({"requests": requests, "per_seconds": per_seconds, "burst": burst})
+        }),
+    );
+    put(
+        &mut record,
+        "monthly_budget",
+        fields.monthly_budget.map(Value::from),
+    );
     Value::Object(record)
 }
 
@@ -532,6 +547,8 @@ mod tests {
             expires_at: Some("2030-01-01T00:00:00Z".into()),
             not_after: Some("1900000000".into()),
             disabled: true,
+            rate_limit: Some((600, 60, 120)),
+            monthly_budget: Some(100_000),
             ..Default::default()
         };
         let key = new_key(
@@ -548,6 +565,12 @@ mod tests {
         );
         assert!(text.contains(r#""not_after":1900000000"#), "{text}");
         assert!(text.contains(r#""enabled":false"#), "{text}");
+        assert!(
+            text.ends_with(
+                r#""rate_limit":{"requests":600,"per_seconds":60,"burst":120},"monthly_budget":100000}"#
+            ),
+            "{text}"
+        );
         assert!(
             !text.contains(&key.presented[0].1),
             "the secret must not be in the record"
