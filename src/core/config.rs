@@ -7,8 +7,9 @@ use std::fmt;
 use serde::Deserialize;
 
 use super::codes::{ErrorCode, Language};
-use super::credential::{CredentialSource, CredentialSpec};
+use super::credential::{CredentialSource, CredentialSpec, Place, TokenFormat};
 use super::keyset::{KeyRecordSpec, KeySet};
+use super::keysource::{KeyService, KeyServiceSpec};
 use super::limits::{Limits, LimitsSpec};
 use super::policy::{
     Policy, PolicySpec, RouteRule, RouteRuleSpec, TenantSelector, TenantSelectorSpec,
@@ -167,6 +168,9 @@ struct ConfigSpec {
     /// Rate-limit and budget defaults, headers and the shared counter table.
     #[serde(default)]
     limits: Option<LimitsSpec>,
+    /// Keys from a key service instead of `keys` (full document or lookup on miss).
+    #[serde(default)]
+    key_service: Option<KeyServiceSpec>,
 }
 
 fn default_true() -> bool {
@@ -192,6 +196,8 @@ pub struct Config {
     /// Every header name keygate removes from a request it passes upstream.
     pub headers_to_strip: Vec<String>,
     pub limits: Limits,
+    /// Where keys come from when they are not inline.
+    pub key_service: Option<KeyService>,
 }
 
 impl Config {
@@ -309,7 +315,23 @@ impl Config {
         headers_to_strip.dedup();
 
         let name = spec.name.unwrap_or_else(|| "keygate".to_string());
-        let limits = Limits::from_spec(spec.limits, &name, keys.has_limits())?;
+        let key_service = match spec.key_service {
+            Some(_) if !keys.is_empty() => {
+                return Err(ConfigError::new(
+                    "keys",
+                    "inline keys cannot be combined with key_service",
+                ))
+            }
+            Some(service) => {
+                let opaque = sources.iter().any(finds_keys_by_digest);
+                let pairs = sources.iter().any(|s| !finds_keys_by_digest(s));
+                Some(KeyService::from_spec(service, &name, opaque, pairs)?)
+            }
+            None => None,
+        };
+        // Fetched records may carry their own limits: keep the shared table ready for them.
+        let keys_are_limited = keys.has_limits() || key_service.is_some();
+        let limits = Limits::from_spec(spec.limits, &name, keys_are_limited)?;
         let config = Config {
             name,
             sources,
@@ -326,6 +348,7 @@ impl Config {
             route_by_environment: spec.route_by_environment,
             headers_to_strip,
             limits,
+            key_service,
         };
         Ok((config, keys))
     }
@@ -334,6 +357,11 @@ impl Config {
     pub fn uses_route_policies(&self) -> bool {
         !self.policies.is_empty()
     }
+}
+
+/// Opaque keys are found by the digest of the whole key; id:secret and split keys by id.
+fn finds_keys_by_digest(source: &CredentialSource) -> bool {
+    source.format == TokenFormat::Opaque && !matches!(source.place, Place::HeaderPair { .. })
 }
 
 pub fn is_header_value(text: &str) -> bool {

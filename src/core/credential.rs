@@ -112,6 +112,14 @@ pub enum Credential {
 }
 
 impl Credential {
+    /// The digest of the presented secret: what the key record's `secret_sha256` must equal.
+    pub fn digest(&self) -> &Digest {
+        match self {
+            Credential::Opaque { digest, .. } => digest,
+            Credential::Pair { secret_digest, .. } => secret_digest,
+        }
+    }
+
     pub fn environment(&self) -> Option<&str> {
         match self {
             Credential::Opaque { environment, .. } | Credential::Pair { environment, .. } => {

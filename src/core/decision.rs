@@ -56,28 +56,50 @@ pub fn policy_for<'a>(config: &'a Config, req: &RequestView) -> Result<&'a Polic
     Ok(&config.default_policy)
 }
 
+/// What is known once the credential is read: the answer already, or the key to look up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step<'a> {
+    Decided(Decision<'a>),
+    /// A key must be found (inline set, shared key set, or key service) before deciding.
+    Lookup {
+        credential: Credential,
+        policy: &'a Policy,
+    },
+}
+
+/// Decides with an inline or already loaded key set.
 pub fn decide<'a>(config: &'a Config, keys: &'a KeySet, req: &RequestView) -> Decision<'a> {
+    match begin(config, req) {
+        Step::Decided(decision) => decision,
+        Step::Lookup { credential, policy } => {
+            decide_for_key(config, policy, &credential, lookup(keys, &credential), req)
+        }
+    }
+}
+
+/// Everything before the key lookup: route policy, anonymous routes, sessions, credential.
+pub fn begin<'a>(config: &'a Config, req: &RequestView) -> Step<'a> {
     let policy = match policy_for(config, req) {
         Ok(p) => p,
-        Err(code) => return Decision::deny(code),
+        Err(code) => return Step::Decided(Decision::deny(code)),
     };
     if !policy.auth_required || is_cors_preflight(req) {
-        return Decision::Allow {
+        return Step::Decided(Decision::Allow {
             principal: Principal::Anonymous,
             policy,
-        };
+        });
     }
 
     let mut session_failure = None;
     if let Some(session) = &config.session {
         match &req.session {
             SessionEvidence::Verified { subject } => {
-                return Decision::Allow {
+                return Step::Decided(Decision::Allow {
                     principal: Principal::Session {
                         subject: subject.clone(),
                     },
                     policy,
-                }
+                })
             }
             SessionEvidence::Failed { expired } => {
                 session_failure = Some(if *expired {
@@ -94,13 +116,25 @@ pub fn decide<'a>(config: &'a Config, keys: &'a KeySet, req: &RequestView) -> De
         }
     }
 
-    let credential = match extract_credential(&config.sources, req) {
-        Ok(Some(c)) => c,
-        Ok(None) => return Decision::deny(session_failure.unwrap_or(ErrorCode::TokenMissing)),
-        Err(code) => return Decision::deny(code),
-    };
+    match extract_credential(&config.sources, req) {
+        Ok(Some(credential)) => Step::Lookup { credential, policy },
+        Ok(None) => Step::Decided(Decision::deny(
+            session_failure.unwrap_or(ErrorCode::TokenMissing),
+        )),
+        Err(code) => Step::Decided(Decision::deny(code)),
+    }
+}
 
-    let record = match lookup(keys, &credential) {
+/// Everything after the lookup, the same for every key source: the secret's digest must match
+/// (constant time), then the key's own checks, the route policy, origin and tenant scope.
+pub fn decide_for_key<'a>(
+    config: &'a Config,
+    policy: &'a Policy,
+    credential: &Credential,
+    candidate: Option<&'a KeyRecord>,
+    req: &RequestView,
+) -> Decision<'a> {
+    let record = match candidate.filter(|r| digests_equal(&r.digest, credential.digest())) {
         Some(r) => r,
         None => return Decision::deny(ErrorCode::InvalidApiKey),
     };
@@ -108,7 +142,7 @@ pub fn decide<'a>(config: &'a Config, keys: &'a KeySet, req: &RequestView) -> De
         code,
         key_id: Some(record.id.as_str()),
     };
-    if let Err(code) = check_key(config, record, &credential, req.now) {
+    if let Err(code) = check_key(config, record, credential, req.now) {
         return deny(code);
     }
     let environment = record
@@ -135,18 +169,12 @@ pub fn decide<'a>(config: &'a Config, keys: &'a KeySet, req: &RequestView) -> De
     }
 }
 
-/// Opaque keys are found by digest; id:secret keys by id, then the digests are compared in
-/// constant time.
-fn lookup<'a>(keys: &'a KeySet, credential: &Credential) -> Option<&'a KeyRecord> {
+/// Opaque keys are found by digest; id:secret keys by id (`decide_for_key` then compares the
+/// digests in constant time).
+pub fn lookup<'a>(keys: &'a KeySet, credential: &Credential) -> Option<&'a KeyRecord> {
     match credential {
-        Credential::Opaque { digest, .. } => keys
-            .by_digest(digest)
-            .filter(|r| digests_equal(&r.digest, digest)),
-        Credential::Pair {
-            id, secret_digest, ..
-        } => keys
-            .by_id(id)
-            .filter(|r| digests_equal(&r.digest, secret_digest)),
+        Credential::Opaque { digest, .. } => keys.by_digest(digest),
+        Credential::Pair { id, .. } => keys.by_id(id),
     }
 }
 

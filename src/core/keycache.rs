@@ -1,0 +1,698 @@
+//! Lookup on miss: for key sets too big to copy into every VM, keygate asks the key service for
+//! the one key a request presents, and remembers the answer in a bounded cache in shared data.
+//!
+//! **Where a key is found.** Path templates name static files: opaque keys by the hex SHA-256 of
+//! the whole key (`/keys/by-digest/{digest}.json`), id:secret and split keys by id
+//! (`/keys/by-id/{id}.json`). `{digest:N}` is the first N hex characters of the digest, for
+//! sharded layouts: `/keys/by-digest/{digest:2}/{digest}.json` (one small file per key, 256
+//! directories), or `/keys/shards/{digest:3}.json` (4096 files, each a key-set document with the
+//! keys whose digest starts that way). A file holds one key record, or a key-set document
+//! `{"keys": [...]}` in which keygate picks the record with the key's digest (or id). 404 (or
+//! 410), or no such record in the document, means the key does not exist.
+//!
+//! **The cache.** Positive answers are kept `positive_ttl_seconds`, negative ones
+//! `negative_ttl_seconds`, in a fixed table of slots (`<namespace>.cache.<i>`), each holding up
+//! to `WAYS` entries: a key's slot is chosen by a hash of the key, a full slot drops its oldest
+//! entry. So the cache never holds more than `cache_entries` answers, and Envoy's shared data
+//! (which a module cannot delete from) never holds more than `cache_entries / WAYS` keys for it.
+//! Every worker of the process shares the table: a key looked up on one worker is a hit on all.
+//! An expired answer is still served, up to `max_stale_seconds` past its TTL, when a fresh lookup
+//! fails.
+
+use serde_json::Value;
+use sha2::{Digest as _, Sha256};
+
+use super::config::validate_header_safe_fields;
+use super::credential::Credential;
+use super::digest::{parse_hex_digest, Digest};
+use super::keyset::{KeyRecord, KeyRecordSpec, KeySet};
+use super::keysource::{is_request_path, KeyService, KeyServiceMode, Reader};
+use super::limits::{SharedStore, StoreError};
+
+/// Entries per slot.
+pub const WAYS: usize = 4;
+const DEFAULT_CACHE_ENTRIES: u32 = 16_384;
+const MAX_CACHE_ENTRIES: u32 = 1 << 22;
+const DEFAULT_POSITIVE_TTL_SECONDS: u64 = 60;
+const DEFAULT_NEGATIVE_TTL_SECONDS: u64 = 10;
+const MAX_TTL_SECONDS: u64 = 86_400;
+/// Records bigger than this are answered but not cached, so a slot stays small.
+const MAX_CACHED_RECORD_BYTES: usize = 4096;
+const FORMAT: u8 = 1;
+const TAG_LEN: usize = 16;
+type Tag = [u8; TAG_LEN];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TemplateKind {
+    /// Opaque keys, found by the digest of the whole key.
+    Digest,
+    /// id:secret and split keys, found by their id.
+    Id,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Text(String),
+    /// The first `n` hex characters of the digest (64: all of it).
+    Digest(usize),
+    Id,
+}
+
+/// A request path with placeholders, validated at configure time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathTemplate {
+    text: String,
+    segments: Vec<Segment>,
+}
+
+impl PathTemplate {
+    pub fn parse(text: &str, kind: TemplateKind) -> Result<PathTemplate, String> {
+        if !is_request_path(text) {
+            return Err("must start with '/' and be printable ASCII without spaces".into());
+        }
+        let mut segments = Vec::new();
+        let mut rest = text;
+        while let Some((before, after)) = rest.split_once('{') {
+            let (name, tail) = after
+                .split_once('}')
+                .ok_or_else(|| "an unclosed '{'".to_string())?;
+            if before.contains('}') {
+                return Err("a '}' without '{'".into());
+            }
+            if !before.is_empty() {
+                segments.push(Segment::Text(before.to_string()));
+            }
+            segments.push(match (kind, name) {
+                (TemplateKind::Digest, "digest") => Segment::Digest(64),
+                (TemplateKind::Digest, _) if name.starts_with("digest:") => {
+                    let n = name
+                        .strip_prefix("digest:")
+                        .and_then(|n| n.parse::<usize>().ok())
+                        .filter(|n| (1..=64).contains(n))
+                        .ok_or_else(|| format!("'{{{name}}}': N of {{digest:N}} is 1 to 64"))?;
+                    Segment::Digest(n)
+                }
+                (TemplateKind::Id, "id") => Segment::Id,
+                (TemplateKind::Digest, _) => {
+                    return Err(format!(
+                        "unknown placeholder '{{{name}}}' (use {{digest}} or {{digest:N}})"
+                    ))
+                }
+                (TemplateKind::Id, _) => {
+                    return Err(format!("unknown placeholder '{{{name}}}' (use {{id}})"))
+                }
+            });
+            rest = tail;
+        }
+        if rest.contains('}') {
+            return Err("a '}' without '{'".into());
+        }
+        if !rest.is_empty() {
+            segments.push(Segment::Text(rest.to_string()));
+        }
+        let placeholders = segments
+            .iter()
+            .filter(|s| !matches!(s, Segment::Text(_)))
+            .count();
+        if placeholders == 0 {
+            return Err(match kind {
+                TemplateKind::Digest => "needs a {digest} or {digest:N} placeholder".into(),
+                TemplateKind::Id => "needs an {id} placeholder".into(),
+            });
+        }
+        // A shard path ({digest:N} alone) is fine: the file is then a key-set document.
+        Ok(PathTemplate {
+            text: text.to_string(),
+            segments,
+        })
+    }
+
+    fn render(&self, key: &LookupKey) -> String {
+        let digest_hex = match key {
+            LookupKey::Digest(d) => hex::encode(d),
+            LookupKey::Id(_) => String::new(),
+        };
+        let mut out = String::with_capacity(self.text.len() + 64);
+        for segment in &self.segments {
+            match (segment, key) {
+                (Segment::Text(t), _) => out.push_str(t),
+                (Segment::Digest(n), LookupKey::Digest(_)) => {
+                    out.push_str(digest_hex.get(..*n).unwrap_or(&digest_hex))
+                }
+                (Segment::Id, LookupKey::Id(id)) => out.push_str(id),
+                // Templates are parsed for one kind of key; nothing else reaches here.
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+/// The lookup-on-miss settings.
+#[derive(Debug, Clone)]
+pub struct LookupPolicy {
+    pub by_digest: Option<PathTemplate>,
+    pub by_id: Option<PathTemplate>,
+    pub positive_ttl_ms: i64,
+    pub negative_ttl_ms: i64,
+    pub slots: u32,
+}
+
+impl LookupPolicy {
+    /// Errors name the offending field of `key_service`.
+    pub fn new(
+        by_digest: Option<PathTemplate>,
+        by_id: Option<PathTemplate>,
+        positive_ttl_seconds: Option<u64>,
+        negative_ttl_seconds: Option<u64>,
+        cache_entries: Option<u32>,
+    ) -> Result<LookupPolicy, (&'static str, String)> {
+        let positive = positive_ttl_seconds.unwrap_or(DEFAULT_POSITIVE_TTL_SECONDS);
+        if positive == 0 || positive > MAX_TTL_SECONDS {
+            return Err((
+                "positive_ttl_seconds",
+                format!("must be between 1 and {MAX_TTL_SECONDS}"),
+            ));
+        }
+        let negative = negative_ttl_seconds.unwrap_or(DEFAULT_NEGATIVE_TTL_SECONDS);
+        if negative > MAX_TTL_SECONDS {
+            return Err((
+                "negative_ttl_seconds",
+                format!("must be at most {MAX_TTL_SECONDS} (0: do not cache unknown keys)"),
+            ));
+        }
+        let entries = cache_entries.unwrap_or(DEFAULT_CACHE_ENTRIES);
+        if !(WAYS as u32..=MAX_CACHE_ENTRIES).contains(&entries) {
+            return Err((
+                "cache_entries",
+                format!("must be between {WAYS} and {MAX_CACHE_ENTRIES}"),
+            ));
+        }
+        Ok(LookupPolicy {
+            by_digest,
+            by_id,
+            positive_ttl_ms: positive as i64 * 1000,
+            negative_ttl_ms: negative as i64 * 1000,
+            slots: entries.div_ceil(WAYS as u32),
+        })
+    }
+
+    /// What distinguishes one key store from another (for the shared-data namespace).
+    pub fn identity(&self) -> String {
+        let text =
+            |t: &Option<PathTemplate>| t.as_ref().map_or("", |t| t.text.as_str()).to_string();
+        format!("{}\0{}", text(&self.by_digest), text(&self.by_id))
+    }
+
+    /// The most answers the cache holds.
+    pub fn capacity(&self) -> usize {
+        self.slots as usize * WAYS
+    }
+}
+
+/// What a request's key is looked up by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LookupKey {
+    Digest(Digest),
+    Id(String),
+}
+
+impl LookupKey {
+    pub fn of(credential: &Credential) -> LookupKey {
+        match credential {
+            Credential::Opaque { digest, .. } => LookupKey::Digest(*digest),
+            Credential::Pair { id, .. } => LookupKey::Id(id.clone()),
+        }
+    }
+
+    fn tag(&self, namespace: &str) -> Tag {
+        let mut hasher = Sha256::new().chain_update(namespace.as_bytes());
+        hasher = match self {
+            LookupKey::Digest(d) => hasher.chain_update(b"\0d\0").chain_update(d),
+            LookupKey::Id(id) => hasher.chain_update(b"\0i\0").chain_update(id.as_bytes()),
+        };
+        let digest = hasher.finalize();
+        let mut tag = [0u8; TAG_LEN];
+        for (t, d) in tag.iter_mut().zip(digest.iter()) {
+            *t = *d;
+        }
+        tag
+    }
+
+    fn matches(&self, candidate: &Value) -> bool {
+        match self {
+            LookupKey::Digest(d) => candidate
+                .get("secret_sha256")
+                .and_then(Value::as_str)
+                .and_then(parse_hex_digest)
+                .is_some_and(|found| found == *d),
+            LookupKey::Id(id) => candidate.get("id").and_then(Value::as_str) == Some(id.as_str()),
+        }
+    }
+}
+
+/// What the key service said about one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    Found(Box<KeyRecord>),
+    NotFound,
+}
+
+impl Answer {
+    pub fn record(&self) -> Option<&KeyRecord> {
+        match self {
+            Answer::Found(r) => Some(r.as_ref()),
+            Answer::NotFound => None,
+        }
+    }
+}
+
+/// A validated answer plus the record's JSON as it will be cached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    pub answer: Answer,
+    record_json: Vec<u8>,
+}
+
+/// What the cache holds for a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cached {
+    /// Within its TTL: decide with it, no call.
+    Fresh(Answer),
+    /// Past its TTL but within `max_stale_seconds`: look up again, fall back to it on failure.
+    Stale(Answer),
+    Miss,
+}
+
+/// Validates the key service's answer for `key`. `Err` is a failed lookup (nothing cached).
+pub fn parse_answer(status: Option<u32>, body: &[u8], key: &LookupKey) -> Result<Fetched, String> {
+    let not_found = Fetched {
+        answer: Answer::NotFound,
+        record_json: Vec::new(),
+    };
+    match status {
+        None => Err("no answer (connection failure or timeout)".into()),
+        Some(404 | 410) => Ok(not_found),
+        Some(200) => {
+            let value: Value =
+                serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
+            let candidates: Vec<&Value> = match &value {
+                Value::Object(map) if map.contains_key("keys") => {
+                    if map.len() != 1 {
+                        return Err("a key-set document has only \"keys\"".into());
+                    }
+                    map.get("keys")
+                        .and_then(Value::as_array)
+                        .ok_or_else(|| "\"keys\" must be a list".to_string())?
+                        .iter()
+                        .collect()
+                }
+                Value::Object(_) => vec![&value],
+                _ => return Err("expected a key record or {\"keys\": [...]}".into()),
+            };
+            let Some(candidate) = candidates.into_iter().find(|c| key.matches(c)) else {
+                return Ok(not_found);
+            };
+            let record = validate_record(candidate.clone())?;
+            let record_json = serde_json::to_vec(candidate).map_err(|e| e.to_string())?;
+            Ok(Fetched {
+                answer: Answer::Found(Box::new(record)),
+                record_json,
+            })
+        }
+        Some(other) => Err(format!("status {other}")),
+    }
+}
+
+/// The same checks as inline keys and key-set documents.
+fn validate_record(candidate: Value) -> Result<KeyRecord, String> {
+    let spec: KeyRecordSpec =
+        serde_json::from_value(candidate).map_err(|e| format!("invalid key record: {e}"))?;
+    let set = KeySet::from_specs(vec![spec], "record").map_err(|e| e.to_string())?;
+    validate_header_safe_fields(&set).map_err(|e| e.to_string())?;
+    set.records()
+        .first()
+        .cloned()
+        .ok_or_else(|| "empty record".to_string())
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    tag: Tag,
+    fetched_ms: i64,
+    found: bool,
+    record_json: Vec<u8>,
+}
+
+fn decode(bytes: &[u8]) -> Vec<Entry> {
+    let mut r = Reader(bytes);
+    let mut entries = Vec::new();
+    if r.u8() != Some(FORMAT) {
+        return entries;
+    }
+    loop {
+        let entry = (|| {
+            let tag: Tag = r.take(TAG_LEN)?.try_into().ok()?;
+            let fetched_ms = r.i64()?;
+            let found = r.u8()? == 1;
+            let len = r.u32()? as usize;
+            let record_json = r.take(len)?.to_vec();
+            Some(Entry {
+                tag,
+                fetched_ms,
+                found,
+                record_json,
+            })
+        })();
+        match entry {
+            Some(e) => entries.push(e),
+            None => return entries,
+        }
+    }
+}
+
+fn encode(entries: &[Entry]) -> Vec<u8> {
+    let mut out = vec![FORMAT];
+    for e in entries {
+        out.extend_from_slice(&e.tag);
+        out.extend_from_slice(&e.fetched_ms.to_le_bytes());
+        out.push(u8::from(e.found));
+        out.extend_from_slice(&(e.record_json.len() as u32).to_le_bytes());
+        out.extend_from_slice(&e.record_json);
+    }
+    out
+}
+
+/// Attempts at a contended slot before the answer is simply not cached.
+const CAS_RETRIES: usize = 8;
+
+/// The shared lookup cache of one key service.
+pub struct KeyCache<'a> {
+    service: &'a KeyService,
+    policy: &'a LookupPolicy,
+}
+
+impl<'a> KeyCache<'a> {
+    pub fn of(service: &'a KeyService) -> Option<KeyCache<'a>> {
+        match &service.mode {
+            KeyServiceMode::Lookup(policy) => Some(KeyCache { service, policy }),
+            KeyServiceMode::Full(_) => None,
+        }
+    }
+
+    /// The GET that looks `key` up, or `None` if no path is configured for this kind of key
+    /// (configuration validation requires the paths the enabled schemes need).
+    pub fn request_headers(&self, key: &LookupKey) -> Option<Vec<(&'static str, String)>> {
+        let template = match key {
+            LookupKey::Digest(_) => self.policy.by_digest.as_ref(),
+            LookupKey::Id(_) => self.policy.by_id.as_ref(),
+        }?;
+        Some(self.service.request_headers(&template.render(key), None))
+    }
+
+    fn slot_name(&self, tag: &Tag) -> String {
+        let mut head = [0u8; 8];
+        for (h, t) in head.iter_mut().zip(tag.iter()) {
+            *h = *t;
+        }
+        let index = u64::from_le_bytes(head) % u64::from(self.policy.slots);
+        format!("{}.cache.{index}", self.service.namespace)
+    }
+
+    fn ttl_ms(&self, found: bool) -> i64 {
+        if found {
+            self.policy.positive_ttl_ms
+        } else {
+            self.policy.negative_ttl_ms
+        }
+    }
+
+    /// An entry that can no longer be served even as a fallback.
+    fn is_dead(&self, e: &Entry, now_ms: i64) -> bool {
+        let age = now_ms.saturating_sub(e.fetched_ms);
+        let limit = self.ttl_ms(e.found);
+        match self.service.max_stale_ms {
+            Some(stale) => age >= limit.saturating_add(stale),
+            None => false,
+        }
+    }
+
+    pub fn get(&self, store: &dyn SharedStore, key: &LookupKey, now_ms: i64) -> Cached {
+        let tag = key.tag(&self.service.namespace);
+        let Some((bytes, _)) = store.get(&self.slot_name(&tag)) else {
+            return Cached::Miss;
+        };
+        let Some(entry) = decode(&bytes).into_iter().find(|e| e.tag == tag) else {
+            return Cached::Miss;
+        };
+        if self.is_dead(&entry, now_ms) {
+            return Cached::Miss;
+        }
+        let answer = if entry.found {
+            // Validated before it was stored; a record that no longer parses is a miss.
+            let Some(record) = serde_json::from_slice::<KeyRecordSpec>(&entry.record_json)
+                .ok()
+                .and_then(|spec| KeyRecord::from_spec(spec, "cache").ok())
+            else {
+                return Cached::Miss;
+            };
+            Answer::Found(Box::new(record))
+        } else {
+            Answer::NotFound
+        };
+        if now_ms.saturating_sub(entry.fetched_ms) < self.ttl_ms(entry.found) {
+            Cached::Fresh(answer)
+        } else {
+            Cached::Stale(answer)
+        }
+    }
+
+    /// Remembers an answer. False when it was not stored (not cacheable, or the slot stayed
+    /// contended): the next request for the key looks it up again, nothing worse.
+    pub fn put(
+        &self,
+        store: &dyn SharedStore,
+        key: &LookupKey,
+        fetched: &Fetched,
+        now_ms: i64,
+    ) -> bool {
+        let found = matches!(fetched.answer, Answer::Found(_));
+        if (!found && self.policy.negative_ttl_ms == 0)
+            || fetched.record_json.len() > MAX_CACHED_RECORD_BYTES
+        {
+            return false;
+        }
+        let tag = key.tag(&self.service.namespace);
+        let name = self.slot_name(&tag);
+        for _ in 0..CAS_RETRIES {
+            let (bytes, cas) = store.get(&name).unwrap_or_default();
+            let mut entries = decode(&bytes);
+            entries.retain(|e| e.tag != tag && !self.is_dead(e, now_ms));
+            while entries.len() >= WAYS {
+                let oldest = entries
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, e)| e.fetched_ms)
+                    .map(|(i, _)| i);
+                match oldest {
+                    Some(i) => {
+                        entries.remove(i);
+                    }
+                    None => break,
+                }
+            }
+            entries.push(Entry {
+                tag,
+                fetched_ms: now_ms,
+                found,
+                record_json: fetched.record_json.clone(),
+            });
+            match store.set(&name, &encode(&entries), cas) {
+                Ok(()) => return true,
+                Err(StoreError::CasMismatch) => continue,
+                Err(StoreError::Unavailable) => return false,
+            }
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::digest::sha256;
+    use crate::core::keysource::KeyServiceSpec;
+    use crate::core::memory_store::MemoryStore;
+
+    fn service(extra: serde_json::Value) -> KeyService {
+        let mut spec = serde_json::json!({"cluster": "keyservice", "mode": "lookup_on_miss",
+            "by_digest_path": "/keys/by-digest/{digest:2}/{digest}.json",
+            "by_id_path": "/keys/by-id/{id}.json",
+            "positive_ttl_seconds": 60, "negative_ttl_seconds": 10, "max_stale_seconds": 30});
+        if let (Some(obj), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+            for (k, v) in extra {
+                obj.insert(k.clone(), v.clone());
+            }
+        }
+        let spec: KeyServiceSpec = serde_json::from_value(spec).unwrap();
+        KeyService::from_spec(spec, "t", true, true).unwrap()
+    }
+
+    fn record(id: &str, secret: &str) -> Value {
+        serde_json::json!({"id": id, "secret_sha256": hex::encode(sha256(secret.as_bytes())),
+                           "tenant": "acme"})
+    }
+
+    fn found(key: &LookupKey, body: &Value) -> Fetched {
+        parse_answer(Some(200), body.to_string().as_bytes(), key).unwrap()
+    }
+
+    #[test]
+    fn paths_are_rendered_from_templates() {
+        let svc = service(serde_json::json!({}));
+        let cache = KeyCache::of(&svc).unwrap();
+        let d = sha256(b"cmp_x");
+        let hex_d = hex::encode(d);
+        let headers = cache.request_headers(&LookupKey::Digest(d)).unwrap();
+        let path = format!("/keys/by-digest/{}/{hex_d}.json", &hex_d[..2]);
+        assert!(headers.contains(&(":path", path)), "{headers:?}");
+        let headers = cache
+            .request_headers(&LookupKey::Id("abk_7".into()))
+            .unwrap();
+        assert!(headers.contains(&(":path", "/keys/by-id/abk_7.json".to_string())));
+    }
+
+    #[test]
+    fn bad_templates_are_refused() {
+        for (text, kind) in [
+            ("/keys/{digest", TemplateKind::Digest),
+            ("/keys/{id}.json", TemplateKind::Digest),
+            ("/keys/{digest:0}.json", TemplateKind::Digest),
+            ("/keys/{digest:65}.json", TemplateKind::Digest),
+            ("/keys/static.json", TemplateKind::Digest),
+            ("keys/{id}", TemplateKind::Id),
+            ("/keys/{id}}", TemplateKind::Id),
+            ("/keys/{digest}", TemplateKind::Id),
+            ("/keys/ {id}", TemplateKind::Id),
+        ] {
+            assert!(PathTemplate::parse(text, kind).is_err(), "{text}");
+        }
+        assert!(PathTemplate::parse("/shards/{digest:3}.json", TemplateKind::Digest).is_ok());
+    }
+
+    #[test]
+    fn answers_single_records_documents_and_404() {
+        let d = sha256(b"cmp_a");
+        let key = LookupKey::Digest(d);
+        let single = found(&key, &record("a", "cmp_a"));
+        assert_eq!(single.answer.record().map(|r| r.id.as_str()), Some("a"));
+        let shard = serde_json::json!({"keys": [record("b", "cmp_b"), record("a", "cmp_a")]});
+        assert_eq!(found(&key, &shard).answer.record().unwrap().id, "a");
+        let other = serde_json::json!({"keys": [record("b", "cmp_b")]});
+        assert_eq!(found(&key, &other).answer, Answer::NotFound);
+        assert_eq!(
+            parse_answer(Some(404), b"<html>", &key).unwrap().answer,
+            Answer::NotFound
+        );
+        let by_id = LookupKey::Id("b".into());
+        assert_eq!(found(&by_id, &shard).answer.record().unwrap().id, "b");
+    }
+
+    #[test]
+    fn failures_and_invalid_records_are_errors_not_answers() {
+        let key = LookupKey::Id("a".into());
+        assert!(parse_answer(None, b"", &key).is_err());
+        assert!(parse_answer(Some(503), b"", &key).is_err());
+        assert!(parse_answer(Some(200), b"{\"id\": \"a\", ", &key).is_err());
+        let mut bad = record("a", "s");
+        bad["tenant"] = serde_json::json!("x\r\ny: z");
+        assert!(parse_answer(Some(200), bad.to_string().as_bytes(), &key).is_err());
+        let mut unknown = record("a", "s");
+        unknown["secret"] = serde_json::json!("plaintext");
+        assert!(parse_answer(Some(200), unknown.to_string().as_bytes(), &key).is_err());
+    }
+
+    #[test]
+    fn answers_are_fresh_then_stale_then_gone() {
+        let svc = service(serde_json::json!({}));
+        let cache = KeyCache::of(&svc).unwrap();
+        let store = MemoryStore::new();
+        let key = LookupKey::Id("a".into());
+        assert_eq!(cache.get(&store, &key, 0), Cached::Miss);
+        assert!(cache.put(&store, &key, &found(&key, &record("a", "s")), 1_000));
+        assert!(matches!(
+            cache.get(&store, &key, 60_999),
+            Cached::Fresh(Answer::Found(_))
+        ));
+        assert!(matches!(
+            cache.get(&store, &key, 61_000),
+            Cached::Stale(Answer::Found(_))
+        ));
+        assert_eq!(cache.get(&store, &key, 91_000), Cached::Miss);
+
+        let unknown = LookupKey::Id("zz".into());
+        let nothing = parse_answer(Some(404), b"", &unknown).unwrap();
+        assert!(cache.put(&store, &unknown, &nothing, 1_000));
+        assert_eq!(
+            cache.get(&store, &unknown, 10_999),
+            Cached::Fresh(Answer::NotFound)
+        );
+        assert_eq!(
+            cache.get(&store, &unknown, 11_000),
+            Cached::Stale(Answer::NotFound)
+        );
+    }
+
+    #[test]
+    fn the_cache_never_holds_more_than_its_bound() {
+        let svc = service(serde_json::json!({"cache_entries": 64}));
+        let cache = KeyCache::of(&svc).unwrap();
+        let store = MemoryStore::new();
+        for i in 0..5_000 {
+            let key = LookupKey::Id(format!("k{i}"));
+            let body = record(&format!("k{i}"), &format!("s{i}"));
+            cache.put(&store, &key, &found(&key, &body), i);
+        }
+        assert_eq!(store.len(), 16, "64 entries in 16 slots of {WAYS}");
+        let cached: usize = (0..16)
+            .filter_map(|i| store.get(&format!("{}.cache.{i}", svc.namespace)))
+            .map(|(bytes, _)| decode(&bytes).len())
+            .sum();
+        assert!(cached <= 64, "{cached}");
+        // The most recent key is there; the first ones were dropped.
+        let last = LookupKey::Id("k4999".into());
+        assert!(matches!(cache.get(&store, &last, 5_000), Cached::Fresh(_)));
+        let first = LookupKey::Id("k0".into());
+        assert_eq!(cache.get(&store, &first, 5_000), Cached::Miss);
+    }
+
+    #[test]
+    fn no_negative_caching_with_a_zero_ttl() {
+        let svc = service(serde_json::json!({"negative_ttl_seconds": 0}));
+        let cache = KeyCache::of(&svc).unwrap();
+        let store = MemoryStore::new();
+        let key = LookupKey::Id("zz".into());
+        let nothing = parse_answer(Some(404), b"", &key).unwrap();
+        assert!(!cache.put(&store, &key, &nothing, 0));
+        assert_eq!(cache.get(&store, &key, 1), Cached::Miss);
+    }
+
+    #[test]
+    fn slot_garbage_is_a_miss() {
+        let svc = service(serde_json::json!({}));
+        let cache = KeyCache::of(&svc).unwrap();
+        let store = MemoryStore::new();
+        let key = LookupKey::Id("a".into());
+        cache.put(&store, &key, &found(&key, &record("a", "s")), 0);
+        let name = cache.slot_name(&key.tag(&svc.namespace));
+        let (bytes, _) = store.get(&name).unwrap();
+        for cut in 0..bytes.len() {
+            store.set(&name, bytes.get(..cut).unwrap(), 0).unwrap();
+            assert_ne!(
+                cache.get(&store, &key, 1),
+                Cached::Fresh(Answer::NotFound),
+                "{cut}"
+            );
+        }
+    }
+}

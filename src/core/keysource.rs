@@ -1,0 +1,1062 @@
+//! Key sets that change without restarts: keys fetched from a key service.
+//!
+//! **The key service** is anything that serves static JSON over HTTP (nginx, S3, a CDN): an Envoy
+//! cluster plus paths in the filter config. Two modes:
+//!
+//! - **`full`**: the whole key set is one document, `{"keys": [records]}`, fetched every
+//!   `refresh_seconds` with `If-None-Match`. One fetch per period per Envoy process: every VM's
+//!   root context ticks, and only the holder of a compare-and-swap lease in shared data fetches.
+//!   The holder validates the document and stores its raw bytes with a new version number; every
+//!   other VM notices the version on its next request (or tick) and parses the stored bytes into
+//!   its own `KeySet` once. A failed fetch (no answer, timeout, 5xx, malformed or truncated JSON,
+//!   an invalid record) changes nothing but the failure count: a good set is never replaced by a
+//!   broken one. With no set yet, or a set older than `max_stale_seconds`, keys cannot be
+//!   verified and `on_unavailable` decides (503 `KEYSET_UNAVAILABLE` by default).
+//! - **`lookup_on_miss`**: for sets too big to copy into every VM; see `keycache`.
+//!
+//! Shared data lives under a namespace derived from the config's name and the service's
+//! cluster and paths, so two filters sharing a `vm_id` keep separate sets.
+
+use std::rc::Rc;
+
+use serde::Deserialize;
+
+use super::config::{is_header_value, validate_header_safe_fields, ConfigError};
+use super::digest::sha256;
+use super::keycache::{LookupPolicy, PathTemplate, TemplateKind};
+use super::keyset::KeySet;
+use super::limits::{SharedStore, StoreError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceMode {
+    #[default]
+    Full,
+    LookupOnMiss,
+}
+
+/// What happens to a request whose key cannot be verified because the key service gave no
+/// usable answer (no set yet, set too stale, lookup failed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnUnavailable {
+    /// 503 `KEYSET_UNAVAILABLE` (fail closed).
+    #[default]
+    Deny,
+    /// Pass the request upstream unauthenticated (`x-keygate-auth: none`, no key scope).
+    Allow,
+}
+
+/// The `key_service` object of the filter configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyServiceSpec {
+    /// The Envoy cluster serving the documents.
+    pub cluster: String,
+    /// `:authority` of the requests (default: the cluster name).
+    #[serde(default)]
+    pub authority: Option<String>,
+    #[serde(default)]
+    pub mode: SourceMode,
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Serve the last good answer at most this long after the last successful fetch (`0`: no
+    /// limit).
+    #[serde(default)]
+    pub max_stale_seconds: Option<u64>,
+    #[serde(default)]
+    pub on_unavailable: OnUnavailable,
+    /// `full`: the key-set document.
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub refresh_seconds: Option<u64>,
+    /// `lookup_on_miss`: where one key is found by the digest of its secret (opaque keys).
+    #[serde(default)]
+    pub by_digest_path: Option<String>,
+    /// `lookup_on_miss`: where one key is found by its id (id:secret and split keys).
+    #[serde(default)]
+    pub by_id_path: Option<String>,
+    #[serde(default)]
+    pub positive_ttl_seconds: Option<u64>,
+    #[serde(default)]
+    pub negative_ttl_seconds: Option<u64>,
+    /// Bound of the shared lookup cache, in entries.
+    #[serde(default)]
+    pub cache_entries: Option<u32>,
+}
+
+const DEFAULT_TIMEOUT_MS: u64 = 1000;
+const MAX_TIMEOUT_MS: u64 = 60_000;
+const DEFAULT_REFRESH_SECONDS: u64 = 10;
+const MAX_REFRESH_SECONDS: u64 = 86_400;
+const DEFAULT_MAX_STALE_SECONDS: u64 = 300;
+const MAX_SECONDS: u64 = 366 * 86_400;
+
+/// The validated key service.
+#[derive(Debug, Clone)]
+pub struct KeyService {
+    pub cluster: String,
+    pub authority: String,
+    pub timeout_ms: u64,
+    /// `None`: an old answer is served for as long as the service fails.
+    pub max_stale_ms: Option<i64>,
+    pub on_unavailable: OnUnavailable,
+    pub mode: KeyServiceMode,
+    /// Prefix of every shared-data key this source uses.
+    pub namespace: String,
+}
+
+#[derive(Debug, Clone)]
+pub enum KeyServiceMode {
+    Full(FullSync),
+    Lookup(LookupPolicy),
+}
+
+/// `full` mode: the document and how often to fetch it.
+#[derive(Debug, Clone)]
+pub struct FullSync {
+    pub path: String,
+    pub refresh_ms: i64,
+}
+
+/// A request path for the key service: printable ASCII, no spaces, starting with `/`.
+pub fn is_request_path(path: &str) -> bool {
+    path.starts_with('/') && path.bytes().all(|b| b.is_ascii_graphic())
+}
+
+impl KeyService {
+    /// `opaque_keys` / `pair_keys`: whether the enabled credential schemes produce keys found by
+    /// digest / by id, so lookup mode can insist on the paths it will need.
+    pub fn from_spec(
+        spec: KeyServiceSpec,
+        name: &str,
+        opaque_keys: bool,
+        pair_keys: bool,
+    ) -> Result<KeyService, ConfigError> {
+        let at = |field: &str| format!("key_service.{field}");
+        if spec.cluster.is_empty() || !spec.cluster.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ConfigError::new(
+                at("cluster"),
+                "must name an Envoy cluster (printable ASCII, no spaces)",
+            ));
+        }
+        let authority = spec.authority.unwrap_or_else(|| spec.cluster.clone());
+        if authority.is_empty() || !authority.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ConfigError::new(
+                at("authority"),
+                "must be a host name (printable ASCII, no spaces)",
+            ));
+        }
+        let timeout_ms = spec.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
+        if timeout_ms == 0 || timeout_ms > MAX_TIMEOUT_MS {
+            return Err(ConfigError::new(
+                at("timeout_ms"),
+                format!("must be between 1 and {MAX_TIMEOUT_MS}"),
+            ));
+        }
+        let max_stale = spec.max_stale_seconds.unwrap_or(DEFAULT_MAX_STALE_SECONDS);
+        if max_stale > MAX_SECONDS {
+            return Err(ConfigError::new(
+                at("max_stale_seconds"),
+                format!("must be at most {MAX_SECONDS} (0: no limit)"),
+            ));
+        }
+        let max_stale_ms = (max_stale > 0).then_some(max_stale as i64 * 1000);
+
+        let (mode, identity) = match spec.mode {
+            SourceMode::Full => {
+                for (field, present) in [
+                    ("by_digest_path", spec.by_digest_path.is_some()),
+                    ("by_id_path", spec.by_id_path.is_some()),
+                    ("positive_ttl_seconds", spec.positive_ttl_seconds.is_some()),
+                    ("negative_ttl_seconds", spec.negative_ttl_seconds.is_some()),
+                    ("cache_entries", spec.cache_entries.is_some()),
+                ] {
+                    if present {
+                        return Err(ConfigError::new(
+                            at(field),
+                            "only for \"mode\": \"lookup_on_miss\"",
+                        ));
+                    }
+                }
+                let path = spec.path.unwrap_or_else(|| "/keys.json".to_string());
+                if !is_request_path(&path) {
+                    return Err(ConfigError::new(
+                        at("path"),
+                        "must start with '/' and be printable ASCII without spaces",
+                    ));
+                }
+                let refresh = spec.refresh_seconds.unwrap_or(DEFAULT_REFRESH_SECONDS);
+                if refresh == 0 || refresh > MAX_REFRESH_SECONDS {
+                    return Err(ConfigError::new(
+                        at("refresh_seconds"),
+                        format!("must be between 1 and {MAX_REFRESH_SECONDS}"),
+                    ));
+                }
+                let identity = format!("full\0{path}");
+                (
+                    KeyServiceMode::Full(FullSync {
+                        path,
+                        refresh_ms: refresh as i64 * 1000,
+                    }),
+                    identity,
+                )
+            }
+            SourceMode::LookupOnMiss => {
+                for (field, present) in [
+                    ("path", spec.path.is_some()),
+                    ("refresh_seconds", spec.refresh_seconds.is_some()),
+                ] {
+                    if present {
+                        return Err(ConfigError::new(at(field), "only for \"mode\": \"full\""));
+                    }
+                }
+                let template = |field: &str, text: Option<String>, kind, needed: bool| match text {
+                    Some(t) => PathTemplate::parse(&t, kind)
+                        .map(Some)
+                        .map_err(|why| ConfigError::new(at(field), why)),
+                    None if needed => Err(ConfigError::new(
+                        at(field),
+                        "required: an enabled credential scheme looks keys up this way",
+                    )),
+                    None => Ok(None),
+                };
+                let by_digest = template(
+                    "by_digest_path",
+                    spec.by_digest_path,
+                    TemplateKind::Digest,
+                    opaque_keys,
+                )?;
+                let by_id = template("by_id_path", spec.by_id_path, TemplateKind::Id, pair_keys)?;
+                let policy = LookupPolicy::new(
+                    by_digest,
+                    by_id,
+                    spec.positive_ttl_seconds,
+                    spec.negative_ttl_seconds,
+                    spec.cache_entries,
+                )
+                .map_err(|(field, why)| ConfigError::new(at(field), why))?;
+                let identity = format!("lookup\0{}", policy.identity());
+                (KeyServiceMode::Lookup(policy), identity)
+            }
+        };
+        if !is_header_value(name) {
+            return Err(ConfigError::new("name", "must be printable ASCII"));
+        }
+        let tag = sha256(format!("{}\0{authority}\0{identity}", spec.cluster).as_bytes());
+        let namespace = format!(
+            "keygate.keys.{name}.{}",
+            hex::encode(tag.get(..4).unwrap_or_default())
+        );
+        Ok(KeyService {
+            cluster: spec.cluster,
+            authority,
+            timeout_ms,
+            max_stale_ms,
+            on_unavailable: spec.on_unavailable,
+            mode,
+            namespace,
+        })
+    }
+
+    /// Request headers of a GET on the key service.
+    pub fn request_headers(&self, path: &str, etag: Option<&str>) -> Vec<(&'static str, String)> {
+        let mut headers = vec![
+            (":method", "GET".to_string()),
+            (":path", path.to_string()),
+            (":authority", self.authority.clone()),
+            ("accept", "application/json".to_string()),
+        ];
+        if let Some(etag) = etag {
+            headers.push(("if-none-match", etag.to_string()));
+        }
+        headers
+    }
+
+    fn key(&self, what: &str) -> String {
+        format!("{}.{what}", self.namespace)
+    }
+}
+
+/// Reads little-endian fields from a shared-data value without indexing (values may be
+/// truncated or written by another version).
+pub(crate) struct Reader<'a>(pub(crate) &'a [u8]);
+
+impl<'a> Reader<'a> {
+    pub(crate) fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = self.0.split_at_checked(n)?;
+        self.0 = rest;
+        Some(head)
+    }
+
+    pub(crate) fn u8(&mut self) -> Option<u8> {
+        self.take(1)?.first().copied()
+    }
+
+    pub(crate) fn u16(&mut self) -> Option<u16> {
+        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
+    }
+
+    pub(crate) fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+
+    pub(crate) fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+
+    pub(crate) fn i64(&mut self) -> Option<i64> {
+        Some(i64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+
+    pub(crate) fn rest(self) -> &'a [u8] {
+        self.0
+    }
+}
+
+/// First byte of every value this module writes.
+const FORMAT: u8 = 1;
+/// ETags longer than this are not kept (the document is then fetched in full every period).
+const MAX_ETAG_LEN: usize = 256;
+
+/// What every VM needs to know about the shared key set, in one small value read per request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Meta {
+    /// Version of the stored document; 0 while there is none.
+    pub version: u64,
+    /// Last fetch that confirmed the stored document (200 or 304); the staleness clock.
+    pub last_success_ms: i64,
+    /// Start of the last fetch attempt; the refresh clock.
+    pub last_attempt_ms: i64,
+    /// Failed fetches since the last success.
+    pub failures: u32,
+    pub doc_sha256: [u8; 32],
+    pub etag: Option<String>,
+}
+
+impl Meta {
+    fn encode(&self) -> Vec<u8> {
+        let etag = self
+            .etag
+            .as_deref()
+            .filter(|e| e.len() <= MAX_ETAG_LEN)
+            .unwrap_or("");
+        let mut out = Vec::with_capacity(64 + etag.len());
+        out.push(FORMAT);
+        out.extend_from_slice(&self.version.to_le_bytes());
+        out.extend_from_slice(&self.last_success_ms.to_le_bytes());
+        out.extend_from_slice(&self.last_attempt_ms.to_le_bytes());
+        out.extend_from_slice(&self.failures.to_le_bytes());
+        out.extend_from_slice(&self.doc_sha256);
+        out.extend_from_slice(&(etag.len() as u16).to_le_bytes());
+        out.extend_from_slice(etag.as_bytes());
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Meta> {
+        let mut r = Reader(bytes);
+        if r.u8()? != FORMAT {
+            return None;
+        }
+        let version = r.u64()?;
+        let last_success_ms = r.i64()?;
+        let last_attempt_ms = r.i64()?;
+        let failures = r.u32()?;
+        let doc_sha256 = r.take(32)?.try_into().ok()?;
+        let etag_len = usize::from(r.u16()?);
+        let etag = std::str::from_utf8(r.take(etag_len)?).ok()?;
+        Some(Meta {
+            version,
+            last_success_ms,
+            last_attempt_ms,
+            failures,
+            doc_sha256,
+            etag: (!etag.is_empty()).then(|| etag.to_string()),
+        })
+    }
+}
+
+/// Who may fetch, and until when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Lease {
+    holder: u64,
+    until_ms: i64,
+}
+
+impl Lease {
+    const FREE: Lease = Lease {
+        holder: 0,
+        until_ms: 0,
+    };
+
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(17);
+        out.push(FORMAT);
+        out.extend_from_slice(&self.holder.to_le_bytes());
+        out.extend_from_slice(&self.until_ms.to_le_bytes());
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Lease> {
+        let mut r = Reader(bytes);
+        if r.u8()? != FORMAT {
+            return None;
+        }
+        Some(Lease {
+            holder: r.u64()?,
+            until_ms: r.i64()?,
+        })
+    }
+}
+
+/// Parses and validates a key-set document exactly as inline keys are validated.
+pub fn parse_document(bytes: &[u8]) -> Result<KeySet, ConfigError> {
+    let keys = KeySet::from_json(bytes)?;
+    validate_header_safe_fields(&keys)?;
+    Ok(keys)
+}
+
+/// Why keys cannot be verified right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unavailable {
+    /// No document has been fetched successfully since Envoy started.
+    NotLoaded,
+    /// The last successful fetch is older than `max_stale_seconds`.
+    Stale { age_ms: i64 },
+}
+
+/// Something a VM did while catching up with the shared set, for its log and gauges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncEvent {
+    Loaded {
+        version: u64,
+        keys: usize,
+    },
+    /// The stored document does not parse in this VM (it was valid when stored); the VM keeps
+    /// its current set and does not retry this version.
+    Refused {
+        version: u64,
+        error: ConfigError,
+    },
+}
+
+/// One VM's copy of the shared key set, parsed once per version.
+#[derive(Debug, Default)]
+pub struct RemoteKeySet {
+    version: u64,
+    keys: Option<Rc<KeySet>>,
+    refused_version: u64,
+    last_success_ms: i64,
+}
+
+impl RemoteKeySet {
+    /// Reads the shared version (one small value) and, when it moved, the document.
+    pub fn sync(&mut self, service: &KeyService, store: &dyn SharedStore) -> Option<SyncEvent> {
+        let meta = read_meta(service, store)?.0;
+        self.last_success_ms = meta.last_success_ms;
+        if meta.version == 0 || meta.version == self.version || meta.version == self.refused_version
+        {
+            return None;
+        }
+        let (bytes, _) = store.get(&service.key("doc"))?;
+        let mut r = Reader(&bytes);
+        if r.u8()? != FORMAT {
+            return None;
+        }
+        let version = r.u64()?;
+        // The writer stores the document before its meta: a document behind the meta is the
+        // one this VM already has, or a newer one is on its way.
+        if version <= self.version || version == self.refused_version {
+            return None;
+        }
+        match parse_document(r.rest()) {
+            Ok(keys) => Some(self.install(version, keys)),
+            Err(error) => {
+                self.refused_version = version;
+                Some(SyncEvent::Refused { version, error })
+            }
+        }
+    }
+
+    /// Adopts a set this VM parsed itself (the fetcher's own, after a successful fetch).
+    pub fn install(&mut self, version: u64, keys: KeySet) -> SyncEvent {
+        let count = keys.len();
+        self.version = version;
+        self.keys = Some(Rc::new(keys));
+        SyncEvent::Loaded {
+            version,
+            keys: count,
+        }
+    }
+
+    /// The set to decide with, unless there is none yet or it is too old.
+    pub fn current(&self, service: &KeyService, now_ms: i64) -> Result<Rc<KeySet>, Unavailable> {
+        let keys = self.keys.as_ref().ok_or(Unavailable::NotLoaded)?;
+        let age_ms = now_ms.saturating_sub(self.last_success_ms);
+        if service.max_stale_ms.is_some_and(|max| age_ms > max) {
+            return Err(Unavailable::Stale { age_ms });
+        }
+        Ok(Rc::clone(keys))
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.as_ref().map_or(0, |k| k.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The shared meta and its compare-and-swap token.
+pub fn read_meta(service: &KeyService, store: &dyn SharedStore) -> Option<(Meta, u32)> {
+    let (bytes, cas) = store.get(&service.key("meta"))?;
+    Some((Meta::decode(&bytes)?, cas))
+}
+
+/// Seconds since the last successful fetch, if there ever was one.
+pub fn age_ms(service: &KeyService, store: &dyn SharedStore, now_ms: i64) -> Option<i64> {
+    let (meta, _) = read_meta(service, store)?;
+    (meta.version != 0).then(|| now_ms.saturating_sub(meta.last_success_ms))
+}
+
+/// What a root context should do on this tick.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TickPlan {
+    /// Another VM holds the lease, a fetch is in flight, or the period has not passed.
+    Wait,
+    /// This VM fetches now, with these request headers.
+    Fetch {
+        headers: Vec<(&'static str, String)>,
+    },
+}
+
+/// The answer of the key service to one fetch. `status` is `None` when there was no answer
+/// (connection refused, reset, or timeout).
+#[derive(Debug, Clone, Default)]
+pub struct FetchResponse {
+    pub status: Option<u32>,
+    pub etag: Option<String>,
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug)]
+pub enum FetchOutcome {
+    /// A new, valid document is stored under `version`; `keys` is its parsed set.
+    Updated { version: u64, keys: KeySet },
+    /// The stored document is still current (304, or the same bytes).
+    Unchanged { version: u64 },
+    /// Nothing changed but the failure count.
+    Failed { reason: String, failures: u32 },
+}
+
+/// Attempts at a contended compare-and-swap on the meta before giving up for this round.
+const META_RETRIES: usize = 8;
+
+impl FullSync {
+    /// How long a lease lasts without renewal: long enough for a fetch to finish, short enough
+    /// that another VM takes over soon after the holder goes away.
+    pub fn lease_ms(&self, service: &KeyService) -> i64 {
+        self.refresh_ms + service.timeout_ms as i64 + 2000
+    }
+
+    /// Creates the lease entry if it is absent. Called at configure time, before the worker
+    /// serves: a write to an absent shared-data key cannot be compare-and-swapped.
+    pub fn ensure_lease(&self, service: &KeyService, store: &dyn SharedStore) {
+        let name = service.key("lease");
+        if store.get(&name).is_none() {
+            let _ = store.set(&name, &Lease::FREE.encode(), 0);
+        }
+    }
+
+    /// Takes or renews the fetch lease. True when `worker` holds it until `now + lease_ms`.
+    pub fn hold_lease(
+        &self,
+        service: &KeyService,
+        store: &dyn SharedStore,
+        worker: u64,
+        now_ms: i64,
+    ) -> bool {
+        let name = service.key("lease");
+        let renewed = Lease {
+            holder: worker,
+            until_ms: now_ms + self.lease_ms(service),
+        };
+        match store.get(&name) {
+            Some((bytes, cas)) => {
+                let lease = Lease::decode(&bytes).unwrap_or(Lease::FREE);
+                let free = lease.holder == worker || lease.until_ms <= now_ms;
+                // A lost race leaves the lease to the winner.
+                free && store.set(&name, &renewed.encode(), cas).is_ok()
+            }
+            None => {
+                // Absent (never configured here): create it, then see who won a creation race.
+                store.set(&name, &renewed.encode(), 0).is_ok()
+                    && store
+                        .get(&name)
+                        .and_then(|(b, _)| Lease::decode(&b))
+                        .is_some_and(|l| l.holder == worker)
+            }
+        }
+    }
+
+    /// Gives the lease up (the VM is going away, or it cannot make calls).
+    pub fn release_lease(&self, service: &KeyService, store: &dyn SharedStore, worker: u64) {
+        let name = service.key("lease");
+        if let Some((bytes, cas)) = store.get(&name) {
+            if Lease::decode(&bytes).is_some_and(|l| l.holder == worker) {
+                let _ = store.set(&name, &Lease::FREE.encode(), cas);
+            }
+        }
+    }
+
+    /// Decides whether `worker` fetches now. Call once per tick; `in_flight` is whether this
+    /// VM's previous fetch is still waiting for its answer.
+    pub fn plan(
+        &self,
+        service: &KeyService,
+        store: &dyn SharedStore,
+        worker: u64,
+        in_flight: bool,
+        now_ms: i64,
+    ) -> TickPlan {
+        if !self.hold_lease(service, store, worker, now_ms) || in_flight {
+            return TickPlan::Wait;
+        }
+        let (mut meta, cas) = read_meta(service, store).unwrap_or_default();
+        if meta.last_attempt_ms != 0 && now_ms < meta.last_attempt_ms + self.refresh_ms {
+            return TickPlan::Wait;
+        }
+        // Record the attempt first, so the period runs from start to start whoever fetches.
+        meta.last_attempt_ms = now_ms;
+        if store
+            .set(&service.key("meta"), &meta.encode(), cas)
+            .is_err()
+        {
+            return TickPlan::Wait;
+        }
+        // Only send the ETag of a document that is actually stored.
+        let etag = meta.etag.as_deref().filter(|_| meta.version != 0);
+        TickPlan::Fetch {
+            headers: service.request_headers(&self.path, etag),
+        }
+    }
+
+    /// Applies the answer of a fetch to the shared state.
+    pub fn finish(
+        &self,
+        service: &KeyService,
+        store: &dyn SharedStore,
+        now_ms: i64,
+        response: FetchResponse,
+    ) -> FetchOutcome {
+        let failure = |reason: String| {
+            let failures = update_meta(service, store, |m| {
+                m.failures = m.failures.saturating_add(1);
+                m.failures
+            })
+            .unwrap_or(0);
+            FetchOutcome::Failed { reason, failures }
+        };
+        let status = match response.status {
+            Some(status) => status,
+            None => {
+                return failure(format!(
+                    "no answer from cluster '{}' (connection failure or timeout after {} ms)",
+                    service.cluster, service.timeout_ms
+                ))
+            }
+        };
+        let stored = read_meta(service, store)
+            .map(|(m, _)| m)
+            .unwrap_or_default();
+        match status {
+            304 if stored.version != 0 => confirm(service, store, now_ms, response.etag),
+            200 => {
+                let digest = sha256(&response.body);
+                if stored.version != 0 && digest == stored.doc_sha256 {
+                    return confirm(service, store, now_ms, response.etag);
+                }
+                let keys = match parse_document(&response.body) {
+                    Ok(keys) => keys,
+                    Err(err) => return failure(format!("invalid key-set document: {err}")),
+                };
+                for _ in 0..META_RETRIES {
+                    let (mut meta, cas) = read_meta(service, store).unwrap_or_default();
+                    let version = meta.version + 1;
+                    let mut doc = Vec::with_capacity(9 + response.body.len());
+                    doc.push(FORMAT);
+                    doc.extend_from_slice(&version.to_le_bytes());
+                    doc.extend_from_slice(&response.body);
+                    // Document first, then the meta that announces it.
+                    if store.set(&service.key("doc"), &doc, 0).is_err() {
+                        break;
+                    }
+                    meta.version = version;
+                    meta.doc_sha256 = digest;
+                    meta.etag = response.etag.clone();
+                    meta.last_success_ms = now_ms;
+                    meta.failures = 0;
+                    match store.set(&service.key("meta"), &meta.encode(), cas) {
+                        Ok(()) => return FetchOutcome::Updated { version, keys },
+                        Err(StoreError::CasMismatch) => continue,
+                        Err(StoreError::Unavailable) => break,
+                    }
+                }
+                failure("the shared key-set entry could not be written".to_string())
+            }
+            other => failure(format!("status {other} for {}", self.path)),
+        }
+    }
+}
+
+/// A 304 or identical bytes: the stored document is current as of now.
+fn confirm(
+    service: &KeyService,
+    store: &dyn SharedStore,
+    now_ms: i64,
+    etag: Option<String>,
+) -> FetchOutcome {
+    match update_meta(service, store, |m| {
+        m.last_success_ms = now_ms;
+        m.failures = 0;
+        if etag.is_some() {
+            m.etag = etag.clone();
+        }
+        m.version
+    }) {
+        Some(version) => FetchOutcome::Unchanged { version },
+        None => FetchOutcome::Failed {
+            reason: "the shared key-set entry could not be written".to_string(),
+            failures: 0,
+        },
+    }
+}
+
+/// Read-modify-write of the meta with compare-and-swap; returns what `change` returned.
+fn update_meta<T>(
+    service: &KeyService,
+    store: &dyn SharedStore,
+    mut change: impl FnMut(&mut Meta) -> T,
+) -> Option<T> {
+    for _ in 0..META_RETRIES {
+        let (mut meta, cas) = read_meta(service, store).unwrap_or_default();
+        let result = change(&mut meta);
+        match store.set(&service.key("meta"), &meta.encode(), cas) {
+            Ok(()) => return Some(result),
+            Err(StoreError::CasMismatch) => continue,
+            Err(StoreError::Unavailable) => return None,
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::memory_store::MemoryStore;
+
+    fn service(extra: serde_json::Value) -> KeyService {
+        let mut spec = serde_json::json!({"cluster": "keyservice", "refresh_seconds": 5,
+                                          "max_stale_seconds": 60});
+        if let (Some(obj), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+            for (k, v) in extra {
+                obj.insert(k.clone(), v.clone());
+            }
+        }
+        let spec: KeyServiceSpec = serde_json::from_value(spec).unwrap();
+        KeyService::from_spec(spec, "test", true, true).unwrap()
+    }
+
+    fn full(service: &KeyService) -> &FullSync {
+        match &service.mode {
+            KeyServiceMode::Full(f) => f,
+            KeyServiceMode::Lookup(_) => panic!("not full"),
+        }
+    }
+
+    fn doc(ids: &[&str]) -> Vec<u8> {
+        let keys: Vec<_> = ids
+            .iter()
+            .map(|id| {
+                serde_json::json!({"id": id,
+                    "secret_sha256": hex::encode(sha256(format!("secret-{id}").as_bytes()))})
+            })
+            .collect();
+        serde_json::json!({ "keys": keys }).to_string().into_bytes()
+    }
+
+    fn ok(body: Vec<u8>, etag: &str) -> FetchResponse {
+        FetchResponse {
+            status: Some(200),
+            etag: Some(etag.to_string()),
+            body,
+        }
+    }
+
+    fn fetch_headers(plan: TickPlan) -> Vec<(&'static str, String)> {
+        match plan {
+            TickPlan::Fetch { headers } => headers,
+            TickPlan::Wait => panic!("expected a fetch"),
+        }
+    }
+
+    #[test]
+    fn only_the_lease_holder_fetches_and_only_once_per_period() {
+        let (svc, store) = (service(serde_json::json!({})), MemoryStore::new());
+        let f = full(&svc);
+        f.ensure_lease(&svc, &store);
+        let headers = fetch_headers(f.plan(&svc, &store, 1, false, 1_000));
+        assert!(headers.contains(&(":path", "/keys.json".to_string())));
+        assert!(headers.contains(&(":authority", "keyservice".to_string())));
+        // Worker 2 ticks in the same period: the lease is taken.
+        assert_eq!(f.plan(&svc, &store, 2, false, 1_100), TickPlan::Wait);
+        // The holder waits for the period, whatever its ticks.
+        assert_eq!(f.plan(&svc, &store, 1, false, 5_999), TickPlan::Wait);
+        fetch_headers(f.plan(&svc, &store, 1, false, 6_000));
+        // A fetch in flight is never doubled.
+        assert_eq!(f.plan(&svc, &store, 1, true, 20_000), TickPlan::Wait);
+    }
+
+    #[test]
+    fn an_expired_or_released_lease_passes_to_another_worker() {
+        let (svc, store) = (service(serde_json::json!({})), MemoryStore::new());
+        let f = full(&svc);
+        f.ensure_lease(&svc, &store);
+        assert!(f.hold_lease(&svc, &store, 1, 0));
+        assert!(!f.hold_lease(&svc, &store, 2, f.lease_ms(&svc) - 1));
+        assert!(f.hold_lease(&svc, &store, 2, f.lease_ms(&svc)));
+        f.release_lease(&svc, &store, 1); // not the holder: no effect
+        assert!(!f.hold_lease(&svc, &store, 1, f.lease_ms(&svc) + 1));
+        f.release_lease(&svc, &store, 2);
+        assert!(f.hold_lease(&svc, &store, 1, f.lease_ms(&svc) + 1));
+    }
+
+    #[test]
+    fn a_fetched_document_reaches_every_worker_once_per_version() {
+        let (svc, store) = (service(serde_json::json!({})), MemoryStore::new());
+        let f = full(&svc);
+        let mut worker_a = RemoteKeySet::default();
+        let mut worker_b = RemoteKeySet::default();
+        assert_eq!(worker_b.sync(&svc, &store), None);
+        assert_eq!(
+            worker_b.current(&svc, 0).unwrap_err(),
+            Unavailable::NotLoaded
+        );
+        fetch_headers(f.plan(&svc, &store, 1, false, 1_000));
+        match f.finish(&svc, &store, 1_050, ok(doc(&["a", "b"]), "\"e1\"")) {
+            FetchOutcome::Updated { version, keys } => {
+                assert_eq!(version, 1);
+                worker_a.install(version, keys);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            worker_b.sync(&svc, &store),
+            Some(SyncEvent::Loaded {
+                version: 1,
+                keys: 2
+            })
+        );
+        assert_eq!(worker_b.sync(&svc, &store), None, "parsed once per version");
+        assert_eq!(worker_a.sync(&svc, &store), None);
+        assert!(worker_b.current(&svc, 2_000).unwrap().by_id("b").is_some());
+
+        // The next fetch sends the ETag; a 304 keeps the version and restarts the stale clock.
+        let headers = fetch_headers(f.plan(&svc, &store, 1, false, 6_000));
+        assert!(headers.contains(&("if-none-match", "\"e1\"".to_string())));
+        let not_modified = FetchResponse {
+            status: Some(304),
+            ..Default::default()
+        };
+        assert!(matches!(
+            f.finish(&svc, &store, 6_010, not_modified),
+            FetchOutcome::Unchanged { version: 1 }
+        ));
+        assert_eq!(age_ms(&svc, &store, 7_010), Some(1_000));
+
+        // Revocation: a new document without "b".
+        fetch_headers(f.plan(&svc, &store, 1, false, 11_000));
+        assert!(matches!(
+            f.finish(&svc, &store, 11_010, ok(doc(&["a"]), "\"e2\"")),
+            FetchOutcome::Updated { version: 2, .. }
+        ));
+        worker_b.sync(&svc, &store);
+        assert!(worker_b.current(&svc, 12_000).unwrap().by_id("b").is_none());
+    }
+
+    #[test]
+    fn the_same_bytes_without_an_etag_are_not_a_new_version() {
+        let (svc, store) = (service(serde_json::json!({})), MemoryStore::new());
+        let f = full(&svc);
+        let plain = |body| FetchResponse {
+            status: Some(200),
+            etag: None,
+            body,
+        };
+        assert!(matches!(
+            f.finish(&svc, &store, 1, plain(doc(&["a"]))),
+            FetchOutcome::Updated { version: 1, .. }
+        ));
+        assert!(matches!(
+            f.finish(&svc, &store, 2, plain(doc(&["a"]))),
+            FetchOutcome::Unchanged { version: 1 }
+        ));
+    }
+
+    #[test]
+    fn failures_never_replace_a_good_set() {
+        let (svc, store) = (service(serde_json::json!({})), MemoryStore::new());
+        let f = full(&svc);
+        let mut worker = RemoteKeySet::default();
+        f.finish(&svc, &store, 1_000, ok(doc(&["a"]), "\"e1\""));
+        worker.sync(&svc, &store);
+        let truncated = doc(&["a", "b"]);
+        let truncated = truncated.get(..truncated.len() / 2).unwrap().to_vec();
+        let bad_record = br#"{"keys": [{"id": "x", "secret_sha256": "nothex"}]}"#.to_vec();
+        let header_injection = serde_json::json!({"keys": [{"id": "x",
+            "secret_sha256": "00".repeat(32), "tenant": "a\r\nx-evil: 1"}]})
+        .to_string()
+        .into_bytes();
+        let answers = [
+            FetchResponse::default(),
+            FetchResponse {
+                status: Some(503),
+                ..Default::default()
+            },
+            ok(truncated, "\"t\""),
+            ok(b"<html>not json</html>".to_vec(), "\"h\""),
+            ok(bad_record, "\"r\""),
+            ok(header_injection, "\"i\""),
+            FetchResponse {
+                status: Some(304),
+                ..Default::default()
+            },
+        ];
+        for (i, answer) in answers.into_iter().enumerate() {
+            match f.finish(&svc, &store, 2_000 + i as i64, answer) {
+                FetchOutcome::Failed { failures, .. } => assert_eq!(failures, i as u32 + 1),
+                FetchOutcome::Unchanged { .. } => assert_eq!(i, 6, "only the 304 confirms"),
+                other => panic!("{i}: {other:?}"),
+            }
+        }
+        assert_eq!(worker.sync(&svc, &store), None);
+        assert_eq!(read_meta(&svc, &store).unwrap().0.version, 1);
+        assert!(worker.current(&svc, 3_000).unwrap().by_id("a").is_some());
+    }
+
+    #[test]
+    fn a_set_older_than_max_stale_is_unavailable() {
+        let (svc, store) = (service(serde_json::json!({})), MemoryStore::new());
+        let f = full(&svc);
+        let mut worker = RemoteKeySet::default();
+        f.finish(&svc, &store, 1_000, ok(doc(&["a"]), "\"e1\""));
+        worker.sync(&svc, &store);
+        assert!(worker.current(&svc, 61_000).is_ok());
+        assert_eq!(
+            worker.current(&svc, 61_001).unwrap_err(),
+            Unavailable::Stale { age_ms: 60_001 }
+        );
+        // A later success (304) makes it fresh again once the worker has seen the meta.
+        f.finish(
+            &svc,
+            &store,
+            70_000,
+            FetchResponse {
+                status: Some(304),
+                ..Default::default()
+            },
+        );
+        worker.sync(&svc, &store);
+        assert!(worker.current(&svc, 70_001).is_ok());
+        let unlimited = service(serde_json::json!({"max_stale_seconds": 0}));
+        assert_eq!(unlimited.max_stale_ms, None);
+    }
+
+    #[test]
+    fn a_304_before_any_document_is_a_failure() {
+        let (svc, store) = (service(serde_json::json!({})), MemoryStore::new());
+        let outcome = full(&svc).finish(
+            &svc,
+            &store,
+            1,
+            FetchResponse {
+                status: Some(304),
+                ..Default::default()
+            },
+        );
+        assert!(matches!(outcome, FetchOutcome::Failed { .. }));
+    }
+
+    #[test]
+    fn meta_round_trips_and_garbage_is_ignored() {
+        let meta = Meta {
+            version: 7,
+            last_success_ms: 12,
+            last_attempt_ms: 13,
+            failures: 2,
+            doc_sha256: [9; 32],
+            etag: Some("\"abc\"".into()),
+        };
+        assert_eq!(Meta::decode(&meta.encode()), Some(meta.clone()));
+        let bytes = meta.encode();
+        for cut in 0..bytes.len() {
+            assert_eq!(Meta::decode(bytes.get(..cut).unwrap()), None);
+        }
+    }
+
+    fn spec_error(extra: serde_json::Value) -> ConfigError {
+        let mut spec = serde_json::json!({"cluster": "keyservice"});
+        if let (Some(obj), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+            for (k, v) in extra {
+                obj.insert(k.clone(), v.clone());
+            }
+        }
+        let spec: KeyServiceSpec = serde_json::from_value(spec).unwrap();
+        KeyService::from_spec(spec, "t", true, true).unwrap_err()
+    }
+
+    #[test]
+    fn invalid_settings_are_refused_with_their_path() {
+        let cases = [
+            (serde_json::json!({"cluster": ""}), "key_service.cluster"),
+            (serde_json::json!({"path": "keys.json"}), "key_service.path"),
+            (
+                serde_json::json!({"refresh_seconds": 0}),
+                "key_service.refresh_seconds",
+            ),
+            (
+                serde_json::json!({"timeout_ms": 0}),
+                "key_service.timeout_ms",
+            ),
+            (
+                serde_json::json!({"by_id_path": "/k/{id}"}),
+                "key_service.by_id_path",
+            ),
+            (
+                serde_json::json!({"mode": "lookup_on_miss", "path": "/k.json"}),
+                "key_service.path",
+            ),
+            (
+                serde_json::json!({"mode": "lookup_on_miss", "by_id_path": "/k/{id}"}),
+                "key_service.by_digest_path",
+            ),
+        ];
+        for (extra, path) in cases {
+            assert_eq!(spec_error(extra.clone()).path, path, "{extra}");
+        }
+    }
+
+    #[test]
+    fn namespaces_differ_per_document() {
+        let a = service(serde_json::json!({"path": "/a.json"}));
+        let b = service(serde_json::json!({"path": "/b.json"}));
+        assert_ne!(a.namespace, b.namespace);
+        assert!(a.namespace.starts_with("keygate.keys.test."));
+    }
+}
