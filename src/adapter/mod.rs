@@ -1,6 +1,7 @@
 //! The proxy-wasm adapter: the only code that talks to the host. It turns host calls into a
 //! `RequestView`, asks the core for a decision, and applies the answer.
 
+mod keysource;
 mod shared_store;
 
 use std::rc::Rc;
@@ -12,11 +13,12 @@ use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, MetricType};
 
 use crate::core::codes::ErrorCode;
 use crate::core::config::Config;
-use crate::core::decision::{decide, Decision, Principal};
+use crate::core::decision::{begin, decide_for_key, lookup, Decision, Principal, Step};
 use crate::core::keyset::KeySet;
 use crate::core::limits::{apply_limits, ensure_slots, sweep, sweep_batch};
 use crate::core::reply::{upstream_edits, LocalReply};
 use crate::core::request::{RequestView, SessionEvidence};
+use keysource::{KeySource, PendingLookup};
 use shared_store::HostStore;
 
 proxy_wasm::main! {{
@@ -67,8 +69,10 @@ impl Metrics {
 
 struct Runtime {
     config: Config,
+    /// The inline key set (empty when keys come from a key service).
     keys: KeySet,
     metrics: Metrics,
+    source: Option<KeySource>,
 }
 
 #[derive(Default)]
@@ -76,9 +80,23 @@ struct KeygateRoot {
     runtime: Option<Rc<Runtime>>,
     /// Next slot of the shared limits table the tick sweep visits.
     sweep_cursor: u32,
+    last_sweep_ms: i64,
 }
 
-impl Context for KeygateRoot {}
+impl Context for KeygateRoot {
+    fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _: usize) {
+        if let Some(source) = self.runtime.as_ref().and_then(|r| r.source.as_ref()) {
+            source.on_fetch_response(token, body_size);
+        }
+    }
+
+    fn on_done(&mut self) -> bool {
+        if let Some(source) = self.runtime.as_ref().and_then(|r| r.source.as_ref()) {
+            source.on_done();
+        }
+        true
+    }
+}
 
 impl RootContext for KeygateRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -119,10 +137,19 @@ impl RootContext for KeygateRoot {
                     );
                     let _ = hostcalls::set_tick_period(SWEEP_PERIOD);
                 }
+                let source = config
+                    .key_service
+                    .as_ref()
+                    .map(|service| KeySource::new(&config.name, service));
+                if let Some(period) = source.as_ref().and_then(KeySource::tick_period) {
+                    // Also drives the limits sweep, which keeps its own one-second pace.
+                    let _ = hostcalls::set_tick_period(period);
+                }
                 self.runtime = Some(Rc::new(Runtime {
                     config,
                     keys,
                     metrics,
+                    source,
                 }));
                 true
             }
@@ -140,7 +167,14 @@ impl RootContext for KeygateRoot {
         let Some(runtime) = self.runtime.clone() else {
             return;
         };
+        if let Some(source) = &runtime.source {
+            source.on_tick();
+        }
         let limits = &runtime.config.limits;
+        if !limits.enabled || now_millis() - self.last_sweep_ms < SWEEP_PERIOD.as_millis() as i64 {
+            return;
+        }
+        self.last_sweep_ms = now_millis();
         let batch = sweep_batch(limits);
         let _ = sweep(limits, &HostStore, now_millis(), self.sweep_cursor, batch);
         self.sweep_cursor = self.sweep_cursor.wrapping_add(batch) % limits.slots;
@@ -150,6 +184,7 @@ impl RootContext for KeygateRoot {
         Some(Box::new(KeygateRequest {
             runtime: self.runtime.clone(),
             response_headers: Vec::new(),
+            pending: None,
         }))
     }
 
@@ -165,9 +200,32 @@ struct KeygateRequest {
     runtime: Option<Rc<Runtime>>,
     /// `RateLimit-*` headers for the response of an allowed request, when configured.
     response_headers: Vec<(&'static str, String)>,
+    /// The key lookup this request is paused for (lookup on miss).
+    pending: Option<PendingLookup>,
 }
 
-impl Context for KeygateRequest {}
+impl Context for KeygateRequest {
+    fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _: usize) {
+        self.on_lookup_response(token, body_size);
+    }
+}
+
+/// What applying a decision did.
+enum Verdict {
+    /// A local reply was sent.
+    Replied,
+    /// The request goes upstream with its scope headers.
+    Forwarded,
+}
+
+impl Verdict {
+    fn action(self) -> Action {
+        match self {
+            Verdict::Replied => Action::Pause,
+            Verdict::Forwarded => Action::Continue,
+        }
+    }
+}
 
 impl HttpContext for KeygateRequest {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
@@ -183,10 +241,36 @@ impl HttpContext for KeygateRequest {
         };
         let config = &runtime.config;
         let req = read_request(config);
-        match decide(config, &runtime.keys, &req) {
+        let (credential, policy) = match begin(config, &req) {
+            Step::Decided(decision) => return self.apply(&runtime, &req, decision).action(),
+            Step::Lookup { credential, policy } => (credential, policy),
+        };
+        match &runtime.source {
+            Some(source) => self.decide_remote(&runtime, source, req, credential, policy),
+            None => {
+                let record = lookup(&runtime.keys, &credential);
+                let decision = decide_for_key(config, policy, &credential, record, &req);
+                self.apply(&runtime, &req, decision).action()
+            }
+        }
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        for (name, value) in self.response_headers.drain(..) {
+            let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(&value));
+        }
+        Action::Continue
+    }
+}
+
+impl KeygateRequest {
+    /// Applies a decision: the local reply, or limits and scope headers for the upstream.
+    fn apply(&mut self, runtime: &Runtime, req: &RequestView, decision: Decision) -> Verdict {
+        let config = &runtime.config;
+        match decision {
             Decision::Deny { code, key_id } => {
-                deny(&runtime, code, key_id, Vec::new());
-                Action::Pause
+                deny(runtime, code, key_id, Vec::new());
+                Verdict::Replied
             }
             Decision::Allow { principal, policy } => {
                 if let Principal::ApiKey { record, .. } = &principal {
@@ -195,8 +279,8 @@ impl HttpContext for KeygateRequest {
                             apply_limits(&config.limits, record, policy, &HostStore, now_millis());
                         match outcome {
                             Err(denial) => {
-                                deny(&runtime, denial.code, Some(&record.id), denial.headers());
-                                return Action::Pause;
+                                deny(runtime, denial.code, Some(&record.id), denial.headers());
+                                return Verdict::Replied;
                             }
                             Ok(info) if config.limits.response_headers => {
                                 self.response_headers =
@@ -207,7 +291,7 @@ impl HttpContext for KeygateRequest {
                     }
                 }
                 Metrics::bump(runtime.metrics.allowed);
-                let edits = upstream_edits(config, &req, &principal);
+                let edits = upstream_edits(config, req, &principal);
                 for name in &edits.remove {
                     let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
                 }
@@ -218,16 +302,9 @@ impl HttpContext for KeygateRequest {
                 if edits.clear_route_cache {
                     let _ = hostcalls::call_foreign_function("clear_route_cache", None);
                 }
-                Action::Continue
+                Verdict::Forwarded
             }
         }
-    }
-
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        for (name, value) in self.response_headers.drain(..) {
-            let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(&value));
-        }
-        Action::Continue
     }
 }
 
