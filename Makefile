@@ -11,7 +11,7 @@ ARTIFACT := build/keygate.wasm
 PROFILE ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: all deps build cli lint unit e2e test run validate clean core-wall \
+.PHONY: all deps build cli lint unit e2e test run validate clean core-wall keyservice-tools \
 	compose-tools compose-check compose-up compose-down compose-test compose-test-live
 
 all: build
@@ -34,7 +34,13 @@ compose-tools:
 	@command -v docker-compose >/dev/null && command -v curl >/dev/null || { \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq docker-compose curl >/dev/null; }
 
-deps: $(VENV)/.installed .wasm-target compose-tools
+# Debian's nginx: the static key service of the key-service tests and `make run PROFILE=keyservice`
+# (RUNLEVEL=1: install only, do not start the distribution's nginx service).
+keyservice-tools:
+	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { \
+	  $(SUDO) apt-get update -qq && RUNLEVEL=1 $(SUDO) apt-get install -y -qq nginx-light >/dev/null; }
+
+deps: $(VENV)/.installed .wasm-target compose-tools keyservice-tools
 
 # --- build --------------------------------------------------------------------------------
 build: .wasm-target
@@ -65,13 +71,13 @@ validate: build $(VENV)/.installed
 	    && echo "valid: $$f" || { cat .tmp-validate.log; rm -f .tmp-validate.log; exit 1; }; \
 	done; rm -f .tmp-validate.log
 
-e2e: build cli $(VENV)/.installed compose-tools
+e2e: build cli $(VENV)/.installed compose-tools keyservice-tools
 	ENVOY_BIN=$(ENVOY) $(PY) -m pytest -q tests/e2e $(PYTEST_ARGS)
 
 test: lint unit validate e2e
 
 # --- run ----------------------------------------------------------------------------------
-run: build $(VENV)/.installed
+run: build $(VENV)/.installed keyservice-tools
 	@ENVOY_BIN=$(ENVOY) $(PY) tests/run_demo.py envoy/$(PROFILE).yaml
 
 # --- docker compose -------------------------------------------------------------------------

@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from keygate_stack import ENVOY_BIN, ROOT, wait_for_port  # noqa: E402
+from keygate_stack import ENVOY_BIN, ROOT, SHIPPED_PORTS, wait_for_port  # noqa: E402
+from static_keyservice import StaticKeyService  # noqa: E402
 
 EXAMPLES = """
 keygate is listening on http://localhost:10000 (Envoy admin: http://localhost:9901/stats?filter=keygate)
@@ -31,6 +32,11 @@ keygate is listening on http://localhost:10000 (Envoy admin: http://localhost:99
 
 def main():
     config = Path(sys.argv[1] if len(sys.argv) > 1 else "envoy/demo.yaml")
+    # Configs with a key service get nginx serving envoy/keyservice/ on the shipped port.
+    key_service = None
+    if f"port_value: {SHIPPED_PORTS['keys']} " in config.read_text():
+        key_service = StaticKeyService(ROOT / "envoy" / "keyservice", SHIPPED_PORTS["keys"],
+                                       ROOT / ".tmp" / "run-keyservice").start()
     procs = [
         subprocess.Popen([sys.executable, str(ROOT / "tests/echo_upstream.py"), "--port", "8081"]),
         subprocess.Popen([sys.executable, str(ROOT / "tests/echo_upstream.py"), "--port", "8082", "--name", "sandbox"]),
@@ -49,6 +55,8 @@ def main():
     finally:
         for p in procs:
             p.terminate()
+        if key_service:
+            key_service.stop()
     return 0
 
 

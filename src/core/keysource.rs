@@ -1052,6 +1052,42 @@ mod tests {
         }
     }
 
+    fn filter_config(extra: serde_json::Value) -> Result<crate::core::config::Config, ConfigError> {
+        let mut cfg = serde_json::json!({
+            "credentials": [{"in": "header", "prefixes": ["ks_"]},
+                            {"in": "bearer", "format": "id_secret"}],
+            "key_service": {"cluster": "keyservice"}});
+        if let (Some(obj), Some(extra)) = (cfg.as_object_mut(), extra.as_object()) {
+            for (k, v) in extra {
+                obj.insert(k.clone(), v.clone());
+            }
+        }
+        crate::core::config::Config::parse(cfg.to_string().as_bytes()).map(|(c, _)| c)
+    }
+
+    #[test]
+    fn the_filter_config_takes_a_key_service_instead_of_inline_keys() {
+        let config = filter_config(serde_json::json!({})).unwrap();
+        assert!(config.key_service.is_some());
+        // Fetched records may carry limits: the shared counter table is prepared.
+        assert!(config.limits.enabled);
+        let err = filter_config(serde_json::json!({"keys": [
+            {"id": "a", "secret_sha256": "00".repeat(32)}]}))
+        .unwrap_err();
+        assert_eq!(err.path, "keys");
+        let err = filter_config(serde_json::json!({"key_service": {"cluster": "k",
+            "mode": "lookup_on_miss", "by_digest_path": "/d/{digest}.json"}}))
+        .unwrap_err();
+        assert_eq!(err.path, "key_service.by_id_path");
+        let err = filter_config(serde_json::json!({"key_service": {"cluster": "k",
+            "refersh_seconds": 5}}))
+        .unwrap_err();
+        assert!(
+            err.message.contains("unknown field `refersh_seconds`"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn namespaces_differ_per_document() {
         let a = service(serde_json::json!({"path": "/a.json"}));

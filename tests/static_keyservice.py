@@ -1,0 +1,112 @@
+"""A key service for the end-to-end tests: stock nginx (Debian's) serving a directory of static
+JSON files on a loopback port, the way any web server or object store would serve keygate's
+key-set documents. Nothing here knows about keys: the tests write files, nginx serves them (with
+its own ETag / If-None-Match handling), and its access log tells how often keygate asked.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from keygate_stack import wait_for_port
+
+
+def nginx_binary():
+    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if not found:
+        raise RuntimeError("nginx is needed for the key-service tests (make keyservice-tools installs "
+                           "Debian's nginx-light)")
+    return found
+
+
+class StaticKeyService:
+    def __init__(self, root, port, workdir):
+        self.root = Path(root)
+        self.port = port
+        self.workdir = Path(workdir) / f"nginx-{port}"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.access_log = self.workdir / "access.log"
+        self.proc = None
+        self._mtime = time.time()
+
+    def config(self):
+        w = self.workdir
+        temp = "\n".join(f"  {d}_temp_path {w}/{d};" for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        return f"""daemon off;
+worker_processes 1;
+pid {w}/nginx.pid;
+error_log {w}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log {self.access_log};
+{temp}
+  default_type application/json;
+  server {{
+    listen 127.0.0.1:{self.port};
+    root {self.root};
+  }}
+}}
+"""
+
+    def start(self):
+        conf = self.workdir / "nginx.conf"
+        conf.write_text(self.config())
+        self.proc = subprocess.Popen([nginx_binary(), "-e", str(self.workdir / "error.log"),
+                                      "-p", str(self.workdir), "-c", str(conf)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        if not wait_for_port(self.port, 10):
+            raise RuntimeError("nginx did not start:\n" + (self.workdir / "error.log").read_text()[-2000:])
+        return self
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def write(self, relative, content):
+        """Replaces a served file atomically (temp file + rename), so nginx never serves half a
+        file, with a fresh modification time: nginx's ETag is mtime + size, and a document
+        rewritten within the same second at the same size must still get a new ETag."""
+        path = self.root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = content if isinstance(content, bytes) else (
+            content if isinstance(content, str) else json.dumps(content)).encode()
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        self._mtime = max(self._mtime + 1, time.time())
+        os.utime(tmp, (self._mtime, self._mtime))
+        os.replace(tmp, path)
+
+    def remove(self, relative):
+        (self.root / relative).unlink(missing_ok=True)
+
+    def requests(self, path_prefix=""):
+        """Requests nginx logged whose path starts with `path_prefix`: (path, status)."""
+        if not self.access_log.exists():
+            return []
+        out = []
+        for line in self.access_log.read_text().splitlines():
+            try:
+                request = line.split('"')[1]
+                status = int(line.split('"')[2].split()[0])
+            except (IndexError, ValueError):
+                continue
+            parts = request.split()
+            if len(parts) >= 2 and parts[1].startswith(path_prefix):
+                out.append((parts[1], status))
+        return out
