@@ -678,6 +678,68 @@ mod tests {
     }
 
     #[test]
+    fn a_looked_up_record_goes_through_the_same_checks_as_inline_keys() {
+        use crate::core::codes::ErrorCode;
+        use crate::core::config::Config;
+        use crate::core::decision::{begin, decide_for_key, Decision, Step};
+        use crate::core::request::RequestView;
+        let (config, _) = Config::parse(
+            serde_json::json!({"credentials": [{"in": "header", "prefixes": ["kl_"]}],
+                "require_user": true,
+                "key_service": {"cluster": "k", "mode": "lookup_on_miss",
+                                "by_digest_path": "/d/{digest}.json"}})
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap();
+        let decide_with = |secret: &str, mut body: Value| {
+            body["secret_sha256"] = serde_json::json!(hex::encode(sha256(b"kl_key")));
+            let req = RequestView {
+                headers: vec![
+                    (":method".into(), b"GET".to_vec()),
+                    (":path".into(), b"/".to_vec()),
+                    ("x-api-key".into(), secret.as_bytes().to_vec()),
+                ],
+                now: 2_000_000_000,
+                ..Default::default()
+            };
+            let Step::Lookup { credential, policy } = begin(&config, &req) else {
+                panic!("expected a lookup")
+            };
+            let key = LookupKey::of(&credential);
+            let fetched = parse_answer(Some(200), body.to_string().as_bytes(), &key).unwrap();
+            match decide_for_key(&config, policy, &credential, fetched.answer.record(), &req) {
+                Decision::Allow { .. } => None,
+                Decision::Deny { code, .. } => Some(code),
+            }
+        };
+        let good = serde_json::json!({"id": "a", "user": "u"});
+        assert_eq!(decide_with("kl_key", good.clone()), None);
+        let mut expired = good.clone();
+        expired["expires_at"] = serde_json::json!(1_999_999_999);
+        assert_eq!(
+            decide_with("kl_key", expired),
+            Some(ErrorCode::ApiKeyExpired)
+        );
+        let mut disabled = good.clone();
+        disabled["enabled"] = serde_json::json!(false);
+        assert_eq!(
+            decide_with("kl_key", disabled),
+            Some(ErrorCode::InvalidApiKey)
+        );
+        let no_user = serde_json::json!({"id": "a"});
+        assert_eq!(
+            decide_with("kl_key", no_user),
+            Some(ErrorCode::ApiKeyNoUser)
+        );
+        // Another key's digest: the answer is "not found" for this key.
+        assert_eq!(
+            decide_with("kl_other", good),
+            Some(ErrorCode::InvalidApiKey)
+        );
+    }
+
+    #[test]
     fn slot_garbage_is_a_miss() {
         let svc = service(serde_json::json!({}));
         let cache = KeyCache::of(&svc).unwrap();
