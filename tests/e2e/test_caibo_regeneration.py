@@ -1,0 +1,81 @@
+"""Caibo IPG (seed 003): "Regenerating a key immediately invalidates the previous key."
+envoy/caibo-keyservice.yaml is the Caibo profile with its keys served by a key service (stock
+nginx serving files this module writes). Regeneration publishes a document where the merchant's
+record carries the new key's digest: the old key fails on every worker within one refresh
+period + 1 s, the new one works, and it is still routed by its environment."""
+import hashlib
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import assert_denied, assert_passed
+from keygate_stack import ROOT, Stack
+from static_keyservice import StaticKeyService
+
+CONFIG = "caibo-keyservice.yaml"
+REFRESH = 1.0  # refresh_seconds in envoy/caibo-keyservice.yaml
+OLD_LIVE = "caibo_live_sk_8Qa1Ws3Ed5Rf7Tg9"  # the demo live key of envoy/keyservice/caibo/keys.json
+NEW_LIVE = "caibo_live_sk_Rg4Hn6Jm8Kq0Lw2Z"
+TEST_KEY = "caibo_test_sk_5Tg7Hy9Uj2Ik4Ol6"
+
+
+def live_record(secret):
+    return {"id": "merchant-55-live", "secret_sha256": hashlib.sha256(secret.encode()).hexdigest(),
+            "tenant": "merchant-55", "environment": "live"}
+
+
+@pytest.fixture(scope="module")
+def caibo():
+    stack = Stack(CONFIG, concurrency=2)
+    service = StaticKeyService(stack.workdir / "keyservice", stack.ports["keys"], stack.workdir)
+    # Start from the shipped document, exactly as `make run PROFILE=caibo-keyservice` serves it.
+    shipped = json.loads((ROOT / "envoy" / "keyservice" / "caibo" / "keys.json").read_text())
+    service.write("caibo/keys.json", shipped)
+    service.start()
+    try:
+        with stack:
+            yield stack, service, shipped
+    finally:
+        service.stop()
+
+
+def fire(stack, key, count=30):
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        return list(pool.map(lambda _: stack.request("GET", "/payment-requests/1", [("X-API-Key", key)]),
+                             range(count)))
+
+
+def wait_until(predicate, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+def test_caibo_regenerated_live_key_invalidates_the_old_one_on_every_worker(caibo):
+    stack, service, shipped = caibo
+    assert wait_until(lambda: stack.request("GET", "/p", [("X-API-Key", OLD_LIVE)]).status == 200, 10)
+    seen = assert_passed(stack.request("GET", "/payment-requests/1", [("X-API-Key", OLD_LIVE)]))
+    assert seen[":upstream"] == ["echo"] and seen["x-keygate-environment"] == ["live"]
+
+    regenerated = {"keys": [r for r in shipped["keys"] if r["id"] != "merchant-55-live"] + [live_record(NEW_LIVE)]}
+    published = time.time()
+    service.write("caibo/keys.json", regenerated)
+
+    assert wait_until(lambda: all(r.status == 401 for r in fire(stack, OLD_LIVE)), REFRESH + 1.0), \
+        "the old key still worked on some worker after one refresh period + 1 s"
+    assert time.time() - published <= REFRESH + 1.5
+    for resp in fire(stack, OLD_LIVE):
+        assert_denied(resp, 401, "INVALID_API_KEY")
+    for resp in fire(stack, NEW_LIVE):
+        seen = assert_passed(resp)
+        assert seen[":upstream"] == ["echo"]
+        assert seen["x-keygate-environment"] == ["live"]
+        assert seen["x-keygate-tenant"] == ["merchant-55"]
+    # The merchant's test key was not regenerated and still goes to the sandbox.
+    seen = assert_passed(stack.request("GET", "/payment-requests/1", [("X-API-Key", TEST_KEY)]))
+    assert seen[":upstream"] == ["sandbox"]
