@@ -11,7 +11,7 @@ ARTIFACT := build/keygate.wasm
 PROFILE ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: all deps build cli lint unit e2e test run validate clean core-wall keyservice-tools \
+.PHONY: all deps build cli lint unit e2e test run validate clean core-wall keyservice-tools fuzz fuzz-tools soak \
 	compose-tools compose-check compose-up compose-down compose-test compose-test-live
 
 all: build
@@ -75,6 +75,26 @@ e2e: build cli $(VENV)/.installed compose-tools keyservice-tools
 	ENVOY_BIN=$(ENVOY) $(PY) -m pytest -q tests/e2e $(PYTEST_ARGS)
 
 test: lint unit validate e2e
+
+# --- fuzzing (not part of `make test`) ------------------------------------------------------
+# `make fuzz` runs every cargo-fuzz target for FUZZ_SECONDS each, one after the other, as one
+# libFuzzer process (one core). New inputs go to fuzz/work/<target> (ignored by git); the
+# committed seeds in fuzz/corpus/<target> are only read. A crash stops the run and leaves the
+# input in fuzz/artifacts/<target>/.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= credential config keyset
+fuzz-tools:
+	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	@cargo fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz --locked
+
+fuzz: fuzz-tools
+	@for target in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/work/$$target; \
+	  dict=fuzz/$$target.dict; [ -f $$dict ] || dict=fuzz/json.dict; \
+	  echo "== fuzz $$target for $(FUZZ_SECONDS)s (dictionary $$dict)"; \
+	  cargo +nightly fuzz run -O -a $$target fuzz/work/$$target fuzz/corpus/$$target -- \
+	    -max_total_time=$(FUZZ_SECONDS) -dict=$$dict -print_final_stats=1 || exit 1; \
+	done
 
 # --- run ----------------------------------------------------------------------------------
 run: build $(VENV)/.installed keyservice-tools

@@ -398,15 +398,14 @@ fn single_value<'a>(values: &[&'a [u8]]) -> Result<Option<&'a [u8]>, ErrorCode> 
 
 /// The token of `Bearer <token>`; `None` for other schemes, which are not keygate's to judge.
 fn bearer_token(value: &[u8]) -> Option<&[u8]> {
-    let scheme = value.get(..6)?;
+    let (scheme, rest) = value.split_at_checked(6)?;
     if !scheme.eq_ignore_ascii_case(b"bearer") {
         return None;
     }
-    let rest = &value[6..];
-    if !rest.is_empty() && rest[0] != b' ' && rest[0] != b'\t' {
-        return None; // e.g. "Bearerx": a different scheme name
+    match rest.first() {
+        None | Some(b' ' | b'\t') => Some(trim_ascii(rest)),
+        Some(_) => None, // e.g. "Bearerx" or "Bearer:": a different scheme name
     }
-    Some(trim_ascii(rest))
 }
 
 fn visible_ascii(bytes: &[u8]) -> Result<&str, ErrorCode> {
@@ -542,10 +541,30 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
-        assert_eq!(
-            s.extract(&req(&[("authorization", b"Basic dXNlcg==")])),
-            Ok(None)
-        );
+        for not_bearer in [
+            b"Basic dXNlcg==".as_slice(),
+            b"Bearer:abk_1:c2VjcmV0",
+            b"Bearerabk_1:c2VjcmV0",
+            b"Beare",
+            b"",
+            b"\xff\xfe\xfd\xfc\xfb\xfa\xf9",
+        ] {
+            assert_eq!(
+                s.extract(&req(&[("authorization", not_bearer)])),
+                Ok(None),
+                "{}",
+                String::from_utf8_lossy(not_bearer)
+            );
+        }
+        for spaced in [
+            b"Bearer\tabk_1:c2VjcmV0".as_slice(),
+            b"BEARER   abk_1:c2VjcmV0  ",
+        ] {
+            assert!(s
+                .extract(&req(&[("authorization", spaced)]))
+                .unwrap()
+                .is_some());
+        }
     }
 
     #[test]

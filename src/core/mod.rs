@@ -3,6 +3,10 @@
 //!
 //! One request flows one way: headers in → `credential` → `keyset` lookup → `policy` →
 //! `decision` → `reply` (a local reply, or the scope headers the upstream receives).
+//!
+//! Everything here reads hostile input (headers, query strings, key-set documents), so outside
+//! tests no index or slice may panic: use `get`, `split_at_checked`, iterators.
+#![cfg_attr(not(test), deny(clippy::indexing_slicing, clippy::string_slice))]
 
 pub mod checksum;
 pub mod codes;

@@ -142,20 +142,20 @@ pub fn upstream_edits(config: &Config, req: &RequestView, principal: &Principal)
     if config.strip_credentials {
         strip_query_and_cookie_credentials(config, req, &mut set);
     }
-    let remove = config
+    let remove: Vec<String> = config
         .headers_to_strip
         .iter()
         .filter(|h| req.has_header(h) && !set.iter().any(|(n, _)| n == *h))
         .cloned()
         .collect();
+    // Envoy may have picked the route before keygate ran, on a client-sent environment header:
+    // whenever keygate sets that header or removes the client's copy, the route is picked again.
     let clear_route_cache = config.route_by_environment
-        && matches!(
-            principal,
-            Principal::ApiKey {
-                environment: Some(_),
-                ..
-            }
-        );
+        && set
+            .iter()
+            .map(|(name, _)| name)
+            .chain(&remove)
+            .any(|name| *name == scope.environment);
     UpstreamEdits {
         remove,
         set,
@@ -198,8 +198,13 @@ fn strip_query_and_cookie_credentials(
 }
 
 /// `path` without every `param=...` pair; `None` when the parameter is not there.
+/// The query ends at `#`, exactly as `RequestView::query_values` reads it, so every parameter
+/// keygate could have read a credential from is removed. A rewritten path drops the fragment:
+/// clients never send one to a server (RFC 9110 §4.2.4), and nothing after `#` may carry a
+/// credential upstream.
 fn path_without_param(path: &str, param: &str) -> Option<String> {
     let (base, query) = path.split_once('?')?;
+    let query = query.split_once('#').map_or(query, |(q, _)| q);
     let mut removed = false;
     let kept: Vec<&str> = query
         .split('&')
@@ -223,6 +228,42 @@ fn path_without_param(path: &str, param: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::keyset::KeySet;
+
+    fn routed_config() -> (Config, KeySet) {
+        let config = serde_json::json!({
+            "route_by_environment": true,
+            "credentials": [{"in": "header", "prefixes": [
+                {"prefix": "caibo_test_sk_", "environment": "test"}, "cmp_"]}],
+            "policies": {"public": {"auth": "none"}}
+        });
+        Config::parse(config.to_string().as_bytes()).unwrap()
+    }
+
+    fn request(headers: &[(&str, &str)]) -> RequestView {
+        RequestView {
+            headers: headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    /// A client-sent `x-keygate-environment: test` may have routed the request to the sandbox
+    /// before keygate ran: removing it must make Envoy pick the route again, even when no key
+    /// (and so no environment) is involved.
+    #[test]
+    fn removing_a_client_sent_environment_header_repicks_the_route() {
+        let (config, _) = routed_config();
+        let forged = request(&[(":path", "/"), ("x-keygate-environment", "test")]);
+        let edits = upstream_edits(&config, &forged, &Principal::Anonymous);
+        assert!(edits.remove.contains(&"x-keygate-environment".to_string()));
+        assert!(edits.clear_route_cache);
+
+        let plain = request(&[(":path", "/")]);
+        assert!(!upstream_edits(&config, &plain, &Principal::Anonymous).clear_route_cache);
+    }
 
     #[test]
     fn query_credential_is_removed_from_the_path() {
@@ -235,5 +276,24 @@ mod tests {
             Some("/p")
         );
         assert_eq!(path_without_param("/p?a=1", "api_key"), None);
+    }
+
+    /// Found by the credential fuzz target: `?api%5Fkey#...` is read as the parameter `api_key`
+    /// (the query ends at `#`), so it must also be removed, not forwarded.
+    #[test]
+    fn query_credential_before_a_fragment_is_removed() {
+        assert_eq!(
+            path_without_param("/p?a=1&api%5Fkey#:x", "api_key").as_deref(),
+            Some("/p?a=1")
+        );
+        assert_eq!(
+            path_without_param("/p?api_key=s3cret#frag", "api_key").as_deref(),
+            Some("/p")
+        );
+        assert_eq!(
+            path_without_param("/p?a=1#&api_key=s3cret", "api_key"),
+            None,
+            "a fragment is not part of the query"
+        );
     }
 }

@@ -77,10 +77,10 @@ impl RequestView {
         let mut out = Vec::new();
         for header in self.header_values("cookie") {
             for part in header.split(|b| *b == b';') {
-                let part = trim_ascii(part);
-                if let Some(eq) = part.iter().position(|b| *b == b'=') {
-                    if &part[..eq] == cookie.as_bytes() {
-                        out.push(trim_ascii(&part[eq + 1..]));
+                let mut name_and_value = trim_ascii(part).splitn(2, |b| *b == b'=');
+                if let (Some(name), Some(value)) = (name_and_value.next(), name_and_value.next()) {
+                    if name == cookie.as_bytes() {
+                        out.push(trim_ascii(value));
                     }
                 }
             }
@@ -113,8 +113,8 @@ pub fn percent_decode(text: &str) -> Option<String> {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
+    while let Some(&byte) = bytes.get(i) {
+        match byte {
             b'%' => {
                 let hex = text.get(i + 1..i + 3)?;
                 out.push(u8::from_str_radix(hex, 16).ok()?);
@@ -165,6 +165,22 @@ mod tests {
         let req = view(&[("cookie", "a=1; accessToken=xyz"), ("cookie", "b=2")]);
         assert_eq!(req.cookie_values("accessToken"), vec![b"xyz".as_slice()]);
         assert!(req.cookie_values("zzz").is_empty());
+    }
+
+    #[test]
+    fn malformed_cookies_and_escapes_are_skipped_without_panicking() {
+        let req = view(&[(
+            "cookie",
+            "=; ==x; a; ;accessToken; accessToken==v; =accessToken",
+        )]);
+        assert_eq!(req.cookie_values("accessToken"), vec![b"=v".as_slice()]);
+        for broken in ["%", "%4", "a%", "%\u{e9}1", "%1\u{e9}", "%zz", "%ff"] {
+            assert_eq!(percent_decode(broken), None, "{broken:?}");
+        }
+        assert_eq!(
+            percent_decode("%41+%e2%82%ac").as_deref(),
+            Some("A \u{20ac}")
+        );
     }
 
     #[test]

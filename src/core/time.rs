@@ -2,11 +2,12 @@
 
 /// Parses `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)` into seconds since the Unix epoch.
 pub fn parse_rfc3339(text: &str) -> Option<i64> {
-    let b = text.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+    // Every byte is read with `get`: hostile key-set documents reach this parser.
+    let at = |i: usize| text.as_bytes().get(i).copied();
+    if at(4) != Some(b'-') || at(7) != Some(b'-') || !matches!(at(10), Some(b'T' | b't' | b' ')) {
         return None;
     }
-    if b[13] != b':' || b[16] != b':' {
+    if at(13) != Some(b':') || at(16) != Some(b':') {
         return None;
     }
     let num = |from: usize, to: usize| -> Option<i64> {
@@ -24,28 +25,32 @@ pub fn parse_rfc3339(text: &str) -> Option<i64> {
     if hour > 23 || minute > 59 || second > 60 {
         return None;
     }
-    let mut rest = &text[19..];
+    let mut rest = text.get(19..)?;
     if let Some(frac) = rest.strip_prefix('.') {
         let digits = frac.bytes().take_while(|c| c.is_ascii_digit()).count();
         if digits == 0 {
             return None;
         }
-        rest = &frac[digits..];
+        rest = frac.get(digits..)?;
     }
     let offset = match rest {
         "Z" | "z" => 0,
         _ => {
-            let ob = rest.as_bytes();
-            if ob.len() != 6 || ob[3] != b':' {
-                return None;
-            }
-            let sign = match ob[0] {
-                b'+' => 1,
-                b'-' => -1,
+            let (sign, hh_mm) = match rest.split_at_checked(1)? {
+                ("+", hh_mm) => (1, hh_mm),
+                ("-", hh_mm) => (-1, hh_mm),
                 _ => return None,
             };
-            let oh: i64 = rest.get(1..3)?.parse().ok()?;
-            let om: i64 = rest.get(4..6)?.parse().ok()?;
+            let (hh, mm) = hh_mm.split_once(':')?;
+            if hh.len() != 2 || mm.len() != 2 {
+                return None;
+            }
+            let two_digits = |s: &str| -> Option<i64> {
+                s.bytes()
+                    .all(|c| c.is_ascii_digit())
+                    .then(|| s.parse().ok())?
+            };
+            let (oh, om) = (two_digits(hh)?, two_digits(mm)?);
             if oh > 23 || om > 59 {
                 return None;
             }
@@ -123,6 +128,28 @@ mod tests {
         ] {
             assert_eq!(parse_rfc3339(bad), None, "{bad}");
         }
+    }
+
+    /// Key-set documents come from a key service: any text must be refused, never panic.
+    #[test]
+    fn hostile_text_is_refused_without_panicking() {
+        for bad in [
+            "",
+            "2026-01-01T00:00:0\u{e9}",
+            "2026-01-01T00:00:00.\u{e9}",
+            "2026-01-01T00:00:00\u{e9}\u{e9}\u{e9}",
+            "\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}",
+            "2026-01-01T00:00:00++1:00",
+            "2026-01-01T00:00:00+1:000",
+            "2026-01-01T00:00:00+01:0\u{e9}",
+            "2026-01-01T00:00:00-24:00",
+            "2026-01-01T00:00:00+",
+            "+026-01-01T00:00:00Z",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad:?}");
+        }
+        assert_eq!(parse_rfc3339("1970-01-01T01:00:00+01:00"), Some(0));
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:00-00:30"), Some(1800));
     }
 
     #[test]
