@@ -32,15 +32,27 @@ const KEYS: &[(&str, &str, &str)] = &[
         r#""tenant": "acme", "organizations": ["org-1", "org-2"], "permissions": ["admin"],
            "origins": ["https://ok.example"]"#,
     ),
-    ("cmp_test_key", "cmp_test_Xy12Ab34", r#""environment": "test""#),
+    (
+        "cmp_test_key",
+        "cmp_test_Xy12Ab34",
+        r#""environment": "test""#,
+    ),
     (
         "cmp_old",
         "cmp_old_Lk3pQ9sVx2",
         r#""expires_at": "2020-01-01T00:00:00Z""#,
     ),
     ("cmp_off", "cmp_off_Hq8wE4tYu6", r#""enabled": false"#),
-    ("abk_demo", "c2VjcmV0", r#""tenant": "company-7", "user": "owner@company-7""#),
-    ("mk_demo", "mksec_abc123", r#""tenant": "team-3", "product": "makepay""#),
+    (
+        "abk_demo",
+        "c2VjcmV0",
+        r#""tenant": "company-7", "user": "owner@company-7""#,
+    ),
+    (
+        "mk_demo",
+        "mksec_abc123",
+        r#""tenant": "team-3", "product": "makepay""#,
+    ),
     ("qk_demo", "qk_demo_secret1", r#""tenant": "acme""#),
     ("ck_demo", "Y29va2ll", r#""tenant": "acme""#),
 ];
@@ -161,7 +173,11 @@ fn mentions(req: &RequestView, secret: &str) -> bool {
 
 /// The request headers the upstream would receive after the edits (Envoy semantics: remove
 /// deletes every value of a name; set replaces every value).
-fn apply(headers: &[(String, Vec<u8>)], remove: &[String], set: &[(String, String)]) -> Vec<(String, Vec<u8>)> {
+fn apply(
+    headers: &[(String, Vec<u8>)],
+    remove: &[String],
+    set: &[(String, String)],
+) -> Vec<(String, Vec<u8>)> {
     let mut out: Vec<(String, Vec<u8>)> = headers
         .iter()
         .filter(|(n, _)| !remove.iter().any(|r| r.eq_ignore_ascii_case(n)))
@@ -194,7 +210,11 @@ fuzz_target!(|data: &[u8]| {
                     .find(|(id, _, _)| *id == record.id)
                     .map(|(_, secret, _)| *secret)
                     .unwrap_or_else(|| panic!("allowed an unknown key {}", record.id));
-                assert!(mentions(&req, secret), "allowed {} without its secret", record.id);
+                assert!(
+                    mentions(&req, secret),
+                    "allowed {} without its secret",
+                    record.id
+                );
                 assert!(record.enabled, "allowed disabled key {}", record.id);
                 assert!(
                     record.expires_at.is_none_or(|t| req.now < t),
@@ -212,7 +232,8 @@ fuzz_target!(|data: &[u8]| {
                         .any(|(n, v)| n.eq_ignore_ascii_case(name) && v.as_bytes() == value);
                     assert!(ours, "client-sent {name} reached the upstream");
                 }
-                for credential_header in ["x-api-key", "authorization", "x-key-id", "x-key-secret"] {
+                for credential_header in ["x-api-key", "authorization", "x-key-id", "x-key-secret"]
+                {
                     assert!(
                         !name.eq_ignore_ascii_case(credential_header),
                         "{name} reached the upstream"

@@ -14,7 +14,12 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(set.len(), set.records().len());
     for record in set.records() {
         assert_eq!(set.by_id(&record.id), Some(record), "by id {}", record.id);
-        assert_eq!(set.by_digest(&record.digest), Some(record), "by digest {}", record.id);
+        assert_eq!(
+            set.by_digest(&record.digest),
+            Some(record),
+            "by digest {}",
+            record.id
+        );
     }
     let _ = validate_header_safe_fields(&set);
 });
