@@ -86,7 +86,7 @@ class Response:
 
 class Stack:
     def __init__(self, config_name, concurrency=2, workdir=None, extra_upstreams=("echo", "sandbox"),
-                 log_level="info", substitutions=None):
+                 log_level="info", substitutions=None, extra_args=()):
         self.config_name = config_name
         self.ports = {name: free_port() for name in SHIPPED_PORTS}
         self.concurrency = concurrency
@@ -96,6 +96,7 @@ class Stack:
         self.upstream_names = extra_upstreams
         self.log_level = log_level
         self.substitutions = substitutions or {}
+        self.extra_args = list(extra_args)  # more Envoy flags, e.g. --component-log-level
         self.procs = []
 
     @property
@@ -123,7 +124,7 @@ class Stack:
         self.log_file = open(self.log_path, "wb")
         self.envoy = subprocess.Popen(
             [ENVOY_BIN, "-c", str(config), "--concurrency", str(self.concurrency),
-             "--disable-hot-restart", "--log-level", self.log_level],
+             "--disable-hot-restart", "--log-level", self.log_level, *self.extra_args],
             cwd=ROOT, stdout=self.log_file, stderr=subprocess.STDOUT,
         )
         self.procs.append(self.envoy)
