@@ -1,0 +1,104 @@
+"""Failure policy: what Envoy does when the keygate VM fails, and that every shipped config
+fails closed.
+
+A Rust panic in keygate would be a wasm trap. keygate is written so it cannot panic (clippy
+denies unwrap/expect/panic and index/slice panics in the core; the fuzz targets look for the
+rest), so the crash tests load tests/crashing_wasm.py's module, which traps on every request,
+in place of keygate.wasm in envoy/demo.yaml, and show each `failure_policy` of Envoy 1.40.
+"""
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import crashing_wasm  # noqa: E402
+from keygate_stack import ENVOY_BIN, ROOT, Stack  # noqa: E402
+
+WASM_FILTER = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
+OPAQUE = "cmp_demo_Q7fX2mLr9Wk4TbVn8PzA"
+SHIPPED = sorted(p for p in (ROOT / "envoy").glob("*.yaml") if "static_resources" in p.read_text())
+
+
+def http_filter_blocks(text):
+    """The text of each entry of an http_filters list (from one `- name:` to the next)."""
+    return re.split(r"\n\s*- name: ", text)[1:]
+
+
+@pytest.mark.parametrize("config", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_every_keygate_filter_in_a_shipped_config_fails_closed(config):
+    text = config.read_text()
+    keygate_filters = [block for block in http_filter_blocks(text)
+                       if WASM_FILTER in block and "keygate.wasm" in block]
+    assert keygate_filters, f"{config.name} loads no keygate filter"
+    assert len(keygate_filters) == text.count(WASM_FILTER)
+    for block in keygate_filters:
+        assert re.search(r"^\s*failure_policy:\s*FAIL_CLOSED\s*$", block, re.M), block[:400]
+        assert not re.search(r"fail_open:\s*true", block), "the deprecated fail_open is set"
+
+
+def validate(text, tmp_path):
+    path = tmp_path / "candidate.yaml"
+    path.write_text(text)
+    return subprocess.run([ENVOY_BIN, "--mode", "validate", "-c", str(path), "--log-level", "critical"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60).returncode
+
+
+def test_envoy_knows_exactly_the_documented_failure_policies(tmp_path):
+    demo = (ROOT / "envoy" / "demo.yaml").read_text()
+    for policy in ("FAIL_CLOSED", "FAIL_RELOAD", "FAIL_OPEN"):
+        assert validate(demo.replace("failure_policy: FAIL_CLOSED", f"failure_policy: {policy}"), tmp_path) == 0
+    assert validate(demo.replace("failure_policy: FAIL_CLOSED", "failure_policy: FAIL_SOMETIMES"), tmp_path) != 0
+
+
+def crashing_stack(policy, tmp_path):
+    module = crashing_wasm.write(tmp_path / "crashing.wasm")
+    return Stack("demo.yaml", concurrency=1, workdir=tmp_path / "envoy", substitutions={
+        "filename: build/keygate.wasm": f"filename: {module}",
+        "failure_policy: FAIL_CLOSED": f"failure_policy: {policy}",
+    })
+
+
+def wasm_stat(stack, name):
+    for line in stack.admin("/stats").splitlines():
+        if line.startswith(name + ": "):
+            return int(line.split(": ")[1])
+    return None
+
+
+def test_fail_closed_a_crashed_vm_answers_503_and_nothing_reaches_the_upstream(tmp_path):
+    with crashing_stack("FAIL_CLOSED", tmp_path) as stack:
+        responses = [stack.request("GET", "/payments", [("x-api-key", OPAQUE)] if n % 2 else [])
+                     for n in range(4)]
+        assert [r.status for r in responses] == [503] * 4
+        assert all(r.upstream is None and r.body == b"" for r in responses)
+        assert "proxy_on_request_headers failed: Uncaught RuntimeError: unreachable" in stack.log_text()
+
+
+def test_fail_open_would_let_unauthenticated_requests_through_after_a_crash(tmp_path):
+    """Why no shipped config uses FAIL_OPEN: once the VM has crashed, the filter is skipped."""
+    with crashing_stack("FAIL_OPEN", tmp_path) as stack:
+        assert stack.request("GET", "/payments").status == 503  # the request that crashed it
+        after = stack.request("GET", "/payments", [("x-keygate-tenant", "forged")])
+        assert after.status == 200
+        seen = after.upstream
+        assert seen is not None and "x-keygate-auth" not in seen
+        assert seen["x-keygate-tenant"] == ["forged"], "nothing scrubs client-sent scope headers either"
+
+
+def test_fail_reload_stays_closed_while_it_backs_off_then_loads_a_new_vm(tmp_path):
+    with crashing_stack("FAIL_RELOAD", tmp_path) as stack:
+        first = [stack.request("GET", "/payments", [("x-api-key", OPAQUE)]) for _ in range(3)]
+        assert [r.status for r in first] == [503] * 3
+        assert all(r.upstream is None for r in first)
+        assert wasm_stat(stack, "wasm.keygate.vm_reload_backoff") >= 1
+        deadline = time.time() + 10  # the default backoff starts at 1 s, with jitter
+        while wasm_stat(stack, "wasm.keygate.vm_reload_success") < 1 and time.time() < deadline:
+            time.sleep(0.5)
+            again = stack.request("GET", "/payments", [("x-api-key", OPAQUE)])
+            assert again.status == 503 and again.upstream is None  # the new VM traps too
+        assert wasm_stat(stack, "wasm.keygate.vm_reload_success") >= 1
+        assert stack.log_text().count("Uncaught RuntimeError: unreachable") >= 2, "the new VM never ran"
