@@ -224,13 +224,17 @@ impl Limits {
             .chain_update(key_id.as_bytes())
             .finalize();
         let mut tag = [0u8; TAG_LEN];
-        tag.copy_from_slice(&digest[..TAG_LEN]);
+        for (t, d) in tag.iter_mut().zip(digest.iter()) {
+            *t = *d;
+        }
         tag
     }
 
     fn slot_of(&self, tag: &Tag) -> u32 {
         let mut head = [0u8; 8];
-        head.copy_from_slice(&tag[..8]);
+        for (h, t) in head.iter_mut().zip(tag.iter()) {
+            *h = *t;
+        }
         (u64::from_le_bytes(head) % u64::from(self.slots)) as u32
     }
 }
@@ -321,23 +325,19 @@ fn decode(bytes: &[u8]) -> Vec<(Tag, Counters)> {
         return Vec::new();
     };
     body.chunks_exact(ENTRY_LEN)
-        .map(|e| {
-            let mut tag = [0u8; TAG_LEN];
-            tag.copy_from_slice(&e[..TAG_LEN]);
-            let mut tat = [0u8; 8];
-            tat.copy_from_slice(&e[TAG_LEN..TAG_LEN + 8]);
-            let mut month = [0u8; 4];
-            month.copy_from_slice(&e[TAG_LEN + 8..TAG_LEN + 12]);
-            let mut spent = [0u8; 8];
-            spent.copy_from_slice(&e[TAG_LEN + 12..ENTRY_LEN]);
-            (
-                tag,
+        .filter_map(|entry| {
+            let (tag, rest) = entry.split_first_chunk::<TAG_LEN>()?;
+            let (tat, rest) = rest.split_first_chunk::<8>()?;
+            let (month, rest) = rest.split_first_chunk::<4>()?;
+            let (spent, _) = rest.split_first_chunk::<8>()?;
+            Some((
+                *tag,
                 Counters {
-                    tat_us: i64::from_le_bytes(tat),
-                    month: u32::from_le_bytes(month),
-                    spent: u64::from_le_bytes(spent),
+                    tat_us: i64::from_le_bytes(*tat),
+                    month: u32::from_le_bytes(*month),
+                    spent: u64::from_le_bytes(*spent),
                 },
-            )
+            ))
         })
         .collect()
 }
