@@ -14,11 +14,14 @@
 
 use std::sync::OnceLock;
 
+use keygate::core::checksum::Checksum;
 use keygate::core::config::Config;
 use keygate::core::credential::{extract_credential, Credential};
 use keygate::core::decision::{decide, Decision, Principal};
 use keygate::core::digest::sha256;
 use keygate::core::keyset::{is_id_byte, KeySet};
+use keygate::core::limits::apply_limits;
+use keygate::core::memory_store::MemoryStore;
 use keygate::core::reply::upstream_edits;
 use keygate::core::request::{percent_decode, RequestView, SessionEvidence};
 use libfuzzer_sys::fuzz_target;
@@ -55,7 +58,21 @@ const KEYS: &[(&str, &str, &str)] = &[
     ),
     ("qk_demo", "qk_demo_secret1", r#""tenant": "acme""#),
     ("ck_demo", "Y29va2ll", r#""tenant": "acme""#),
+    // Checksummed (`"checksum": "crc32"`): the last six characters are the CRC-32 of the rest.
+    (
+        "sum_demo",
+        CHECKSUMMED,
+        r#""tenant": "acme", "rate_limit": {"requests": 2, "per_seconds": 60}"#,
+    ),
+    (
+        "cmp_budget",
+        "cmp_budget_Yt5rE3wQ1",
+        r#""monthly_budget": 3, "permissions": ["admin"]"#,
+    ),
 ];
+
+/// `sumk_live_abc123` followed by its CRC-32 suffix (see `Checksum::append`).
+const CHECKSUMMED: &str = "sumk_live_abc12328loZ5";
 
 const SCOPE: [&str; 8] = [
     "x-keygate-key-id",
@@ -90,8 +107,11 @@ fn fixture() -> &'static (Config, KeySet) {
                 {{"in": "header_pair", "id_header": "x-key-id", "secret_header": "x-key-secret",
                   "prefixes": ["mk_"], "secret_prefixes": ["mksec_"]}},
                 {{"in": "query", "name": "api_key", "prefixes": ["qk_"]}},
-                {{"in": "cookie", "name": "kg_key", "format": "id_secret", "prefixes": ["ck_"]}}
+                {{"in": "cookie", "name": "kg_key", "format": "id_secret", "prefixes": ["ck_"]}},
+                {{"in": "header", "name": "x-sum-key", "prefixes": ["sumk_"], "checksum": "crc32"}}
               ],
+              "limits": {{"rate_limit": {{"requests": 5, "per_seconds": 1, "burst": 2}},
+                          "slots": 8, "response_headers": true}},
               "session": {{}},
               "policies": {{
                 "public": {{"auth": "none"}},
@@ -106,6 +126,11 @@ fn fixture() -> &'static (Config, KeySet) {
               "keys": [{}]
             }}"#,
             keys.join(",")
+        );
+        assert_eq!(
+            Checksum::Crc32.append("sumk_live_abc123"),
+            CHECKSUMMED,
+            "the fixture's checksummed key"
         );
         match Config::parse(json.as_bytes()) {
             Ok(parsed) => parsed,
@@ -203,8 +228,24 @@ fuzz_target!(|data: &[u8]| {
             let status = config.replies.get(code).status;
             assert!((400..500).contains(&status), "{code:?} answered {status}");
         }
-        Decision::Allow { principal, .. } => {
+        Decision::Allow { principal, policy } => {
             if let Principal::ApiKey { record, .. } = &principal {
+                // The limits of an allowed key, three times over, on a fresh table: a denial is
+                // a 4xx (429 or 402) and nothing panics.
+                let store = MemoryStore::new();
+                for step in 0..3 {
+                    let now_ms = req.now.saturating_mul(1000).saturating_add(step * 400);
+                    if let Err(denial) =
+                        apply_limits(&config.limits, record, policy, &store, now_ms)
+                    {
+                        let status = config.replies.get(denial.code).status;
+                        assert!(
+                            (400..500).contains(&status),
+                            "{:?} answered {status}",
+                            denial.code
+                        );
+                    }
+                }
                 let secret = KEYS
                     .iter()
                     .find(|(id, _, _)| *id == record.id)
@@ -232,8 +273,13 @@ fuzz_target!(|data: &[u8]| {
                         .any(|(n, v)| n.eq_ignore_ascii_case(name) && v.as_bytes() == value);
                     assert!(ours, "client-sent {name} reached the upstream");
                 }
-                for credential_header in ["x-api-key", "authorization", "x-key-id", "x-key-secret"]
-                {
+                for credential_header in [
+                    "x-api-key",
+                    "authorization",
+                    "x-key-id",
+                    "x-key-secret",
+                    "x-sum-key",
+                ] {
                     assert!(
                         !name.eq_ignore_ascii_case(credential_header),
                         "{name} reached the upstream"
