@@ -55,10 +55,12 @@ def test_envoy_knows_exactly_the_documented_failure_policies(tmp_path):
 
 
 def crashing_stack(policy, tmp_path):
+    """envoy/demo.yaml with the trapping module; `policy` None leaves failure_policy unset."""
     module = crashing_wasm.write(tmp_path / "crashing.wasm")
+    setting = f"failure_policy: {policy}" if policy else "# failure_policy left unset"
     return Stack("demo.yaml", concurrency=1, workdir=tmp_path / "envoy", substitutions={
         "filename: build/keygate.wasm": f"filename: {module}",
-        "failure_policy: FAIL_CLOSED": f"failure_policy: {policy}",
+        "failure_policy: FAIL_CLOSED": setting,
     })
 
 
@@ -69,13 +71,17 @@ def wasm_stat(stack, name):
     return None
 
 
-def test_fail_closed_a_crashed_vm_answers_503_and_nothing_reaches_the_upstream(tmp_path):
-    with crashing_stack("FAIL_CLOSED", tmp_path) as stack:
+@pytest.mark.parametrize("policy", ["FAIL_CLOSED", None], ids=["FAIL_CLOSED", "unset"])
+def test_fail_closed_a_crashed_vm_answers_503_and_nothing_reaches_the_upstream(tmp_path, policy):
+    with crashing_stack(policy, tmp_path) as stack:
         responses = [stack.request("GET", "/payments", [("x-api-key", OPAQUE)] if n % 2 else [])
                      for n in range(4)]
-        assert [r.status for r in responses] == [503] * 4
+        time.sleep(2)  # longer than FAIL_RELOAD's first back-off: a closed VM stays closed
+        responses.append(stack.request("GET", "/payments", [("x-api-key", OPAQUE)]))
+        assert [r.status for r in responses] == [503] * 5
         assert all(r.upstream is None and r.body == b"" for r in responses)
         assert "proxy_on_request_headers failed: Uncaught RuntimeError: unreachable" in stack.log_text()
+        assert wasm_stat(stack, "wasm.keygate.vm_reload_success") == 0
 
 
 def test_fail_open_would_let_unauthenticated_requests_through_after_a_crash(tmp_path):
