@@ -241,6 +241,12 @@ HOSTILE = [
         path="/payments?x%2Dapi%2Dkey=" + OPAQUE),
     Row("fragment-in-the-path-is-refused-by-the-codec", [f"x-api-key: {OPAQUE}"], Codec(400),
         path="/payments?a=1#x-keygate-tenant=evil"),
+    Row("fragment-hiding-a-query-key-is-refused-by-the-codec", [], Codec(400),
+        path=f"/payments?a=1#&api_key={OPAQUE}"),
+    # --- request-line games -----------------------------------------------------------------------
+    Row("lower-case-method-is-refused-by-the-codec", [f"x-api-key: {OPAQUE}"], Codec(400), method="delete"),
+    Row("absolute-form-target-with-a-key-in-userinfo-is-not-a-credential", [], Keygate(401, "TOKEN_MISSING"),
+        path=f"http://{OPAQUE}@keygate.test/payments"),
     # --- client-sent scope headers ---------------------------------------------------------------
     Row("forged-scope-headers-with-a-valid-key-are-replaced-or-removed",
         [f"x-api-key: {OPAQUE}"] + FORGED_SCOPE, Upstream(CMP_DEMO)),
@@ -328,6 +334,10 @@ ABACO_HOSTILE = [
     Row("valid-session-with-forged-scope-headers-keeps-only-the-session-identity",
         [f"cookie: accessToken={jwt(sub='web-user-9')}"] + FORGED_SCOPE,
         Upstream({"x-keygate-auth": "session", "x-keygate-user": "web-user-9"}), path="/business-partners"),
+    Row("delete-with-a-key-is-forbidden", [f"x-api-key: {ABACO_KEY_ID}:{ABACO_SECRET}"],
+        Keygate(403, "API_KEY_DELETE_FORBIDDEN"), path="/products/12", method="DELETE"),
+    Row("lower-case-delete-cannot-dodge-the-delete-ban", [f"x-api-key: {ABACO_KEY_ID}:{ABACO_SECRET}"],
+        Codec(400), path="/products/12", method="delete"),
     Row("company-header-outside-the-keys-scope-is-tenant-forbidden",
         [f"x-api-key: {ABACO_KEY_ID}:{ABACO_SECRET}", "x-company-id: company-314, company-999"],
         Keygate(403, "TENANT_FORBIDDEN"), path="/documents"),
