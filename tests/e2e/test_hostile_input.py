@@ -16,6 +16,7 @@ import json
 import socket
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -353,3 +354,61 @@ def abaco():
 @pytest.mark.parametrize("row", ABACO_HOSTILE, ids=[r.id for r in ABACO_HOSTILE])
 def test_hostile_request_on_abaco(abaco, row):
     check(send_raw(abaco.port, row.method, row.path, row.lines), row, secrets=[ABACO_SECRET])
+
+# --- query-string and cookie credentials against envoy/opt-in-sources.yaml -------------------
+# The parameter and the cookie are both `api_key`. Names are percent-decoded once, then compared
+# exactly; whatever keygate reads as the credential is removed from :path / cookie upstream.
+
+OPT_IN = {"x-keygate-auth": "api_key", "x-keygate-key-id": "cmp_demo", "x-keygate-tenant": "acme",
+          "x-keygate-permissions": "compress"}
+
+
+def encoded(text):
+    return "".join(f"%{ord(c):02X}" for c in text)
+
+
+OPT_IN_HOSTILE = [
+    Row("percent-encoded-parameter-name-is-read-and-stripped", [], Upstream(OPT_IN),
+        path=f"/payments?page=2&api%5Fkey={OPAQUE}"),
+    Row("fully-percent-encoded-name-and-value-are-read-and-stripped", [], Upstream(OPT_IN),
+        path=f"/payments?{encoded('api_key')}={encoded(OPAQUE)}"),
+    Row("double-encoded-name-is-another-parameter", [], Keygate(401, "TOKEN_MISSING"),
+        path=f"/payments?api%255Fkey={OPAQUE}"),
+    Row("upper-case-parameter-name-is-another-parameter", [], Keygate(401, "TOKEN_MISSING"),
+        path=f"/payments?API_KEY={OPAQUE}"),
+    Row("plain-and-encoded-names-with-different-keys-conflict", [], Keygate(401, "CONFLICTING_CREDENTIALS"),
+        path=f"/payments?api_key={OPAQUE}&api%5Fkey=cmp_other_1"),
+    Row("the-same-key-as-parameter-and-cookie-passes-and-both-are-stripped",
+        [f"cookie: theme=dark; api_key={OPAQUE}"], Upstream(OPT_IN), path=f"/payments?api_key={OPAQUE}"),
+    Row("broken-percent-escape-in-the-key-is-malformed", [], Keygate(401, "MALFORMED_API_KEY"),
+        path="/payments?api_key=cmp_demo%ZZ"),
+    Row("encoded-non-utf8-in-the-key-is-malformed", [], Keygate(401, "MALFORMED_API_KEY"),
+        path="/payments?api_key=cmp_demo%FF%FE"),
+    Row("encoded-newline-and-forged-header-in-the-key-is-malformed", [], Keygate(401, "MALFORMED_API_KEY"),
+        path="/payments?api_key=" + OPAQUE + "%0D%0Ax-keygate-tenant:%20evil"),
+    Row("plus-in-the-key-decodes-to-a-space-and-is-malformed", [], Keygate(401, "MALFORMED_API_KEY"),
+        path="/payments?api_key=cmp_demo+Q7fX2mLr9Wk4TbVn8PzA"),
+    Row("cookie-name-with-spaces-around-is-the-same-cookie",
+        [f"cookie: theme=dark ;  api_key={OPAQUE}  ; lang=en"], Upstream(OPT_IN)),
+    Row("cookie-name-in-capitals-is-another-cookie", [f"cookie: API_KEY={OPAQUE}"],
+        Keygate(401, "TOKEN_MISSING")),
+]
+
+
+@pytest.fixture(scope="module")
+def opt_in():
+    with Stack("opt-in-sources.yaml", concurrency=1) as running:
+        yield running
+
+
+@pytest.mark.parametrize("row", OPT_IN_HOSTILE, ids=[r.id for r in OPT_IN_HOSTILE])
+def test_hostile_request_on_opt_in_sources(opt_in, row):
+    resp = send_raw(opt_in.port, row.method, row.path, row.lines)
+    check(resp, row)
+    seen = resp.upstream
+    if seen is not None:
+        query = urllib.parse.urlsplit(seen[":path"][0]).query
+        names = [name for name, _ in urllib.parse.parse_qsl(query, keep_blank_values=True)]
+        assert "api_key" not in names, f"the credential parameter reached the upstream: {seen[':path']}"
+        assert OPAQUE not in urllib.parse.unquote(seen[":path"][0])
+        assert not any("api_key=" in c for c in seen.get("cookie", []))
