@@ -1,0 +1,237 @@
+#!/usr/bin/env python3
+"""Generates envoy/bench.yaml: one Envoy, one listener per contender, the same key set for all.
+
+Every contender checks `x-api-key` against the same N bench keys, strips it and tells the
+upstream who the caller is:
+
+  floor      no filter: the cost of proxying alone (floor_deny: no filter, the route answers
+             401 itself; the floor of unknown-key traffic)
+  native     Envoy's api_key_auth filter (plaintext keys in its config, by its design)
+  lua        a Lua filter doing the same table lookup
+  ext_authz  the ext_authz HTTP filter calling a second listener (native check + direct_response)
+  keygate    keygate.wasm with the N keys inline, as SHA-256 digests only
+
+The upstream is a direct_response listener in the same Envoy, so it is never the bottleneck and
+costs every contender the same. The bench keys are fake and derived from their index, so the
+load generator can recompute the plaintext; keygate's config holds only their digests.
+
+    python3 bench/bench_config.py > envoy/bench.yaml           # the shipped file (1,000 keys)
+    python3 bench/bench_config.py --keys 100000 --extra before  # variants used by bench/run.py
+"""
+import argparse
+import hashlib
+import json
+import sys
+
+KEY_PREFIX = "kgb_"
+# Ports as shipped; bench/run.py swaps every one for a free port (like tests/keygate_stack.py).
+PORTS = {
+    "floor": 10000,  # the shipped listener port (the compose checks expect 10000 and 9901)
+    "native": 10001,
+    "lua": 10002,
+    "ext_authz": 10003,
+    "keygate": 10004,
+    "keygate_before": 10005,
+    "keygate_100k": 10006,
+    "floor_deny": 10007,
+    "authz_service": 10009,
+    "upstream": 8081,
+    "admin": 9901,
+}
+CONTENDERS = ["floor", "native", "lua", "ext_authz", "keygate"]
+# The floor of unknown-key traffic: no filter, the route itself answers 401 locally.
+FLOOR_DENY = "floor_deny"
+
+
+def bench_key(i):
+    """The plaintext of bench key i: fake, deterministic, well-formed for every contender."""
+    return KEY_PREFIX + hashlib.sha256(f"keygate-bench-{i}".encode()).hexdigest()[:32]
+
+
+def key_id(i):
+    return f"bench-{i:07d}"
+
+
+def keygate_config(n, name="bench"):
+    """keygate's plugin configuration: the N keys as digests, an id and a tenant each."""
+    records = ",\n".join(
+        json.dumps({"id": key_id(i), "tenant": f"tenant-{i % 50}",
+                    "secret_sha256": hashlib.sha256(bench_key(i).encode()).hexdigest()},
+                   separators=(", ", ": "))
+        for i in range(n)
+    )
+    return (
+        "{\n"
+        f'  "name": "{name}",\n'
+        '  "credentials": [{"in": "header", "name": "x-api-key", "prefixes": ["' + KEY_PREFIX + '"]}],\n'
+        '  "keys": [\n' + records + "\n  ]\n}\n"
+    )
+
+
+def indent(text, spaces):
+    pad = " " * spaces
+    return "".join(pad + line if line.strip() else line for line in text.splitlines(True))
+
+
+def hcm(stat_prefix, http_filters, route=None):
+    route = route or "route: { cluster: upstream }"
+    return f"""    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: {stat_prefix}
+          route_config:
+            virtual_hosts:
+            - name: {stat_prefix}
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                {route}
+          http_filters:
+{http_filters}          - name: envoy.filters.http.router
+            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
+"""
+
+
+def listener(name, port, body):
+    return f"""  - name: {name}
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+{body}"""
+
+
+def native_filter(n):
+    creds = "".join(f"              - {{ key: {bench_key(i)}, client: {key_id(i)} }}\n" for i in range(n))
+    return f"""          - name: envoy.filters.http.api_key_auth
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.api_key_auth.v3.ApiKeyAuth
+              key_sources: [{{ header: x-api-key }}]
+              forwarding: {{ header: x-client-id, hide_credentials: true }}
+              credentials:
+{creds}"""
+
+
+def lua_filter(n):
+    table = "".join(f'  ["{bench_key(i)}"] = "{key_id(i)}",\n' for i in range(n))
+    source = (
+        "local clients = {\n" + table + "}\n"
+        "function envoy_on_request(handle)\n"
+        "  local headers = handle:headers()\n"
+        '  local client = clients[headers:get("x-api-key") or ""]\n'
+        "  if client == nil then\n"
+        '    handle:respond({[":status"] = "401", ["content-type"] = "text/plain"}, "Client authentication failed.")\n'
+        "    return\n"
+        "  end\n"
+        '  headers:remove("x-api-key")\n'
+        '  headers:replace("x-client-id", client)\n'
+        "end\n"
+    )
+    return f"""          - name: envoy.filters.http.lua
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
+              default_source_code:
+                inline_string: |
+{indent(source, 18)}"""
+
+
+EXT_AUTHZ_FILTER = """          - name: envoy.filters.http.ext_authz
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
+              transport_api_version: V3
+              failure_mode_allow: false
+              http_service:
+                server_uri: { uri: "http://127.0.0.1", cluster: authz_service, timeout: 1s }
+                authorization_request:
+                  allowed_headers: { patterns: [{ exact: x-api-key }] }
+                authorization_response:
+                  allowed_upstream_headers: { patterns: [{ exact: x-client-id }] }
+"""
+
+# The authorization service: the native check, then 200 carrying the client id and the
+# instruction to strip the key (ext_authz honours x-envoy-auth-headers-to-remove).
+AUTHZ_ROUTE = """direct_response: { status: 200 }
+                response_headers_to_add:
+                - header: { key: x-client-id, value: "%REQ(x-client-id)%" }
+                - header: { key: x-envoy-auth-headers-to-remove, value: x-api-key }"""
+
+UPSTREAM_ROUTE = 'direct_response: { status: 200, body: { inline_string: "ok" } }'
+DENY_ROUTE = 'direct_response: { status: 401, body: { inline_string: "Client authentication failed." } }'
+
+
+def keygate_filter(vm_id, wasm, config_json):
+    return f"""          - name: keygate
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: keygate
+                root_id: keygate
+                failure_policy: FAIL_CLOSED
+                vm_config:
+                  vm_id: {vm_id}
+                  runtime: envoy.wasm.runtime.v8
+                  code: {{ local: {{ filename: {wasm} }} }}
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: |
+{indent(config_json, 20)}"""
+
+
+def cluster(name, port, http2=False):
+    return f"""  - name: {name}
+    type: STATIC
+    load_assignment:
+      cluster_name: {name}
+      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }} }}] }}]
+"""
+
+
+def render(n, extra=()):
+    """The bench config. `extra` adds listeners bench/run.py uses but does not ship:
+    `before` (build/keygate-before.wasm, same keys) and `100k` (keygate with 100,000 inline keys)."""
+    listeners = [
+        listener("floor", PORTS["floor"], hcm("floor", "")),
+        listener("floor_deny", PORTS["floor_deny"], hcm("floor_deny", "", route=DENY_ROUTE)),
+        listener("native", PORTS["native"], hcm("native", native_filter(n))),
+        listener("lua", PORTS["lua"], hcm("lua", lua_filter(n))),
+        listener("ext_authz", PORTS["ext_authz"], hcm("ext_authz", EXT_AUTHZ_FILTER)),
+        listener("authz_service", PORTS["authz_service"],
+                 hcm("authz_service", native_filter(n), route=AUTHZ_ROUTE)),
+        listener("keygate", PORTS["keygate"],
+                 hcm("keygate", keygate_filter("bench-keygate", "build/keygate.wasm", keygate_config(n)))),
+        listener("upstream", PORTS["upstream"], hcm("upstream", "", route=UPSTREAM_ROUTE)),
+    ]
+    if "before" in extra:
+        listeners.append(listener("keygate_before", PORTS["keygate_before"], hcm(
+            "keygate_before",
+            keygate_filter("bench-keygate-before", "build/keygate-before.wasm", keygate_config(n)))))
+    if "100k" in extra:
+        listeners.append(listener("keygate_100k", PORTS["keygate_100k"], hcm(
+            "keygate_100k",
+            keygate_filter("bench-keygate-100k", "build/keygate.wasm", keygate_config(100_000, "bench100k")))))
+    return (
+        "# Generated by bench/bench_config.py; `make bench` runs it (see BENCHMARKS.md). Do not edit.\n"
+        "# One listener per contender, all checking x-api-key against the same "
+        f"{n:,} fake bench keys.\n"
+        "# native, lua and the authz service hold the plaintext keys (they have no hashed form);\n"
+        "# keygate holds SHA-256 digests only. The keys are fake, derived from their index.\n"
+        "admin:\n"
+        f"  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {PORTS['admin']} }} }}\n"
+        "static_resources:\n"
+        "  listeners:\n"
+        + "".join(listeners)
+        + "  clusters:\n"
+        + cluster("upstream", PORTS["upstream"])
+        + cluster("authz_service", PORTS["authz_service"])
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--keys", type=int, default=1000, help="keys per contender (default 1000)")
+    parser.add_argument("--extra", action="append", default=[], choices=["before", "100k"])
+    args = parser.parse_args()
+    sys.stdout.write(render(args.keys, args.extra))
+
+
+if __name__ == "__main__":
+    main()
