@@ -40,8 +40,8 @@ unsafe impl GlobalAlloc for Counting {
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Relaxed);
         if new_size >= layout.size() {
-            let live = LIVE_BYTES.fetch_add(new_size - layout.size(), Relaxed) + new_size
-                - layout.size();
+            let live =
+                LIVE_BYTES.fetch_add(new_size - layout.size(), Relaxed) + new_size - layout.size();
             PEAK_BYTES.fetch_max(live, Relaxed);
         } else {
             LIVE_BYTES.fetch_sub(layout.size() - new_size, Relaxed);
@@ -55,7 +55,10 @@ static GLOBAL: Counting = Counting;
 
 /// The plaintext of bench key `i` (the same keys as `bench/bench_config.py`'s, shorter form).
 fn bench_key(i: usize) -> String {
-    format!("kgb_{}", &hex::encode(sha256(format!("keygate-bench-{i}").as_bytes()))[..32])
+    format!(
+        "kgb_{}",
+        &hex::encode(sha256(format!("keygate-bench-{i}").as_bytes()))[..32]
+    )
 }
 
 /// A key-set document of `n` records: an id, a tenant and the digest of the key.
@@ -77,8 +80,7 @@ fn key_set_json(n: usize) -> String {
 }
 
 /// The filter config the Envoy benchmark uses (`envoy/bench.yaml`), without inline keys.
-const CONFIG: &str =
-    r#"{"name": "bench", "credentials": [{"in": "header", "name": "x-api-key", "prefixes": ["kgb_"]}]}"#;
+const CONFIG: &str = r#"{"name": "bench", "credentials": [{"in": "header", "name": "x-api-key", "prefixes": ["kgb_"]}]}"#;
 
 /// A request as the adapter sees it from Envoy: wrk's headers plus Envoy's own.
 fn request(key: &str) -> RequestView {
@@ -109,7 +111,11 @@ struct Measured {
 }
 
 /// Runs `op` over the requests until about `budget_ms` passed; best of three passes.
-fn measure(requests: &[RequestView], budget_ms: u128, mut op: impl FnMut(&RequestView)) -> Measured {
+fn measure(
+    requests: &[RequestView],
+    budget_ms: u128,
+    mut op: impl FnMut(&RequestView),
+) -> Measured {
     let mut best = f64::MAX;
     let mut allocs = 0.0;
     for _ in 0..3 {
@@ -157,8 +163,12 @@ fn run() -> Result<(), String> {
         let keys = KeySet::from_json(key_set_json(n).as_bytes()).map_err(|e| e.to_string())?;
         // 4096 different keys spread over the set, so lookups are not all cache hits.
         let stride = (n / 4096).max(1);
-        let valid: Vec<RequestView> = (0..4096).map(|i| request(&bench_key((i * stride) % n))).collect();
-        let unknown: Vec<RequestView> = (0..4096).map(|i| request(&format!("kgb_{i:032x}"))).collect();
+        let valid: Vec<RequestView> = (0..4096)
+            .map(|i| request(&bench_key((i * stride) % n)))
+            .collect();
+        let unknown: Vec<RequestView> = (0..4096)
+            .map(|i| request(&format!("kgb_{i:032x}")))
+            .collect();
         for req in valid.iter().take(8) {
             if !matches!(decide(&config, &keys, req), Decision::Allow { .. }) {
                 return Err(format!("a bench key was refused with {n} keys"));

@@ -2,6 +2,7 @@
 //! `RequestView`, asks the core for a decision, and applies the answer.
 
 mod keysource;
+mod request_headers;
 mod shared_store;
 
 use std::rc::Rc;
@@ -318,19 +319,33 @@ fn deny(
 ) {
     let config = &runtime.config;
     runtime.metrics.count_denial(code);
-    let mut reply = config.replies.get(code);
-    reply.headers.extend(extra_headers);
-    log(
-        LogLevel::Info,
-        &format!(
-            "keygate[{}]: denied status={} code={} key_id={}",
-            config.name,
-            reply.status,
-            code.as_str(),
-            key_id.unwrap_or("-")
-        ),
-    );
-    send(&reply);
+    let reply = config.replies.rendered(code);
+    let status = reply.map_or(code.status(), |r| r.status);
+    // Format the line only when Envoy will write it (an info line per denial is the default).
+    if log_enabled(LogLevel::Info) {
+        log(
+            LogLevel::Info,
+            &format!(
+                "keygate[{}]: denied status={status} code={} key_id={}",
+                config.name,
+                code.as_str(),
+                key_id.unwrap_or("-")
+            ),
+        );
+    }
+    let headers: Vec<(&str, &str)> = reply
+        .iter()
+        .flat_map(|r| r.headers.iter())
+        .chain(extra_headers.iter())
+        .map(|(n, v)| (*n, v.as_str()))
+        .collect();
+    let body = reply.map_or(&[][..], |r| r.body.as_slice());
+    let _ = hostcalls::send_http_response(status, headers, Some(body));
+}
+
+/// Whether Envoy's log level lets a message of `level` through; unknown means yes.
+fn log_enabled(level: LogLevel) -> bool {
+    hostcalls::get_log_level().map_or(true, |current| current as u32 <= level as u32)
 }
 
 fn now_millis() -> i64 {
@@ -363,7 +378,7 @@ fn property_text(path: Vec<&str>) -> Option<String> {
 
 /// Gathers everything the core needs with as few host calls as the config allows.
 fn read_request(config: &Config) -> RequestView {
-    let headers = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default();
+    let headers = request_headers::read();
     let now = hostcalls::get_current_time()
         .ok()
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())

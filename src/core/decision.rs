@@ -265,7 +265,7 @@ mod tests {
                 .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())),
         );
         RequestView {
-            headers: all,
+            headers: all.into(),
             now: NOW,
             ..Default::default()
         }

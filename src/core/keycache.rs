@@ -696,10 +696,11 @@ mod tests {
             body["secret_sha256"] = serde_json::json!(hex::encode(sha256(b"kl_key")));
             let req = RequestView {
                 headers: vec![
-                    (":method".into(), b"GET".to_vec()),
-                    (":path".into(), b"/".to_vec()),
-                    ("x-api-key".into(), secret.as_bytes().to_vec()),
-                ],
+                    (":method", b"GET".as_slice()),
+                    (":path", b"/".as_slice()),
+                    ("x-api-key", secret.as_bytes()),
+                ]
+                .into(),
                 now: 2_000_000_000,
                 ..Default::default()
             };

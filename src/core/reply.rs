@@ -1,6 +1,7 @@
 //! Rendering a decision: a local reply (status, headers, body), or the edits that turn the
 //! client's request into the one the upstream sees.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use serde::Deserialize;
@@ -79,6 +80,11 @@ impl Replies {
         Ok(Replies { by_code })
     }
 
+    /// The code's pre-rendered reply, borrowed: the per-request path copies nothing.
+    pub fn rendered(&self, code: ErrorCode) -> Option<&LocalReply> {
+        self.by_code.get(&code)
+    }
+
     pub fn get(&self, code: ErrorCode) -> LocalReply {
         self.by_code.get(&code).cloned().unwrap_or(LocalReply {
             status: code.status(),
@@ -88,29 +94,34 @@ impl Replies {
     }
 }
 
-/// The changes made to a request before it goes upstream.
+/// The changes made to a request before it goes upstream. Names and values borrow from the
+/// config and the key record; only joined lists and rewritten `:path`/`cookie` are built.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct UpstreamEdits {
+pub struct UpstreamEdits<'a> {
     /// Headers to delete: credentials and client-sent copies of scope headers.
-    pub remove: Vec<String>,
+    pub remove: Vec<&'a str>,
     /// Headers to set (replacing any client-sent value).
-    pub set: Vec<(String, String)>,
+    pub set: Vec<(&'a str, Cow<'a, str>)>,
     /// Set when a routing-relevant header changed and Envoy must pick the route again.
     pub clear_route_cache: bool,
 }
 
 /// Builds the trusted scope headers for an allowed request and scrubs everything that must not
 /// reach the upstream.
-pub fn upstream_edits(config: &Config, req: &RequestView, principal: &Principal) -> UpstreamEdits {
+pub fn upstream_edits<'a>(
+    config: &'a Config,
+    req: &RequestView,
+    principal: &'a Principal<'a>,
+) -> UpstreamEdits<'a> {
     let scope = &config.scope;
-    let mut set: Vec<(String, String)> = Vec::with_capacity(8);
-    let mut put = |name: &str, value: String| set.push((name.to_string(), value));
+    let mut set: Vec<(&'a str, Cow<'a, str>)> = Vec::with_capacity(8);
+    let mut put = |name: &'a str, value: Cow<'a, str>| set.push((name, value));
     match principal {
         Principal::Anonymous => put(&scope.auth, "none".into()),
         Principal::Session { subject } => {
             put(&scope.auth, "session".into());
             if let Some(s) = subject.as_deref().filter(|s| is_header_value(s)) {
-                put(&scope.user, s.to_string());
+                put(&scope.user, s.into());
             }
         }
         Principal::ApiKey {
@@ -118,44 +129,44 @@ pub fn upstream_edits(config: &Config, req: &RequestView, principal: &Principal)
             environment,
         } => {
             put(&scope.auth, "api_key".into());
-            put(&scope.key_id, record.id.clone());
+            put(&scope.key_id, record.id.as_str().into());
             if let Some(t) = &record.tenant {
-                put(&scope.tenant, t.clone());
+                put(&scope.tenant, t.as_str().into());
             }
             if !record.organizations.is_empty() {
-                put(&scope.organizations, record.organizations.join(","));
+                put(&scope.organizations, record.organizations.join(",").into());
             }
             if let Some(e) = environment {
-                put(&scope.environment, e.clone());
+                put(&scope.environment, e.as_str().into());
             }
             if let Some(p) = &record.product {
-                put(&scope.product, p.clone());
+                put(&scope.product, p.as_str().into());
             }
             if let Some(u) = &record.user {
-                put(&scope.user, u.clone());
+                put(&scope.user, u.as_str().into());
             }
             if !record.permissions.is_empty() {
-                put(&scope.permissions, record.permissions.join(","));
+                put(&scope.permissions, record.permissions.join(",").into());
             }
         }
     }
     if config.strip_credentials {
         strip_query_and_cookie_credentials(config, req, &mut set);
     }
-    let remove: Vec<String> = config
+    let remove: Vec<&'a str> = config
         .headers_to_strip
         .iter()
-        .filter(|h| req.has_header(h) && !set.iter().any(|(n, _)| n == *h))
-        .cloned()
+        .filter(|h| req.has_header(h) && !set.iter().any(|(n, _)| n == h))
+        .map(String::as_str)
         .collect();
     // Envoy may have picked the route before keygate ran, on a client-sent environment header:
     // whenever keygate sets that header or removes the client's copy, the route is picked again.
     let clear_route_cache = config.route_by_environment
         && set
             .iter()
-            .map(|(name, _)| name)
-            .chain(&remove)
-            .any(|name| *name == scope.environment);
+            .map(|(name, _)| *name)
+            .chain(remove.iter().copied())
+            .any(|name| name == scope.environment);
     UpstreamEdits {
         remove,
         set,
@@ -165,18 +176,18 @@ pub fn upstream_edits(config: &Config, req: &RequestView, principal: &Principal)
 
 /// Query-parameter and cookie credentials live inside `:path` and `cookie`: rewrite those
 /// without the credential rather than dropping them whole.
-fn strip_query_and_cookie_credentials(
+fn strip_query_and_cookie_credentials<'a>(
     config: &Config,
     req: &RequestView,
-    set: &mut Vec<(String, String)>,
+    set: &mut Vec<(&'a str, Cow<'a, str>)>,
 ) {
     for source in &config.sources {
         match &source.place {
             Place::Query(param) => {
                 let path = req.path_with_query();
                 if let Some(stripped) = path_without_param(path, param) {
-                    set.retain(|(n, _)| n != ":path");
-                    set.push((":path".to_string(), stripped));
+                    set.retain(|(n, _)| *n != ":path");
+                    set.push((":path", stripped.into()));
                 }
             }
             Place::Cookie(name) => {
@@ -189,8 +200,8 @@ fn strip_query_and_cookie_credentials(
                     .map(|c| String::from_utf8_lossy(super::request::trim_ascii(c)).into_owned())
                     .filter(|c| !c.is_empty() && c.split('=').next() != Some(name.as_str()))
                     .collect();
-                set.retain(|(n, _)| n != "cookie");
-                set.push(("cookie".to_string(), kept.join("; ")));
+                set.retain(|(n, _)| *n != "cookie");
+                set.push(("cookie", kept.join("; ").into()));
             }
             Place::Header(_) | Place::Bearer(_) | Place::HeaderPair { .. } => {}
         }
@@ -258,7 +269,7 @@ mod tests {
         let (config, _) = routed_config();
         let forged = request(&[(":path", "/"), ("x-keygate-environment", "test")]);
         let edits = upstream_edits(&config, &forged, &Principal::Anonymous);
-        assert!(edits.remove.contains(&"x-keygate-environment".to_string()));
+        assert!(edits.remove.contains(&"x-keygate-environment"));
         assert!(edits.clear_route_cache);
 
         let plain = request(&[(":path", "/")]);

@@ -12,10 +12,90 @@ pub enum SessionEvidence {
     Failed { expired: bool },
 }
 
+/// The request's headers in one buffer, each name and value a byte range of it. The adapter
+/// hands over the host's serialized header map as it came, so reading a request costs one
+/// allocation for the buffer and one for the ranges, not two per header.
+#[derive(Debug, Clone, Default)]
+pub struct Headers {
+    bytes: Vec<u8>,
+    spans: Vec<Span>,
+}
+
+/// Where one header's name and value lie in `Headers::bytes` (start and end offsets).
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    name: (u32, u32),
+    value: (u32, u32),
+}
+
+impl Headers {
+    /// Headers over `bytes`, one `[name start, name end, value start, value end]` per header.
+    /// A range that is reversed or outside the buffer is dropped rather than trusted.
+    pub fn from_buffer(bytes: Vec<u8>, ranges: impl IntoIterator<Item = [usize; 4]>) -> Headers {
+        let in_bounds = |start: usize, end: usize| start <= end && end <= bytes.len();
+        let offset = |n: usize| u32::try_from(n).ok();
+        let spans = ranges
+            .into_iter()
+            .filter(|[ns, ne, vs, ve]| in_bounds(*ns, *ne) && in_bounds(*vs, *ve))
+            .filter_map(|[ns, ne, vs, ve]| {
+                Some(Span {
+                    name: (offset(ns)?, offset(ne)?),
+                    value: (offset(vs)?, offset(ve)?),
+                })
+            })
+            .collect();
+        Headers { bytes, spans }
+    }
+
+    /// Appends one header.
+    pub fn push(&mut self, name: &str, value: &[u8]) {
+        let mut range = |part: &[u8]| -> Option<(u32, u32)> {
+            let start = u32::try_from(self.bytes.len()).ok()?;
+            self.bytes.extend_from_slice(part);
+            Some((start, u32::try_from(self.bytes.len()).ok()?))
+        };
+        if let (Some(name), Some(value)) = (range(name.as_bytes()), range(value)) {
+            self.spans.push(Span { name, value });
+        }
+    }
+
+    /// Every header as (name, value), in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        let part = |(start, end): (u32, u32)| self.bytes.get(start as usize..end as usize);
+        self.spans
+            .iter()
+            .filter_map(move |s| Some((part(s.name)?, part(s.value)?)))
+    }
+
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+}
+
+impl<N: AsRef<str>, V: AsRef<[u8]>> FromIterator<(N, V)> for Headers {
+    fn from_iter<I: IntoIterator<Item = (N, V)>>(pairs: I) -> Headers {
+        let mut headers = Headers::default();
+        for (name, value) in pairs {
+            headers.push(name.as_ref(), value.as_ref());
+        }
+        headers
+    }
+}
+
+impl<N: AsRef<str>, V: AsRef<[u8]>> From<Vec<(N, V)>> for Headers {
+    fn from(pairs: Vec<(N, V)>) -> Headers {
+        pairs.into_iter().collect()
+    }
+}
+
 /// One request as the core sees it. Header names are lower case (Envoy normalizes them).
 #[derive(Debug, Clone, Default)]
 pub struct RequestView {
-    pub headers: Vec<(String, Vec<u8>)>,
+    pub headers: Headers,
     /// Seconds since the Unix epoch, from the host clock.
     pub now: i64,
     /// The policy name the matched route carries in `filter_metadata.keygate.policy`.
@@ -28,8 +108,8 @@ impl RequestView {
     pub fn header_values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
         self.headers
             .iter()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_slice())
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v)
     }
 
     pub fn has_header(&self, name: &str) -> bool {
@@ -181,6 +261,34 @@ mod tests {
             percent_decode("%41+%e2%82%ac").as_deref(),
             Some("A \u{20ac}")
         );
+    }
+
+    #[test]
+    fn headers_over_one_buffer_drop_ranges_outside_it() {
+        let bytes = b"x-api-keyk1:pathy".to_vec();
+        let headers = Headers::from_buffer(
+            bytes,
+            [
+                [0, 9, 9, 11],
+                [11, 16, 16, 17],
+                [16, 17, 12, 99],
+                [5, 2, 0, 1],
+            ],
+        );
+        let got: Vec<_> = headers.iter().collect();
+        assert_eq!(
+            got,
+            vec![
+                (b"x-api-key".as_slice(), b"k1".as_slice()),
+                (b":path".as_slice(), b"y".as_slice())
+            ]
+        );
+        let req = RequestView {
+            headers,
+            ..Default::default()
+        };
+        assert_eq!(req.header_str("x-api-key"), Some("k1"));
+        assert_eq!(req.path(), "y");
     }
 
     #[test]
