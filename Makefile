@@ -45,7 +45,7 @@ deps: $(VENV)/.installed .wasm-target compose-tools keyservice-tools
 # --- build --------------------------------------------------------------------------------
 build: .wasm-target
 	cargo build --release --target $(WASM_TARGET) --lib
-	@mkdir -p build && cp $(WASM_OUT) $(ARTIFACT)
+	@mkdir -p build && python3 tools/strip_callbacks.py $(WASM_OUT) $(ARTIFACT) src/adapter
 	@echo "built $(ARTIFACT) ($$(stat -c %s $(ARTIFACT)) bytes)"
 
 # The `keygate` command-line tool (native): target/release/keygate.
