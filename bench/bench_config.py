@@ -34,6 +34,7 @@ PORTS = {
     "keygate_before": 10005,
     "keygate_100k": 10006,
     "floor_deny": 10007,
+    "wasm_floor": 10008,
     "authz_service": 10009,
     "upstream": 8081,
     "admin": 9901,
@@ -186,8 +187,10 @@ def cluster(name, port, http2=False):
 
 
 def render(n, extra=()):
-    """The bench config. `extra` adds listeners bench/run.py uses but does not ship:
-    `before` (build/keygate-before.wasm, same keys) and `100k` (keygate with 100,000 inline keys)."""
+    """The bench config. `extra` adds listeners bench/run.py uses but does not ship (their wasm
+    files exist only after `make bench` builds them): `empty` (bench/empty-filter, a Rust
+    proxy-wasm filter that does nothing), `before` (build/keygate-before.wasm, same keys) and
+    `100k` (keygate with 100,000 inline keys)."""
     listeners = [
         listener("floor", PORTS["floor"], hcm("floor", "")),
         listener("floor_deny", PORTS["floor_deny"], hcm("floor_deny", "", route=DENY_ROUTE)),
@@ -200,6 +203,9 @@ def render(n, extra=()):
                  hcm("keygate", keygate_filter("bench-keygate", "build/keygate.wasm", keygate_config(n)))),
         listener("upstream", PORTS["upstream"], hcm("upstream", "", route=UPSTREAM_ROUTE)),
     ]
+    if "empty" in extra:
+        listeners.append(listener("wasm_floor", PORTS["wasm_floor"], hcm(
+            "wasm_floor", keygate_filter("bench-empty", "build/bench-empty.wasm", "{}\n"))))
     if "before" in extra:
         listeners.append(listener("keygate_before", PORTS["keygate_before"], hcm(
             "keygate_before",
@@ -228,7 +234,7 @@ def render(n, extra=()):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keys", type=int, default=1000, help="keys per contender (default 1000)")
-    parser.add_argument("--extra", action="append", default=[], choices=["before", "100k"])
+    parser.add_argument("--extra", action="append", default=[], choices=["empty", "before", "100k"])
     args = parser.parse_args()
     sys.stdout.write(render(args.keys, args.extra))
 

@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""Side-by-side A/B of keygate builds, amplified: `make bench-ab A=build/keygate-before.wasm`.
+
+A filter adds a few microseconds to a request that costs Envoy about fifty, and on a shared
+machine run-to-run noise is larger than that. So each build gets its own listener in one Envoy
+with the keygate filter chained N times (default 10) in front of the router: a valid-key request
+passes every copy, each doing the whole check (read headers, parse, hash, look up, decide, set
+the scope headers). Credential stripping is off so that every copy still sees the key; all else
+is the bench config's. Rounds are interleaved; the per-filter cost is the median over rounds of
+(listener CPU - floor CPU) / N, the floor being a listener without filters.
+
+    python3 bench/ab.py before=build/keygate-before.wasm after=build/keygate.wasm \\
+        empty=build/bench-empty.wasm --rounds 10
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+import bench_config  # noqa: E402
+import run  # noqa: E402
+
+
+def chained_filters(name, wasm, chain, keys):
+    config = bench_config.keygate_config(keys)
+    if "empty" not in name:
+        config = config.replace('"name": "bench",', '"name": "bench", "strip_credentials": false,', 1)
+    else:
+        config = "{}\n"
+    one = bench_config.keygate_filter(f"ab-{name}", wasm, config)
+    return "".join(one.replace("- name: keygate", f"- name: keygate_{i}", 1) for i in range(chain))
+
+
+def render(variants, chain, keys, ports):
+    listeners = [bench_config.listener("floor", ports["floor"], bench_config.hcm("floor", ""))]
+    for name, wasm in variants:
+        listeners.append(bench_config.listener(
+            name, ports[name], bench_config.hcm(name, chained_filters(name, wasm, chain, keys))))
+    listeners.append(bench_config.listener(
+        "upstream", ports["upstream"], bench_config.hcm("upstream", "", route=bench_config.UPSTREAM_ROUTE)))
+    return ("admin:\n"
+            f"  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {ports['admin']} }} }}\n"
+            "static_resources:\n  listeners:\n" + "".join(listeners)
+            + "  clusters:\n" + bench_config.cluster("upstream", ports["upstream"]))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("variants", nargs="+", help="name=path/to/keygate.wasm (a name containing 'empty' "
+                        "is run without a keygate config: build/bench-empty.wasm)")
+    parser.add_argument("--chain", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--seconds", type=int, default=2)
+    parser.add_argument("--keys", type=int, default=1000)
+    parser.add_argument("--connections", type=int, default=8)
+    args = parser.parse_args()
+    variants = [tuple(v.split("=", 1)) for v in args.variants]
+    for _, wasm in variants:
+        if not (ROOT / wasm).exists():
+            sys.exit(f"no such wasm: {wasm}")
+
+    run.WORK.mkdir(parents=True, exist_ok=True)
+    names = ["floor"] + [n for n, _ in variants]
+    ports = {n: run.free_port() for n in names + ["upstream", "admin"]}
+    config = run.WORK / "ab.yaml"
+    config.write_text(render(variants, args.chain, args.keys, ports))
+    keys = run.write_keys(run.WORK / "ab-keys.txt", [bench_config.bench_key(i) for i in range(args.keys)])
+    log = open(run.WORK / "ab-envoy.log", "wb")
+    envoy = subprocess.Popen(["taskset", "-c", "0", run.ENVOY_BIN, "-c", str(config), "--concurrency", "1",
+                              "--disable-hot-restart", "--log-level", "warn"],
+                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+    def once(name, seconds):
+        before = run.cpu_seconds(envoy.pid)
+        done = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{args.connections}", f"-d{seconds}s",
+                               "-s", str(ROOT / "bench" / "wrk.lua"), f"http://127.0.0.1:{ports[name]}/",
+                               "--", str(keys)], capture_output=True, text=True)
+        cpu = run.cpu_seconds(envoy.pid) - before
+        result = json.loads(next(l for l in done.stdout.splitlines() if l.startswith("{")))
+        if result["status_errors"] or result["socket_errors"]:
+            raise RuntimeError(f"{name}: {result}")
+        return cpu * 1e6 / result["requests"]
+
+    try:
+        for _ in range(300):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{ports['admin']}/ready", timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.2)
+        load = Path("/proc/loadavg").read_text().split()[:3]
+        for name in names:
+            once(name, 2)
+        cpu = {n: [] for n in names}
+        for _ in range(args.rounds):
+            for name in names:
+                cpu[name].append(once(name, args.seconds))
+    finally:
+        envoy.terminate()
+        envoy.wait()
+
+    print(f"\nA/B, keygate chained x{args.chain} per listener, {args.rounds} interleaved rounds of "
+          f"{args.seconds}s, valid keys, {args.keys:,} keys; load average {' '.join(load)} / "
+          f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])}\n")
+    print("| build | listener CPU µs/req (median) | per filter µs/req over the floor (median, min–max) |")
+    print("|---|---|---|")
+    print(f"| no filter (floor) | {statistics.median(cpu['floor']):.1f} | — |")
+    for name, wasm in variants:
+        per_filter = [(c - f) / args.chain for c, f in zip(cpu[name], cpu["floor"])]
+        print(f"| {name} (`{wasm}`) | {statistics.median(cpu[name]):.1f} | "
+              f"{statistics.median(per_filter):.2f} ({min(per_filter):.2f}–{max(per_filter):.2f}) |")
+
+
+if __name__ == "__main__":
+    main()
