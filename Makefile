@@ -12,7 +12,8 @@ PROFILE ?= demo
 PYTEST_ARGS ?=
 
 .PHONY: all deps build cli lint unit e2e test run validate clean core-wall keyservice-tools fuzz fuzz-tools soak \
-	compose-tools compose-check compose-up compose-down compose-test compose-test-live
+	compose-tools compose-check compose-up compose-down compose-test compose-test-live \
+	bench bench-envoy bench-core bench-ab bench-tools bench-before
 
 all: build
 
@@ -147,6 +148,46 @@ compose-test-live: build
 # Static checks of the compose stack (no Docker engine needed); part of `make e2e`/`make test`.
 compose-check: build $(VENV)/.installed compose-tools
 	ENVOY_BIN=$(ENVOY) $(PY) -m pytest -q tests/e2e/test_compose_static.py $(PYTEST_ARGS)
+
+# --- benchmarks (BENCHMARKS.md) --------------------------------------------------------------
+# make bench: every contender of envoy/bench.yaml side by side in one Envoy, then the core
+# microbenchmarks. Timed numbers are printed, never asserted. BEFORE=<git rev> adds a listener
+# with that revision's keygate.wasm; BENCH_ROUNDS / BENCH_SECONDS change the run length.
+BENCH_ROUNDS ?= 5
+BENCH_SECONDS ?= 4
+BEFORE ?=
+BENCH_EXTRA = --extra empty $(if $(BEFORE),--extra before)
+
+bench-tools:
+	@command -v wrk >/dev/null && command -v taskset >/dev/null || { \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk util-linux >/dev/null; }
+
+# The Rust proxy-wasm filter that does nothing: the floor of any wasm filter.
+build/bench-empty.wasm: bench/empty-filter/src/lib.rs bench/empty-filter/Cargo.toml .wasm-target
+	cargo build --release --target $(WASM_TARGET) --manifest-path bench/empty-filter/Cargo.toml \
+	  --target-dir target/empty-filter
+	@mkdir -p build && cp target/empty-filter/$(WASM_TARGET)/release/empty_filter.wasm $@
+
+# BEFORE's module, built by that revision's own `make build` in a scratch tree.
+bench-before:
+	@test -n "$(BEFORE)" || { echo "set BEFORE=<git revision>"; exit 1; }
+	rm -rf .tmp/before && mkdir -p .tmp/before && git archive $(BEFORE) | tar -x -C .tmp/before
+	CARGO_TARGET_DIR=$(CURDIR)/target/before $(MAKE) -C .tmp/before --no-print-directory build \
+	  WASM_OUT=$(CURDIR)/target/before/$(WASM_TARGET)/release/keygate.wasm
+	cp .tmp/before/build/keygate.wasm build/keygate-before.wasm
+
+bench-envoy: build build/bench-empty.wasm bench-tools $(VENV)/.installed $(if $(BEFORE),bench-before)
+	ENVOY_BIN=$(ENVOY) $(PY) bench/run.py --rounds $(BENCH_ROUNDS) --seconds $(BENCH_SECONDS) $(BENCH_EXTRA)
+
+bench-core:
+	cargo bench --bench core
+
+bench: bench-envoy bench-core
+
+# Amplified A/B of two builds (bench/ab.py): make bench-ab A=build/keygate-before.wasm
+A ?= build/keygate-before.wasm
+bench-ab: build build/bench-empty.wasm bench-tools $(VENV)/.installed
+	ENVOY_BIN=$(ENVOY) $(PY) bench/ab.py empty=build/bench-empty.wasm a=$(A) b=$(ARTIFACT)
 
 clean:
 	cargo clean

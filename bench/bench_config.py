@@ -101,18 +101,18 @@ def listener(name, port, body):
 {body}"""
 
 
-def native_filter(n):
+def native_filter(n, strip=True, name="envoy.filters.http.api_key_auth"):
     creds = "".join(f"              - {{ key: {bench_key(i)}, client: {key_id(i)} }}\n" for i in range(n))
-    return f"""          - name: envoy.filters.http.api_key_auth
+    return f"""          - name: {name}
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.api_key_auth.v3.ApiKeyAuth
               key_sources: [{{ header: x-api-key }}]
-              forwarding: {{ header: x-client-id, hide_credentials: true }}
+              forwarding: {{ header: x-client-id, hide_credentials: {str(strip).lower()} }}
               credentials:
 {creds}"""
 
 
-def lua_filter(n):
+def lua_filter(n, strip=True, name="envoy.filters.http.lua"):
     table = "".join(f'  ["{bench_key(i)}"] = "{key_id(i)}",\n' for i in range(n))
     source = (
         "local clients = {\n" + table + "}\n"
@@ -123,11 +123,11 @@ def lua_filter(n):
         '    handle:respond({[":status"] = "401", ["content-type"] = "text/plain"}, "Client authentication failed.")\n'
         "    return\n"
         "  end\n"
-        '  headers:remove("x-api-key")\n'
-        '  headers:replace("x-client-id", client)\n'
+        + ('  headers:remove("x-api-key")\n' if strip else "")
+        + '  headers:replace("x-client-id", client)\n'
         "end\n"
     )
-    return f"""          - name: envoy.filters.http.lua
+    return f"""          - name: {name}
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
               default_source_code:
@@ -135,32 +135,36 @@ def lua_filter(n):
 {indent(source, 18)}"""
 
 
-EXT_AUTHZ_FILTER = """          - name: envoy.filters.http.ext_authz
+def ext_authz_filter(cluster_name="authz_service", name="envoy.filters.http.ext_authz"):
+    return f"""          - name: {name}
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
               transport_api_version: V3
               failure_mode_allow: false
               http_service:
-                server_uri: { uri: "http://127.0.0.1", cluster: authz_service, timeout: 1s }
+                server_uri: {{ uri: "http://127.0.0.1", cluster: {cluster_name}, timeout: 1s }}
                 authorization_request:
-                  allowed_headers: { patterns: [{ exact: x-api-key }] }
+                  allowed_headers: {{ patterns: [{{ exact: x-api-key }}] }}
                 authorization_response:
-                  allowed_upstream_headers: { patterns: [{ exact: x-client-id }] }
+                  allowed_upstream_headers: {{ patterns: [{{ exact: x-client-id }}] }}
 """
 
-# The authorization service: the native check, then 200 carrying the client id and the
-# instruction to strip the key (ext_authz honours x-envoy-auth-headers-to-remove).
-AUTHZ_ROUTE = """direct_response: { status: 200 }
+
+def authz_route(strip=True):
+    """The authorization service's answer: 200 with the client id the native check found, and
+    (unless chained) the instruction to strip the key, which ext_authz honours."""
+    remove = "\n                - header: { key: x-envoy-auth-headers-to-remove, value: x-api-key }"
+    return ("""direct_response: { status: 200 }
                 response_headers_to_add:
-                - header: { key: x-client-id, value: "%REQ(x-client-id)%" }
-                - header: { key: x-envoy-auth-headers-to-remove, value: x-api-key }"""
+                - header: { key: x-client-id, value: "%REQ(x-client-id)%" }""" + (remove if strip else ""))
+
 
 UPSTREAM_ROUTE = 'direct_response: { status: 200, body: { inline_string: "ok" } }'
 DENY_ROUTE = 'direct_response: { status: 401, body: { inline_string: "Client authentication failed." } }'
 
 
-def keygate_filter(vm_id, wasm, config_json):
-    return f"""          - name: keygate
+def keygate_filter(vm_id, wasm, config_json, name="keygate"):
+    return f"""          - name: {name}
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
               config:
@@ -177,7 +181,7 @@ def keygate_filter(vm_id, wasm, config_json):
 {indent(config_json, 20)}"""
 
 
-def cluster(name, port, http2=False):
+def cluster(name, port):
     return f"""  - name: {name}
     type: STATIC
     load_assignment:
@@ -186,34 +190,49 @@ def cluster(name, port, http2=False):
 """
 
 
-def render(n, extra=()):
+def contender_filters(contender, n, chain=1):
+    """The http_filters of one contender's listener. With `chain` > 1 the filter is repeated so a
+    benchmark can amplify its cost; every copy then leaves the key in place (no stripping) so the
+    next copy does the whole check again."""
+    strip = chain == 1
+    keygate_json = keygate_config(n)
+    if not strip:
+        keygate_json = keygate_json.replace('"name": "bench",', '"name": "bench", "strip_credentials": false,', 1)
+    one = {
+        "floor": lambda i: "",
+        "native": lambda i: native_filter(n, strip, f"api_key_auth_{i}" if chain > 1 else
+                                          "envoy.filters.http.api_key_auth"),
+        "lua": lambda i: lua_filter(n, strip, f"lua_{i}" if chain > 1 else "envoy.filters.http.lua"),
+        "ext_authz": lambda i: ext_authz_filter("authz_service" if strip else "authz_service_chained",
+                                                f"ext_authz_{i}" if chain > 1 else "envoy.filters.http.ext_authz"),
+        "keygate": lambda i: keygate_filter("bench-keygate", "build/keygate.wasm", keygate_json,
+                                            f"keygate_{i}" if chain > 1 else "keygate"),
+        "keygate_before": lambda i: keygate_filter("bench-keygate-before", "build/keygate-before.wasm",
+                                                   keygate_json, f"keygate_before_{i}" if chain > 1 else "keygate"),
+        "keygate_100k": lambda i: keygate_filter("bench-keygate-100k", "build/keygate.wasm",
+                                                 keygate_config(100_000, "bench100k"), "keygate"),
+        "wasm_floor": lambda i: keygate_filter("bench-empty", "build/bench-empty.wasm", "{}\n",
+                                               f"empty_{i}" if chain > 1 else "empty"),
+    }[contender]
+    return "".join(one(i) for i in range(chain))
+
+
+def render(n, extra=(), chain=1):
     """The bench config. `extra` adds listeners bench/run.py uses but does not ship (their wasm
     files exist only after `make bench` builds them): `empty` (bench/empty-filter, a Rust
     proxy-wasm filter that does nothing), `before` (build/keygate-before.wasm, same keys) and
-    `100k` (keygate with 100,000 inline keys)."""
-    listeners = [
-        listener("floor", PORTS["floor"], hcm("floor", "")),
-        listener("floor_deny", PORTS["floor_deny"], hcm("floor_deny", "", route=DENY_ROUTE)),
-        listener("native", PORTS["native"], hcm("native", native_filter(n))),
-        listener("lua", PORTS["lua"], hcm("lua", lua_filter(n))),
-        listener("ext_authz", PORTS["ext_authz"], hcm("ext_authz", EXT_AUTHZ_FILTER)),
-        listener("authz_service", PORTS["authz_service"],
-                 hcm("authz_service", native_filter(n), route=AUTHZ_ROUTE)),
-        listener("keygate", PORTS["keygate"],
-                 hcm("keygate", keygate_filter("bench-keygate", "build/keygate.wasm", keygate_config(n)))),
-        listener("upstream", PORTS["upstream"], hcm("upstream", "", route=UPSTREAM_ROUTE)),
-    ]
-    if "empty" in extra:
-        listeners.append(listener("wasm_floor", PORTS["wasm_floor"], hcm(
-            "wasm_floor", keygate_filter("bench-empty", "build/bench-empty.wasm", "{}\n"))))
-    if "before" in extra:
-        listeners.append(listener("keygate_before", PORTS["keygate_before"], hcm(
-            "keygate_before",
-            keygate_filter("bench-keygate-before", "build/keygate-before.wasm", keygate_config(n)))))
-    if "100k" in extra:
-        listeners.append(listener("keygate_100k", PORTS["keygate_100k"], hcm(
-            "keygate_100k",
-            keygate_filter("bench-keygate-100k", "build/keygate.wasm", keygate_config(100_000, "bench100k")))))
+    `100k` (keygate with 100,000 inline keys). `chain` repeats every contender's filter."""
+    names = list(CONTENDERS)
+    names += [name for key, name in (("empty", "wasm_floor"), ("before", "keygate_before"),
+                                     ("100k", "keygate_100k")) if key in extra]
+    if chain > 1 and "keygate_100k" in names:
+        names.remove("keygate_100k")
+    listeners = [listener(name, PORTS[name], hcm(name, contender_filters(name, n, chain))) for name in names]
+    listeners.insert(1, listener("floor_deny", PORTS["floor_deny"], hcm("floor_deny", "", route=DENY_ROUTE)))
+    authz = "authz_service" if chain == 1 else "authz_service_chained"
+    listeners.append(listener(authz, PORTS["authz_service"],
+                              hcm(authz, native_filter(n, strip=chain == 1), route=authz_route(chain == 1))))
+    listeners.append(listener("upstream", PORTS["upstream"], hcm("upstream", "", route=UPSTREAM_ROUTE)))
     return (
         "# Generated by bench/bench_config.py; `make bench` runs it (see BENCHMARKS.md). Do not edit.\n"
         "# One listener per contender, all checking x-api-key against the same "
@@ -227,7 +246,7 @@ def render(n, extra=()):
         + "".join(listeners)
         + "  clusters:\n"
         + cluster("upstream", PORTS["upstream"])
-        + cluster("authz_service", PORTS["authz_service"])
+        + cluster(authz, PORTS["authz_service"])
     )
 
 
@@ -235,8 +254,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keys", type=int, default=1000, help="keys per contender (default 1000)")
     parser.add_argument("--extra", action="append", default=[], choices=["empty", "before", "100k"])
+    parser.add_argument("--chain", type=int, default=1, help="repeat each contender's filter")
     args = parser.parse_args()
-    sys.stdout.write(render(args.keys, args.extra))
+    sys.stdout.write(render(args.keys, args.extra, args.chain))
 
 
 if __name__ == "__main__":

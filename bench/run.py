@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
-"""`make bench`: every contender of envoy/bench.yaml side by side in one Envoy, printed as a table.
+"""`make bench-envoy`: every contender of envoy/bench.yaml side by side in one Envoy.
 
 One Envoy (`--concurrency 1`) pinned to one core, wrk pinned to the other. Rounds are
 interleaved (A B C ... A B C ...) so slow drifts in machine load hit every contender alike; each
-round runs valid-key and invalid-key traffic against every contender. Per run: Envoy's CPU time
+round runs valid-key and unknown-key traffic against every contender. Per run: Envoy's CPU time
 from /proc/<pid>/stat (utime + stime, all threads) divided by the requests wrk completed,
-requests/s, and wrk's p50/p99 latency. The table shows medians over the rounds.
+requests/s, and wrk's p50/p99 latency. Tables show medians over the rounds. The "added" column
+subtracts the floor (the same traffic with no filter) measured in the same round.
 
-The "added" columns subtract the floor (the same proxying with no filter) measured in the same
-round, and the last column divides a contender's added CPU by the native filter's.
+A second phase (`--chain`, default 10) starts another Envoy in which each contender's filter is
+chained N times, so that a valid-key request pays for it N times: a few microseconds of filter
+cost become tens, well above the run-to-run noise of a shared machine. Its per-filter numbers
+give the ratios to the native filter.
 """
 import argparse
 import datetime
@@ -35,13 +38,13 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 LABELS = {
     "floor": "no filter (floor)",
+    "wasm_floor": "empty Rust proxy-wasm filter (does nothing)",
     "native": "native api_key_auth",
     "lua": "Lua filter",
     "ext_authz": "ext_authz (HTTP, local listener)",
     "keygate": "keygate, 1k keys",
-    "keygate_before": "keygate before (build/keygate-before.wasm), 1k keys",
+    "keygate_before": "keygate before (BEFORE=…), 1k keys",
     "keygate_100k": "keygate, 100k inline keys",
-    "wasm_floor": "empty Rust proxy-wasm filter (no work)",
 }
 
 
@@ -49,21 +52,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def render_config(n_keys, extra):
-    """envoy/bench.yaml plus the extra listeners, with every port swapped for a free one."""
-    shipped = (ROOT / "envoy" / "bench.yaml").read_text()
-    if n_keys == 1000 and shipped != bench_config.render(n_keys):
-        sys.exit("envoy/bench.yaml is stale: run `python3 bench/bench_config.py > envoy/bench.yaml`")
-    text = bench_config.render(n_keys, extra)
-    ports = {}
-    for name, shipped in bench_config.PORTS.items():
-        ports[name] = free_port()
-        text = text.replace(f"port_value: {shipped} ", f"port_value: {ports[name]} ")
-    path = WORK / "bench.yaml"
-    path.write_text(text)
-    return path, ports
 
 
 def cpu_seconds(pid):
@@ -74,17 +62,11 @@ def cpu_seconds(pid):
 
 def http_status(port, key):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    headers = {"x-api-key": key} if key is not None else {}
-    conn.request("GET", "/v1/items", headers=headers)
+    conn.request("GET", "/v1/items", headers={"x-api-key": key} if key is not None else {})
     response = conn.getresponse()
     response.read()
     conn.close()
     return response.status
-
-
-def traffic_kinds(name):
-    # The empty wasm filter lets every request through: it has no unknown-key case.
-    return ("valid",) if name == "wasm_floor" else ("valid", "invalid")
 
 
 def write_keys(path, keys):
@@ -92,38 +74,42 @@ def write_keys(path, keys):
     return path
 
 
-class Bench:
-    def __init__(self, args):
-        self.args = args
-        self.contenders = list(bench_config.CONTENDERS)
-        if "empty" in args.extra:
-            self.contenders.insert(1, "wasm_floor")
-        if "before" in args.extra:
-            self.contenders.append("keygate_before")
-        if "100k" in args.extra:
-            self.contenders.append("keygate_100k")
-        WORK.mkdir(parents=True, exist_ok=True)
-        n = args.keys
-        self.key_files = {
-            "valid": write_keys(WORK / "valid-keys.txt", [bench_config.bench_key(i) for i in range(n)]),
-            # Well-formed (right prefix and length) but unknown: every contender must look them up.
-            "invalid": write_keys(WORK / "invalid-keys.txt",
-                                  [bench_config.KEY_PREFIX + f"{i:032x}" for i in range(n)]),
-        }
+def traffic_kinds(name, chain):
+    # A chained run measures the pass-through path only; the empty filter has no unknown-key case.
+    return ("valid",) if chain > 1 or name == "wasm_floor" else ("valid", "invalid")
+
+
+class Phase:
+    """One Envoy on one rendered config, its contenders measured in interleaved rounds."""
+
+    def __init__(self, args, contenders, chain, key_files):
+        self.args, self.contenders, self.chain, self.key_files = args, contenders, chain, key_files
+
+    def render(self):
+        if self.chain == 1 and self.args.keys == 1000:
+            shipped = (ROOT / "envoy" / "bench.yaml").read_text()
+            if shipped != bench_config.render(self.args.keys):
+                sys.exit("envoy/bench.yaml is stale: run `python3 bench/bench_config.py > envoy/bench.yaml`")
+        text = bench_config.render(self.args.keys, self.args.extra, self.chain)
+        self.ports = {}
+        for name, shipped_port in bench_config.PORTS.items():
+            self.ports[name] = free_port()
+            text = text.replace(f"port_value: {shipped_port} ", f"port_value: {self.ports[name]} ")
+        path = WORK / f"bench-chain{self.chain}.yaml"
+        path.write_text(text)
+        return path
 
     def start_envoy(self):
-        config, self.ports = render_config(self.args.keys, self.args.extra)
-        self.log = open(WORK / "envoy.log", "wb")
+        config = self.render()
+        log = open(WORK / f"envoy-chain{self.chain}.log", "wb")
         # Warn level: every contender's per-request logging (keygate logs each denial at info)
         # stays off, as in a production proxy that logs at warn.
         self.envoy = subprocess.Popen(
             ["taskset", "-c", str(self.args.envoy_cpu), ENVOY_BIN, "-c", str(config),
              "--concurrency", "1", "--disable-hot-restart", "--log-level", "warn"],
-            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.envoy.poll() is not None:
-                break
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 180
+        while time.time() < deadline and self.envoy.poll() is None:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['admin']}/ready", timeout=1) as r:
                     if r.status == 200:
@@ -131,7 +117,7 @@ class Bench:
             except OSError:
                 time.sleep(0.2)
         self.stop()
-        sys.exit("Envoy did not start:\n" + (WORK / "envoy.log").read_text()[-3000:])
+        sys.exit("Envoy did not start:\n" + (WORK / f"envoy-chain{self.chain}.log").read_text()[-3000:])
 
     def stop(self):
         if self.envoy.poll() is None:
@@ -140,22 +126,24 @@ class Bench:
                 self.envoy.wait(10)
             except subprocess.TimeoutExpired:
                 self.envoy.kill()
+                self.envoy.wait()
+
+    def fail(self, message):
+        self.stop()
+        sys.exit(message)
 
     def check_contenders(self):
         """Each contender must let a valid key through and refuse an unknown one, or the numbers
         would compare different work."""
-        valid = bench_config.bench_key(7)
-        invalid = bench_config.KEY_PREFIX + "0" * 32
+        valid, invalid = bench_config.bench_key(7), bench_config.KEY_PREFIX + "0" * 32
         for name in self.contenders:
             port = self.ports[name]
             got = (http_status(port, valid), http_status(port, invalid), http_status(port, None))
             want = (200, 200, 200) if name in ("floor", "wasm_floor") else (200, 401, 401)
             if got != want:
-                self.stop()
-                sys.exit(f"contender {name}: valid/invalid/missing key gave {got}, expected {want}")
+                self.fail(f"contender {name}: valid/unknown/missing key gave {got}, expected {want}")
         if http_status(self.ports[bench_config.FLOOR_DENY], valid) != 401:
-            self.stop()
-            sys.exit("the floor of unknown-key traffic must answer 401")
+            self.fail("the floor of unknown-key traffic must answer 401")
 
     def port(self, name, traffic):
         if name == "floor" and traffic == "invalid":
@@ -171,49 +159,42 @@ class Bench:
         cpu = cpu_seconds(self.envoy.pid) - before
         line = next((l for l in done.stdout.splitlines() if l.startswith("{")), None)
         if done.returncode != 0 or line is None:
-            self.stop()
-            sys.exit(f"wrk failed on {name}:\n{done.stdout}\n{done.stderr}")
+            self.fail(f"wrk failed on {name}:\n{done.stdout}\n{done.stderr}")
         run = json.loads(line)
         requests = run["requests"]
-        expect_denied = traffic == "invalid"
-        if run["socket_errors"] or run["status_errors"] != (requests if expect_denied else 0):
-            self.stop()
-            sys.exit(f"{name}/{traffic}: unexpected replies: {run}")
-        return {
-            "cpu_us": cpu * 1e6 / requests,
-            "rps": requests / (run["duration_us"] / 1e6),
-            "p50_us": run["p50_us"],
-            "p99_us": run["p99_us"],
-        }
+        if run["socket_errors"] or run["status_errors"] != (requests if traffic == "invalid" else 0):
+            self.fail(f"{name}/{traffic}: unexpected replies: {run}")
+        return {"cpu_us": cpu * 1e6 / requests, "rps": requests / (run["duration_us"] / 1e6),
+                "p50_us": run["p50_us"], "p99_us": run["p99_us"]}
 
-    def run(self):
-        started = time.time()
+    def run(self, rounds, seconds, started):
         self.start_envoy()
         try:
             self.check_contenders()
+            kinds = {n: traffic_kinds(n, self.chain) for n in self.contenders}
             for name in self.contenders:  # V8 tiers wasm up to optimized code while it runs
-                for traffic in traffic_kinds(name):
+                for traffic in kinds[name]:
                     self.wrk(name, traffic, self.args.warmup)
-            runs = {(n, t): [] for n in self.contenders for t in traffic_kinds(n)}
-            for r in range(self.args.rounds):
+            runs = {(n, t): [] for n in self.contenders for t in kinds[n]}
+            for r in range(rounds):
                 for name in self.contenders:
-                    for traffic in traffic_kinds(name):
-                        runs[(name, traffic)].append(self.wrk(name, traffic, self.args.seconds))
-                print(f"  round {r + 1}/{self.args.rounds} done ({time.time() - started:.0f}s)",
+                    for traffic in kinds[name]:
+                        runs[(name, traffic)].append(self.wrk(name, traffic, seconds))
+                print(f"  x{self.chain}: round {r + 1}/{rounds} done ({time.time() - started:.0f}s)",
                       file=sys.stderr)
         finally:
             self.stop()
         return runs
 
 
-def medians(runs, floor_runs):
-    """Medians over rounds; the added CPU is taken per round against that round's floor."""
-    added = [r["cpu_us"] - f["cpu_us"] for r, f in zip(runs, floor_runs)]
+def summarize(runs, floor_runs, chain):
+    """Medians over rounds; the added CPU is taken per round against that round's floor, per
+    filter when chained."""
+    added = [(r["cpu_us"] - f["cpu_us"]) / chain for r, f in zip(runs, floor_runs)]
+    cpu = [r["cpu_us"] for r in runs]
     return {
-        "cpu_us": statistics.median(r["cpu_us"] for r in runs),
-        "cpu_us_min": min(r["cpu_us"] for r in runs),
-        "cpu_us_max": max(r["cpu_us"] for r in runs),
-        "added_us": statistics.median(added),
+        "cpu_us": statistics.median(cpu), "cpu_us_min": min(cpu), "cpu_us_max": max(cpu),
+        "added_us": statistics.median(added), "added_us_min": min(added), "added_us_max": max(added),
         "rps": statistics.median(r["rps"] for r in runs),
         "p50_us": statistics.median(r["p50_us"] for r in runs),
         "p99_us": statistics.median(r["p99_us"] for r in runs),
@@ -223,24 +204,28 @@ def medians(runs, floor_runs):
 def machine_facts():
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                 if l.startswith("model name")), platform.processor())
-    envoy_version = subprocess.run([ENVOY_BIN, "--version"], capture_output=True, text=True).stdout.strip()
+    version = subprocess.run([ENVOY_BIN, "--version"], capture_output=True, text=True).stdout.strip()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": f"{cpu}, {os.cpu_count()} cores",
         "kernel": platform.release(),
-        "envoy": envoy_version.split("version:")[-1].strip(),
+        "envoy": version.split("version:")[-1].strip(),
         "loadavg": Path("/proc/loadavg").read_text().split()[:3],
     }
 
 
-def table(results, contenders, args):
+def ratio(value, native):
+    return f"{value / native:.1f}×" if native > 0.05 else "n/a (native ≈ 0)"
+
+
+def single_table(results, contenders):
     out = []
-    for traffic, title in (("valid", "valid key (200 from the upstream)"),
-                           ("invalid", "unknown key (401 from the filter)")):
+    for traffic, title in (("valid", "Valid key: 200 from the upstream"),
+                           ("invalid", "Unknown key: 401 from the filter")):
         native = results[("native", traffic)]["added_us"]
-        out.append(f"\n**{title}**\n")
-        out.append("| contender | Envoy CPU µs/req (min–max) | added µs/req over floor | "
-                   "added ÷ native's added | req/s | p50 µs | p99 µs |")
+        out.append(f"\n**{title}** (one filter per listener)\n")
+        out.append("| contender | Envoy CPU µs/req, median (min–max) | added over floor µs/req | "
+                   "added ÷ native's | req/s | p50 µs | p99 µs |")
         out.append("|---|---|---|---|---|---|---|")
         for name in contenders:
             if (name, traffic) not in results:
@@ -248,24 +233,43 @@ def table(results, contenders, args):
             m = results[(name, traffic)]
             label = LABELS[name]
             if name == "floor":
-                added, ratio = "—", "—"
+                added, times = "—", "—"
                 if traffic == "invalid":
                     label = "no filter, the route answers 401 (floor)"
             else:
-                added = f"{m['added_us']:.1f}"
-                ratio = f"{m['added_us'] / native:.2f}×" if native > 0 else "n/a"
+                added, times = f"{m['added_us']:.1f}", ratio(m["added_us"], native)
             out.append(f"| {label} | {m['cpu_us']:.1f} ({m['cpu_us_min']:.1f}–{m['cpu_us_max']:.1f}) "
-                       f"| {added} | {ratio} | {m['rps']:,.0f} | {m['p50_us']:.0f} | {m['p99_us']:.0f} |")
+                       f"| {added} | {times} | {m['rps']:,.0f} | {m['p50_us']:.0f} | {m['p99_us']:.0f} |")
         if "keygate_100k" not in contenders:
-            out.append("| keygate, 100k keys from the shared-data key cache | not yet measurable: "
-                       "the shared-data key cache is not on main | | | | | |")
+            out.append("| keygate, 100k keys from the shared-data key cache | not yet measurable: the "
+                       "shared-data key cache is not on main | | | | | |")
+    return "\n".join(out)
+
+
+def chained_table(results, contenders, chain):
+    native = results[("native", "valid")]["added_us"]
+    out = [f"\n**Per filter, chained ×{chain}** (valid key; each listener runs its filter {chain} times, "
+           "keys left in place)\n",
+           "| contender | listener CPU µs/req, median | per filter over floor µs/req, median (min–max) "
+           "| ÷ native's |",
+           "|---|---|---|---|"]
+    for name in contenders:
+        m = results[(name, "valid")]
+        if name == "floor":
+            out.append(f"| {LABELS[name]} | {m['cpu_us']:.1f} | — | — |")
+            continue
+        out.append(f"| {LABELS[name]} | {m['cpu_us']:.1f} | {m['added_us']:.2f} "
+                   f"({m['added_us_min']:.2f}–{m['added_us_max']:.2f}) | {ratio(m['added_us'], native)} |")
     return "\n".join(out)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", 5)))
-    parser.add_argument("--seconds", type=int, default=int(os.environ.get("BENCH_SECONDS", 5)))
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=int, default=4)
+    parser.add_argument("--chain", type=int, default=10, help="filters per listener in phase 2 (1: skip it)")
+    parser.add_argument("--chain-rounds", type=int, default=6)
+    parser.add_argument("--chain-seconds", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--keys", type=int, default=1000)
@@ -281,31 +285,51 @@ def main():
         if extra in args.extra and not (ROOT / "build" / wasm).exists():
             sys.exit(f"--extra {extra} needs build/{wasm}")
 
+    WORK.mkdir(parents=True, exist_ok=True)
+    key_files = {
+        "valid": write_keys(WORK / "valid-keys.txt", [bench_config.bench_key(i) for i in range(args.keys)]),
+        # Well-formed (right prefix and length) but unknown: every contender must look them up.
+        "invalid": write_keys(WORK / "invalid-keys.txt",
+                              [bench_config.KEY_PREFIX + f"{i:032x}" for i in range(args.keys)]),
+    }
+    contenders = list(bench_config.CONTENDERS)
+    for extra, name in (("empty", "wasm_floor"), ("before", "keygate_before"), ("100k", "keygate_100k")):
+        if extra in args.extra:
+            contenders.insert(1, name) if name == "wasm_floor" else contenders.append(name)
+
     facts = machine_facts()
-    bench = Bench(args)
-    print(f"make bench: {len(bench.contenders)} contenders x 2 traffic kinds x {args.rounds} rounds x "
-          f"{args.seconds}s (load average before: {' '.join(facts['loadavg'])})", file=sys.stderr)
-    runs = bench.run()
-    results = {}
-    for (name, traffic), rs in runs.items():
-        results[(name, traffic)] = medians(rs, runs[("floor", traffic)])
+    started = time.time()
+    print(f"make bench: {len(contenders)} contenders, {args.rounds} rounds x {args.seconds}s, then x{args.chain} "
+          f"chains {args.chain_rounds} x {args.chain_seconds}s (load average {' '.join(facts['loadavg'])})",
+          file=sys.stderr)
+    single = Phase(args, contenders, 1, key_files).run(args.rounds, args.seconds, started)
+    results = {key: summarize(rs, single[("floor", key[1])], 1) for key, rs in single.items()}
+    chained_results, chained_contenders = {}, [c for c in contenders if c != "keygate_100k"]
+    if args.chain > 1:
+        chained = Phase(args, chained_contenders, args.chain, key_files).run(
+            args.chain_rounds, args.chain_seconds, started)
+        chained_results = {key: summarize(rs, chained[("floor", "valid")], args.chain)
+                           for key, rs in chained.items()}
     facts["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
-    wasm = ROOT / "build" / "keygate.wasm"
     args.json.write_text(json.dumps({
         "facts": facts, "args": {k: str(v) for k, v in vars(args).items()},
-        "runs": {f"{n}/{t}": rs for (n, t), rs in runs.items()},
-        "medians": {f"{n}/{t}": m for (n, t), m in results.items()},
+        "single": {f"{n}/{t}": {"runs": rs, "summary": results[(n, t)]} for (n, t), rs in single.items()},
+        "chained": {f"{n}/{t}": s for (n, t), s in chained_results.items()},
     }, indent=1))
 
-    print(f"\n### keygate benchmark ({facts['date']})\n")
+    wasm = ROOT / "build" / "keygate.wasm"
+    print(f"\n### Envoy benchmark ({facts['date']}, {time.time() - started:.0f}s)\n")
     print(f"- machine: {facts['cpu']}, Linux {facts['kernel']}; Envoy {facts['envoy']}")
-    print(f"- Envoy `--concurrency 1` on CPU {args.envoy_cpu}, wrk `-t1 -c{args.connections}` on CPU "
-          f"{args.wrk_cpu}; {args.rounds} interleaved rounds of {args.seconds}s per contender and "
-          f"traffic kind, medians; {args.keys:,} keys per contender")
+    print(f"- Envoy `--concurrency 1 --log-level warn` on CPU {args.envoy_cpu}, wrk `-t1 -c{args.connections}` "
+          f"on CPU {args.wrk_cpu}; {args.rounds} interleaved rounds of {args.seconds}s per contender and "
+          f"traffic kind, then {args.chain_rounds} rounds of {args.chain_seconds}s chained ×{args.chain}; "
+          f"medians; {args.keys:,} keys per contender")
     print(f"- load average before/after: {' '.join(facts['loadavg'])} / {' '.join(facts['loadavg_after'])}")
     if wasm.exists():
         print(f"- build/keygate.wasm: {wasm.stat().st_size:,} bytes")
-    print(table(results, bench.contenders, args))
+    print(single_table(results, contenders))
+    if chained_results:
+        print(chained_table(chained_results, chained_contenders, args.chain))
     print(f"\nraw runs: {args.json.relative_to(ROOT)}")
 
 
