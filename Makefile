@@ -179,8 +179,10 @@ bench-before:
 bench-envoy: build build/bench-empty.wasm bench-tools $(VENV)/.installed $(if $(BEFORE),bench-before)
 	ENVOY_BIN=$(ENVOY) $(PY) bench/run.py --rounds $(BENCH_ROUNDS) --seconds $(BENCH_SECONDS) $(BENCH_EXTRA)
 
+# Its own target dir: the bench profile shares target/release with `cargo build --release`,
+# whose panic=abort library has the same file name as the benchmark's unwinding one.
 bench-core:
-	cargo bench --bench core
+	cargo bench --bench core --target-dir target/bench-core
 
 bench: bench-envoy bench-core
 
