@@ -152,11 +152,13 @@ compose-check: build $(VENV)/.installed compose-tools
 # --- benchmarks (BENCHMARKS.md) --------------------------------------------------------------
 # make bench: every contender of envoy/bench.yaml side by side in one Envoy, then the core
 # microbenchmarks. Timed numbers are printed, never asserted. BEFORE=<git rev> adds a listener
-# with that revision's keygate.wasm; BENCH_ROUNDS / BENCH_SECONDS change the run length.
+# with that revision's keygate.wasm; BENCH_100K=1 adds keygate with 100,000 inline keys;
+# BENCH_ROUNDS / BENCH_SECONDS change the run length.
 BENCH_ROUNDS ?= 5
 BENCH_SECONDS ?= 4
 BEFORE ?=
-BENCH_EXTRA = --extra empty $(if $(BEFORE),--extra before)
+BENCH_100K ?=
+BENCH_EXTRA = --extra empty $(if $(BEFORE),--extra before) $(if $(BENCH_100K),--extra 100k)
 
 bench-tools:
 	@command -v wrk >/dev/null && command -v taskset >/dev/null || { \
