@@ -74,6 +74,10 @@ struct Runtime {
     keys: KeySet,
     metrics: Metrics,
     source: Option<KeySource>,
+    /// Whether a request's time matters: some key has a validity window, or keys come from a
+    /// key service whose records may. The clock is the only per-request host call it saves, and
+    /// the first call of a host function in a request is the expensive one.
+    reads_clock: bool,
 }
 
 #[derive(Default)]
@@ -146,11 +150,17 @@ impl RootContext for KeygateRoot {
                     // Also drives the limits sweep, which keeps its own one-second pace.
                     let _ = hostcalls::set_tick_period(period);
                 }
+                let reads_clock = source.is_some()
+                    || keys
+                        .records()
+                        .iter()
+                        .any(|r| r.expires_at.is_some() || r.not_after.is_some());
                 self.runtime = Some(Rc::new(Runtime {
                     config,
                     keys,
                     metrics,
                     source,
+                    reads_clock,
                 }));
                 true
             }
@@ -241,7 +251,7 @@ impl HttpContext for KeygateRequest {
             return Action::Pause;
         };
         let config = &runtime.config;
-        let req = read_request(config);
+        let req = read_request(config, runtime.reads_clock);
         let (credential, policy) = match begin(config, &req) {
             Step::Decided(decision) => return self.apply(&runtime, &req, decision).action(),
             Step::Lookup { credential, policy } => (credential, policy),
@@ -377,12 +387,16 @@ fn property_text(path: Vec<&str>) -> Option<String> {
 }
 
 /// Gathers everything the core needs with as few host calls as the config allows.
-fn read_request(config: &Config) -> RequestView {
+fn read_request(config: &Config, reads_clock: bool) -> RequestView {
     let headers = request_headers::read();
-    let now = hostcalls::get_current_time()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_secs() as i64);
+    let now = if reads_clock {
+        hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs() as i64)
+    } else {
+        0
+    };
     let mut req = RequestView {
         headers,
         now,

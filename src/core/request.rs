@@ -96,7 +96,8 @@ impl<N: AsRef<str>, V: AsRef<[u8]>> From<Vec<(N, V)>> for Headers {
 #[derive(Debug, Clone, Default)]
 pub struct RequestView {
     pub headers: Headers,
-    /// Seconds since the Unix epoch, from the host clock.
+    /// Seconds since the Unix epoch, from the host clock. Only key validity windows read it, so
+    /// the adapter leaves it 0 when no key has one (and reads the clock otherwise).
     pub now: i64,
     /// The policy name the matched route carries in `filter_metadata.keygate.policy`.
     pub route_policy: Option<String>,
