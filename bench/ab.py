@@ -108,10 +108,10 @@ def main():
     print(f"\nA/B, keygate chained x{args.chain} per listener, {args.rounds} interleaved rounds of "
           f"{args.seconds}s, valid keys, {args.keys:,} keys; load average {' '.join(load)} / "
           f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])}\n")
-    # Interference from other processes only ever adds CPU time, so the quietest round of each
-    # listener is the second estimate: (lowest listener CPU - lowest floor CPU) / N.
+    # Interference from other processes only ever adds CPU time, so each listener's quieter
+    # rounds give the second estimate: (lower quartile of its CPU - the floor's) / N.
     print("| build | listener CPU µs/req, median (lowest) | per filter over floor µs/req: median of rounds "
-          "(min–max) | per filter from the lowest rounds |")
+          "(min–max) | per filter from the quieter rounds (lower quartiles) |")
     print("|---|---|---|---|")
     floor = cpu["floor"]
     print(f"| no filter (floor) | {statistics.median(floor):.1f} ({min(floor):.1f}) | — | — |")
@@ -119,7 +119,7 @@ def main():
         per_filter = [(c - f) / args.chain for c, f in zip(cpu[name], floor)]
         print(f"| {name} (`{wasm}`) | {statistics.median(cpu[name]):.1f} ({min(cpu[name]):.1f}) | "
               f"{statistics.median(per_filter):.2f} ({min(per_filter):.2f}–{max(per_filter):.2f}) | "
-              f"{(min(cpu[name]) - min(floor)) / args.chain:.2f} |")
+              f"{(run.lower_quartile(cpu[name]) - run.lower_quartile(floor)) / args.chain:.2f} |")
 
 
 if __name__ == "__main__":
