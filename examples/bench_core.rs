@@ -1,4 +1,4 @@
-//! Core microbenchmarks (`make bench-core`, or `cargo bench --bench core`): what keygate's
+//! Core microbenchmarks (`make bench-core`, or `cargo run --release --example bench_core`): what keygate's
 //! host-independent core costs per request, natively, with 1k, 100k and 1M keys, and what a
 //! 1M-key set costs to parse and hold.
 //!
@@ -151,7 +151,7 @@ fn run() -> Result<(), String> {
     let budget_ms = if quick { 100 } else { 600 };
     let (config, _) = Config::parse(CONFIG.as_bytes()).map_err(|e| e.to_string())?;
 
-    println!("### core, per request (native, `cargo bench --bench core`)\n");
+    println!("### core, per request (native, `cargo run --release --example bench_core`)\n");
     println!("Requests cycle through min(keys, 65,536) different keys spread over the set.\n");
     println!("| keys | valid key: decide | valid key: decide + upstream edits | allocations / valid request | unknown key: decide | allocations / unknown request |");
     println!("|---|---|---|---|---|---|");
