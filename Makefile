@@ -152,7 +152,8 @@ compose-check: build $(VENV)/.installed compose-tools
 # --- benchmarks (BENCHMARKS.md) --------------------------------------------------------------
 # make bench: every contender of envoy/bench.yaml side by side in one Envoy, then the core
 # microbenchmarks. Timed numbers are printed, never asserted. BEFORE=<git rev> adds a listener
-# with that revision's keygate.wasm; BENCH_100K=1 adds keygate with 100,000 inline keys;
+# with that revision's keygate.wasm; BENCH_100K=1 adds keygate with 100,000 keys, inline and from
+# a key service (full sync through shared data);
 # BENCH_ROUNDS / BENCH_SECONDS change the run length.
 BENCH_ROUNDS ?= 5
 BENCH_SECONDS ?= 4
