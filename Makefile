@@ -11,7 +11,7 @@ ARTIFACT := build/keygate.wasm
 PROFILE ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: all deps build cli lint unit e2e test run validate clean core-wall keyservice-tools fuzz fuzz-tools soak \
+.PHONY: all toolchain tracked-outputs deps build cli lint unit e2e test run validate clean core-wall keyservice-tools fuzz fuzz-tools soak \
 	compose-tools compose-check compose-up compose-down compose-test compose-test-live \
 	bench bench-envoy bench-core bench-ab bench-tools bench-before
 
@@ -23,11 +23,12 @@ $(VENV)/.installed: tests/requirements.txt
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 	touch $@
 
-.wasm-target:
+# Checked on every run, never stamped: a stamp file survives a toolchain update or a new rustup
+# home (and, once committed, made fresh clones skip this recipe). The check takes milliseconds.
+toolchain:
 	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
 	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy
 	@rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
-	@touch $@
 
 # Debian's docker-compose (the static compose checks parse with it) and curl (the curl suite).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -41,10 +42,10 @@ keyservice-tools:
 	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { \
 	  $(SUDO) apt-get update -qq && RUNLEVEL=1 $(SUDO) apt-get install -y -qq nginx-light >/dev/null; }
 
-deps: $(VENV)/.installed .wasm-target compose-tools keyservice-tools
+deps: $(VENV)/.installed toolchain compose-tools keyservice-tools
 
 # --- build --------------------------------------------------------------------------------
-build: .wasm-target
+build: toolchain
 	cargo build --release --target $(WASM_TARGET) --lib
 	@mkdir -p build && python3 tools/strip_callbacks.py $(WASM_OUT) $(ARTIFACT) src/adapter
 	@echo "built $(ARTIFACT) ($$(stat -c %s $(ARTIFACT)) bytes)"
@@ -54,10 +55,14 @@ cli:
 	cargo build --release --bin keygate
 
 # --- checks -------------------------------------------------------------------------------
+# No build output or Makefile-made file may be tracked: a fresh clone would skip its recipe.
+tracked-outputs:
+	@python3 tools/check_tracked_outputs.py
+
 core-wall:
 	@if grep -rn 'proxy_wasm' src/core; then echo "src/core must not use proxy_wasm"; exit 1; fi
 
-lint: .wasm-target core-wall
+lint: toolchain core-wall tracked-outputs
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --release --target $(WASM_TARGET) --lib -- -D warnings
@@ -166,7 +171,7 @@ bench-tools:
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk util-linux >/dev/null; }
 
 # The Rust proxy-wasm filter that does nothing: the floor of any wasm filter.
-build/bench-empty.wasm: bench/empty-filter/src/lib.rs bench/empty-filter/Cargo.toml .wasm-target
+build/bench-empty.wasm: bench/empty-filter/src/lib.rs bench/empty-filter/Cargo.toml | toolchain
 	cargo build --release --target $(WASM_TARGET) --manifest-path bench/empty-filter/Cargo.toml \
 	  --target-dir target/empty-filter
 	@mkdir -p build && cp target/empty-filter/$(WASM_TARGET)/release/empty_filter.wasm $@
@@ -196,4 +201,4 @@ bench-ab: build build/bench-empty.wasm bench-tools $(VENV)/.installed
 
 clean:
 	cargo clean
-	rm -rf build .tmp .wasm-target
+	rm -rf build .tmp
