@@ -495,4 +495,56 @@ mod tests {
         assert!(reports[1].result.is_ok());
         fs::remove_dir_all(dir).unwrap();
     }
+
+    const ISTIO: &str = include_str!("../../docs/kubernetes/istio-wasmplugin.yaml");
+    const GATEWAY: &str = include_str!("../../docs/kubernetes/envoy-gateway-extensionpolicy.yaml");
+    const COMPOSE: &str = include_str!("../../envoy/docker-compose.yaml");
+
+    fn only_finding(text: &str) -> Result<Vec<Finding>, String> {
+        not_envoy(&documents(text).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn the_kubernetes_examples_carry_a_valid_keygate_config() {
+        for (text, location) in [
+            (ISTIO, "spec.pluginConfig"),
+            (GATEWAY, "spec.wasm[0].config"),
+        ] {
+            let findings = only_finding(text).unwrap();
+            assert_eq!(findings.len(), 1);
+            assert_eq!(findings[0].location, location);
+            assert_eq!(findings[0].filter_name.as_deref(), Some("keygate"));
+            assert!(matches!(&findings[0].outcome, Outcome::Valid(s) if s.name == "demo"));
+        }
+    }
+
+    #[test]
+    fn a_bad_or_missing_manifest_config_is_refused_naming_where() {
+        let bad = ISTIO.replace("\"prefixes\": [\"cmp_\"]", "\"prefixes\": [\"\"]");
+        assert_ne!(bad, ISTIO);
+        let findings = only_finding(&bad).unwrap();
+        assert!(
+            matches!(&findings[0].outcome, Outcome::Invalid(_)),
+            "{findings:?}"
+        );
+        let start = GATEWAY.find("    config:").unwrap();
+        let findings = only_finding(&GATEWAY[..start]).unwrap();
+        match &findings[0].outcome {
+            Outcome::Invalid(err) => assert_eq!(err.path, "spec.wasm[0].config"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_manifest_without_keygate_and_a_compose_file_are_told_apart() {
+        let other = ISTIO
+            .replace("pluginName: keygate", "pluginName: other")
+            .replace("keygate-wasm", "other-wasm");
+        assert!(only_finding(&other)
+            .unwrap_err()
+            .contains("no keygate plugin"));
+        let compose = only_finding(COMPOSE).unwrap();
+        assert!(matches!(&compose[0].outcome, Outcome::NotKeygate(why) if why.contains("Compose")));
+        assert!(not_envoy(&documents(HOT_RELOAD).unwrap()).is_none());
+    }
 }
