@@ -27,9 +27,9 @@ fn find_all<'a>(node: &'a Yaml, key: &str, out: &mut Vec<&'a Yaml>) {
     }
 }
 
-#[test]
-fn the_global_over_limit_body_is_keygates_own_429_body() {
-    let doc = &YamlLoader::load_from_str(GLOBAL_RATELIMIT).unwrap()[0];
+/// (keygate's own 429 body, the body the RL mapper of `local_reply_config` answers with).
+fn both_429_bodies(envoy_yaml: &str) -> (String, String) {
+    let doc = &YamlLoader::load_from_str(envoy_yaml).unwrap()[0];
     let mut configurations = Vec::new();
     find_all(doc, "configuration", &mut configurations);
     let [plugin] = configurations.as_slice() else {
@@ -40,6 +40,7 @@ fn the_global_over_limit_body_is_keygates_own_429_body() {
     };
     let (config, _) = Config::parse(plugin["value"].as_str().unwrap().as_bytes()).unwrap();
     let keygate_429 = config.replies.get(ErrorCode::RateLimitExceeded);
+    assert_eq!(keygate_429.status, 429);
 
     let mut local_replies = Vec::new();
     find_all(doc, "local_reply_config", &mut local_replies);
@@ -51,8 +52,6 @@ fn the_global_over_limit_body_is_keygates_own_429_body() {
         .iter()
         .find(|m| m["filter"]["response_flag_filter"]["flags"][0].as_str() == Some("RL"))
         .unwrap();
-    let body = rate_limited["body"]["inline_string"].as_str().unwrap();
-    assert_eq!(body.as_bytes(), keygate_429.body.as_slice());
     let format = &rate_limited["body_format_override"];
     assert_eq!(format["text_format"].as_str(), Some("%LOCAL_REPLY_BODY%"));
     let content_type = keygate_429
@@ -64,5 +63,40 @@ fn the_global_over_limit_body_is_keygates_own_429_body() {
         format["content_type"].as_str(),
         Some(content_type.1.as_str())
     );
-    assert_eq!(keygate_429.status, 429);
+    (
+        String::from_utf8(keygate_429.body).unwrap(),
+        rate_limited["body"]["inline_string"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+    )
+}
+
+#[test]
+fn the_global_over_limit_body_is_keygates_own_429_body() {
+    let (keygate, global) = both_429_bodies(GLOBAL_RATELIMIT);
+    assert_eq!(global, keygate);
+}
+
+#[test]
+fn a_config_in_spanish_needs_the_spanish_body() {
+    let spanish = GLOBAL_RATELIMIT.replace(
+        "\"name\": \"global\",",
+        "\"name\": \"global\", \"language\": \"es\",",
+    );
+    let (keygate, global) = both_429_bodies(&spanish);
+    assert_ne!(global, keygate, "the English body no longer matches");
+    assert!(keygate.contains("Demasiadas solicitudes"), "{keygate}");
+    // The Spanish body the shipped config's comment gives is the one that matches.
+    let comment = GLOBAL_RATELIMIT
+        .lines()
+        .find_map(|l| {
+            l.trim_start()
+                .strip_prefix("#   {\"code\":\"RATE_LIMIT_EXCEEDED\"")
+        })
+        .unwrap();
+    assert_eq!(
+        format!("{{\"code\":\"RATE_LIMIT_EXCEEDED\"{comment}"),
+        keygate
+    );
 }

@@ -11,7 +11,8 @@
   as it is. Each must succeed.
 - `<!-- docs-test: envoy/NAME.yaml -->` just before a block starts that shipped config with its
   upstreams for the block; `localhost:10000` and `localhost:9901` in the commands then reach it.
-- `yaml` and `json` blocks must parse (`...` placeholders aside, json blocks are fragments).
+- `yaml` blocks must parse, and a Docker Compose one must pass `docker-compose config` (`json`
+  blocks are fragments of a config, `text` blocks show replies: neither is run).
 """
 import os
 import re
