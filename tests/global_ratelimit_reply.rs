@@ -32,21 +32,16 @@ fn both_429_bodies(envoy_yaml: &str) -> (String, String) {
     let doc = &YamlLoader::load_from_str(envoy_yaml).unwrap()[0];
     let mut configurations = Vec::new();
     find_all(doc, "configuration", &mut configurations);
-    let [plugin] = configurations.as_slice() else {
-        panic!(
-            "one keygate filter expected, found {}",
-            configurations.len()
-        );
-    };
+    assert_eq!(configurations.len(), 1, "one keygate filter expected");
+    let plugin = configurations[0];
     let (config, _) = Config::parse(plugin["value"].as_str().unwrap().as_bytes()).unwrap();
     let keygate_429 = config.replies.get(ErrorCode::RateLimitExceeded);
     assert_eq!(keygate_429.status, 429);
 
     let mut local_replies = Vec::new();
     find_all(doc, "local_reply_config", &mut local_replies);
-    let [local_reply] = local_replies.as_slice() else {
-        panic!("one local_reply_config expected");
-    };
+    assert_eq!(local_replies.len(), 1, "one local_reply_config expected");
+    let local_reply = local_replies[0];
     let mappers = local_reply["mappers"].as_vec().unwrap();
     let rate_limited = mappers
         .iter()
