@@ -164,6 +164,9 @@ def test_docs_pages_have_commands_to_check():
 @pytest.mark.parametrize("block_stack,block", [(b, b) for b in COMMAND_BLOCKS],
                          ids=[b.id for b in COMMAND_BLOCKS], indirect=["block_stack"])
 def test_every_command_in_the_docs_runs_as_shown(block_stack, block, tmp_path):
+    if block_stack is None:
+        assert not any(port in line for line in block.lines for port in ("localhost:10000", "localhost:9901")), \
+            f"{block.id}: a block that talks to Envoy needs <!-- docs-test: envoy/NAME.yaml --> before it"
     env = environment(block_stack)
     for name in LINKED:
         (tmp_path / name).symlink_to(ROOT / name)
