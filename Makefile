@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 .PHONY: all toolchain tracked-outputs deps build cli lint unit e2e test run validate clean core-wall keyservice-tools fuzz fuzz-tools soak \
 	compose-tools compose-check compose-up compose-down compose-test compose-test-live \
-	bench bench-envoy bench-core bench-ab bench-tools bench-before
+	bench bench-envoy bench-core bench-ab bench-tools bench-before oci
 
 all: build
 
@@ -153,6 +153,19 @@ compose-test-live: build
 # Static checks of the compose stack (no Docker engine needed); part of `make e2e`/`make test`.
 compose-check: build $(VENV)/.installed compose-tools
 	ENVOY_BIN=$(ENVOY) $(PY) -m pytest -q tests/e2e/test_compose_static.py $(PYTEST_ARGS)
+
+# --- OCI image of the wasm module (Istio WasmPlugin, Envoy Gateway; docs/kubernetes/) ------
+# `FROM scratch` plus one COPY: the module at /plugin.wasm in a single layer, which is what both
+# expect. The context is a scratch directory holding only that file, and nothing is pulled.
+# The classic builder (DOCKER_BUILDKIT=0) needs no buildx plugin and no BuildKit frontend image.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+OCI_IMAGE ?= keygate-wasm:$(VERSION)
+oci: build
+	@$(DOCKER_ENGINE_CHECK) || { echo "make oci: $(NO_ENGINE)." >&2; exit 1; }
+	@rm -rf .tmp/oci && mkdir -p .tmp/oci
+	cp $(ARTIFACT) .tmp/oci/plugin.wasm
+	DOCKER_BUILDKIT=0 docker build --quiet -t $(OCI_IMAGE) -f oci/Dockerfile .tmp/oci
+	@echo "built $(OCI_IMAGE): /plugin.wasm ($$(stat -c %s $(ARTIFACT)) bytes); docker tag + docker push it to your registry"
 
 # --- benchmarks (BENCHMARKS.md) --------------------------------------------------------------
 # make bench: every contender of envoy/bench.yaml side by side in one Envoy, then the core

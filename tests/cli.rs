@@ -422,15 +422,6 @@ fn shipped_envoy_configs() -> Vec<PathBuf> {
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .filter(|p| !p.to_string_lossy().contains("compose"))
-        // envoy/hot-reload.yaml takes keygate's filter config from the file it names (ECDS):
-        // that file is what `config check` checks before it is renamed into place.
-        .map(|p| {
-            if p.ends_with("hot-reload.yaml") {
-                Path::new(ROOT).join("envoy/hot-reload/keygate.yaml")
-            } else {
-                p
-            }
-        })
         .collect();
     configs.sort();
     configs

@@ -40,6 +40,22 @@ def wait_for_port(port, timeout=15.0):
     return False
 
 
+def plugin_config_block(config_name):
+    """The keygate plugin JSON of a shipped single-filter config: (the literal text of its
+    `value: |` block, as a `Stack` substitution key, and the parsed config)."""
+    text = (ROOT / "envoy" / config_name).read_text()
+    start = text.index("value: |\n") + len("value: |\n")
+    end = start
+    lines = text[start:].splitlines(keepends=True)
+    indent = len(lines[0]) - len(lines[0].lstrip())
+    for line in lines:
+        if line.strip() and len(line) - len(line.lstrip()) < indent:
+            break
+        end += len(line)
+    block = text[start:end]
+    return block, json.loads(block)
+
+
 class Response:
     def __init__(self, status, headers, body):
         self.status = status

@@ -20,7 +20,8 @@ mod native {
 
     use clap::{Args, Parser, Subcommand, ValueEnum};
 
-    use keygate::cli::config_check::{check_text, Outcome};
+    use keygate::cli::config_check::Outcome;
+    use keygate::cli::envoy_config_sources::check_file;
     use keygate::cli::keygen::{self, KeyFormat, RecordFields, Shape, PROFILES};
     use keygate::cli::keyset_file::{self, Revoke};
     use keygate::cli::random::OsRandom;
@@ -510,17 +511,25 @@ mod native {
 
     fn config_check(files: &[PathBuf]) -> CmdResult {
         let (mut valid, mut invalid) = (0, 0);
-        for path in files {
-            let shown = path.display();
-            let text = match fs::read_to_string(path) {
-                Ok(text) => text,
-                Err(err) => {
-                    invalid += 1;
-                    println!("{shown}: error: {err}");
+        // Envoy resolves a config_discovery file from its working directory: check from there.
+        let reports = files
+            .iter()
+            .flat_map(|path| check_file(path, Path::new("")));
+        for report in reports {
+            let mut shown = report.file.display().to_string();
+            if let Some((from, at)) = &report.referenced_from {
+                shown.push_str(&format!(" (from {}: {at})", from.display()));
+            }
+            let findings = match report.result {
+                Ok(findings) if findings.is_empty() => {
+                    let why = if report.referenced_from.is_some() {
+                        "skipped: holds no keygate filter"
+                    } else {
+                        "no keygate filter here: it comes from the config_discovery files below"
+                    };
+                    println!("{shown}: {why}");
                     continue;
                 }
-            };
-            let findings = match check_text(&text) {
                 Ok(findings) => findings,
                 Err(err) => {
                     invalid += 1;

@@ -81,7 +81,8 @@ fn plugin_finding(bytes: &[u8]) -> Finding {
 
 fn looks_like_envoy(top: &Map<String, Value>) -> bool {
     !top.contains_key("credentials")
-        && ["static_resources", "dynamic_resources", "admin", "node"]
+        // `resources`: an xDS file, e.g. the ECDS file of a `config_discovery`.
+        && ["static_resources", "dynamic_resources", "admin", "node", "resources"]
             .iter()
             .any(|k| top.contains_key(*k))
 }
@@ -198,7 +199,7 @@ fn check_wasm_filter(typed_config: &Map<String, Value>, path: &str, name: Option
 }
 
 /// YAML to the JSON data model; only the tree's shape and strings matter here.
-fn yaml_to_json(yaml: &Yaml) -> Value {
+pub fn yaml_to_json(yaml: &Yaml) -> Value {
     match yaml {
         Yaml::String(s) | Yaml::Real(s) => Value::from(s.as_str()),
         Yaml::Integer(i) => Value::from(*i),

@@ -3,6 +3,7 @@
 //! so the tool accepts exactly what the filter accepts.
 
 pub mod config_check;
+pub mod envoy_config_sources;
 pub mod keygen;
 pub mod keyset_file;
 pub mod random;

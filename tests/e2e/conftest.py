@@ -1,10 +1,13 @@
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from keygate_stack import Stack  # noqa: E402
+from keygate_stack import ROOT, Stack  # noqa: E402
+
+CLI = ROOT / "target" / "release" / "keygate"
 
 
 @pytest.fixture(scope="module")
@@ -28,3 +31,12 @@ def assert_passed(resp):
     seen = resp.upstream
     assert seen is not None, "the request did not reach the upstream"
     return seen
+
+
+def keygate_cli(*args, stdin=""):
+    """Runs the release `keygate` binary (`make cli`; built here if a test run starts without it)
+    from the repository root."""
+    if not CLI.exists():
+        subprocess.run(["cargo", "build", "--release", "--bin", "keygate"], cwd=ROOT, check=True)
+    return subprocess.run([str(CLI), *args], input=stdin, capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)
