@@ -160,8 +160,7 @@ fn check_wasm_filter(typed_config: &Map<String, Value>, path: &str, name: Option
         typed_config,
         &["config", "vm_config", "code", "local", "filename"],
     );
-    let is_keygate = root_id == Some("keygate") || file.is_some_and(|f| f.contains("keygate"));
-    if !is_keygate {
+    if !is_keygate_filter(typed_config) {
         return finding(Outcome::NotKeygate(format!(
             "a wasm filter that is not keygate's (root_id {}, code {})",
             root_id.map_or("unset".into(), |r| format!("\"{r}\"")),
@@ -197,8 +196,19 @@ fn check_wasm_filter(typed_config: &Map<String, Value>, path: &str, name: Option
     }
 }
 
+/// Whether a wasm filter's `typed_config` runs keygate: its root_id is `keygate` or its code
+/// file is keygate's.
+pub(crate) fn is_keygate_filter(typed_config: &Map<String, Value>) -> bool {
+    let root_id = text_at(typed_config, &["config", "root_id"]);
+    let file = text_at(
+        typed_config,
+        &["config", "vm_config", "code", "local", "filename"],
+    );
+    root_id == Some("keygate") || file.is_some_and(|f| f.contains("keygate"))
+}
+
 /// YAML to the JSON data model; only the tree's shape and strings matter here.
-fn yaml_to_json(yaml: &Yaml) -> Value {
+pub(crate) fn yaml_to_json(yaml: &Yaml) -> Value {
     match yaml {
         Yaml::String(s) | Yaml::Real(s) => Value::from(s.as_str()),
         Yaml::Integer(i) => Value::from(*i),
