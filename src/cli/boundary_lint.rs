@@ -611,6 +611,27 @@ mod tests {
     }
 
     #[test]
+    fn a_plugin_json_file_is_linted_for_its_sources_and_path_rules() {
+        let plugin = r#"{"credentials": [{"in": "header"}, {"in": "query", "name": "k"}],
+            "policies": {"open": {"auth": "none"}, "admin": {"required_permissions": ["a"]}},
+            "routes": [{"path_prefix": "/status/", "policy": "open"},
+                       {"path_prefix": "/status/admin", "policy": "admin"}]}"#;
+        let warnings = lint_text(plugin).unwrap();
+        let found: Vec<(Rule, &str)> = warnings
+            .iter()
+            .map(|w| (w.rule, w.location.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            vec![
+                (Rule::QueryCredential, "credentials[1]"),
+                (Rule::PublicRoutePrefix, "routes[0].path_prefix"),
+            ]
+        );
+        assert!(warnings[1].problem.contains("\"/status/admin\""));
+    }
+
+    #[test]
     fn a_path_separated_prefix_covers_only_its_own_subtree() {
         let public = RouteMatch {
             location: String::new(),

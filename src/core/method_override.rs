@@ -50,8 +50,12 @@ fn query_override_names(req: &RequestView, method: &str) -> bool {
     // `;` separates parameters for Rack 2 and some servlet containers.
     query.split(['&', ';']).any(|pair| {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let names_override =
-            percent_decode(name).is_some_and(|n| n.trim().eq_ignore_ascii_case(OVERRIDE_PARAM));
+        // Decode only names that need it: this runs for every pair of the query.
+        let names_override = if name.contains(['%', '+']) {
+            percent_decode(name).is_some_and(|n| n.trim().eq_ignore_ascii_case(OVERRIDE_PARAM))
+        } else {
+            name.trim().eq_ignore_ascii_case(OVERRIDE_PARAM)
+        };
         names_override
             && percent_decode(value).is_some_and(|v| v.trim().eq_ignore_ascii_case(method))
     })

@@ -26,16 +26,39 @@ fn decision_depends_on_path(config: &Config) -> bool {
 /// A path (without its query) that an upstream may read as another path: a `.` or `..`
 /// segment, raw or percent-encoded in any case, or an encoded slash or backslash. A segment's
 /// `;` parameters are ignored first, as Tomcat and Jetty do (`/..;/` is `..` to them).
+/// Reads the bytes in place: this runs on every request of a path-dependent config.
 pub fn is_ambiguous(path: &str) -> bool {
-    let lower = path.to_ascii_lowercase();
-    if lower.contains("%2f") || lower.contains("%5c") {
-        return true;
+    let bytes = path.as_bytes();
+    if !bytes.iter().any(|b| *b == b'.' || *b == b'%') {
+        return false;
     }
-    let dotted = lower.replace("%2e", ".");
-    dotted.split(['/', '\\']).any(|segment| {
-        let segment = segment.split_once(';').map_or(segment, |(name, _)| name);
-        segment == "." || segment == ".."
-    })
+    let encoded_separator = bytes
+        .windows(3)
+        .any(|w| w.eq_ignore_ascii_case(b"%2f") || w.eq_ignore_ascii_case(b"%5c"));
+    encoded_separator
+        || bytes
+            .split(|b| *b == b'/' || *b == b'\\')
+            .any(is_dot_segment)
+}
+
+/// `.` or `..`, each dot raw or `%2e`, before any `;` parameters.
+fn is_dot_segment(segment: &[u8]) -> bool {
+    let mut rest = segment.split(|b| *b == b';').next().unwrap_or(segment);
+    let mut dots = 0;
+    while !rest.is_empty() {
+        rest = if let Some(tail) = rest.strip_prefix(b".") {
+            tail
+        } else if rest
+            .get(..3)
+            .is_some_and(|p| p.eq_ignore_ascii_case(b"%2e"))
+        {
+            rest.get(3..).unwrap_or_default()
+        } else {
+            return false;
+        };
+        dots += 1;
+    }
+    dots == 1 || dots == 2
 }
 
 #[cfg(test)]
