@@ -561,6 +561,7 @@ mod native {
                         println!("{shown}: {at}error: {}: {}", err.path, err.message);
                     }
                     Outcome::NotKeygate(why) => println!("{shown}: {at}skipped: {why}"),
+                    Outcome::Discovered(source) => println!("{shown}: {at}discovered: {source}"),
                 }
             }
             for warning in lint_text(&text).unwrap_or_default() {

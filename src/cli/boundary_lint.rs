@@ -8,7 +8,9 @@
 use serde_json::{Map, Value};
 use yaml_rust2::YamlLoader;
 
-use super::config_check::{is_keygate_filter, yaml_to_json, WASM_FILTER_TYPE};
+use super::config_check::{
+    discovered_keygate_source, is_keygate_filter, yaml_to_json, WASM_FILTER_TYPE,
+};
 
 /// `typed_config` type of Envoy's HTTP connection manager.
 pub const HCM_TYPE: &str =
@@ -376,16 +378,16 @@ fn lint_hcm(hcm: &Value, path: &str, out: &mut Vec<Warning>) {
         .into_iter()
         .flatten()
         .filter_map(|f| {
+            let name = f.get("name").and_then(Value::as_str).unwrap_or("");
+            if f.as_object().and_then(discovered_keygate_source).is_some() {
+                // Its plugin config lives elsewhere (ECDS): assume it reads the path.
+                return Some((name, None));
+            }
             let typed = f.get("typed_config")?;
             let fields = typed.as_object()?;
             (fields.get("@type").and_then(Value::as_str) == Some(WASM_FILTER_TYPE)
                 && is_keygate_filter(fields))
-            .then(|| {
-                (
-                    f.get("name").and_then(Value::as_str).unwrap_or(""),
-                    plugin_of(typed),
-                )
-            })
+            .then(|| (name, plugin_of(typed)))
         })
         .collect();
     let Some((filter_name, plugin)) = keygate.first() else {
@@ -395,12 +397,13 @@ fn lint_hcm(hcm: &Value, path: &str, out: &mut Vec<Warning>) {
     let routes = envoy_routes(hcm, path, filter_name, &plugin);
 
     let plugin_reads_path = keygate.iter().any(|(_, p)| {
-        ["policies", "routes", "tenant_selectors"].iter().any(|k| {
-            p.as_ref().and_then(|p| p.get(*k)).is_some_and(|v| {
-                v.as_object().is_some_and(|o| !o.is_empty())
-                    || v.as_array().is_some_and(|a| !a.is_empty())
+        p.is_none()
+            || ["policies", "routes", "tenant_selectors"].iter().any(|k| {
+                p.as_ref().and_then(|p| p.get(*k)).is_some_and(|v| {
+                    v.as_object().is_some_and(|o| !o.is_empty())
+                        || v.as_array().is_some_and(|a| !a.is_empty())
+                })
             })
-        })
     });
     let routes_name_policies = routes_carry_keygate_policy(hcm);
     if plugin_reads_path || routes_name_policies {
@@ -629,6 +632,14 @@ mod tests {
             ]
         );
         assert!(warnings[1].problem.contains("\"/status/admin\""));
+    }
+
+    #[test]
+    fn a_connection_manager_with_a_discovered_keygate_filter_is_linted() {
+        let hot = include_str!("../../envoy/hot-reload.yaml");
+        assert_eq!(rules(hot), vec![]);
+        let bare = hot.replace("          normalize_path: true\n", "");
+        assert_eq!(rules(&bare), vec![Rule::PathNormalization]);
     }
 
     #[test]

@@ -25,8 +25,10 @@ pub enum Outcome {
     Valid(Summary),
     /// The error the filter would log before refusing the configuration.
     Invalid(ConfigError),
-    /// A wasm filter that is not keygate's: not checked.
+    /// A wasm filter that is not keygate's, or a file that is not an Envoy config: not checked.
     NotKeygate(String),
+    /// A keygate filter whose config Envoy discovers elsewhere (ECDS): that file is checked.
+    Discovered(String),
 }
 
 /// One checked plugin configuration.
@@ -68,6 +70,16 @@ pub fn check_text(text: &str) -> Result<Vec<Finding>, String> {
     }
     let docs = YamlLoader::load_from_str(text).map_err(|e| format!("not valid YAML: {e}"))?;
     let docs: Vec<Value> = docs.iter().map(yaml_to_json).collect();
+    // A docker compose file (services:) sits next to the Envoy configs it runs.
+    if let [Value::Object(top)] = docs.as_slice() {
+        if top.contains_key("services") && !is_envoy_top_level(top) {
+            return Ok(vec![Finding {
+                location: String::new(),
+                filter_name: None,
+                outcome: Outcome::NotKeygate("a docker compose file, not an Envoy config".into()),
+            }]);
+        }
+    }
     findings_in_envoy(&docs)
 }
 
@@ -77,6 +89,18 @@ fn plugin_finding(bytes: &[u8]) -> Finding {
         filter_name: None,
         outcome: check_plugin_json(bytes),
     }
+}
+
+fn is_envoy_top_level(top: &Map<String, Value>) -> bool {
+    [
+        "static_resources",
+        "dynamic_resources",
+        "admin",
+        "node",
+        "resources",
+    ]
+    .iter()
+    .any(|k| top.contains_key(*k))
 }
 
 fn looks_like_envoy(top: &Map<String, Value>) -> bool {
@@ -122,6 +146,17 @@ fn walk(node: &Value, path: &str, name: Option<&str>, out: &mut Vec<Finding>) {
         Value::Object(fields) => {
             if fields.get("@type").and_then(Value::as_str) == Some(WASM_FILTER_TYPE) {
                 out.push(check_wasm_filter(fields, path, name));
+                return;
+            }
+            if let Some(source) = discovered_keygate_source(fields) {
+                out.push(Finding {
+                    location: path.to_string(),
+                    filter_name: fields
+                        .get("name")
+                        .and_then(Value::as_str)
+                        .map(str::to_string),
+                    outcome: Outcome::Discovered(source),
+                });
                 return;
             }
             let own_name = fields.get("name").and_then(Value::as_str);
@@ -205,6 +240,32 @@ pub(crate) fn is_keygate_filter(typed_config: &Map<String, Value>) -> bool {
         &["config", "vm_config", "code", "local", "filename"],
     );
     root_id == Some("keygate") || file.is_some_and(|f| f.contains("keygate"))
+}
+
+/// An HTTP filter entry named like keygate whose wasm config comes by extension config
+/// discovery (`config_discovery`): where Envoy reads it from.
+pub(crate) fn discovered_keygate_source(entry: &Map<String, Value>) -> Option<String> {
+    let discovery = entry.get("config_discovery")?;
+    let named_keygate = entry
+        .get("name")
+        .and_then(Value::as_str)
+        .is_some_and(|n| n.contains("keygate"));
+    let wasm = discovery
+        .get("type_urls")
+        .and_then(Value::as_array)
+        .is_some_and(|urls| urls.iter().any(|u| u.as_str() == Some(WASM_FILTER_TYPE)));
+    if !(named_keygate && wasm) {
+        return None;
+    }
+    let file = discovery
+        .get("config_source")
+        .and_then(|c| c.get("path_config_source"))
+        .and_then(|p| p.get("path"))
+        .and_then(Value::as_str);
+    Some(match file {
+        Some(file) => format!("keygate's config is discovered from {file}: check that file"),
+        None => "keygate's config is discovered from a config source: check what it serves".into(),
+    })
 }
 
 /// YAML to the JSON data model; only the tree's shape and strings matter here.
@@ -347,6 +408,19 @@ mod tests {
         assert!(findings[1]
             .location
             .starts_with("(document 2).static_resources"));
+    }
+
+    #[test]
+    fn an_ecds_keygate_filter_points_to_its_file_and_a_compose_file_is_skipped() {
+        let hot = check_text(include_str!("../../envoy/hot-reload.yaml")).unwrap();
+        match &hot[0].outcome {
+            Outcome::Discovered(source) => {
+                assert!(source.contains("envoy/hot-reload/keygate.yaml"), "{source}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let compose = check_text(include_str!("../../envoy/docker-compose.yaml")).unwrap();
+        assert!(matches!(compose[0].outcome, Outcome::NotKeygate(_)));
     }
 
     #[test]
