@@ -5,7 +5,7 @@ HTTP/2 (h2c with prior knowledge). Every row is sent both ways and must get the 
 Who answers each row:
 - Envoy itself, before keygate (`Envoy(status)`): escaped slashes (`path_with_escaped_slashes_action:
   REJECT_REQUEST`) and header names with underscores (`headers_with_underscores_action:
-  REJECT_REQUEST`); over HTTP/2 Envoy may instead reset the stream (`Envoy(None)`).
+  REJECT_REQUEST`); over HTTP/2 Envoy resets the stream of an underscore header (`Envoy(None)`).
 - keygate with its status and code (`Keygate`): what Envoy normalized (`/health/../x` is `/x`)
   is decided as the path it became; what Envoy leaves ambiguous (`/..;/`) is AMBIGUOUS_PATH.
 - The upstream (`Upstream`), with the path and identity it must see.
@@ -35,7 +35,7 @@ class Keygate:
 
 @dataclass
 class Envoy:
-    """Envoy refuses before any filter runs; None: the HTTP/2 stream was reset."""
+    """Envoy refuses before any filter runs, with this status; None: it resets the HTTP/2 stream."""
     status: int | None
 
 
@@ -116,6 +116,13 @@ ROWS = [
     Row("abaco_underscore_tenant_header_with_a_session_is_refused", "abaco.yaml", "GET", "/documents",
         [("cookie", "accessToken=" + abaco_session_token()), ("x_keygate_tenant", "company-999")],
         Envoy(400), h2=Envoy(None)),
+    Row("compago_underscore_selector_header_is_refused_by_envoy", "compago.yaml", "GET",
+        "/api/developer/payment", [("x-api-key", COMPAGO_PAYMENTS_KEY), ("x_organization_id", "org-901")],
+        Envoy(400), h2=Envoy(None)),
+    Row("makepay_underscore_credential_header_is_refused_by_envoy", "makepay.yaml", "GET",
+        "/api/partner/v1/payment-links", [("x_makecrypto_key_id", "mk_makepay_team12prod"),
+                                          ("x-makecrypto-key-secret", "mksec_Vq2Wn4Er6Ty8Ui0Op")],
+        Envoy(400), h2=Envoy(None)),
     # --- the same answers on HTTP/1.1 and HTTP/2 for every kind of credential ---
     Row("demo_missing_credential", "demo.yaml", "GET", "/x", [], Keygate(401, "TOKEN_MISSING")),
     Row("demo_invalid_credential", "demo.yaml", "GET", "/x", [("x-api-key", "cmp_demo_wrong")],
@@ -156,7 +163,7 @@ def send(stack, row, protocol):
 def check(resp, expect):
     if isinstance(expect, Envoy):
         if expect.status is None:
-            assert isinstance(resp, RuntimeError) or resp.status == 400, resp
+            assert isinstance(resp, RuntimeError), resp
         else:
             assert not isinstance(resp, RuntimeError), resp
             assert resp.status == expect.status, resp
