@@ -427,7 +427,7 @@ fn lint_hcm(hcm: &Value, path: &str, out: &mut Vec<Warning>) {
                 path,
                 format!(
                     "keygate's policies depend on the path, but this connection manager routes \
-                     on the raw path (missing {}): /public/../protected passes as public",
+                     on the raw path (missing {}): /public/../protected gets the public route's policy",
                     missing.join(", ")
                 ),
             );
