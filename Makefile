@@ -11,7 +11,7 @@ ARTIFACT := build/keygate.wasm
 PROFILE ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: all toolchain tracked-outputs deps build cli lint unit e2e test run validate clean core-wall keyservice-tools fuzz fuzz-tools soak \
+.PHONY: all toolchain tracked-outputs deps build cli lint unit e2e test run validate clean core-wall keyservice-tools fuzz fuzz-tools soak boundary-check \
 	compose-tools compose-check compose-up compose-down compose-test compose-test-live \
 	bench bench-envoy bench-core bench-ab bench-tools bench-before oci
 
@@ -80,7 +80,12 @@ validate: build $(VENV)/.installed
 e2e: build cli $(VENV)/.installed compose-tools keyservice-tools
 	ENVOY_BIN=$(ENVOY) $(PY) -m pytest -q tests/e2e $(PYTEST_ARGS)
 
-test: lint unit validate e2e
+# The boundary linter on every shipped config, and on the keygate config envoy/hot-reload.yaml
+# discovers (ECDS): any warning a file does not accept fails.
+boundary-check: cli
+	@target/release/keygate config check --strict envoy/*.yaml
+
+test: lint unit validate boundary-check e2e
 
 # --- fuzzing (not part of `make test`) ------------------------------------------------------
 # `make fuzz` runs every cargo-fuzz target for FUZZ_SECONDS each, one after the other, as one

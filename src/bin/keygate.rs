@@ -20,6 +20,7 @@ mod native {
 
     use clap::{Args, Parser, Subcommand, ValueEnum};
 
+    use keygate::cli::boundary_lint::lint_text;
     use keygate::cli::config_check::Outcome;
     use keygate::cli::envoy_config_sources::check_file;
     use keygate::cli::keygen::{self, KeyFormat, RecordFields, Shape, PROFILES};
@@ -260,10 +261,19 @@ mod native {
             envoy.extensions.filters.http.wasm.v3.Wasm whose root_id is \"keygate\" or whose code \
             file name contains \"keygate\" is checked; its configuration must be a \
             google.protobuf.StringValue holding the plugin JSON. Other wasm filters are skipped. \
-            Exits 1 when any configuration would be refused.",
-            after_help = "Example:\n  keygate config check envoy/*.yaml"
+            Exits 1 when any configuration would be refused.\n\n\
+            It also lints the trust boundary around keygate and prints each problem as \
+            `FILE: warning[RULE]: PATH: problem. Fix: ...`: path normalization and underscore \
+            headers on every connection manager with a keygate filter, CORS credentials for \
+            any origin, failure_policy, query-string credentials, and public routes that also \
+            match protected paths. A file accepts a rule it chose deliberately with the comment \
+            `# keygate config check: accept RULE`. With --strict, any other warning exits 1.",
+            after_help = "Example:\n  keygate config check --strict envoy/*.yaml"
         )]
         Check {
+            /// Exit 1 on any boundary warning the file does not accept
+            #[arg(long)]
+            strict: bool,
             #[arg(required = true)]
             files: Vec<PathBuf>,
         },
@@ -286,7 +296,7 @@ mod native {
             Command::Key(KeyCommand::New(args)) => key_new(*args),
             Command::Key(KeyCommand::Hash(args)) => key_hash(args),
             Command::Keyset(cmd) => keyset(cmd),
-            Command::Config(ConfigCommand::Check { files }) => config_check(&files),
+            Command::Config(ConfigCommand::Check { strict, files }) => config_check(&files, strict),
         };
         match result {
             Ok(()) => ExitCode::SUCCESS,
@@ -509,8 +519,8 @@ mod native {
         }
     }
 
-    fn config_check(files: &[PathBuf]) -> CmdResult {
-        let (mut valid, mut invalid) = (0, 0);
+    fn config_check(files: &[PathBuf], strict: bool) -> CmdResult {
+        let (mut valid, mut invalid, mut warned) = (0, 0, 0);
         // Envoy resolves a config_discovery file from its working directory: check from there.
         let reports = files
             .iter()
@@ -519,6 +529,24 @@ mod native {
             let mut shown = report.file.display().to_string();
             if let Some((from, at)) = &report.referenced_from {
                 shown.push_str(&format!(" (from {}: {at})", from.display()));
+            }
+            // The boundary lint reads each file as written, ECDS files included (fail-open and
+            // query-credential rules apply to the filter wherever it is defined).
+            let text = fs::read_to_string(&report.file).unwrap_or_default();
+            for warning in lint_text(&text).unwrap_or_default() {
+                let label = if warning.accepted {
+                    "accepted"
+                } else {
+                    warned += 1;
+                    "warning"
+                };
+                println!(
+                    "{shown}: {label}[{}]: {}: {}. Fix: {}",
+                    warning.rule.id(),
+                    warning.location,
+                    warning.problem,
+                    warning.rule.fix()
+                );
             }
             let findings = match report.result {
                 Ok(findings) if findings.is_empty() => {
@@ -566,6 +594,9 @@ mod native {
         println!("{valid} valid, {invalid} refused");
         if invalid > 0 {
             return Err(String::new().into());
+        }
+        if strict && warned > 0 {
+            return Err(format!("{warned} boundary warning(s) (--strict)").into());
         }
         Ok(())
     }

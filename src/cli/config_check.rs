@@ -25,7 +25,7 @@ pub enum Outcome {
     Valid(Summary),
     /// The error the filter would log before refusing the configuration.
     Invalid(ConfigError),
-    /// A wasm filter that is not keygate's: not checked.
+    /// A wasm filter that is not keygate's, or a file that is not an Envoy config: not checked.
     NotKeygate(String),
 }
 
@@ -68,6 +68,16 @@ pub fn check_text(text: &str) -> Result<Vec<Finding>, String> {
     }
     let docs = YamlLoader::load_from_str(text).map_err(|e| format!("not valid YAML: {e}"))?;
     let docs: Vec<Value> = docs.iter().map(yaml_to_json).collect();
+    // A docker compose file (services:) sits next to the Envoy configs it runs.
+    if let [Value::Object(top)] = docs.as_slice() {
+        if top.contains_key("services") && !is_envoy_top_level(top) {
+            return Ok(vec![Finding {
+                location: String::new(),
+                filter_name: None,
+                outcome: Outcome::NotKeygate("a docker compose file, not an Envoy config".into()),
+            }]);
+        }
+    }
     findings_in_envoy(&docs)
 }
 
@@ -79,12 +89,21 @@ fn plugin_finding(bytes: &[u8]) -> Finding {
     }
 }
 
+fn is_envoy_top_level(top: &Map<String, Value>) -> bool {
+    // `resources`: an xDS file, e.g. the ECDS file of a `config_discovery`.
+    [
+        "static_resources",
+        "dynamic_resources",
+        "admin",
+        "node",
+        "resources",
+    ]
+    .iter()
+    .any(|k| top.contains_key(*k))
+}
+
 fn looks_like_envoy(top: &Map<String, Value>) -> bool {
-    !top.contains_key("credentials")
-        // `resources`: an xDS file, e.g. the ECDS file of a `config_discovery`.
-        && ["static_resources", "dynamic_resources", "admin", "node", "resources"]
-            .iter()
-            .any(|k| top.contains_key(*k))
+    !top.contains_key("credentials") && is_envoy_top_level(top)
 }
 
 fn findings_in_envoy(docs: &[Value]) -> Result<Vec<Finding>, String> {
@@ -161,8 +180,7 @@ fn check_wasm_filter(typed_config: &Map<String, Value>, path: &str, name: Option
         typed_config,
         &["config", "vm_config", "code", "local", "filename"],
     );
-    let is_keygate = root_id == Some("keygate") || file.is_some_and(|f| f.contains("keygate"));
-    if !is_keygate {
+    if !is_keygate_filter(typed_config) {
         return finding(Outcome::NotKeygate(format!(
             "a wasm filter that is not keygate's (root_id {}, code {})",
             root_id.map_or("unset".into(), |r| format!("\"{r}\"")),
@@ -196,6 +214,43 @@ fn check_wasm_filter(typed_config: &Map<String, Value>, path: &str, name: Option
             "must be a string holding the plugin JSON",
         ))),
     }
+}
+
+/// Whether a wasm filter's `typed_config` runs keygate: its root_id is `keygate` or its code
+/// file is keygate's.
+pub(crate) fn is_keygate_filter(typed_config: &Map<String, Value>) -> bool {
+    let root_id = text_at(typed_config, &["config", "root_id"]);
+    let file = text_at(
+        typed_config,
+        &["config", "vm_config", "code", "local", "filename"],
+    );
+    root_id == Some("keygate") || file.is_some_and(|f| f.contains("keygate"))
+}
+
+/// An HTTP filter entry named like keygate whose wasm config comes by extension config
+/// discovery (`config_discovery`): where Envoy reads it from.
+pub(crate) fn discovered_keygate_source(entry: &Map<String, Value>) -> Option<String> {
+    let discovery = entry.get("config_discovery")?;
+    let named_keygate = entry
+        .get("name")
+        .and_then(Value::as_str)
+        .is_some_and(|n| n.contains("keygate"));
+    let wasm = discovery
+        .get("type_urls")
+        .and_then(Value::as_array)
+        .is_some_and(|urls| urls.iter().any(|u| u.as_str() == Some(WASM_FILTER_TYPE)));
+    if !(named_keygate && wasm) {
+        return None;
+    }
+    let file = discovery
+        .get("config_source")
+        .and_then(|c| c.get("path_config_source"))
+        .and_then(|p| p.get("path"))
+        .and_then(Value::as_str);
+    Some(match file {
+        Some(file) => format!("keygate's config is discovered from {file}: check that file"),
+        None => "keygate's config is discovered from a config source: check what it serves".into(),
+    })
 }
 
 /// YAML to the JSON data model; only the tree's shape and strings matter here.
@@ -338,6 +393,12 @@ mod tests {
         assert!(findings[1]
             .location
             .starts_with("(document 2).static_resources"));
+    }
+
+    #[test]
+    fn a_compose_file_is_skipped() {
+        let compose = check_text(include_str!("../../envoy/docker-compose.yaml")).unwrap();
+        assert!(matches!(compose[0].outcome, Outcome::NotKeygate(_)));
     }
 
     #[test]

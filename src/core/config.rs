@@ -171,6 +171,10 @@ struct ConfigSpec {
     /// Keys from a key service instead of `keys` (full document or lookup on miss).
     #[serde(default)]
     key_service: Option<KeyServiceSpec>,
+    /// Refuse dot segments and encoded slashes in the path (`path_guard`); off only behind an
+    /// Envoy that normalizes paths, and at the risk the README names.
+    #[serde(default = "default_true")]
+    reject_ambiguous_paths: bool,
 }
 
 fn default_true() -> bool {
@@ -198,6 +202,7 @@ pub struct Config {
     pub limits: Limits,
     /// Where keys come from when they are not inline.
     pub key_service: Option<KeyService>,
+    pub reject_ambiguous_paths: bool,
 }
 
 impl Config {
@@ -349,6 +354,7 @@ impl Config {
             headers_to_strip,
             limits,
             key_service,
+            reject_ambiguous_paths: spec.reject_ambiguous_paths,
         };
         Ok((config, keys))
     }

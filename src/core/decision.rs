@@ -5,6 +5,7 @@ use super::config::Config;
 use super::credential::{extract_credential, Credential};
 use super::digest::digests_equal;
 use super::keyset::{KeyRecord, KeySet};
+use super::path_guard;
 use super::policy::{check_origin, is_cors_preflight, Policy};
 use super::request::{RequestView, SessionEvidence};
 
@@ -79,6 +80,9 @@ pub fn decide<'a>(config: &'a Config, keys: &'a KeySet, req: &RequestView) -> De
 
 /// Everything before the key lookup: route policy, anonymous routes, sessions, credential.
 pub fn begin<'a>(config: &'a Config, req: &RequestView) -> Step<'a> {
+    if let Err(code) = path_guard::check(config, req) {
+        return Step::Decided(Decision::deny(code));
+    }
     let policy = match policy_for(config, req) {
         Ok(p) => p,
         Err(code) => return Step::Decided(Decision::deny(code)),

@@ -19,6 +19,8 @@ pub mod keyset;
 pub mod keysource;
 pub mod limits;
 pub mod memory_store;
+pub mod method_override;
+pub mod path_guard;
 pub mod policy;
 pub mod reply;
 pub mod request;

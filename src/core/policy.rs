@@ -8,6 +8,7 @@ use serde::Deserialize;
 use super::codes::ErrorCode;
 use super::config::ConfigError;
 use super::keyset::KeyRecord;
+use super::method_override::requests_method;
 use super::request::RequestView;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -89,8 +90,11 @@ impl Policy {
         if let Some(code) = self.deny_api_keys {
             return Err(code);
         }
-        let method = req.method();
-        if let Some((_, code)) = self.deny_methods.iter().find(|(m, _)| m == method) {
+        if let Some((_, code)) = self
+            .deny_methods
+            .iter()
+            .find(|(m, _)| requests_method(req, m))
+        {
             return Err(*code);
         }
         if !self

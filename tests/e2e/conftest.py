@@ -1,5 +1,10 @@
 import subprocess
+import base64
+import hashlib
+import hmac
+import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +31,16 @@ def assert_denied(resp, status, code):
     assert resp.upstream is None, "a denied request must not reach the upstream"
 
 
+def assert_refused_by_keygate(resp, status, code):
+    """keygate answered locally, in either body format (`json` or `text`): status, code, and
+    nothing reached the upstream. Every local reply carries its code in `x-keygate-code`."""
+    assert resp.status == status, resp
+    assert resp.header("x-keygate-code") == code, resp.headers
+    if resp.header("content-type") == "application/json":
+        assert resp.code == code, resp
+    assert resp.upstream is None, "a denied request must not reach the upstream"
+
+
 def assert_passed(resp):
     assert resp.status == 200, resp
     seen = resp.upstream
@@ -40,3 +55,18 @@ def keygate_cli(*args, stdin=""):
         subprocess.run(["cargo", "build", "--release", "--bin", "keygate"], cwd=ROOT, check=True)
     return subprocess.run([str(CLI), *args], input=stdin, capture_output=True, text=True,
                           cwd=ROOT, timeout=60)
+ABACO_SESSION_SIGNING_KEY = b"abaco-demo-session-signing-key-32b!"  # demo only, also in envoy/abaco.yaml
+
+
+def b64url(data):
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def abaco_session_token(sub="web-user-1", exp_in=3600, key=ABACO_SESSION_SIGNING_KEY):
+    """An `accessToken` session cookie value that envoy/abaco.yaml's jwt_authn accepts."""
+    header = {"alg": "HS256", "typ": "JWT", "kid": "abaco-demo"}
+    now = int(time.time())
+    payload = {"iss": "https://abaco.example/session", "sub": sub, "iat": now - 10, "exp": now + exp_in}
+    signing_input = b64url(json.dumps(header).encode()) + "." + b64url(json.dumps(payload).encode())
+    sig = hmac.new(key, signing_input.encode(), hashlib.sha256).digest()
+    return signing_input + "." + b64url(sig)
