@@ -17,8 +17,9 @@ use crate::core::config::Config;
 use crate::core::decision::{begin, decide_for_key, lookup, Decision, Principal, Step};
 use crate::core::keyset::KeySet;
 use crate::core::limits::{apply_limits, ensure_slots, sweep, sweep_batch};
-use crate::core::reply::{upstream_edits, LocalReply};
+use crate::core::reply::{preflight_reply, upstream_edits, LocalReply};
 use crate::core::request::{RequestView, SessionEvidence};
+use crate::core::selectors::form_body_kind;
 use keysource::{KeySource, PendingLookup};
 use shared_store::HostStore;
 
@@ -196,6 +197,7 @@ impl RootContext for KeygateRoot {
             runtime: self.runtime.clone(),
             response_headers: Vec::new(),
             pending: None,
+            awaiting_form_body: None,
         }))
     }
 
@@ -213,6 +215,9 @@ struct KeygateRequest {
     response_headers: Vec<(&'static str, String)>,
     /// The key lookup this request is paused for (lookup on miss).
     pending: Option<PendingLookup>,
+    /// A key-authenticated request with a form body: decided once the whole body is here, since
+    /// a tenant selector may hide in it (`selectors::form_body_kind`).
+    awaiting_form_body: Option<RequestView>,
 }
 
 impl Context for KeygateRequest {
@@ -239,7 +244,7 @@ impl Verdict {
 }
 
 impl HttpContext for KeygateRequest {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let Some(runtime) = self.runtime.clone() else {
             // Not configured: fail closed.
             send(&LocalReply {
@@ -250,20 +255,39 @@ impl HttpContext for KeygateRequest {
             });
             return Action::Pause;
         };
-        let config = &runtime.config;
-        let req = read_request(config, runtime.reads_clock);
-        let (credential, policy) = match begin(config, &req) {
-            Step::Decided(decision) => return self.apply(&runtime, &req, decision).action(),
-            Step::Lookup { credential, policy } => (credential, policy),
-        };
-        match &runtime.source {
-            Some(source) => self.decide_remote(&runtime, source, req, credential, policy),
-            None => {
-                let record = lookup(&runtime.keys, &credential);
-                let decision = decide_for_key(config, policy, &credential, record, &req);
-                self.apply(&runtime, &req, decision).action()
+        let req = read_request(&runtime.config, runtime.reads_clock);
+        if !end_of_stream && form_body_kind(&runtime.config, &req).is_some() {
+            if let Step::Lookup { .. } = begin(&runtime.config, &req) {
+                // Held, not forwarded: the body callbacks buffer it and decide at its end.
+                self.awaiting_form_body = Some(req);
+                return Action::Pause;
             }
         }
+        self.decide(&runtime, req)
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        // Continuing here would release headers that are still waiting for a decision.
+        if self.pending.is_some() {
+            return Action::Pause;
+        }
+        let Some(mut req) = self.awaiting_form_body.take() else {
+            return Action::Continue;
+        };
+        if !end_of_stream {
+            self.awaiting_form_body = Some(req);
+            return Action::Pause;
+        }
+        let Some(runtime) = self.runtime.clone() else {
+            return Action::Pause;
+        };
+        req.form_body = Some(
+            hostcalls::get_buffer(proxy_wasm::types::BufferType::HttpRequestBody, 0, body_size)
+                .ok()
+                .flatten()
+                .unwrap_or_default(),
+        );
+        self.decide(&runtime, req)
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
@@ -275,12 +299,33 @@ impl HttpContext for KeygateRequest {
 }
 
 impl KeygateRequest {
+    /// Decides a request (looking its key up where needed) and applies the decision.
+    fn decide(&mut self, runtime: &Runtime, req: RequestView) -> Action {
+        let config = &runtime.config;
+        let (credential, policy) = match begin(config, &req) {
+            Step::Decided(decision) => return self.apply(runtime, &req, decision).action(),
+            Step::Lookup { credential, policy } => (credential, policy),
+        };
+        match &runtime.source {
+            Some(source) => self.decide_remote(runtime, source, req, credential, policy),
+            None => {
+                let record = lookup(&runtime.keys, &credential);
+                let decision = decide_for_key(config, policy, &credential, record, &req);
+                self.apply(runtime, &req, decision).action()
+            }
+        }
+    }
+
     /// Applies a decision: the local reply, or limits and scope headers for the upstream.
     fn apply(&mut self, runtime: &Runtime, req: &RequestView, decision: Decision) -> Verdict {
         let config = &runtime.config;
         match decision {
             Decision::Deny { code, key_id } => {
                 deny(runtime, code, key_id, Vec::new());
+                Verdict::Replied
+            }
+            Decision::Preflight => {
+                send(&preflight_reply());
                 Verdict::Replied
             }
             Decision::Allow { principal, policy } => {
