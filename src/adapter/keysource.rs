@@ -39,6 +39,7 @@ struct SourceMetrics {
     fetches: Option<u32>,
     fetch_failures: Option<u32>,
     updates: Option<u32>,
+    rollbacks_refused: Option<u32>,
     cache_hits: Option<u32>,
     cache_misses: Option<u32>,
     lookup_failures: Option<u32>,
@@ -60,6 +61,7 @@ impl SourceMetrics {
             fetches: metric(MetricType::Counter, "keyset.fetches", full),
             fetch_failures: metric(MetricType::Counter, "keyset.fetch_failures", full),
             updates: metric(MetricType::Counter, "keyset.updates", full),
+            rollbacks_refused: metric(MetricType::Counter, "keyset.rollbacks_refused", full),
             cache_hits: metric(MetricType::Counter, "cache.hits", lookup),
             cache_misses: metric(MetricType::Counter, "cache.misses", lookup),
             lookup_failures: metric(MetricType::Counter, "cache.lookup_failures", lookup),
@@ -183,6 +185,23 @@ impl KeySource {
                 self.report(event);
             }
             FetchOutcome::Unchanged { .. } => {}
+            FetchOutcome::RolledBack {
+                offered,
+                current,
+                failures,
+            } => {
+                SourceMetrics::bump(self.metrics.fetch_failures);
+                SourceMetrics::bump(self.metrics.rollbacks_refused);
+                log(
+                    LogLevel::Warn,
+                    &format!(
+                        "keygate[{}]: key-set document refused ({failures} failed fetches in a row): \
+                         serial {offered} is not above serial {current} of version {}",
+                        self.name,
+                        self.remote.borrow().version()
+                    ),
+                );
+            }
             FetchOutcome::Failed { reason, failures } => {
                 SourceMetrics::bump(self.metrics.fetch_failures);
                 let remote = self.remote.borrow();

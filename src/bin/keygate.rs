@@ -436,14 +436,17 @@ mod native {
                 keyset_file::validate(&records)?;
                 match output {
                     Some(path) => {
-                        keyset_file::save(&path, &records)?;
+                        let serial = keyset_file::save(&path, &records)?;
                         eprintln!(
-                            "keygate: wrote {} with {} keys",
+                            "keygate: wrote {} with {} keys (serial {serial})",
                             path.display(),
                             records.len()
                         );
                     }
-                    None => print!("{}", keyset_file::render(&records)),
+                    None => print!(
+                        "{}",
+                        keyset_file::render(&records, keyset_file::next_serial(None))
+                    ),
                 }
                 Ok(())
             }
@@ -455,10 +458,10 @@ mod native {
                 }
                 let count = added.len();
                 all.extend(added);
-                keyset_file::save(&keyset, &all)
+                let serial = keyset_file::save(&keyset, &all)
                     .map_err(|e| format!("{}: not changed: {e}", keyset.display()))?;
                 eprintln!(
-                    "keygate: {}: added {count} key(s), now {} in all",
+                    "keygate: {}: added {count} key(s), now {} in all (serial {serial})",
                     keyset.display(),
                     all.len()
                 );
@@ -477,9 +480,9 @@ mod native {
                 };
                 keyset_file::revoke(&mut all, &ids, how)
                     .map_err(|e| format!("{}: not changed: {e}", keyset.display()))?;
-                keyset_file::save(&keyset, &all)?;
+                let serial = keyset_file::save(&keyset, &all)?;
                 eprintln!(
-                    "keygate: {} {} key(s) in {}",
+                    "keygate: {} {} key(s) in {} (serial {serial})",
                     if remove { "removed" } else { "disabled" },
                     ids.len(),
                     keyset.display()
