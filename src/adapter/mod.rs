@@ -447,6 +447,7 @@ fn read_request(config: &Config, reads_clock: bool) -> RequestView {
         now,
         route_policy: None,
         session: SessionEvidence::Absent,
+        form_body: None,
     };
     if config.uses_route_policies() {
         req.route_policy = property_text(vec![

@@ -20,7 +20,7 @@ mod native {
 
     use clap::{Args, Parser, Subcommand, ValueEnum};
 
-    use keygate::cli::config_check::{check_text, Outcome};
+    use keygate::cli::config_check::{check_text, shared_namespace_warnings, Outcome};
     use keygate::cli::keygen::{self, KeyFormat, RecordFields, Shape, PROFILES};
     use keygate::cli::keyset_file::{self, Revoke};
     use keygate::cli::random::OsRandom;
@@ -531,6 +531,9 @@ mod native {
                     continue;
                 }
             };
+            for warning in shared_namespace_warnings(&text) {
+                println!("{shown}: warning: {warning}");
+            }
             for finding in findings {
                 let mut at = finding.location.clone();
                 if let Some(name) = &finding.filter_name {

@@ -335,7 +335,8 @@ impl Config {
         };
         // Fetched records may carry their own limits: keep the shared table ready for them.
         let keys_are_limited = keys.has_limits() || key_service.is_some();
-        let limits = Limits::from_spec(spec.limits, &name, keys_are_limited)?;
+        let limits = Limits::from_spec(spec.limits, &name, keys_are_limited)?
+            .scoped(key_service.as_ref().map(|s| s.namespace.as_str()));
         let config = Config {
             name,
             sources,
