@@ -10,16 +10,17 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, MetricType};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 
 use crate::core::codes::ErrorCode;
 use crate::core::config::Config;
 use crate::core::decision::{begin, decide_for_key, lookup, Decision, Principal, Step};
+use crate::core::keyset::KeyRecord;
 use crate::core::keyset::KeySet;
 use crate::core::limits::{apply_limits, ensure_slots, sweep, sweep_batch};
 use crate::core::reply::{preflight_reply, upstream_edits, LocalReply};
 use crate::core::request::{RequestView, SessionEvidence};
-use crate::core::selectors::form_body_kind;
+use crate::core::selectors::{check_form_body, form_body_kind};
 use keysource::{KeySource, PendingLookup};
 use shared_store::HostStore;
 
@@ -197,7 +198,8 @@ impl RootContext for KeygateRoot {
             runtime: self.runtime.clone(),
             response_headers: Vec::new(),
             pending: None,
-            awaiting_form_body: None,
+            request_ended: false,
+            form_check: None,
         }))
     }
 
@@ -215,9 +217,19 @@ struct KeygateRequest {
     response_headers: Vec<(&'static str, String)>,
     /// The key lookup this request is paused for (lookup on miss).
     pending: Option<PendingLookup>,
-    /// A key-authenticated request with a form body: decided once the whole body is here, since
-    /// a tenant selector may hide in it (`selectors::form_body_kind`).
-    awaiting_form_body: Option<RequestView>,
+    /// Whether the request headers ended the request (no body follows).
+    request_ended: bool,
+    /// An allowed API-key request with a form body, whose body must still be checked.
+    form_check: Option<FormCheck>,
+}
+
+/// A form body may name a tenant selector (Flask, Servlet and Rails merge it with the query).
+/// proxy-wasm cannot see a body before the headers move on (a paused filter gets no body), so
+/// the body is buffered here, not forwarded, and checked when complete: a refused request has
+/// sent the upstream its headers but never its body, and Envoy resets that upstream stream.
+struct FormCheck {
+    req: RequestView,
+    record: KeyRecord,
 }
 
 impl Context for KeygateRequest {
@@ -255,39 +267,34 @@ impl HttpContext for KeygateRequest {
             });
             return Action::Pause;
         };
+        self.request_ended = end_of_stream;
         let req = read_request(&runtime.config, runtime.reads_clock);
-        if !end_of_stream && form_body_kind(&runtime.config, &req).is_some() {
-            if let Step::Lookup { .. } = begin(&runtime.config, &req) {
-                // Held, not forwarded: the body callbacks buffer it and decide at its end.
-                self.awaiting_form_body = Some(req);
-                return Action::Pause;
-            }
-        }
         self.decide(&runtime, req)
     }
 
+    /// Only a form body of an allowed API-key request is read (see `FormCheck`); every other
+    /// body passes untouched.
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        // Continuing here would release headers that are still waiting for a decision.
-        if self.pending.is_some() {
+        if self.form_check.is_none() {
+            return Action::Continue;
+        }
+        if !end_of_stream {
             return Action::Pause;
         }
-        let Some(mut req) = self.awaiting_form_body.take() else {
+        let (Some(check), Some(runtime)) = (self.form_check.take(), self.runtime.clone()) else {
             return Action::Continue;
         };
-        if !end_of_stream {
-            self.awaiting_form_body = Some(req);
-            return Action::Pause;
+        let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        match check_form_body(&runtime.config, &check.req, &check.record, &body) {
+            Ok(()) => Action::Continue,
+            Err(code) => {
+                deny(&runtime, code, Some(&check.record.id), Vec::new());
+                Action::Pause
+            }
         }
-        let Some(runtime) = self.runtime.clone() else {
-            return Action::Pause;
-        };
-        req.form_body = Some(
-            hostcalls::get_buffer(proxy_wasm::types::BufferType::HttpRequestBody, 0, body_size)
-                .ok()
-                .flatten()
-                .unwrap_or_default(),
-        );
-        self.decide(&runtime, req)
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
@@ -357,6 +364,14 @@ impl KeygateRequest {
                 }
                 if edits.clear_route_cache {
                     let _ = hostcalls::call_foreign_function("clear_route_cache", None);
+                }
+                if let Principal::ApiKey { record, .. } = &principal {
+                    if !self.request_ended && form_body_kind(config, req).is_some() {
+                        self.form_check = Some(FormCheck {
+                            req: req.clone(),
+                            record: (*record).clone(),
+                        });
+                    }
                 }
                 Verdict::Forwarded
             }
@@ -447,7 +462,6 @@ fn read_request(config: &Config, reads_clock: bool) -> RequestView {
         now,
         route_policy: None,
         session: SessionEvidence::Absent,
-        form_body: None,
     };
     if config.uses_route_policies() {
         req.route_policy = property_text(vec![

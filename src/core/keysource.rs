@@ -23,7 +23,7 @@ use serde::Deserialize;
 
 use super::config::{is_header_value, validate_header_safe_fields, ConfigError};
 use super::digest::sha256;
-use super::keycache::{LookupPolicy, PathTemplate, TemplateKind};
+use super::keycache::{CacheBudgets, LookupPolicy, PathTemplate, TemplateKind};
 use super::keyset::KeySet;
 use super::limits::{SharedStore, StoreError};
 
@@ -81,9 +81,17 @@ pub struct KeyServiceSpec {
     pub positive_ttl_seconds: Option<u64>,
     #[serde(default)]
     pub negative_ttl_seconds: Option<u64>,
-    /// Bound of the shared lookup cache, in entries.
+    /// Bound of the shared lookup cache for keys found, in entries.
     #[serde(default)]
     pub cache_entries: Option<u32>,
+    /// Bound of the shared lookup cache for keys not found, in entries: a separate budget, so
+    /// unknown keys never evict known ones.
+    #[serde(default)]
+    pub negative_cache_entries: Option<u32>,
+    /// Lookups per second per Envoy process (0: no cap); beyond it, uncached keys are answered
+    /// `KEYSET_UNAVAILABLE` without a fetch.
+    #[serde(default)]
+    pub max_misses_per_second: Option<u32>,
 }
 
 const DEFAULT_TIMEOUT_MS: u64 = 1000;
@@ -172,6 +180,14 @@ impl KeyService {
                     ("positive_ttl_seconds", spec.positive_ttl_seconds.is_some()),
                     ("negative_ttl_seconds", spec.negative_ttl_seconds.is_some()),
                     ("cache_entries", spec.cache_entries.is_some()),
+                    (
+                        "negative_cache_entries",
+                        spec.negative_cache_entries.is_some(),
+                    ),
+                    (
+                        "max_misses_per_second",
+                        spec.max_misses_per_second.is_some(),
+                    ),
                 ] {
                     if present {
                         return Err(ConfigError::new(
@@ -234,7 +250,11 @@ impl KeyService {
                     by_id,
                     spec.positive_ttl_seconds,
                     spec.negative_ttl_seconds,
-                    spec.cache_entries,
+                    CacheBudgets {
+                        cache_entries: spec.cache_entries,
+                        negative_cache_entries: spec.negative_cache_entries,
+                        max_misses_per_second: spec.max_misses_per_second,
+                    },
                 )
                 .map_err(|(field, why)| ConfigError::new(at(field), why))?;
                 let identity = format!("lookup\0{}", policy.identity());

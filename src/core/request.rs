@@ -102,8 +102,6 @@ pub struct RequestView {
     /// The policy name the matched route carries in `filter_metadata.keygate.policy`.
     pub route_policy: Option<String>,
     pub session: SessionEvidence,
-    /// A form body, read only when a selector could hide in it (`selectors::form_body_kind`).
-    pub form_body: Option<Vec<u8>>,
 }
 
 impl RequestView {

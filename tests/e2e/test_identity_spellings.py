@@ -1,0 +1,218 @@
+"""Identity through spellings keygate did not read (issue 20), end to end on a real Envoy, every
+row over HTTP/1.1 and HTTP/2 (h2c).
+
+A tenant selector is refused in every spelling an upstream framework reads as the selector
+(`organizationId[]`, `OrganizationId`, ` organizationId`, `;` separators, `x_organization_id`,
+form bodies); scope headers spelled with `_` never reach the upstream; a CORS preflight that
+reaches keygate is answered locally (204, no CORS grant) and never forwarded with its body.
+
+The shipped configs may set Envoy's `headers_with_underscores_action: REJECT_REQUEST`, which
+refuses underscore headers before keygate runs. These stacks set it to ALLOW, so the rows prove
+keygate's own layer, which holds for configs that do not set it.
+"""
+import pytest
+
+from conftest import assert_passed, assert_refused, session_token
+from keygate_stack import Stack
+
+UNDERSCORES_ALLOWED = {"headers_with_underscores_action: REJECT_REQUEST": "headers_with_underscores_action: ALLOW"}
+
+COMPAGO_KEY = "cpk_partner7_Rm4Xq8Lw2Tz6Vb1N"  # organizations org-101, org-102 (envoy/compago.yaml)
+ABACO_KEY = "abk_k7Qm2Xw9:c2VjcmV0LWFiYWNvLWRlbW8tMQ"  # company-314 (envoy/abaco.yaml)
+DEMO_NO_USER_KEY = "cmp_demo_Q7fX2mLr9Wk4TbVn8PzA"  # tenant acme, no user (envoy/demo.yaml)
+
+PROTOCOLS = [pytest.param(False, id="http1"), pytest.param(True, id="http2")]
+
+
+def running(config):
+    with Stack(config, substitutions=UNDERSCORES_ALLOWED) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def compago():
+    yield from running("compago.yaml")
+
+
+@pytest.fixture(scope="module")
+def abaco():
+    yield from running("abaco.yaml")
+
+
+@pytest.fixture(scope="module")
+def demo():
+    yield from running("demo.yaml")
+
+
+def no_underscore_twins(seen, *names):
+    """Neither the `_` spelling nor a `-` header forged from it reached the upstream."""
+    for name in names:
+        assert name not in seen, (name, seen.get(name))
+
+
+# --- 1. tenant selectors --------------------------------------------------------------------
+
+COMPAGO_OUT_OF_SCOPE = [
+    "organizationId[]=org-901",
+    "organizationId%5B%5D=org-901",
+    "organizationId[0]=org-901",
+    "OrganizationId=org-901",
+    "organizationid=org-901",
+    "%20organizationId=org-901",
+    "limit=1;organizationId=org-901",
+    "organizationId=org-101&organizationId[]=org-901",
+]
+
+
+@pytest.mark.parametrize("http2", PROTOCOLS)
+@pytest.mark.parametrize("query", COMPAGO_OUT_OF_SCOPE)
+def test_every_spelling_of_an_out_of_scope_organization_is_tenant_forbidden(compago, query, http2):
+    resp = compago.request("GET", f"/api/developer/payment?{query}", [("x-api-key", COMPAGO_KEY)],
+                           http2=http2)
+    assert_refused(resp, 403, "TENANT_FORBIDDEN")
+
+
+@pytest.mark.parametrize("http2", PROTOCOLS)
+def test_in_scope_organizations_pass_in_any_spelling(compago, http2):
+    path = "/api/developer/payment?organizationId[]=org-101&OrganizationId=org-102&limit=1"
+    seen = assert_passed(compago.request("GET", path, [("x-api-key", COMPAGO_KEY)], http2=http2))
+    assert seen[":path"] == [path]
+    assert seen["x-keygate-organizations"] == ["org-101,org-102"]
+
+
+@pytest.mark.parametrize("http2", PROTOCOLS)
+def test_organization_header_spelled_with_underscores_is_tenant_forbidden(compago, http2):
+    resp = compago.request("GET", "/api/developer/payment",
+                           [("x-api-key", COMPAGO_KEY), ("x_organization_id", "org-901")], http2=http2)
+    assert_refused(resp, 403, "TENANT_FORBIDDEN")
+
+
+@pytest.mark.parametrize("http2", PROTOCOLS)
+def test_organization_in_an_urlencoded_body_is_tenant_forbidden(compago, http2):
+    resp = compago.request("POST", "/api/developer/payment",
+                           [("x-api-key", COMPAGO_KEY),
+                            ("content-type", "application/x-www-form-urlencoded")],
+                           body=b"amount=5&organizationId=org-901", http2=http2)
+    assert_refused(resp, 403, "TENANT_FORBIDDEN")
+
+
+@pytest.mark.parametrize("http2", PROTOCOLS)
+def test_an_urlencoded_body_within_scope_reaches_the_upstream(compago, http2):
+    seen = assert_passed(compago.request(
+        "POST", "/api/developer/payment",
+        [("x-api-key", COMPAGO_KEY), ("content-type", "application/x-www-form-urlencoded")],
+        body=b"amount=5&organizationId=org-102", http2=http2))
+    assert seen["x-keygate-key-id"] == ["partner-7-production"]
+    assert seen["content-length"] == ["31"]
+
+
+def multipart(field, value, boundary="b0undary"):
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"\r\n\r\n{value}\r\n"
+            f"--{boundary}--\r\n").encode()
+    return [("content-type", f"multipart/form-data; boundary={boundary}")], body
+
+
+@pytest.mark.parametrize("http2", PROTOCOLS)
+def test_company_in_a_multipart_body_is_tenant_forbidden(abaco, http2):
+    headers, body = multipart("companyId", "company-999")
+    resp = abaco.request("POST", "/documents", [("authorization", "Bearer " + ABACO_KEY)] + headers,
+                         body=body, http2=http2)
+    assert_refused(resp, 403, "TENANT_FORBIDDEN")
+
+
+@pytest.mark.parametrize("http2", PROTOCOLS)
+def test_a_multipart_upload_without_a_selector_reaches_the_upstream(abaco, http2):
+    headers, body = multipart("file", "%PDF-1.7 ...")
+    seen = assert_passed(abaco.request("POST", "/documents",
+                                       [("authorization", "Bearer " + ABACO_KEY)] + headers,
+                                       body=body, http2=http2))
+    assert seen["x-keygate-tenant"] == ["company-314"]
+    assert seen["content-length"] == [str(len(body))]
+
+
+@pytest.mark.parametrize("http2", PROTOCOLS)
+@pytest.mark.parametrize("query", ["companyId[]=company-999", "CompanyId=company-999",
+                                   "page=1;companyId=company-999"])
+def test_every_spelling_of_another_company_is_tenant_forbidden(abaco, query, http2):
+    resp = abaco.request("GET", f"/business-partners?{query}",
+                         [("authorization", "Bearer " + ABACO_KEY)], http2=http2)
+    assert_refused(resp, 403, "TENANT_FORBIDDEN")
+
+
+@pytest.mark.parametrize("http2", PROTOCOLS)
+def test_company_header_spelled_with_underscores_is_tenant_forbidden(abaco, http2):
+    resp = abaco.request("GET", "/business-partners",
+                         [("authorization", "Bearer " + ABACO_KEY), ("x_company_id", "company-999")],
+                         http2=http2)
+    assert_refused(resp, 403, "TENANT_FORBIDDEN")
+
+
+# --- 2. scope headers spelled with underscores -------------------------------------------------
+
+FORGED_UNDERSCORES = [("x_keygate_user", "admin@victim-corp"), ("x_keygate_organizations", "org-victim")]
+
+
+@pytest.mark.parametrize("http2", PROTOCOLS)
+def test_underscore_scope_headers_never_reach_the_upstream_with_a_key(demo, http2):
+    seen = assert_passed(demo.request("GET", "/payments", [("x-api-key", DEMO_NO_USER_KEY)] + FORGED_UNDERSCORES,
+                                      http2=http2))
+    assert seen["x-keygate-key-id"] == ["cmp_demo"]
+    no_underscore_twins(seen, "x_keygate_user", "x_keygate_organizations", "x-keygate-user",
+                        "x-keygate-organizations")
+
+
+@pytest.mark.parametrize("http2", PROTOCOLS)
+def test_underscore_scope_headers_never_reach_the_upstream_on_a_public_route(demo, http2):
+    seen = assert_passed(demo.request("GET", "/healthz", FORGED_UNDERSCORES + [("x_keygate_auth", "api_key")],
+                                      http2=http2))
+    assert seen["x-keygate-auth"] == ["none"]
+    no_underscore_twins(seen, "x_keygate_user", "x_keygate_organizations", "x_keygate_auth")
+
+
+@pytest.mark.parametrize("http2", PROTOCOLS)
+def test_underscore_tenant_header_never_reaches_the_upstream_with_a_session(abaco, http2):
+    seen = assert_passed(abaco.request("GET", "/business-partners",
+                                       [("cookie", "accessToken=" + session_token()),
+                                        ("x_keygate_tenant", "company-999")], http2=http2))
+    assert seen["x-keygate-auth"] == ["session"]
+    no_underscore_twins(seen, "x_keygate_tenant", "x-keygate-tenant")
+
+
+# --- 3. preflights ----------------------------------------------------------------------------
+
+PREFLIGHT = [("origin", "https://evil.example"), ("access-control-request-method", "DELETE"),
+             ("content-type", "application/json")]
+
+
+@pytest.mark.parametrize("http2", PROTOCOLS)
+def test_a_preflight_with_a_body_is_answered_locally_without_a_cors_grant(demo, http2):
+    resp = demo.request("OPTIONS", "/admin/users", PREFLIGHT, body=b'{"delete": "everyone"}', http2=http2)
+    assert resp.status == 204, resp
+    assert resp.upstream is None, "a preflight must never reach the upstream"
+    assert resp.header("access-control-allow-origin") is None
+    assert resp.body == b""
+
+
+PINNED_ORIGIN = {'allow_origin_string_match: [{ safe_regex: { regex: ".*" } }]':
+                 'allow_origin_string_match: [{ exact: "https://app.example" }]'}
+
+
+@pytest.fixture(scope="module")
+def abaco_pinned_origin():
+    with Stack("abaco.yaml", substitutions={**UNDERSCORES_ALLOWED, **PINNED_ORIGIN}) as stack:
+        yield stack
+
+
+@pytest.mark.parametrize("http2", PROTOCOLS)
+def test_a_preflight_from_an_origin_the_cors_filter_refuses_never_reaches_the_upstream(abaco_pinned_origin, http2):
+    resp = abaco_pinned_origin.request("OPTIONS", "/business-partners", PREFLIGHT,
+                                       body=b'{"delete": "everyone"}', http2=http2)
+    assert resp.upstream is None, "a preflight must never reach the upstream"
+    assert resp.status in (200, 204), resp
+    assert resp.header("access-control-allow-origin") is None
+    # The origin the cors filter allows still gets its grant from Envoy.
+    allowed = abaco_pinned_origin.request("OPTIONS", "/business-partners",
+                                          [("origin", "https://app.example"),
+                                           ("access-control-request-method", "GET")], http2=http2)
+    assert allowed.upstream is None
+    assert allowed.header("access-control-allow-origin") == "https://app.example"
