@@ -182,6 +182,7 @@ impl RootContext for KeygateRoot {
         };
         if let Some(source) = &runtime.source {
             source.on_tick();
+            keysource::expire_waiters(&runtime);
         }
         let limits = &runtime.config.limits;
         if !limits.enabled || now_millis() - self.last_sweep_ms < SWEEP_PERIOD.as_millis() as i64 {
@@ -193,8 +194,10 @@ impl RootContext for KeygateRoot {
         self.sweep_cursor = self.sweep_cursor.wrapping_add(batch) % limits.slots;
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(KeygateRequest {
+            context_id,
+            waiting: false,
             runtime: self.runtime.clone(),
             response_headers: Vec::new(),
             pending: None,
@@ -212,6 +215,10 @@ impl RootContext for KeygateRoot {
 const SWEEP_PERIOD: Duration = Duration::from_secs(1);
 
 struct KeygateRequest {
+    context_id: u32,
+    /// Paused for a lookup another request of this VM sent for the same key; that request
+    /// settles this one (`keysource::resolve_waiter`).
+    waiting: bool,
     runtime: Option<Rc<Runtime>>,
     /// `RateLimit-*` headers for the response of an allowed request, when configured.
     response_headers: Vec<(&'static str, String)>,
@@ -275,6 +282,7 @@ impl HttpContext for KeygateRequest {
     /// Only a form body of an allowed API-key request is read (see `FormCheck`); every other
     /// body passes untouched.
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.adopt_if_settled();
         if self.form_check.is_none() {
             return Action::Continue;
         }
@@ -298,6 +306,7 @@ impl HttpContext for KeygateRequest {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        self.adopt_if_settled();
         for (name, value) in self.response_headers.drain(..) {
             let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(&value));
         }
@@ -323,58 +332,101 @@ impl KeygateRequest {
         }
     }
 
-    /// Applies a decision: the local reply, or limits and scope headers for the upstream.
+    /// Applies a decision to this request and keeps what its later callbacks need.
     fn apply(&mut self, runtime: &Runtime, req: &RequestView, decision: Decision) -> Verdict {
-        let config = &runtime.config;
-        match decision {
-            Decision::Deny { code, key_id } => {
-                deny(runtime, code, key_id, Vec::new());
-                Verdict::Replied
-            }
-            Decision::Preflight => {
-                send(&preflight_reply());
-                Verdict::Replied
-            }
-            Decision::Allow { principal, policy } => {
-                if let Principal::ApiKey { record, .. } = &principal {
-                    if config.limits.enabled || record.budget_exhausted {
-                        let outcome =
-                            apply_limits(&config.limits, record, policy, &HostStore, now_millis());
-                        match outcome {
-                            Err(denial) => {
-                                deny(runtime, denial.code, Some(&record.id), denial.headers());
-                                return Verdict::Replied;
-                            }
-                            Ok(info) if config.limits.response_headers => {
-                                self.response_headers =
-                                    info.rate.map(|r| r.headers()).unwrap_or_default();
-                            }
-                            Ok(_) => {}
+        let (verdict, settled) = settle(runtime, req, decision, self.request_ended);
+        self.adopt(settled);
+        verdict
+    }
+
+    fn adopt(&mut self, settled: Settled) {
+        self.response_headers = settled.response_headers;
+        self.form_check = settled.form_check;
+    }
+
+    /// A request that waited for another request's lookup was settled by that request: take
+    /// over what it left for this one.
+    fn adopt_if_settled(&mut self) {
+        if !self.waiting {
+            return;
+        }
+        let settled = self
+            .runtime
+            .as_ref()
+            .and_then(|r| r.source.as_ref())
+            .and_then(|source| source.take_settled(self.context_id));
+        if let Some(settled) = settled {
+            self.waiting = false;
+            self.adopt(settled);
+        }
+    }
+}
+
+/// What applying a decision leaves for the rest of the request: `RateLimit-*` headers for the
+/// response, and a form body still to check.
+#[derive(Default)]
+pub(crate) struct Settled {
+    response_headers: Vec<(&'static str, String)>,
+    form_check: Option<FormCheck>,
+}
+
+/// Applies a decision to the request whose context is the effective one: the local reply, or
+/// limits and scope headers for the upstream.
+fn settle(
+    runtime: &Runtime,
+    req: &RequestView,
+    decision: Decision,
+    request_ended: bool,
+) -> (Verdict, Settled) {
+    let config = &runtime.config;
+    let mut settled = Settled::default();
+    match decision {
+        Decision::Deny { code, key_id } => {
+            deny(runtime, code, key_id, Vec::new());
+            (Verdict::Replied, settled)
+        }
+        Decision::Preflight => {
+            send(&preflight_reply());
+            (Verdict::Replied, settled)
+        }
+        Decision::Allow { principal, policy } => {
+            if let Principal::ApiKey { record, .. } = &principal {
+                if config.limits.enabled || record.budget_exhausted {
+                    let outcome =
+                        apply_limits(&config.limits, record, policy, &HostStore, now_millis());
+                    match outcome {
+                        Err(denial) => {
+                            deny(runtime, denial.code, Some(&record.id), denial.headers());
+                            return (Verdict::Replied, settled);
                         }
+                        Ok(info) if config.limits.response_headers => {
+                            settled.response_headers =
+                                info.rate.map(|r| r.headers()).unwrap_or_default();
+                        }
+                        Ok(_) => {}
                     }
                 }
-                Metrics::bump(runtime.metrics.allowed);
-                let edits = upstream_edits(config, req, &principal);
-                for name in &edits.remove {
-                    let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
-                }
-                for (name, value) in &edits.set {
-                    let _ =
-                        hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
-                }
-                if edits.clear_route_cache {
-                    let _ = hostcalls::call_foreign_function("clear_route_cache", None);
-                }
-                if let Principal::ApiKey { record, .. } = &principal {
-                    if !self.request_ended && form_body_kind(config, req).is_some() {
-                        self.form_check = Some(FormCheck {
-                            req: req.clone(),
-                            record: (*record).clone(),
-                        });
-                    }
-                }
-                Verdict::Forwarded
             }
+            Metrics::bump(runtime.metrics.allowed);
+            let edits = upstream_edits(config, req, &principal);
+            for name in &edits.remove {
+                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
+            }
+            for (name, value) in &edits.set {
+                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
+            }
+            if edits.clear_route_cache {
+                let _ = hostcalls::call_foreign_function("clear_route_cache", None);
+            }
+            if let Principal::ApiKey { record, .. } = &principal {
+                if !request_ended && form_body_kind(config, req).is_some() {
+                    settled.form_check = Some(FormCheck {
+                        req: req.clone(),
+                        record: (*record).clone(),
+                    });
+                }
+            }
+            (Verdict::Forwarded, settled)
         }
     }
 }

@@ -253,7 +253,7 @@ impl LookupPolicy {
 }
 
 /// What a request's key is looked up by.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum LookupKey {
     Digest(Digest),
     Id(String),
