@@ -109,7 +109,7 @@ class Stack:
             text = text.replace(f"port_value: {shipped}", f"port_value: {self.ports[name]}")
         for old, new in self.substitutions.items():
             text = text.replace(old, new)
-        path = self.workdir / self.config_name
+        path = self.workdir / Path(self.config_name).name  # a name may be a path outside envoy/
         path.write_text(text)
         return path
 

@@ -58,3 +58,13 @@ def session_token(sub="web-user-1", exp_in=3600, key=SESSION_SIGNING_KEY):
     signing_input = b64url(json.dumps(header).encode()) + "." + b64url(json.dumps(payload).encode())
     sig = hmac.new(key, signing_input.encode(), hashlib.sha256).digest()
     return signing_input + "." + b64url(sig)
+
+
+def wait_for(predicate, timeout):
+    """Seconds until `predicate()` held, or None."""
+    start = time.time()
+    while time.time() - start < timeout:
+        if predicate():
+            return time.time() - start
+        time.sleep(0.05)
+    return None

@@ -10,10 +10,19 @@ The shipped configs may set Envoy's `headers_with_underscores_action: REJECT_REQ
 refuses underscore headers before keygate runs. These stacks set it to ALLOW, so the rows prove
 keygate's own layer, which holds for configs that do not set it.
 """
+import hashlib
+import secrets
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import pytest
 
-from conftest import assert_passed, assert_refused, session_token
-from keygate_stack import Stack
+from conftest import assert_passed, assert_refused, session_token, wait_for
+from keygate_stack import ROOT, Stack
+from static_keyservice import StaticKeyService, keyset_document
 
 UNDERSCORES_ALLOWED = {"headers_with_underscores_action: REJECT_REQUEST": "headers_with_underscores_action: ALLOW"}
 
@@ -216,3 +225,153 @@ def test_a_preflight_from_an_origin_the_cors_filter_refuses_never_reaches_the_up
                                            ("access-control-request-method", "GET")], http2=http2)
     assert allowed.upstream is None
     assert allowed.header("access-control-allow-origin") == "https://app.example"
+
+
+# --- 4. key-set rollback ---------------------------------------------------------------------
+
+KS_ALPHA = "ks_alpha_Q2mX7rT9wL4v"  # a key of envoy/keyservice.yaml's profile (name "remote")
+KS_REFRESH = 2.0  # refresh_seconds in envoy/keyservice.yaml
+
+
+def stat(stack, name):
+    return stack.stats().get(name, 0)
+
+
+@pytest.fixture(scope="module")
+def keyservice():
+    stack = Stack("keyservice.yaml", concurrency=2)
+    service = StaticKeyService(stack.workdir / "keyservice", stack.ports["keys"], stack.workdir)
+    with service, stack:
+        yield stack, service
+
+
+def alpha(enabled):
+    return {"id": "ks-alpha", "secret_sha256": hashlib.sha256(KS_ALPHA.encode()).hexdigest(),
+            "tenant": "acme", "enabled": enabled}
+
+
+def test_an_older_key_set_served_again_does_not_re_enable_a_revoked_key(keyservice):
+    stack, service = keyservice
+    key = [("x-api-key", KS_ALPHA)]
+    enabled = keyset_document(alpha(True), serial=100)
+    service.write("keys.json", enabled)
+    assert wait_for(lambda: stack.request("GET", "/orders", key).status == 200, KS_REFRESH + 3)
+    service.write("keys.json", keyset_document(alpha(False), serial=101))
+    assert wait_for(lambda: stack.request("GET", "/orders", key).status == 401, KS_REFRESH + 3)
+    version = stat(stack, "wasmcustom.keygate.remote.keyset.version")
+
+    service.write("keys.json", enabled)  # a stale cache or replica serves the old document again
+    assert wait_for(lambda: stat(stack, "wasmcustom.keygate.remote.keyset.rollbacks_refused") >= 1,
+                    KS_REFRESH + 3)
+    for http2 in (False, True):
+        assert_refused(stack.request("GET", "/orders", key, http2=http2), 401, "INVALID_API_KEY")
+    assert stat(stack, "wasmcustom.keygate.remote.keyset.version") == version
+    assert "serial 100 is not above serial 101" in stack.log_text()
+
+
+# --- 5. lookup cache flooding ------------------------------------------------------------------
+
+LOOKUP_STAT = "wasmcustom.keygate.lookup."
+EPSILON = "Bearer klid_epsilon:ZXBzaWxvbi1zZWNyZXQ"  # envoy/keyservice/keys/by-id/klid_epsilon.json
+
+
+def lookup_stack(substitutions):
+    stack = Stack("keyservice-lookup.yaml", concurrency=2, substitutions=substitutions)
+    root = stack.workdir / "keyservice"
+    shutil.copytree(ROOT / "envoy" / "keyservice", root, dirs_exist_ok=True)
+    return stack, StaticKeyService(root, stack.ports["keys"], stack.workdir)
+
+
+def random_keys(count):
+    return [[("x-api-key", "kl_" + secrets.token_hex(12))] for _ in range(count)]
+
+
+def test_a_flood_of_unknown_keys_never_evicts_a_cached_key():
+    # 64 entries (16 slots): before separate budgets, 400 unknown keys evicted every known one.
+    stack, service = lookup_stack({'"cache_entries": 65536': '"cache_entries": 64'})
+    with service, stack:
+        assert_passed(stack.request("GET", "/orders", [("authorization", EPSILON)]))
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            answers = list(pool.map(lambda h: stack.request("GET", "/orders", h), random_keys(400)))
+        assert all(r.status in (401, 503) for r in answers)
+        service.stop()  # a key-service outage right after the flood
+        for http2 in (False, True):
+            seen = assert_passed(stack.request("GET", "/orders", [("authorization", EPSILON)], http2=http2))
+            assert seen["x-keygate-key-id"] == ["klid_epsilon"]
+
+
+def test_lookups_beyond_the_cap_per_second_are_answered_without_a_fetch():
+    stack, service = lookup_stack({'"cache_entries": 65536': '"cache_entries": 65536, "max_misses_per_second": 20'})
+    with service, stack:
+        before = len(service.requests())
+        keys = random_keys(200)
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            answers = list(pool.map(lambda i: stack.request("GET", "/orders", keys[i], http2=i % 2 == 1),
+                                    range(len(keys))))
+        fetched = len(service.requests()) - before
+        refused = [r for r in answers if r.status == 503]
+        assert refused, "some unknown keys were answered without a fetch"
+        for r in refused:
+            assert_refused(r, 503, "KEYSET_UNAVAILABLE")
+        assert all(r.status == 401 and r.upstream is None for r in answers if r.status != 503)
+        assert stat(stack, LOOKUP_STAT + "cache.misses_over_cap") == len(refused)
+        assert fetched <= 20 * 4, fetched  # 20 per second; the burst may straddle a few seconds
+
+
+class SlowKeyService:
+    """A key service that takes half a second to say 404, and counts what it was asked."""
+
+    def __init__(self, port):
+        paths = self.paths = []
+
+        class Slow(BaseHTTPRequestHandler):
+            def do_GET(self):
+                paths.append(self.path)
+                time.sleep(0.5)
+                self.send_response(404)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Slow)
+        self.server.daemon_threads = True
+
+    def __enter__(self):
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+
+
+def test_concurrent_requests_for_one_uncached_key_share_one_lookup_per_worker():
+    stack = Stack("keyservice-lookup.yaml", concurrency=2)
+    with SlowKeyService(stack.ports["keys"]) as service, stack:
+        key = random_keys(1)[0]
+        with ThreadPoolExecutor(max_workers=20) as pool:
+            answers = list(pool.map(lambda i: stack.request("GET", "/orders", key, http2=i % 2 == 1), range(20)))
+        for r in answers:
+            assert_refused(r, 401, "INVALID_API_KEY")
+        assert 1 <= len(service.paths) <= 2, service.paths  # one lookup per worker at most
+        assert stat(stack, LOOKUP_STAT + "cache.coalesced") >= 20 - 2 - stat(stack, LOOKUP_STAT + "cache.hits")
+
+
+# --- 6. counters shared across filters ----------------------------------------------------------
+
+def test_two_tenants_filters_sharing_a_vm_id_never_spend_each_others_budget():
+    config = "../tests/e2e/configs/two-tenants-one-vm-id.yaml"
+    with Stack(config, concurrency=2) as stack:
+        tenant_b_port = stack.ports["ratelimit"]
+        seen = assert_passed(stack.request("GET", "/", [("x-api-key", "tk_tenant_a_secret_1")]))
+        assert seen["x-keygate-tenant"] == ["tenant-a"]
+        assert_refused(stack.request("GET", "/", [("x-api-key", "tk_tenant_a_secret_1")]), 402,
+                       "BUDGET_EXHAUSTED")
+        for http2 in (False, True):
+            resp = stack.request("GET", "/", [("x-api-key", "tk_tenant_b_secret_1")], port=tenant_b_port,
+                                 http2=http2)
+            if http2:
+                assert_refused(resp, 402, "BUDGET_EXHAUSTED")  # B's own budget of 1, spent just before
+            else:
+                assert assert_passed(resp)["x-keygate-tenant"] == ["tenant-b"]
