@@ -217,7 +217,8 @@ def test_a_preflight_from_an_origin_the_cors_filter_refuses_never_reaches_the_up
     resp = abaco_pinned_origin.request("OPTIONS", "/business-partners", PREFLIGHT,
                                        body=b'{"delete": "everyone"}', http2=http2)
     assert resp.upstream is None, "a preflight must never reach the upstream"
-    assert resp.status in (200, 204), resp
+    # keygate's 204, or Envoy's own answer once `forward_not_matching_preflights: false` is set.
+    assert resp.status in (200, 204, 403), resp
     assert resp.header("access-control-allow-origin") is None
     # The origin the cors filter allows still gets its grant from Envoy.
     allowed = abaco_pinned_origin.request("OPTIONS", "/business-partners",
