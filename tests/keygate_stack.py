@@ -125,7 +125,7 @@ class Stack:
             text = text.replace(f"port_value: {shipped}", f"port_value: {self.ports[name]}")
         for old, new in self.substitutions.items():
             text = text.replace(old, new)
-        path = self.workdir / self.config_name
+        path = self.workdir / Path(self.config_name).name  # a name may be a path outside envoy/
         path.write_text(text)
         return path
 
@@ -205,7 +205,8 @@ class Stack:
 
     def request_h2(self, method, path, headers, body, port):
         # Header names go lower-case on h2 anyway; curl's `-H 'name;'` form sends an empty value.
-        args = [b"curl", b"-s", b"--http2-prior-knowledge", b"--path-as-is", b"-o", b"-", b"-D",
+        # -g: `[` and `]` in a path are sent as they are, not read as a curl URL range.
+        args = [b"curl", b"-s", b"-g", b"--http2-prior-knowledge", b"--path-as-is", b"-o", b"-", b"-D",
                 b"/dev/stderr", b"-X", method.encode()]
         for name, value in headers:
             value = value if isinstance(value, bytes) else value.encode()

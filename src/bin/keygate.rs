@@ -21,7 +21,7 @@ mod native {
     use clap::{Args, Parser, Subcommand, ValueEnum};
 
     use keygate::cli::boundary_lint::lint_text;
-    use keygate::cli::config_check::Outcome;
+    use keygate::cli::config_check::{shared_namespace_warnings, Outcome};
     use keygate::cli::envoy_config_sources::check_file;
     use keygate::cli::keygen::{self, KeyFormat, RecordFields, Shape, PROFILES};
     use keygate::cli::keyset_file::{self, Revoke};
@@ -447,14 +447,17 @@ mod native {
                 keyset_file::validate(&records)?;
                 match output {
                     Some(path) => {
-                        keyset_file::save(&path, &records)?;
+                        let serial = keyset_file::save(&path, &records)?;
                         eprintln!(
-                            "keygate: wrote {} with {} keys",
+                            "keygate: wrote {} with {} keys (serial {serial})",
                             path.display(),
                             records.len()
                         );
                     }
-                    None => print!("{}", keyset_file::render(&records)),
+                    None => print!(
+                        "{}",
+                        keyset_file::render(&records, keyset_file::next_serial(None))
+                    ),
                 }
                 Ok(())
             }
@@ -466,10 +469,10 @@ mod native {
                 }
                 let count = added.len();
                 all.extend(added);
-                keyset_file::save(&keyset, &all)
+                let serial = keyset_file::save(&keyset, &all)
                     .map_err(|e| format!("{}: not changed: {e}", keyset.display()))?;
                 eprintln!(
-                    "keygate: {}: added {count} key(s), now {} in all",
+                    "keygate: {}: added {count} key(s), now {} in all (serial {serial})",
                     keyset.display(),
                     all.len()
                 );
@@ -488,9 +491,9 @@ mod native {
                 };
                 keyset_file::revoke(&mut all, &ids, how)
                     .map_err(|e| format!("{}: not changed: {e}", keyset.display()))?;
-                keyset_file::save(&keyset, &all)?;
+                let serial = keyset_file::save(&keyset, &all)?;
                 eprintln!(
-                    "keygate: {} {} key(s) in {}",
+                    "keygate: {} {} key(s) in {} (serial {serial})",
                     if remove { "removed" } else { "disabled" },
                     ids.len(),
                     keyset.display()
@@ -565,6 +568,10 @@ mod native {
                     continue;
                 }
             };
+            for warning in shared_namespace_warnings(&text) {
+                warned += 1;
+                println!("{shown}: warning[shared-counters]: {warning}");
+            }
             for finding in findings {
                 let mut at = finding.location.clone();
                 if let Some(name) = &finding.filter_name {

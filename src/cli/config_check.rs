@@ -407,3 +407,99 @@ mod tests {
         assert!(err.starts_with("not valid YAML"), "{err}");
     }
 }
+
+/// Warnings for keygate filters that would share state by accident: two filters with the same
+/// `vm_id` and the same plugin `name` share their stats (`keygate.<name>.*`) and the namespace of
+/// their rate-limit and budget counters and key-service data. Keys are told apart by their
+/// secret or their key service, but the two filters' numbers still merge: give each a `name`.
+pub fn shared_namespace_warnings(text: &str) -> Vec<String> {
+    let docs: Vec<Value> = if text.trim_start().starts_with('{') {
+        serde_json::from_str::<Value>(text).into_iter().collect()
+    } else {
+        YamlLoader::load_from_str(text)
+            .map(|docs| docs.iter().map(yaml_to_json).collect())
+            .unwrap_or_default()
+    };
+    fn collect(node: &Value, path: &str, out: &mut Vec<(String, String, String)>) {
+        match node {
+            Value::Object(fields) => {
+                if fields.get("@type").and_then(Value::as_str) == Some(WASM_FILTER_TYPE) {
+                    let root_id = text_at(fields, &["config", "root_id"]);
+                    let file = text_at(
+                        fields,
+                        &["config", "vm_config", "code", "local", "filename"],
+                    );
+                    if root_id == Some("keygate") || file.is_some_and(|f| f.contains("keygate")) {
+                        let vm_id =
+                            text_at(fields, &["config", "vm_config", "vm_id"]).unwrap_or("");
+                        let name = text_at(fields, &["config", "configuration", "value"])
+                            .and_then(|json| serde_json::from_str::<Value>(json).ok())
+                            .and_then(|c| c.get("name").and_then(Value::as_str).map(str::to_string))
+                            .unwrap_or_else(|| "keygate".to_string());
+                        out.push((path.to_string(), vm_id.to_string(), name));
+                    }
+                    return;
+                }
+                for (key, child) in fields {
+                    collect(child, &join(path, key), out);
+                }
+            }
+            Value::Array(items) => {
+                for (i, child) in items.iter().enumerate() {
+                    collect(child, &format!("{path}[{i}]"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut filters = Vec::new();
+    for doc in &docs {
+        collect(doc, "", &mut filters);
+    }
+    let mut warnings = Vec::new();
+    for (i, (path, vm_id, name)) in filters.iter().enumerate() {
+        let first = filters
+            .iter()
+            .take(i)
+            .find(|(_, v, n)| v == vm_id && n == name);
+        if let Some((first_path, _, _)) = first {
+            warnings.push(format!(
+                "{path}: keygate \"{name}\" in vm_id \"{vm_id}\" is also at {first_path}: the two \
+                 filters share stats and the namespace of their limit counters; give each its own \
+                 \"name\" in the plugin configuration"
+            ));
+        }
+    }
+    warnings
+}
+
+#[cfg(test)]
+mod shared_namespace_tests {
+    use super::*;
+
+    fn filter(vm_id: &str, plugin_json: &str) -> String {
+        format!(
+            r#"{{"name": "keygate", "typed_config": {{"@type": "{WASM_FILTER_TYPE}", "config": {{
+                "root_id": "keygate", "vm_config": {{"vm_id": "{vm_id}"}},
+                "configuration": {{"@type": "{STRING_VALUE_TYPE}", "value": {plugin_json:?}}}}}}}}}"#
+        )
+    }
+
+    #[test]
+    fn two_filters_with_one_vm_id_and_the_default_name_are_warned_about() {
+        let plain = r#"{"credentials": [{"in": "header"}]}"#;
+        let named = r#"{"name": "tenant-b", "credentials": [{"in": "header"}]}"#;
+        let config = |a: &str, b: &str, vm_b: &str| {
+            format!(
+                r#"{{"static_resources": {{"filters": [{}, {}]}}}}"#,
+                filter("shared", a),
+                filter(vm_b, b)
+            )
+        };
+        let warnings = shared_namespace_warnings(&config(plain, plain, "shared"));
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("keygate \"keygate\" in vm_id \"shared\""));
+        assert!(shared_namespace_warnings(&config(plain, named, "shared")).is_empty());
+        assert!(shared_namespace_warnings(&config(plain, plain, "other")).is_empty());
+    }
+}

@@ -161,6 +161,9 @@ struct ConfigSpec {
     default_policy: PolicySpec,
     #[serde(default)]
     tenant_selectors: Vec<TenantSelectorSpec>,
+    /// Read selectors in every spelling an upstream framework may read (see `selectors`).
+    #[serde(default = "default_true")]
+    strict_selectors: bool,
     /// Clear Envoy's route cache after setting the environment header, so routes can send test
     /// keys to a sandbox cluster.
     #[serde(default)]
@@ -196,6 +199,7 @@ pub struct Config {
     pub routes: Vec<RouteRule>,
     pub default_policy: Policy,
     pub tenant_selectors: Vec<TenantSelector>,
+    pub strict_selectors: bool,
     pub route_by_environment: bool,
     /// Every header name keygate removes from a request it passes upstream.
     pub headers_to_strip: Vec<String>,
@@ -336,7 +340,8 @@ impl Config {
         };
         // Fetched records may carry their own limits: keep the shared table ready for them.
         let keys_are_limited = keys.has_limits() || key_service.is_some();
-        let limits = Limits::from_spec(spec.limits, &name, keys_are_limited)?;
+        let limits = Limits::from_spec(spec.limits, &name, keys_are_limited)?
+            .scoped(key_service.as_ref().map(|s| s.namespace.as_str()));
         let config = Config {
             name,
             sources,
@@ -350,6 +355,7 @@ impl Config {
             routes,
             default_policy,
             tenant_selectors,
+            strict_selectors: spec.strict_selectors,
             route_by_environment: spec.route_by_environment,
             headers_to_strip,
             limits,

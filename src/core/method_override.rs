@@ -156,6 +156,7 @@ mod decision_tests {
             match decide(&config, &keys, &req) {
                 Decision::Deny { code, .. } => Some(code),
                 Decision::Allow { .. } => None,
+                Decision::Preflight => panic!("a POST is never a preflight"),
             }
         };
         let forbidden = Some(ErrorCode::ApiKeyDeleteForbidden);

@@ -24,4 +24,5 @@ pub mod path_guard;
 pub mod policy;
 pub mod reply;
 pub mod request;
+pub mod selectors;
 pub mod time;

@@ -227,7 +227,8 @@ pub fn check_origin(req: &RequestView, record: &KeyRecord) -> Result<(), ErrorCo
     }
 }
 
-/// A CORS preflight carries no credentials by design; it is never keygate's to refuse.
+/// A CORS preflight carries no credentials by design, so it cannot be authenticated: on a route
+/// that needs authentication keygate answers it itself (`Decision::Preflight`).
 pub fn is_cors_preflight(req: &RequestView) -> bool {
     req.method() == "OPTIONS"
         && req.has_header("origin")

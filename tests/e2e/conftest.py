@@ -31,14 +31,14 @@ def assert_denied(resp, status, code):
     assert resp.upstream is None, "a denied request must not reach the upstream"
 
 
-def assert_refused_by_keygate(resp, status, code):
+def assert_refused(resp, status, code):
     """keygate answered locally, in either body format (`json` or `text`): status, code, and
     nothing reached the upstream. Every local reply carries its code in `x-keygate-code`."""
     assert resp.status == status, resp
     assert resp.header("x-keygate-code") == code, resp.headers
     if resp.header("content-type") == "application/json":
         assert resp.code == code, resp
-    assert resp.upstream is None, "a denied request must not reach the upstream"
+    assert resp.upstream is None, "a refused request must not reach the upstream"
 
 
 def assert_passed(resp):
@@ -55,6 +55,9 @@ def keygate_cli(*args, stdin=""):
         subprocess.run(["cargo", "build", "--release", "--bin", "keygate"], cwd=ROOT, check=True)
     return subprocess.run([str(CLI), *args], input=stdin, capture_output=True, text=True,
                           cwd=ROOT, timeout=60)
+
+
+# The session cookie of envoy/abaco.yaml: an HS256 JWT its jwt_authn filter verifies.
 ABACO_SESSION_SIGNING_KEY = b"abaco-demo-session-signing-key-32b!"  # demo only, also in envoy/abaco.yaml
 
 
@@ -70,3 +73,13 @@ def abaco_session_token(sub="web-user-1", exp_in=3600, key=ABACO_SESSION_SIGNING
     signing_input = b64url(json.dumps(header).encode()) + "." + b64url(json.dumps(payload).encode())
     sig = hmac.new(key, signing_input.encode(), hashlib.sha256).digest()
     return signing_input + "." + b64url(sig)
+
+
+def wait_for(predicate, timeout):
+    """Seconds until `predicate()` held, or None."""
+    start = time.time()
+    while time.time() - start < timeout:
+        if predicate():
+            return time.time() - start
+        time.sleep(0.05)
+    return None

@@ -262,7 +262,7 @@ HOSTILE = [
         [f"x-api-key: {OPAQUE}", "x-keygate-permissions: admin"], Keygate(403, "FORBIDDEN"), path="/admin/users"),
     Row("cors-preflight-imitation-gets-no-identity",
         ["origin: https://evil.example", "access-control-request-method: GET"] + FORGED_SCOPE,
-        Upstream(ANONYMOUS), method="OPTIONS"),
+        Upstream(ANONYMOUS), method="OPTIONS", path="/healthz"),  # elsewhere: a local 204 (test_identity_spellings.py)
     # --- headers imitating other filters' results -----------------------------------------------
     Row("forged-jwt-payload-header-is-not-a-credential",
         ["x-jwt-payload: " + base64.b64encode(b'{"sub":"admin","tenant":"acme"}').decode()],

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from conftest import Stack, abaco_session_token, assert_passed, assert_refused_by_keygate
+from conftest import Stack, abaco_session_token, assert_passed, assert_refused
 
 PROTOCOLS = ["http1", "http2"]
 
@@ -173,7 +173,7 @@ def check(resp, expect):
         return
     assert not isinstance(resp, RuntimeError), resp
     if isinstance(expect, Keygate):
-        assert_refused_by_keygate(resp, expect.status, expect.code)
+        assert_refused(resp, expect.status, expect.code)
         return
     seen = assert_passed(resp)
     assert seen[":path"] == [expect.path]
@@ -257,7 +257,7 @@ def test_without_envoy_normalization_keygate_refuses_ambiguous_paths_and_counts_
     counter = "wasmcustom.keygate.demo.denied.ambiguous_path"
     before = unnormalized_demo.stats().get(counter, 0)
     resp = unnormalized_demo.request("GET", path, [], http2=protocol == "http2")
-    assert_refused_by_keygate(resp, 400, "AMBIGUOUS_PATH")
+    assert_refused(resp, 400, "AMBIGUOUS_PATH")
     assert unnormalized_demo.stats()[counter] == before + 1
 
 
