@@ -110,3 +110,10 @@ http {{
             if len(parts) >= 2 and parts[1].startswith(path_prefix):
                 out.append((parts[1], status))
         return out
+
+
+def key_set_document(records, serial):
+    """A key-set document, {"keys": [...]}, built in one place so the document format can grow
+    here alone. `serial` is the caller's increasing publication number; it is not written yet
+    because today's parser refuses any field besides `keys` (deny_unknown_fields)."""
+    return {"keys": list(records)}
