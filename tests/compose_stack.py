@@ -70,7 +70,11 @@ class ComposeProject:
         # From scratch each time: no container is recreated (docker-compose v1 on Engine 25+
         # fails at recreation, docker/compose#11742), and no state leaks between runs.
         self.down()
-        self.run("up", "-d")
+        started = self.run("up", "-d", check=False)
+        if started.returncode != 0:
+            logs = self.logs()
+            self.down()
+            raise RuntimeError(f"{self.name}: up failed ({started.returncode}):\n{started.stdout}{started.stderr}\n{logs}")
         return self
 
     def down(self):
