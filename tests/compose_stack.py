@@ -28,10 +28,20 @@ def compose_command():
     return [found]
 
 
+def debian_suite():
+    """The suite docker/build-images.sh builds from: KEYGATE_DEBIAN_SUITE, else the host's."""
+    if os.environ.get("KEYGATE_DEBIAN_SUITE"):
+        return os.environ["KEYGATE_DEBIAN_SUITE"]
+    for line in Path("/etc/os-release").read_text().splitlines():
+        if line.startswith("VERSION_CODENAME="):
+            return line.split("=", 1)[1].strip('"')
+    raise RuntimeError("no VERSION_CODENAME in /etc/os-release; set KEYGATE_DEBIAN_SUITE")
+
+
 def local_image_env():
     """The tags docker/build-images.sh gives the local images, as the override files name them."""
-    return {"KEYGATE_ENVOY_VERSION": os.environ.get("KEYGATE_ENVOY_VERSION", "1.40.0"),
-            "KEYGATE_DEBIAN_SUITE": os.environ.get("KEYGATE_DEBIAN_SUITE", "bookworm")}
+    return {"KEYGATE_ENVOY_VERSION": os.environ.get("KEYGATE_ENVOY_VERSION") or "1.40.0",
+            "KEYGATE_DEBIAN_SUITE": debian_suite()}
 
 
 class ServiceExited(RuntimeError):

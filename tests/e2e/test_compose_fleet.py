@@ -9,6 +9,7 @@ not depend on each other's order.
 import hashlib
 import os
 import secrets
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -74,16 +75,20 @@ class Fleet:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
-    keys_dir = ROOT / ".tmp" / f"fleet-{os.getpid()}" / "keys"
+def fleet():
+    workdir = ROOT / ".tmp" / f"fleet-{os.getpid()}"
+    keys_dir = workdir / "keys"
     keys_dir.mkdir(parents=True, exist_ok=True)
     project = ComposeProject("keygate-fleet", FLEET_FILES, {"KEYGATE_FLEET_KEYS": str(keys_dir)})
-    with project:
-        envoys = {name: ComposeEnvoy(project, f"envoy-{name}", project.address(f"envoy-{name}", "front"))
-                  for name in ("a", "b")}
-        for envoy in envoys.values():
-            envoy.wait_ready()
-        yield Fleet(project, envoys, keys_dir, project.address("keyservice", "keys"))
+    try:
+        with project:
+            envoys = {name: ComposeEnvoy(project, f"envoy-{name}", project.address(f"envoy-{name}", "front"))
+                      for name in ("a", "b")}
+            for envoy in envoys.values():
+                envoy.wait_ready()
+            yield Fleet(project, envoys, keys_dir, project.address("keyservice", "keys"))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_valid_key_passes_on_both_envoys_and_an_unknown_one_on_neither(fleet):
