@@ -421,7 +421,11 @@ fn shipped_envoy_configs() -> Vec<PathBuf> {
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .filter(|p| !p.to_string_lossy().contains("compose"))
+        // By file name: the checkout's own path may contain "compose".
+        .filter(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().contains("compose"))
+        })
         // envoy/hot-reload.yaml takes keygate's filter config from the file it names (ECDS):
         // that file is what `config check` checks before it is renamed into place.
         .map(|p| {
