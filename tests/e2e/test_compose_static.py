@@ -290,14 +290,14 @@ def test_fleet_runs_two_envoys_in_key_service_full_mode_against_one_key_service(
 def test_fleet_envoy_config_moves_only_the_key_service_address_and_validates(container_view, tmp_path):
     rendered = tmp_path / "keyservice.yaml"
     env = {**os.environ, "KEYGATE_CONFIG": "keyservice.yaml", "KEYGATE_RENDERED": str(rendered),
-           "KEYGATE_RENDER_ONLY": "1", "KEYGATE_KEYSERVICE_ADDRESS": "172.31.213.10"}
+           "KEYGATE_RENDER_ONLY": "1", "KEYGATE_KEYSERVICE_ADDRESS": "10.213.47.10"}
     done = subprocess.run(["sh", "envoy/compose/start-envoy.sh"], cwd=container_view, env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     shipped = (ROOT / "envoy" / "keyservice.yaml").read_text().splitlines()
     changed = [(a, b) for a, b in zip(shipped, rendered.read_text().splitlines()) if a != b]
     assert len(changed) == 3, changed
-    assert sum("address: 172.31.213.10, port_value: 8090 }" in b for _, b in changed) == 1
+    assert sum("address: 10.213.47.10, port_value: 8090 }" in b for _, b in changed) == 1
     validated = subprocess.run([ENVOY, "--mode", "validate", "-c", str(rendered), "--log-level", "error"],
                                cwd=container_view, capture_output=True, text=True, timeout=120)
     assert validated.returncode == 0, validated.stdout[-3000:] + validated.stderr[-3000:]
@@ -305,7 +305,7 @@ def test_fleet_envoy_config_moves_only_the_key_service_address_and_validates(con
 
 def test_start_script_refuses_a_key_service_address_for_a_config_without_one(container_view, tmp_path):
     env = {**os.environ, "KEYGATE_CONFIG": "demo.yaml", "KEYGATE_RENDERED": str(tmp_path / "out.yaml"),
-           "KEYGATE_RENDER_ONLY": "1", "KEYGATE_KEYSERVICE_ADDRESS": "172.31.213.10"}
+           "KEYGATE_RENDER_ONLY": "1", "KEYGATE_KEYSERVICE_ADDRESS": "10.213.47.10"}
     done = subprocess.run(["sh", "envoy/compose/start-envoy.sh"], cwd=container_view, env=env,
                           capture_output=True, text=True)
     assert done.returncode == 2
