@@ -421,7 +421,11 @@ fn shipped_envoy_configs() -> Vec<PathBuf> {
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .filter(|p| !p.to_string_lossy().contains("compose"))
+        // By file name: the checkout's own path may contain "compose".
+        .filter(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().contains("compose"))
+        })
         .collect();
     configs.sort();
     configs

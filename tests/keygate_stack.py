@@ -29,11 +29,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_for_port(port, timeout=15.0):
+def wait_for_port(port, timeout=15.0, host="127.0.0.1"):
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            with socket.create_connection((host, port), timeout=0.2):
                 return True
         except OSError:
             time.sleep(0.05)
@@ -98,6 +98,36 @@ class Response:
 
     def __repr__(self):
         return f"<{self.status} {self.body[:300]!r}>"
+
+
+def send_request(host, port, method="GET", path="/", headers=(), body=None):
+    """One HTTP/1.1 request to host:port; `headers` is a list of (name, value) pairs, values str
+    or bytes, so repeated headers and raw bytes can be sent."""
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    conn.putrequest(method, path, skip_accept_encoding=True)
+    for name, value in headers:
+        conn.putheader(name, value)
+    if body is not None:
+        conn.putheader("content-length", str(len(body)))
+    conn.endheaders(body)
+    resp = conn.getresponse()
+    data = resp.read()
+    result = Response(resp.status, [(k.lower(), v) for k, v in resp.getheaders()], data)
+    conn.close()
+    return result
+
+
+def parse_stats(text, prefix="wasmcustom.keygate"):
+    """Envoy admin /stats text → {name: int} for the counters and gauges under `prefix`."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            name, _, value = line.partition(": ")
+            try:
+                out[name] = int(value)
+            except ValueError:
+                pass
+    return out
 
 
 class Stack:
@@ -190,18 +220,7 @@ class Stack:
         knowledge (curl), the path as-is."""
         if http2:
             return self.request_h2(method, path, headers, body, port)
-        conn = http.client.HTTPConnection("127.0.0.1", port or self.port, timeout=10)
-        conn.putrequest(method, path, skip_accept_encoding=True)
-        for name, value in headers:
-            conn.putheader(name, value)
-        if body is not None:
-            conn.putheader("content-length", str(len(body)))
-        conn.endheaders(body)
-        resp = conn.getresponse()
-        data = resp.read()
-        result = Response(resp.status, [(k.lower(), v) for k, v in resp.getheaders()], data)
-        conn.close()
-        return result
+        return send_request("127.0.0.1", port or self.port, method, path, headers, body)
 
     def request_h2(self, method, path, headers, body, port):
         # Header names go lower-case on h2 anyway; curl's `-H 'name;'` form sends an empty value.
@@ -229,15 +248,7 @@ class Stack:
             return r.read().decode()
 
     def stats(self, prefix="wasmcustom.keygate"):
-        out = {}
-        for line in self.admin("/stats").splitlines():
-            if line.startswith(prefix):
-                name, _, value = line.partition(": ")
-                try:
-                    out[name] = int(value)
-                except ValueError:
-                    pass
-        return out
+        return parse_stats(self.admin("/stats"), prefix)
 
     def log_text(self):
         self.log_file.flush()
