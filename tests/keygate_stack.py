@@ -6,8 +6,10 @@ ports swapped for free ones, so test groups can run side by side; nothing else i
 changes.
 """
 import http.client
+from concurrent.futures import ThreadPoolExecutor
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -54,6 +56,16 @@ def plugin_config_block(config_name):
         end += len(line)
     block = text[start:end]
     return block, json.loads(block)
+
+
+def wait_for(predicate, timeout=5.0, interval=0.05):
+    """Seconds until `predicate()` held (never 0, so a success is truthy), or None."""
+    start = time.time()
+    while time.time() - start < timeout:
+        if predicate():
+            return max(time.time() - start, 1e-6)
+        time.sleep(interval)
+    return None
 
 
 class Response:
@@ -242,6 +254,21 @@ class Stack:
         status = int(head[0].split()[1])
         pairs = [line.split(":", 1) for line in head[1:] if ":" in line]
         return Response(status, [(k.strip().lower(), v.strip()) for k, v in pairs], done.stdout)
+
+    def fire(self, count, headers, path="/orders", threads=10):
+        """`count` requests at once from `threads` threads, each on its own connection, so the
+        kernel spreads them over Envoy's workers."""
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            return list(pool.map(lambda _: self.request("GET", path, headers), range(count)))
+
+    def connections_per_worker(self):
+        """{worker: downstream connections so far}: shows which workers served a burst."""
+        counts = {}
+        for line in self.admin("/stats").splitlines():
+            m = re.match(r"listener\.127\.0\.0\.1_\d+\.(worker_\d+)\.downstream_cx_total: (\d+)", line)
+            if m:
+                counts[m.group(1)] = int(m.group(2))
+        return counts
 
     def admin(self, path):
         with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['admin']}{path}", timeout=5) as r:

@@ -11,12 +11,9 @@ import hashlib
 import http.client
 import json
 import os
-import sys
 import threading
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from keygate_stack import ROOT, Stack  # noqa: E402
 
 KEYS = int(os.environ.get("KEYS", "100000"))

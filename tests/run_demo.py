@@ -7,7 +7,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from keygate_stack import ENVOY_BIN, ROOT, SHIPPED_PORTS, wait_for_port  # noqa: E402
 from static_keyservice import StaticKeyService  # noqa: E402
 

@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from keygate_stack import ROOT, Stack  # noqa: E402
 
 EXPECTED_STATUSES = {"200", "401", "403"}

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+# The one place that puts tests/ on the path (pytest loads this before any test module), so
+# test files import the shared modules (keygate_stack, static_keyservice, ...) directly.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from keygate_stack import ROOT, Stack  # noqa: E402
 
@@ -74,12 +76,3 @@ def abaco_session_token(sub="web-user-1", exp_in=3600, key=ABACO_SESSION_SIGNING
     sig = hmac.new(key, signing_input.encode(), hashlib.sha256).digest()
     return signing_input + "." + b64url(sig)
 
-
-def wait_for(predicate, timeout):
-    """Seconds until `predicate()` held, or None."""
-    start = time.time()
-    while time.time() - start < timeout:
-        if predicate():
-            return time.time() - start
-        time.sleep(0.05)
-    return None

@@ -6,12 +6,11 @@ period + 1 s, the new one works, and it is still routed by its environment."""
 import hashlib
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from conftest import assert_denied, assert_passed
-from keygate_stack import ROOT, Stack
+from keygate_stack import ROOT, Stack, wait_for
 from static_keyservice import StaticKeyService
 
 CONFIG = "caibo-keyservice.yaml"
@@ -41,24 +40,11 @@ def caibo():
         service.stop()
 
 
-def fire(stack, key, count=30):
-    with ThreadPoolExecutor(max_workers=10) as pool:
-        return list(pool.map(lambda _: stack.request("GET", "/payment-requests/1", [("X-API-Key", key)]),
-                             range(count)))
-
-
-def wait_until(predicate, timeout):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
 
 
 def test_caibo_regenerated_live_key_invalidates_the_old_one_on_every_worker(caibo):
     stack, service, shipped = caibo
-    assert wait_until(lambda: stack.request("GET", "/p", [("X-API-Key", OLD_LIVE)]).status == 200, 10)
+    assert wait_for(lambda: stack.request("GET", "/p", [("X-API-Key", OLD_LIVE)]).status == 200, 10)
     seen = assert_passed(stack.request("GET", "/payment-requests/1", [("X-API-Key", OLD_LIVE)]))
     assert seen[":upstream"] == ["echo"] and seen["x-keygate-environment"] == ["live"]
 
@@ -67,12 +53,12 @@ def test_caibo_regenerated_live_key_invalidates_the_old_one_on_every_worker(caib
     published = time.time()
     service.write("caibo/keys.json", regenerated)
 
-    assert wait_until(lambda: all(r.status == 401 for r in fire(stack, OLD_LIVE)), REFRESH + 1.0), \
+    assert wait_for(lambda: all(r.status == 401 for r in stack.fire(30, [("X-API-Key", OLD_LIVE)], path="/payment-requests/1")), REFRESH + 1.0), \
         "the old key still worked on some worker after one refresh period + 1 s"
     assert time.time() - published <= REFRESH + 1.5
-    for resp in fire(stack, OLD_LIVE):
+    for resp in stack.fire(30, [("X-API-Key", OLD_LIVE)], path="/payment-requests/1"):
         assert_denied(resp, 401, "INVALID_API_KEY")
-    for resp in fire(stack, NEW_LIVE):
+    for resp in stack.fire(30, [("X-API-Key", NEW_LIVE)], path="/payment-requests/1"):
         seen = assert_passed(resp)
         assert seen[":upstream"] == ["echo"]
         assert seen["x-keygate-environment"] == ["live"]

@@ -10,13 +10,10 @@ import hashlib
 import os
 import secrets
 import shutil
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from compose_stack import ComposeEnvoy, ComposeProject, ENVOY_DIR  # noqa: E402
 from conftest import assert_denied, assert_passed  # noqa: E402
 from keygate_stack import ROOT, wait_for_port  # noqa: E402

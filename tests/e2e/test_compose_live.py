@@ -4,12 +4,9 @@ published host ports 10000/9901. Run by `make compose-test` (needs a Docker engi
 images of `make compose-images`); `make e2e` leaves it out.
 """
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from compose_stack import ComposeEnvoy, ComposeProject, ENVOY_DIR, ServiceExited  # noqa: E402
 from keygate_stack import ROOT, SHIPPED_PORTS  # noqa: E402
 

@@ -12,13 +12,11 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path, PurePosixPath
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 from keygate_stack import ENVOY_BIN, SHIPPED_PORTS  # noqa: E402
 
 COMPOSE_FILE = ROOT / "envoy" / "docker-compose.yaml"

@@ -8,13 +8,10 @@ in place of keygate.wasm in envoy/demo.yaml, and show each `failure_policy` of E
 """
 import re
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import crashing_wasm  # noqa: E402
 from keygate_stack import ENVOY_BIN, ROOT, Stack  # noqa: E402
 

@@ -14,15 +14,12 @@ import hmac
 import http.client
 import json
 import socket
-import sys
 import time
 import urllib.parse
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from keygate_stack import Response, Stack  # noqa: E402
 
 CONFIG = "demo.yaml"

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import assert_denied, assert_passed
-from keygate_stack import ROOT, Stack
+from keygate_stack import ROOT, Stack, wait_for
 
 CONFIG = "hot-reload.yaml"
 ONE = "hr_one_Pq4Ws8Ed2Rf6"      # in both versions
@@ -53,14 +53,6 @@ def reloads(stack):
             return int(line.split(": ")[1])
     return 0
 
-
-def wait_for(predicate, timeout=5):
-    start = time.time()
-    while time.time() - start < timeout:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_replacing_the_config_file_under_steady_traffic_fails_no_request(hot):

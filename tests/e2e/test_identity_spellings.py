@@ -20,8 +20,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import assert_passed, assert_refused, abaco_session_token, wait_for
-from keygate_stack import ROOT, Stack
+from conftest import abaco_session_token, assert_passed, assert_refused
+from keygate_stack import ROOT, Stack, wait_for
 from static_keyservice import StaticKeyService, keyset_document
 
 UNDERSCORES_ALLOWED = {"headers_with_underscores_action: REJECT_REQUEST": "headers_with_underscores_action: ALLOW"}

@@ -7,12 +7,11 @@ import json
 import re
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from conftest import assert_denied, assert_passed
-from keygate_stack import Stack
+from keygate_stack import Stack, wait_for
 from static_keyservice import StaticKeyService, keyset_document
 
 CONFIG = "keyservice.yaml"
@@ -60,19 +59,6 @@ def bearer(value):
     return [("authorization", value)]
 
 
-def fire(stack, count, headers, threads=10):
-    """`count` requests at once, each on its own connection, so both workers serve them."""
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        return list(pool.map(lambda _: stack.request("GET", "/orders", headers), range(count)))
-
-
-def connections_per_worker(stack):
-    counts = {}
-    for line in stack.admin("/stats").splitlines():
-        m = re.match(r"listener\.127\.0\.0\.1_\d+\.(worker_\d+)\.downstream_cx_total: (\d+)", line)
-        if m:
-            counts[m.group(1)] = int(m.group(2))
-    return counts
 
 
 def stat(stack, name):
@@ -83,15 +69,6 @@ def tenant_of(stack, key):
     seen = stack.request("GET", "/orders", opaque(key)).upstream
     return seen and seen["x-keygate-tenant"][0]
 
-
-def wait_for(predicate, timeout):
-    """Seconds until `predicate()` held, or None."""
-    start = time.time()
-    while time.time() - start < timeout:
-        if predicate():
-            return time.time() - start
-        time.sleep(0.05)
-    return None
 
 
 def test_before_any_key_set_keys_are_503_keyset_unavailable_and_public_routes_pass(remote):
@@ -112,9 +89,9 @@ def test_a_published_key_set_serves_every_worker_with_scope_from_the_record(remo
     stack, service = remote
     service.write("keys.json", document(*BASE))
     assert wait_for(lambda: stack.request("GET", "/orders", opaque(ALPHA)).status == 200, REFRESH + 1)
-    before = connections_per_worker(stack)
-    responses = fire(stack, 30, opaque(ALPHA)) + fire(stack, 10, bearer(GAMMA))
-    after = connections_per_worker(stack)
+    before = stack.connections_per_worker()
+    responses = stack.fire(30, opaque(ALPHA)) + stack.fire(10, bearer(GAMMA))
+    after = stack.connections_per_worker()
     assert len(after) == 2 and all(after[w] > before.get(w, 0) for w in after), (before, after)
     for r in responses[:30]:
         seen = assert_passed(r)
@@ -151,15 +128,15 @@ def test_a_revoked_key_fails_on_every_worker_within_one_period_plus_one_second(r
     version = stat(stack, "keyset.version")
     service.write("keys.json", document(record("ks-alpha", "acme"), record("ksid_gamma", "initech")))
     revoked_at = time.time()
-    took = wait_for(lambda: all(r.status == 401 for r in fire(stack, 6, opaque(BETA))), REFRESH + 1)
+    took = wait_for(lambda: all(r.status == 401 for r in stack.fire(6, opaque(BETA))), REFRESH + 1)
     assert took is not None, "the revocation did not reach every worker in time"
     time.sleep(max(0.0, revoked_at + REFRESH + 1 - time.time()))
-    before = connections_per_worker(stack)
-    for r in fire(stack, 40, opaque(BETA)):
+    before = stack.connections_per_worker()
+    for r in stack.fire(40, opaque(BETA)):
         assert_denied(r, 401, "INVALID_API_KEY")
-    after = connections_per_worker(stack)
+    after = stack.connections_per_worker()
     assert all(after[w] > before.get(w, 0) for w in after), (before, after)
-    for r in fire(stack, 20, opaque(ALPHA)):
+    for r in stack.fire(20, opaque(ALPHA)):
         assert_passed(r)
     assert stat(stack, "keyset.version") == version + 1
     assert stat(stack, "keyset.keys") == 2
@@ -171,10 +148,10 @@ def test_an_added_key_works_on_every_worker_within_one_period_plus_one_second(re
     service.write("keys.json", document(record("ks-alpha", "acme"), record("ksid_gamma", "initech"),
                                         record("ks-delta", "hooli")))
     added_at = time.time()
-    took = wait_for(lambda: all(r.status == 200 for r in fire(stack, 6, opaque(DELTA))), REFRESH + 1)
+    took = wait_for(lambda: all(r.status == 200 for r in stack.fire(6, opaque(DELTA))), REFRESH + 1)
     assert took is not None, "the new key did not reach every worker in time"
     time.sleep(max(0.0, added_at + REFRESH + 1 - time.time()))
-    for r in fire(stack, 40, opaque(DELTA)):
+    for r in stack.fire(40, opaque(DELTA)):
         assert assert_passed(r)["x-keygate-tenant"] == ["hooli"]
 
 
@@ -194,7 +171,7 @@ def test_malformed_documents_change_nothing(remote):
     for n, body in enumerate(broken, start=1):
         service.write("keys.json", body)
         assert wait_for(lambda: stat(stack, "keyset.fetch_failures") >= failures + n, REFRESH + 2) is not None, n
-        for r in fire(stack, 10, opaque(ALPHA)):
+        for r in stack.fire(10, opaque(ALPHA)):
             assert_passed(r)
         assert_denied(stack.request("GET", "/orders", opaque(BETA)), 401, "INVALID_API_KEY")
         assert stat(stack, "keyset.version") == version
@@ -260,7 +237,7 @@ def test_rotation_old_and_new_key_both_work_until_not_after(remote):
     assert time.time() < grace_ends - 0.5, "machine too slow to observe the grace period"
     assert_passed(stack.request("GET", "/orders", opaque(ALPHA)))
     time.sleep(max(0.0, grace_ends + 0.2 - time.time()))
-    for r in fire(stack, 10, opaque(ALPHA)):
+    for r in stack.fire(10, opaque(ALPHA)):
         assert_denied(r, 401, "INVALID_API_KEY")
-    for r in fire(stack, 10, opaque(DELTA)):
+    for r in stack.fire(10, opaque(DELTA)):
         assert_passed(r)

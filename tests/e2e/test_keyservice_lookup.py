@@ -5,10 +5,8 @@ Envoy with two workers asks for a key only when its shared cache has no answer."
 import hashlib
 import json
 import random
-import re
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -65,18 +63,6 @@ def opaque(key):
     return [("x-api-key", key)]
 
 
-def fire(stack, count, headers, threads=10):
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        return list(pool.map(lambda _: stack.request("GET", "/orders", headers), range(count)))
-
-
-def connections_per_worker(stack):
-    counts = {}
-    for line in stack.admin("/stats").splitlines():
-        m = re.match(r"listener\.127\.0\.0\.1_\d+\.(worker_\d+)\.downstream_cx_total: (\d+)", line)
-        if m:
-            counts[m.group(1)] = int(m.group(2))
-    return counts
 
 
 def counters(stack, service):
@@ -117,10 +103,10 @@ def test_a_cached_key_does_not_call_the_key_service_again_on_any_worker(lookup):
     key = bulk_key(424_242)
     assert_passed(stack.request("GET", "/orders", opaque(key)))
     hits, misses, calls = counters(stack, service)
-    before = connections_per_worker(stack)
-    for r in fire(stack, 40, opaque(key)):
+    before = stack.connections_per_worker()
+    for r in stack.fire(40, opaque(key)):
         assert assert_passed(r)["x-keygate-key-id"] == ["bulk-0424242"]
-    after = connections_per_worker(stack)
+    after = stack.connections_per_worker()
     assert all(after[w] > before.get(w, 0) for w in after), (before, after)
     hits2, misses2, calls2 = counters(stack, service)
     assert (hits2 - hits, misses2 - misses, calls2 - calls) == (40, 0, 0)
@@ -133,7 +119,7 @@ def test_an_unknown_key_is_401_and_the_negative_answer_is_cached(lookup):
     assert_denied(stack.request("GET", "/orders", opaque(unknown)), 401, "INVALID_API_KEY")
     # The shard exists (200) but has no such digest: not found.
     assert service.requests("/keys/")[calls:] == [(f"/keys/shards/{digest(unknown)[:3]}.json", 200)]
-    for r in fire(stack, 20, opaque(unknown)):
+    for r in stack.fire(20, opaque(unknown)):
         assert_denied(r, 401, "INVALID_API_KEY")
     hits2, misses2, calls2 = counters(stack, service)
     assert (hits2 - hits, misses2 - misses, calls2 - calls) == (20, 1, 1)
@@ -147,7 +133,7 @@ def test_id_secret_keys_are_found_by_id_and_a_wrong_secret_costs_no_call(lookup)
     assert "authorization" not in seen
     assert service.requests("/keys/")[calls:] == [("/keys/by-id/klid_epsilon.json", 200)]
     wrong = [("authorization", "Bearer klid_epsilon:d3Jvbmctc2VjcmV0")]
-    for r in fire(stack, 10, wrong):
+    for r in stack.fire(10, wrong):
         assert_denied(r, 401, "INVALID_API_KEY")
     assert counters(stack, service)[2] == calls + 1
     # An id without a file: nginx 404, which is "no such key".
@@ -180,7 +166,7 @@ def test_key_service_down_cached_keys_pass_uncached_keys_are_503(lookup):
     assert_passed(stack.request("GET", "/orders", opaque(cached)))
     service.stop()
     try:
-        for r in fire(stack, 10, opaque(cached)):
+        for r in stack.fire(10, opaque(cached)):
             assert_passed(r)
         assert_denied(stack.request("GET", "/orders", opaque(bulk_key(31_338))), 503, "KEYSET_UNAVAILABLE")
         assert stack.stats()[STAT + "cache.lookup_failures"] >= 1

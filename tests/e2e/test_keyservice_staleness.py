@@ -5,7 +5,7 @@ import hashlib
 import time
 
 from conftest import assert_denied, assert_passed
-from keygate_stack import Stack
+from keygate_stack import Stack, wait_for
 from static_keyservice import StaticKeyService
 
 CONFIG = "keyservice.yaml"
@@ -20,14 +20,6 @@ def running(substitutions):
     service = StaticKeyService(stack.workdir / "keyservice", stack.ports["keys"], stack.workdir)
     return stack, service
 
-
-def wait_for(predicate, timeout):
-    start = time.time()
-    while time.time() - start < timeout:
-        if predicate():
-            return time.time() - start
-        time.sleep(0.05)
-    return None
 
 
 def key(k):

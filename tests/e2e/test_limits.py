@@ -1,7 +1,6 @@
 """Per-key rate limits (429) and monthly budgets (402) shared by every Envoy worker,
 reproduced with envoy/limits.yaml on an Envoy with two worker threads."""
 import re
-from concurrent.futures import ThreadPoolExecutor
 
 from conftest import assert_denied, assert_passed
 
@@ -22,26 +21,12 @@ def key(k):
     return [("x-api-key", k)]
 
 
-def fire(stack, count, headers, path="/work", threads=16):
-    """`count` requests from `threads` threads at once, each on its own connection, so the
-    kernel spreads them over both Envoy workers."""
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        return list(pool.map(lambda _: stack.request("GET", path, headers), range(count)))
-
-
-def connections_per_worker(stack):
-    counts = {}
-    for line in stack.admin("/stats").splitlines():
-        m = re.match(r"listener\.127\.0\.0\.1_\d+\.(worker_\d+)\.downstream_cx_total: (\d+)", line)
-        if m:
-            counts[m.group(1)] = int(m.group(2))
-    return counts
 
 
 def test_concurrent_requests_over_two_workers_get_exactly_limit_plus_burst(stack):
-    before = connections_per_worker(stack)
-    responses = fire(stack, 100, key(BURST_KEY))
-    after = connections_per_worker(stack)
+    before = stack.connections_per_worker()
+    responses = stack.fire(100, key(BURST_KEY), path="/work", threads=16)
+    after = stack.connections_per_worker()
     # Both workers served part of the load, so the count really was shared.
     assert len(after) == 2 and all(after[w] > before.get(w, 0) for w in after), (before, after)
     allowed = [r for r in responses if r.status == 200]
@@ -79,7 +64,7 @@ def test_rate_limit_headers_on_allowed_responses_and_retry_after_on_429(stack):
 
 
 def test_a_monthly_budget_of_seven_lets_exactly_seven_through_then_402(stack):
-    responses = fire(stack, 30, key(BUDGET_SEVEN))
+    responses = stack.fire(30, key(BUDGET_SEVEN), path="/work", threads=16)
     allowed = [r for r in responses if r.status == 200]
     assert len(allowed) == 7
     for r in allowed:
@@ -117,7 +102,7 @@ def test_keys_are_counted_separately(stack):
 
 
 def test_a_key_without_limits_is_never_limited_and_gets_no_limit_headers(stack):
-    responses = fire(stack, 60, key(UNLIMITED))
+    responses = stack.fire(60, key(UNLIMITED), path="/work", threads=16)
     for r in responses:
         assert_passed(r)
         assert r.header("ratelimit-limit") is None

@@ -16,12 +16,9 @@ log (envoy#9652, envoy#27820). The tests therefore assert two things:
    must run at debug or trace with real keys.
 """
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from keygate_stack import Stack  # noqa: E402
 
 # Every demo secret of envoy/demo.yaml and envoy/opt-in-sources.yaml, and invalid ones.
