@@ -17,7 +17,7 @@ use crate::core::config::Config;
 use crate::core::decision::{begin, decide_for_key, lookup, Decision, Principal, Step};
 use crate::core::keyset::KeySet;
 use crate::core::limits::{apply_limits, ensure_slots, sweep, sweep_batch};
-use crate::core::reply::{upstream_edits, LocalReply};
+use crate::core::reply::{denial_log_line, upstream_edits, LocalReply};
 use crate::core::request::{RequestView, SessionEvidence};
 use keysource::{KeySource, PendingLookup};
 use shared_store::HostStore;
@@ -335,12 +335,7 @@ fn deny(
     if log_enabled(LogLevel::Info) {
         log(
             LogLevel::Info,
-            &format!(
-                "keygate[{}]: denied status={status} code={} key_id={}",
-                config.name,
-                code.as_str(),
-                key_id.unwrap_or("-")
-            ),
+            &denial_log_line(&config.name, status, code, key_id),
         );
     }
     let headers: Vec<(&str, &str)> = reply

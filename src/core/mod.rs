@@ -22,4 +22,5 @@ pub mod memory_store;
 pub mod policy;
 pub mod reply;
 pub mod request;
+pub mod session_token;
 pub mod time;
