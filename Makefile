@@ -8,10 +8,16 @@ ENVOY := $(VENV)/lib/python3.11/site-packages/envoy/_bin/envoy
 WASM_TARGET := wasm32-wasip1
 WASM_OUT := target/$(WASM_TARGET)/release/keygate.wasm
 ARTIFACT := build/keygate.wasm
+# The Envoy dynamic module (Envoy 1.40 exactly): cargo profile `native` (panic = "unwind").
+NATIVE_OUT := target/native/libkeygate.so
+NATIVE_ARTIFACT := build/libkeygate.so
+# Which artifact `make run` and the e2e stacks load: wasm or native.
+HOST ?= wasm
 PROFILE ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: all toolchain tracked-outputs deps build cli lint unit e2e test run validate clean core-wall keyservice-tools fuzz fuzz-tools soak \
+.PHONY: e2e-both
+.PHONY: all toolchain tracked-outputs deps build build-wasm build-native build-panic-probe cli lint unit e2e test run validate clean core-wall keyservice-tools fuzz fuzz-tools soak \
 	compose-tools compose-check compose-up compose-down compose-test compose-test-live \
 	bench bench-envoy bench-core bench-ab bench-tools bench-before
 
@@ -45,10 +51,23 @@ keyservice-tools:
 deps: $(VENV)/.installed toolchain compose-tools keyservice-tools
 
 # --- build --------------------------------------------------------------------------------
-build: toolchain
+build: build-wasm build-native
+
+build-wasm: toolchain
 	cargo build --release --target $(WASM_TARGET) --lib
 	@mkdir -p build && python3 tools/strip_callbacks.py $(WASM_OUT) $(ARTIFACT) src/adapter
 	@echo "built $(ARTIFACT) ($$(stat -c %s $(ARTIFACT)) bytes)"
+
+build-native:
+	cargo build --profile native --features envoy-module --lib
+	@mkdir -p build && cp $(NATIVE_OUT) $(NATIVE_ARTIFACT)
+	@echo "built $(NATIVE_ARTIFACT) ($$(stat -c %s $(NATIVE_ARTIFACT)) bytes)"
+
+# A module that panics in every request hook (tests/e2e/test_native_panic.py). Debug profile:
+# it unwinds by default and builds fast.
+build-panic-probe:
+	cargo build --features panic-probe --lib --target-dir target/panic-probe
+	@mkdir -p build/panic-probe && cp target/panic-probe/debug/libkeygate.so build/panic-probe/
 
 # The `keygate` command-line tool (native): target/release/keygate.
 cli:
@@ -59,13 +78,16 @@ cli:
 tracked-outputs:
 	@python3 tools/check_tracked_outputs.py
 
+# The core talks to neither host: no proxy-wasm, no dynamic-module ABI, no FFI.
 core-wall:
-	@if grep -rn 'proxy_wasm' src/core; then echo "src/core must not use proxy_wasm"; exit 1; fi
+	@if grep -rnE 'proxy_wasm|envoy_dynamic_module|extern "C"|crate::(adapter|host)' src/core; then \
+	  echo "src/core must not use a host API"; exit 1; fi
 
 lint: toolchain core-wall tracked-outputs
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --release --target $(WASM_TARGET) --lib -- -D warnings
+	cargo clippy --features panic-probe --lib -- -D warnings
 
 unit:
 	cargo test
@@ -77,10 +99,15 @@ validate: build $(VENV)/.installed
 	    && echo "valid: $$f" || { cat .tmp-validate.log; rm -f .tmp-validate.log; exit 1; }; \
 	done; rm -f .tmp-validate.log
 
-e2e: build cli $(VENV)/.installed compose-tools keyservice-tools
-	ENVOY_BIN=$(ENVOY) $(PY) -m pytest -q tests/e2e $(PYTEST_ARGS)
+# The whole suite against one host (HOST=wasm|native); `make test` runs it against both.
+e2e: build build-panic-probe cli $(VENV)/.installed compose-tools keyservice-tools
+	KEYGATE_HOST=$(HOST) ENVOY_BIN=$(ENVOY) $(PY) -m pytest -q tests/e2e $(PYTEST_ARGS)
 
-test: lint unit validate e2e
+e2e-both: build build-panic-probe cli $(VENV)/.installed compose-tools keyservice-tools
+	KEYGATE_HOST=wasm ENVOY_BIN=$(ENVOY) $(PY) -m pytest -q tests/e2e $(PYTEST_ARGS)
+	KEYGATE_HOST=native ENVOY_BIN=$(ENVOY) $(PY) -m pytest -q tests/e2e $(PYTEST_ARGS)
+
+test: lint unit validate e2e-both
 
 # --- fuzzing (not part of `make test`) ------------------------------------------------------
 # `make fuzz` runs every cargo-fuzz target for FUZZ_SECONDS each, one after the other, as one
@@ -112,7 +139,7 @@ soak: build $(VENV)/.installed
 
 # --- run ----------------------------------------------------------------------------------
 run: build $(VENV)/.installed keyservice-tools
-	@ENVOY_BIN=$(ENVOY) $(PY) tests/run_demo.py envoy/$(PROFILE).yaml
+	@KEYGATE_HOST=$(HOST) ENVOY_BIN=$(ENVOY) $(PY) tests/run_demo.py envoy/$(PROFILE).yaml
 
 # --- docker compose -------------------------------------------------------------------------
 # envoy/docker-compose.yaml runs envoy/$(KEYGATE_CONFIG) (default demo.yaml) in the official Envoy
