@@ -30,6 +30,9 @@ if HOST not in ("wasm", "native"):
 NATIVE_MODULE_DIR = ROOT / "build"
 WASM_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
 MODULE_TYPE = "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"
+# What marks keygate's own log lines in Envoy's log, and the component they are logged under.
+KEYGATE_LOG_MARK = {"wasm": "wasm log", "native": "[dynamic_modules]"}[HOST]
+KEYGATE_LOG_COMPONENT = {"wasm": "[wasm]", "native": "[dynamic_modules]"}[HOST]
 # Envoy prefixes a dynamic module's stats with its metrics namespace; wasm ones with this.
 STATS_NAMESPACE = {"wasm": "wasmcustom.", "native": "dynamicmodulescustom."}
 
@@ -58,6 +61,11 @@ def to_native(text):
     if skipping is not None:
         raise ValueError("a keygate.wasm filter block without `configuration:`")
     return "".join(out)
+
+
+def for_host(text):
+    """A config's text as the selected host loads it (unchanged for wasm)."""
+    return to_native(text) if HOST == "native" else text
 
 
 def envoy_env(module_dir=None):
@@ -159,8 +167,7 @@ class Stack:
             text = text.replace(f"port_value: {shipped}", f"port_value: {self.ports[name]}")
         for old, new in self.substitutions.items():
             text = text.replace(old, new)
-        if HOST == "native":
-            text = to_native(text)
+        text = for_host(text)
         path = self.workdir / self.config_name
         path.write_text(text)
         return path
