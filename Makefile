@@ -184,14 +184,14 @@ compose-check: build $(VENV)/.installed compose-tools
 # --- benchmarks (BENCHMARKS.md) --------------------------------------------------------------
 # make bench: every contender of envoy/bench.yaml side by side in one Envoy, then the core
 # microbenchmarks. Timed numbers are printed, never asserted. BEFORE=<git rev> adds a listener
-# with that revision's keygate.wasm; BENCH_100K=1 adds keygate with 100,000 keys, inline and from
+# with that revision's keygate.wasm; keygate-native (build/libkeygate.so) always runs; BENCH_100K=1 adds keygate with 100,000 keys, inline and from
 # a key service (full sync through shared data);
 # BENCH_ROUNDS / BENCH_SECONDS change the run length.
 BENCH_ROUNDS ?= 5
 BENCH_SECONDS ?= 4
 BEFORE ?=
 BENCH_100K ?=
-BENCH_EXTRA = --extra empty $(if $(BEFORE),--extra before) $(if $(BENCH_100K),--extra 100k)
+BENCH_EXTRA = --extra empty --extra native $(if $(BEFORE),--extra before) $(if $(BENCH_100K),--extra 100k)
 
 bench-tools:
 	@command -v wrk >/dev/null && command -v taskset >/dev/null || { \
