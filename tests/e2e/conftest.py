@@ -7,8 +7,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from keygate_stack import HOST, Stack  # noqa: E402
 
 # Why some tests run against keygate.wasm only (KEYGATE_HOST=native skips them, saying why).
-KEY_SERVICE_WASM_ONLY = ("the native module refuses key_service at config load "
-                         "(inline keys only so far; see docs/native-module.md)")
+KEY_SERVICE_WASM_ONLY = ("the native module refuses a fully synced key_service at config load "
+                         "(lookup_on_miss only so far; see docs/native-module.md)")
 
 
 def native_only(reason):

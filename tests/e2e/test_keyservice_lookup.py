@@ -12,11 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import KEY_SERVICE_WASM_ONLY, assert_denied, assert_passed, wasm_only
+from conftest import assert_denied, assert_passed
 from keygate_stack import ROOT, Stack
 from static_keyservice import StaticKeyService
-
-pytestmark = wasm_only(KEY_SERVICE_WASM_ONLY)
 
 CONFIG = "keyservice-lookup.yaml"
 STAT = "wasmcustom.keygate.lookup."

@@ -11,6 +11,7 @@
 use std::ffi::{c_char, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+use crate::core::keysource::FetchResponse;
 use crate::core::request::Headers;
 
 use super::{FilterConfig, Stream};
@@ -78,6 +79,7 @@ const STOP_ITERATION: u32 = 1;
 #[repr(u32)]
 pub enum LogLevel {
     Info = 2,
+    Warn = 3,
     Error = 4,
     Critical = 5,
 }
@@ -134,6 +136,16 @@ extern "C" {
         result: *mut Buffer,
     ) -> bool;
     fn envoy_dynamic_module_callback_http_clear_route_cache(filter: EnvoyFilterPtr);
+    fn envoy_dynamic_module_callback_http_filter_http_callout(
+        filter: EnvoyFilterPtr,
+        callout_id: *mut u64,
+        cluster_name: Buffer,
+        headers: *mut HttpHeader,
+        headers_size: usize,
+        body: Buffer,
+        timeout_milliseconds: u64,
+    ) -> u32;
+    fn envoy_dynamic_module_callback_http_filter_continue_decoding(filter: EnvoyFilterPtr);
     fn envoy_dynamic_module_callback_http_filter_config_define_counter(
         config: EnvoyConfigPtr,
         name: Buffer,
@@ -152,6 +164,16 @@ extern "C" {
 
 /// `envoy_dynamic_module_type_metrics_result_Success`.
 const METRICS_SUCCESS: u32 = 0;
+/// `envoy_dynamic_module_type_http_callout_init_result_Success` and `_http_callout_result_Success`.
+const CALLOUT_SUCCESS: u32 = 0;
+/// Names of `envoy_dynamic_module_type_http_callout_init_result`, in order.
+const CALLOUT_INIT_ERRORS: [&str; 5] = [
+    "success",
+    "missing required headers",
+    "cluster not found",
+    "duplicate callout id",
+    "cannot create request",
+];
 
 pub fn log(level: LogLevel, message: &str) {
     // SAFETY: the message buffer points into `message`, alive for the call; Envoy copies it.
@@ -334,6 +356,52 @@ impl FilterHandle {
                 .map(|k| String::from_utf8_lossy(k.bytes()).into_owned())
                 .collect()
         }
+    }
+
+    /// Sends a request to `cluster`; its answer comes to `http_callout_done` of this stream.
+    pub fn http_callout(
+        &self,
+        cluster: &str,
+        headers: &[(&str, String)],
+        timeout_ms: u64,
+    ) -> Result<u64, String> {
+        let mut raw: Vec<HttpHeader> = headers
+            .iter()
+            .map(|(name, value)| HttpHeader {
+                key_ptr: name.as_ptr().cast(),
+                key_length: name.len(),
+                value_ptr: value.as_ptr().cast(),
+                value_length: value.len(),
+            })
+            .collect();
+        let mut id = 0u64;
+        // SAFETY: `self.0` is the filter pointer of the running hook; `raw`, the strings it
+        // points into and `cluster` outlive the call, and Envoy copies them; `id` is a live local.
+        let result = unsafe {
+            envoy_dynamic_module_callback_http_filter_http_callout(
+                self.0,
+                &mut id,
+                Buffer::of(cluster.as_bytes()),
+                raw.as_mut_ptr(),
+                raw.len(),
+                Buffer::null(),
+                timeout_ms,
+            )
+        };
+        if result == CALLOUT_SUCCESS {
+            return Ok(id);
+        }
+        let why = usize::try_from(result)
+            .ok()
+            .and_then(|i| CALLOUT_INIT_ERRORS.get(i))
+            .unwrap_or(&"unknown error");
+        Err(format!("cannot call cluster '{cluster}' ({why})"))
+    }
+
+    /// Resumes a request paused by `request_headers` returning StopIteration.
+    pub fn continue_decoding(&self) {
+        // SAFETY: `self.0` is the filter pointer of the running hook.
+        unsafe { envoy_dynamic_module_callback_http_filter_continue_decoding(self.0) }
     }
 
     pub fn clear_route_cache(&self) {
@@ -549,15 +617,62 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
 
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
-    _filter_envoy: EnvoyFilterPtr,
-    _stream: ModuleFilterPtr,
-    _callout_id: u64,
-    _result: u32,
-    _headers: *mut HttpHeader,
-    _headers_size: usize,
-    _body_chunks: *mut Buffer,
-    _body_chunks_size: usize,
+    filter_envoy: EnvoyFilterPtr,
+    stream: ModuleFilterPtr,
+    callout_id: u64,
+    result: u32,
+    headers: *mut HttpHeader,
+    headers_size: usize,
+    body_chunks: *mut Buffer,
+    body_chunks_size: usize,
 ) {
+    let filter = FilterHandle(filter_envoy);
+    // SAFETY: see `stream_ref`.
+    let Some(stream) = (unsafe { stream_ref(stream) }) else {
+        return;
+    };
+    let guarded = catch_unwind(AssertUnwindSafe(|| {
+        let mut response = FetchResponse {
+            status: None,
+            etag: None,
+            body: Vec::new(),
+        };
+        if result == CALLOUT_SUCCESS {
+            // SAFETY: Envoy passes `headers_size` headers and `body_chunks_size` chunks, owned by
+            // Envoy and valid until this hook returns; null pointers come with zero counts.
+            unsafe {
+                if !headers.is_null() {
+                    for h in std::slice::from_raw_parts(headers, headers_size) {
+                        let name = Buffer {
+                            ptr: h.key_ptr,
+                            length: h.key_length,
+                        }
+                        .bytes();
+                        let value = Buffer {
+                            ptr: h.value_ptr,
+                            length: h.value_length,
+                        }
+                        .bytes();
+                        let value = String::from_utf8_lossy(value);
+                        match name {
+                            b":status" => response.status = value.parse().ok(),
+                            b"etag" => response.etag = Some(value.into_owned()),
+                            _ => {}
+                        }
+                    }
+                }
+                if !body_chunks.is_null() {
+                    for chunk in std::slice::from_raw_parts(body_chunks, body_chunks_size) {
+                        response.body.extend_from_slice(chunk.bytes());
+                    }
+                }
+            }
+        }
+        super::on_callout_done(&filter, stream, callout_id, response)
+    }));
+    if guarded.is_err() {
+        let _ = catch_unwind(AssertUnwindSafe(|| super::on_panic(&filter, stream)));
+    }
 }
 
 #[no_mangle]

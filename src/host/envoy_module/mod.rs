@@ -7,6 +7,7 @@
 
 mod ffi;
 mod limits_table;
+mod process_store;
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -14,14 +15,19 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::core::codes::ErrorCode;
 use crate::core::config::{Config, SessionConfig};
+use crate::core::credential::Credential;
 use crate::core::decision::{begin, decide_for_key, lookup, Decision, Principal, Step};
+use crate::core::keycache::{parse_answer, Answer, Cached, KeyCache, LookupKey};
 use crate::core::keyset::KeySet;
+use crate::core::keysource::{FetchResponse, KeyServiceMode, OnUnavailable};
 use crate::core::limits::apply_limits;
+use crate::core::policy::Policy;
 use crate::core::reply::{denial_log_line, upstream_edits};
 use crate::core::request::{RequestView, SessionEvidence};
 use crate::core::session_token;
 use ffi::{log, log_enabled, ConfigHandle, FilterHandle, LogLevel};
 use limits_table::LimitsTable;
+use process_store::ProcessStore;
 
 /// Envoy stats counters; Envoy prefixes their names with the module metrics namespace
 /// (`dynamicmodulescustom.` by default).
@@ -29,12 +35,22 @@ struct Counters {
     allowed: Option<usize>,
     denied: Option<usize>,
     denied_by_code: Vec<(ErrorCode, Option<usize>)>,
+    /// Lookup on miss, named as the wasm filter's.
+    cache_hits: Option<usize>,
+    cache_misses: Option<usize>,
+    lookup_failures: Option<usize>,
+    unverified_allowed: Option<usize>,
 }
 
 impl Counters {
-    fn define(handle: &ConfigHandle, name: &str) -> Counters {
+    fn define(handle: &ConfigHandle, name: &str, lookup: bool) -> Counters {
         let counter = |suffix: &str| handle.define_counter(&format!("keygate.{name}.{suffix}"));
+        let lookup_counter = |suffix: &str| lookup.then(|| counter(suffix)).flatten();
         Counters {
+            cache_hits: lookup_counter("cache.hits"),
+            cache_misses: lookup_counter("cache.misses"),
+            lookup_failures: lookup_counter("cache.lookup_failures"),
+            unverified_allowed: counter("unverified_allowed"),
             allowed: counter("allowed"),
             denied: counter("denied"),
             denied_by_code: ErrorCode::ALL
@@ -67,7 +83,9 @@ struct Runtime {
     counters: Counters,
     /// The process-wide counters (an empty table when limits are off).
     limits: Arc<LimitsTable>,
-    /// Whether a request's time matters (a key with a validity window).
+    /// The answers of lookup on miss, shared by every worker (`None`: inline keys).
+    cache_store: Option<Arc<ProcessStore>>,
+    /// Whether a request's time matters: a key with a validity window, or keys looked up.
     reads_clock: bool,
 }
 
@@ -82,16 +100,27 @@ pub struct Stream {
     /// `RateLimit-*` headers for the response of an allowed request, when configured. A cell:
     /// a local reply re-enters this filter's response hook while the request hook runs.
     response_headers: RefCell<Vec<(&'static str, String)>>,
+    /// The key lookup this request is paused for.
+    pending: RefCell<Option<PendingLookup>>,
+}
+
+/// A request paused while its key is looked up.
+struct PendingLookup {
+    callout_id: u64,
+    req: RequestView,
+    key: LookupKey,
+    /// An expired cached answer, served if the lookup fails.
+    stale: Option<Answer>,
 }
 
 /// Features the native host cannot serve yet. Refused at load, naming the field, rather than
 /// run without them.
 fn unsupported(config: &Config) -> Option<(&'static str, &'static str)> {
-    if config.key_service.is_some() {
+    if let Some(KeyServiceMode::Full(_)) = config.key_service.as_ref().map(|s| &s.mode) {
         return Some((
-            "key_service",
-            "the native module (libkeygate.so) serves inline keys only so far; \
-             use keygate.wasm for a key service",
+            "key_service.mode",
+            "full sync is not in the native module (libkeygate.so) yet; use lookup_on_miss, \
+             or keygate.wasm for a fully synced key set",
         ));
     }
     None
@@ -115,16 +144,21 @@ fn config_new(handle: &ConfigHandle, bytes: &[u8]) -> Option<FilterConfig> {
         );
         return None;
     }
-    let counters = Counters::define(handle, &config.name);
+    let cache_store = config
+        .key_service
+        .as_ref()
+        .map(|_| ProcessStore::for_filter(&config.name));
+    let counters = Counters::define(handle, &config.name, cache_store.is_some());
     let limits = if config.limits.enabled {
         LimitsTable::for_filter(&config.name, &config.limits)
     } else {
         Arc::new(LimitsTable::empty())
     };
-    let reads_clock = keys
-        .records()
-        .iter()
-        .any(|r| r.expires_at.is_some() || r.not_after.is_some());
+    let reads_clock = cache_store.is_some()
+        || keys
+            .records()
+            .iter()
+            .any(|r| r.expires_at.is_some() || r.not_after.is_some());
     log(
         LogLevel::Info,
         &format!(
@@ -139,6 +173,7 @@ fn config_new(handle: &ConfigHandle, bytes: &[u8]) -> Option<FilterConfig> {
             keys,
             counters,
             limits,
+            cache_store,
             reads_clock,
         }),
     })
@@ -148,6 +183,7 @@ fn stream_new(config: &FilterConfig) -> Stream {
     Stream {
         runtime: Arc::clone(&config.runtime),
         response_headers: RefCell::new(Vec::new()),
+        pending: RefCell::new(None),
     }
 }
 
@@ -160,12 +196,181 @@ fn on_request_headers(filter: &FilterHandle, stream: &Stream) -> bool {
     let req = read_request(filter, runtime);
     let decision = match begin(config, &req) {
         Step::Decided(decision) => decision,
-        Step::Lookup { credential, policy } => {
-            let record = lookup(&runtime.keys, &credential);
-            decide_for_key(config, policy, &credential, record, &req)
-        }
+        Step::Lookup { credential, policy } => match &runtime.cache_store {
+            Some(store) => return decide_by_lookup(filter, stream, store, req, credential, policy),
+            None => {
+                let record = lookup(&runtime.keys, &credential);
+                decide_for_key(config, policy, &credential, record, &req)
+            }
+        },
     };
     apply(filter, stream, &req, decision)
+}
+
+/// Lookup on miss: decide from the process-wide cache, or pause the request and ask the key
+/// service. True lets the request go on now.
+fn decide_by_lookup(
+    filter: &FilterHandle,
+    stream: &Stream,
+    store: &ProcessStore,
+    req: RequestView,
+    credential: Credential,
+    policy: &Policy,
+) -> bool {
+    let runtime = &*stream.runtime;
+    let config = &runtime.config;
+    let Some(service) = &config.key_service else {
+        return apply(
+            filter,
+            stream,
+            &req,
+            Decision::Deny {
+                code: ErrorCode::KeysetUnavailable,
+                key_id: None,
+            },
+        );
+    };
+    let Some(cache) = KeyCache::of(service) else {
+        return apply(
+            filter,
+            stream,
+            &req,
+            Decision::Deny {
+                code: ErrorCode::KeysetUnavailable,
+                key_id: None,
+            },
+        );
+    };
+    let key = LookupKey::of(&credential);
+    let stale = match cache.get(store, &key, now_millis()) {
+        Cached::Fresh(answer) => {
+            Counters::bump(filter, runtime.counters.cache_hits);
+            let decision = decide_for_key(config, policy, &credential, answer.record(), &req);
+            return apply(filter, stream, &req, decision);
+        }
+        Cached::Stale(answer) => Some(answer),
+        Cached::Miss => None,
+    };
+    Counters::bump(filter, runtime.counters.cache_misses);
+    let sent = cache
+        .request_headers(&key)
+        .ok_or_else(|| "no lookup path for this kind of key".to_string())
+        .and_then(|headers| {
+            let headers: Vec<(&str, String)> = headers.into_iter().collect();
+            filter.http_callout(&service.cluster, &headers, service.timeout_ms)
+        });
+    match sent {
+        Ok(callout_id) => {
+            if let Ok(mut pending) = stream.pending.try_borrow_mut() {
+                *pending = Some(PendingLookup {
+                    callout_id,
+                    req,
+                    key,
+                    stale,
+                });
+            }
+            false
+        }
+        Err(reason) => {
+            lookup_failed(filter, runtime, &reason);
+            let decision = match &stale {
+                Some(answer) => decide_for_key(config, policy, &credential, answer.record(), &req),
+                None => unavailable(filter, runtime, policy),
+            };
+            apply(filter, stream, &req, decision)
+        }
+    }
+}
+
+/// The key service answered (or failed) for the paused request: cache the answer, decide, and
+/// resume the request or reply.
+fn on_callout_done(
+    filter: &FilterHandle,
+    stream: &Stream,
+    callout_id: u64,
+    response: FetchResponse,
+) {
+    let pending = match stream.pending.try_borrow_mut() {
+        Ok(mut pending) if pending.as_ref().is_some_and(|p| p.callout_id == callout_id) => {
+            pending.take()
+        }
+        _ => None,
+    };
+    let Some(pending) = pending else {
+        return;
+    };
+    let runtime = &*stream.runtime;
+    let config = &runtime.config;
+    let (Some(service), Some(store)) = (&config.key_service, &runtime.cache_store) else {
+        return;
+    };
+    let Some(cache) = KeyCache::of(service) else {
+        return;
+    };
+    let answer = match parse_answer(response.status, &response.body, &pending.key) {
+        Ok(fetched) => {
+            cache.put(&**store, &pending.key, &fetched, now_millis());
+            Some(fetched.answer)
+        }
+        Err(reason) => {
+            lookup_failed(filter, runtime, &reason);
+            pending.stale
+        }
+    };
+    // The same request view gives the same credential and policy as before the pause.
+    let decision = match begin(config, &pending.req) {
+        Step::Decided(decision) => decision,
+        Step::Lookup { credential, policy } => match &answer {
+            Some(answer) => {
+                decide_for_key(config, policy, &credential, answer.record(), &pending.req)
+            }
+            None => unavailable(filter, runtime, policy),
+        },
+    };
+    if apply(filter, stream, &pending.req, decision) {
+        filter.continue_decoding();
+    }
+}
+
+fn lookup_failed(filter: &FilterHandle, runtime: &Runtime, reason: &str) {
+    Counters::bump(filter, runtime.counters.lookup_failures);
+    log(
+        LogLevel::Warn,
+        &format!(
+            "keygate[{}]: key lookup failed: {reason}",
+            runtime.config.name
+        ),
+    );
+}
+
+/// Keys cannot be verified: fail closed (503), or let the request through unauthenticated when
+/// the operator chose availability.
+fn unavailable<'a>(filter: &FilterHandle, runtime: &Runtime, policy: &'a Policy) -> Decision<'a> {
+    let on_unavailable = runtime
+        .config
+        .key_service
+        .as_ref()
+        .map_or(OnUnavailable::Deny, |s| s.on_unavailable);
+    match on_unavailable {
+        OnUnavailable::Deny => Decision::Deny {
+            code: ErrorCode::KeysetUnavailable,
+            key_id: None,
+        },
+        OnUnavailable::Allow => {
+            Counters::bump(filter, runtime.counters.unverified_allowed);
+            log(
+                LogLevel::Warn,
+                &format!(
+                    "keygate[{}]: keys cannot be verified; request allowed unauthenticated (on_unavailable: allow)",
+                    runtime.config.name
+                ),
+            );
+            Decision::Allow {
+                principal: Principal::Anonymous,
+                policy,
+            }
+        }
+    }
 }
 
 /// The `panic-probe` build panics on every request, to prove the hook guard fails closed.
