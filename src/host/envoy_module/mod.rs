@@ -9,11 +9,11 @@ mod ffi;
 mod limits_table;
 mod process_store;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::core::codes::ErrorCode;
+use crate::core::codes::{ErrorCode, Language};
 use crate::core::config::{Config, SessionConfig};
 use crate::core::credential::Credential;
 use crate::core::decision::{begin, decide_for_key, lookup, Decision, Principal, Step};
@@ -94,6 +94,12 @@ pub struct FilterConfig {
     runtime: Arc<Runtime>,
 }
 
+// Envoy shares one config among all workers; a stream stays on its worker.
+const _: () = {
+    const fn shared_by_workers<T: Send + Sync>() {}
+    shared_by_workers::<FilterConfig>();
+};
+
 /// One HTTP stream.
 pub struct Stream {
     runtime: Arc<Runtime>,
@@ -102,6 +108,8 @@ pub struct Stream {
     response_headers: RefCell<Vec<(&'static str, String)>>,
     /// The key lookup this request is paused for.
     pending: RefCell<Option<PendingLookup>>,
+    /// Set once a local reply went out: a panic after it must not send a second one.
+    replied: Cell<bool>,
 }
 
 /// A request paused while its key is looked up.
@@ -184,6 +192,7 @@ fn stream_new(config: &FilterConfig) -> Stream {
         runtime: Arc::clone(&config.runtime),
         response_headers: RefCell::new(Vec::new()),
         pending: RefCell::new(None),
+        replied: Cell::new(false),
     }
 }
 
@@ -385,7 +394,7 @@ fn apply(filter: &FilterHandle, stream: &Stream, req: &RequestView, decision: De
     let config = &runtime.config;
     match decision {
         Decision::Deny { code, key_id } => {
-            deny(filter, runtime, code, key_id, Vec::new());
+            deny(filter, stream, code, key_id, Vec::new());
             false
         }
         Decision::Allow { principal, policy } => {
@@ -401,7 +410,7 @@ fn apply(filter: &FilterHandle, stream: &Stream, req: &RequestView, decision: De
                         Err(denial) => {
                             deny(
                                 filter,
-                                runtime,
+                                stream,
                                 denial.code,
                                 Some(&record.id),
                                 denial.headers(),
@@ -419,7 +428,9 @@ fn apply(filter: &FilterHandle, stream: &Stream, req: &RequestView, decision: De
             }
             Counters::bump(filter, runtime.counters.allowed);
             let edits = upstream_edits(config, req, &principal);
-            for name in &edits.remove {
+            // Each removal is a host call that scans Envoy's header map: only for headers the
+            // request carries (read in this same hook, so nothing added one since).
+            for name in edits.remove.iter().filter(|name| req.has_header(name)) {
                 filter.set_request_header(name, None);
             }
             for (name, value) in &edits.set {
@@ -437,12 +448,14 @@ fn apply(filter: &FilterHandle, stream: &Stream, req: &RequestView, decision: De
 /// the denial line.
 fn deny(
     filter: &FilterHandle,
-    runtime: &Runtime,
+    stream: &Stream,
     code: ErrorCode,
     key_id: Option<&str>,
     extra_headers: Vec<(&'static str, String)>,
 ) {
+    let runtime = &*stream.runtime;
     let config = &runtime.config;
+    stream.replied.set(true);
     runtime.counters.count_denial(filter, code);
     let reply = config.replies.rendered(code);
     let status = reply.map_or(code.status(), |r| r.status);
@@ -462,8 +475,12 @@ fn deny(
     filter.send_response(status, &headers, body);
 }
 
-/// After a panic in the request hook: fail closed with 503 KEYSET_UNAVAILABLE.
+/// After a panic in the request hook: fail closed with 503 KEYSET_UNAVAILABLE, unless the
+/// request was answered already.
 fn on_panic(filter: &FilterHandle, stream: &Stream) {
+    if stream.replied.get() {
+        return;
+    }
     log(
         LogLevel::Error,
         &format!(
@@ -473,10 +490,22 @@ fn on_panic(filter: &FilterHandle, stream: &Stream) {
     );
     deny(
         filter,
-        &stream.runtime,
+        stream,
         ErrorCode::KeysetUnavailable,
         None,
         Vec::new(),
+    );
+}
+
+/// A stream without keygate state (its creation failed): 503 KEYSET_UNAVAILABLE.
+fn unconfigured_reply(filter: &FilterHandle) {
+    let code = ErrorCode::KeysetUnavailable;
+    let body =
+        serde_json::json!({"code": code.as_str(), "message": code.default_message(Language::En)});
+    filter.send_response(
+        code.status(),
+        &[("content-type", "application/json")],
+        body.to_string().as_bytes(),
     );
 }
 
