@@ -6,7 +6,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
-use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use proxy_wasm::hostcalls;
@@ -238,7 +238,7 @@ impl KeySource {
     }
 
     /// Full mode: this VM's current set, after catching up with the shared version.
-    fn keys(&self) -> Result<Rc<KeySet>, Unavailable> {
+    fn keys(&self) -> Result<Arc<KeySet>, Unavailable> {
         self.sync();
         self.remote.borrow().current(&self.service, now_millis())
     }
