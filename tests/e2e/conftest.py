@@ -6,11 +6,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from keygate_stack import HOST, Stack  # noqa: E402
 
-# Why some tests run against keygate.wasm only (KEYGATE_HOST=native skips them, saying why).
-KEY_SERVICE_WASM_ONLY = ("the native module refuses a fully synced key_service at config load "
-                         "(lookup_on_miss only so far; see docs/native-module.md)")
-
-
 def native_only(reason):
     """Marks a test of the native module itself (KEYGATE_HOST=native)."""
     return pytest.mark.skipif(HOST != "native", reason=reason)

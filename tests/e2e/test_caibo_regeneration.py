@@ -10,11 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import KEY_SERVICE_WASM_ONLY, assert_denied, assert_passed, wasm_only
+from conftest import assert_denied, assert_passed
 from keygate_stack import ROOT, Stack
 from static_keyservice import StaticKeyService
-
-pytestmark = wasm_only(KEY_SERVICE_WASM_ONLY)
 
 CONFIG = "caibo-keyservice.yaml"
 REFRESH = 1.0  # refresh_seconds in envoy/caibo-keyservice.yaml

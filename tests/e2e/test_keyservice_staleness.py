@@ -4,11 +4,9 @@ itself; `on_unavailable: allow` lets requests through unauthenticated instead of
 import hashlib
 import time
 
-from conftest import KEY_SERVICE_WASM_ONLY, assert_denied, assert_passed, wasm_only
+from conftest import assert_denied, assert_passed
 from keygate_stack import Stack
 from static_keyservice import StaticKeyService
-
-pytestmark = wasm_only(KEY_SERVICE_WASM_ONLY)
 
 CONFIG = "keyservice.yaml"
 REFRESH = 2.0

@@ -146,12 +146,50 @@ extern "C" {
         timeout_milliseconds: u64,
     ) -> u32;
     fn envoy_dynamic_module_callback_http_filter_continue_decoding(filter: EnvoyFilterPtr);
+    fn envoy_dynamic_module_callback_http_filter_config_scheduler_new(
+        config: EnvoyConfigPtr,
+    ) -> *mut c_void;
+    fn envoy_dynamic_module_callback_http_filter_config_scheduler_commit(
+        scheduler: *mut c_void,
+        event_id: u64,
+    );
+    fn envoy_dynamic_module_callback_http_filter_config_scheduler_delete(scheduler: *mut c_void);
+    fn envoy_dynamic_module_callback_http_filter_config_http_callout(
+        config: EnvoyConfigPtr,
+        callout_id: *mut u64,
+        cluster_name: Buffer,
+        headers: *mut HttpHeader,
+        headers_size: usize,
+        body: Buffer,
+        timeout_milliseconds: u64,
+    ) -> u32;
     fn envoy_dynamic_module_callback_http_filter_config_define_counter(
         config: EnvoyConfigPtr,
         name: Buffer,
         label_names: *mut Buffer,
         label_names_length: usize,
         counter_id: *mut usize,
+    ) -> u32;
+    fn envoy_dynamic_module_callback_http_filter_config_define_gauge(
+        config: EnvoyConfigPtr,
+        name: Buffer,
+        label_names: *mut Buffer,
+        label_names_length: usize,
+        gauge_id: *mut usize,
+    ) -> u32;
+    fn envoy_dynamic_module_callback_http_filter_config_increment_counter(
+        config: EnvoyConfigPtr,
+        id: usize,
+        label_values: *mut Buffer,
+        label_values_length: usize,
+        value: u64,
+    ) -> u32;
+    fn envoy_dynamic_module_callback_http_filter_config_set_gauge(
+        config: EnvoyConfigPtr,
+        id: usize,
+        label_values: *mut Buffer,
+        label_values_length: usize,
+        value: u64,
     ) -> u32;
     fn envoy_dynamic_module_callback_http_filter_increment_counter(
         filter: EnvoyFilterPtr,
@@ -188,7 +226,152 @@ pub fn log_enabled(level: LogLevel) -> bool {
 /// The filter configuration Envoy is creating, valid during `config_new` only.
 pub struct ConfigHandle(EnvoyConfigPtr);
 
+/// Envoy's filter configuration, kept for the config's whole life: it posts work to the main
+/// thread (`schedule`) and makes HTTP calls from there (`http_callout`).
+pub struct MainThread {
+    config: EnvoyConfigPtr,
+    scheduler: *mut c_void,
+}
+
+// SAFETY: Envoy's config scheduler may be committed from any thread (abi.h: "used to dispatch
+// HTTP filter configuration operations to the main thread from any thread"). The config pointer
+// itself is only used by `http_callout`, which runs in the main-thread hooks.
+unsafe impl Send for MainThread {}
+// SAFETY: as for `Send`: the only call made from workers is the thread-safe commit.
+unsafe impl Sync for MainThread {}
+
+impl MainThread {
+    /// Asks Envoy to call `on_http_filter_config_scheduled` with `event_id` on the main thread.
+    pub fn schedule(&self, event_id: u64) {
+        // SAFETY: `scheduler` came from `scheduler_new` and is deleted only in `Drop`, after
+        // Envoy destroyed the config (no worker holds a stream of it any more).
+        unsafe {
+            envoy_dynamic_module_callback_http_filter_config_scheduler_commit(
+                self.scheduler,
+                event_id,
+            )
+        }
+    }
+
+    /// Adds one to a counter defined on this config. Call only from a main-thread hook.
+    pub fn increment_counter(&self, id: Option<usize>) {
+        let Some(id) = id else { return };
+        // SAFETY: `self.config` is the live config pointer that defined `id`; no labels.
+        unsafe {
+            envoy_dynamic_module_callback_http_filter_config_increment_counter(
+                self.config,
+                id,
+                std::ptr::null_mut(),
+                0,
+                1,
+            );
+        }
+    }
+
+    /// Sets a gauge defined on this config. Call only from a main-thread hook.
+    pub fn set_gauge(&self, id: Option<usize>, value: u64) {
+        let Some(id) = id else { return };
+        // SAFETY: `self.config` is the live config pointer that defined `id`; no labels.
+        unsafe {
+            envoy_dynamic_module_callback_http_filter_config_set_gauge(
+                self.config,
+                id,
+                std::ptr::null_mut(),
+                0,
+                value,
+            );
+        }
+    }
+
+    /// Sends a request to `cluster` from the main thread; the answer comes to
+    /// `on_http_filter_config_http_callout_done`. Call only from a main-thread hook.
+    pub fn http_callout(
+        &self,
+        cluster: &str,
+        headers: &[(&str, String)],
+        timeout_ms: u64,
+    ) -> Result<u64, String> {
+        let mut raw = module_headers(headers);
+        let mut id = 0u64;
+        // SAFETY: `self.config` is the live config pointer (this runs in one of its main-thread
+        // hooks); `raw`, its strings and `cluster` outlive the call; `id` is a live local.
+        let result = unsafe {
+            envoy_dynamic_module_callback_http_filter_config_http_callout(
+                self.config,
+                &mut id,
+                Buffer::of(cluster.as_bytes()),
+                raw.as_mut_ptr(),
+                raw.len(),
+                Buffer::null(),
+                timeout_ms,
+            )
+        };
+        callout_result(result, id, cluster)
+    }
+}
+
+impl Drop for MainThread {
+    fn drop(&mut self) {
+        if !self.scheduler.is_null() {
+            // SAFETY: created by `scheduler_new`, deleted once here.
+            unsafe {
+                envoy_dynamic_module_callback_http_filter_config_scheduler_delete(self.scheduler)
+            }
+        }
+    }
+}
+
+fn module_headers(headers: &[(&str, String)]) -> Vec<HttpHeader> {
+    headers
+        .iter()
+        .map(|(name, value)| HttpHeader {
+            key_ptr: name.as_ptr().cast(),
+            key_length: name.len(),
+            value_ptr: value.as_ptr().cast(),
+            value_length: value.len(),
+        })
+        .collect()
+}
+
+fn callout_result(result: u32, id: u64, cluster: &str) -> Result<u64, String> {
+    if result == CALLOUT_SUCCESS {
+        return Ok(id);
+    }
+    let why = usize::try_from(result)
+        .ok()
+        .and_then(|i| CALLOUT_INIT_ERRORS.get(i))
+        .unwrap_or(&"unknown error");
+    Err(format!("cannot call cluster '{cluster}' ({why})"))
+}
+
 impl ConfigHandle {
+    /// Defines a gauge; `MainThread::set_gauge` sets it.
+    pub fn define_gauge(&self, name: &str) -> Option<usize> {
+        let mut id = 0usize;
+        // SAFETY: as in `define_counter`.
+        let result = unsafe {
+            envoy_dynamic_module_callback_http_filter_config_define_gauge(
+                self.0,
+                Buffer::of(name.as_bytes()),
+                std::ptr::null_mut(),
+                0,
+                &mut id,
+            )
+        };
+        (result == METRICS_SUCCESS).then_some(id)
+    }
+
+    /// Keeps what the main-thread work of this config needs after `config_new` returns.
+    pub fn main_thread(&self) -> MainThread {
+        // SAFETY: `self.0` is the config pointer of the running `config_new` hook.
+        let scheduler =
+            unsafe { envoy_dynamic_module_callback_http_filter_config_scheduler_new(self.0) };
+        MainThread {
+            config: self.0,
+            scheduler,
+        }
+    }
+
     /// Defines a counter; its id is what `FilterHandle::increment_counter` takes.
     pub fn define_counter(&self, name: &str) -> Option<usize> {
         let mut id = 0usize;
@@ -365,15 +548,7 @@ impl FilterHandle {
         headers: &[(&str, String)],
         timeout_ms: u64,
     ) -> Result<u64, String> {
-        let mut raw: Vec<HttpHeader> = headers
-            .iter()
-            .map(|(name, value)| HttpHeader {
-                key_ptr: name.as_ptr().cast(),
-                key_length: name.len(),
-                value_ptr: value.as_ptr().cast(),
-                value_length: value.len(),
-            })
-            .collect();
+        let mut raw = module_headers(headers);
         let mut id = 0u64;
         // SAFETY: `self.0` is the filter pointer of the running hook; `raw`, the strings it
         // points into and `cluster` outlive the call, and Envoy copies them; `id` is a live local.
@@ -388,14 +563,7 @@ impl FilterHandle {
                 timeout_ms,
             )
         };
-        if result == CALLOUT_SUCCESS {
-            return Ok(id);
-        }
-        let why = usize::try_from(result)
-            .ok()
-            .and_then(|i| CALLOUT_INIT_ERRORS.get(i))
-            .unwrap_or(&"unknown error");
-        Err(format!("cannot call cluster '{cluster}' ({why})"))
+        callout_result(result, id, cluster)
     }
 
     /// Resumes a request paused by `request_headers` returning StopIteration.
@@ -617,6 +785,54 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
 ) {
 }
 
+/// Status, ETag and body of a callout's answer; no status when there was none.
+///
+/// # Safety
+/// `headers` and `body_chunks` must be null or point to `headers_size` headers and
+/// `body_chunks_size` buffers owned by Envoy, valid for the running hook.
+unsafe fn fetch_response(
+    result: u32,
+    headers: *const HttpHeader,
+    headers_size: usize,
+    body_chunks: *const Buffer,
+    body_chunks_size: usize,
+) -> FetchResponse {
+    let mut response = FetchResponse {
+        status: None,
+        etag: None,
+        body: Vec::new(),
+    };
+    if result != CALLOUT_SUCCESS {
+        return response;
+    }
+    if !headers.is_null() {
+        for h in std::slice::from_raw_parts(headers, headers_size) {
+            let name = Buffer {
+                ptr: h.key_ptr,
+                length: h.key_length,
+            }
+            .bytes();
+            let value = Buffer {
+                ptr: h.value_ptr,
+                length: h.value_length,
+            }
+            .bytes();
+            let value = String::from_utf8_lossy(value);
+            match name {
+                b":status" => response.status = value.parse().ok(),
+                b"etag" => response.etag = Some(value.into_owned()),
+                _ => {}
+            }
+        }
+    }
+    if !body_chunks.is_null() {
+        for chunk in std::slice::from_raw_parts(body_chunks, body_chunks_size) {
+            response.body.extend_from_slice(chunk.bytes());
+        }
+    }
+    response
+}
+
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
     filter_envoy: EnvoyFilterPtr,
@@ -634,47 +850,61 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
         return;
     };
     let guarded = catch_unwind(AssertUnwindSafe(|| {
-        let mut response = FetchResponse {
-            status: None,
-            etag: None,
-            body: Vec::new(),
-        };
-        if result == CALLOUT_SUCCESS {
-            // SAFETY: Envoy passes `headers_size` headers and `body_chunks_size` chunks, owned by
-            // Envoy and valid until this hook returns; null pointers come with zero counts.
-            unsafe {
-                if !headers.is_null() {
-                    for h in std::slice::from_raw_parts(headers, headers_size) {
-                        let name = Buffer {
-                            ptr: h.key_ptr,
-                            length: h.key_length,
-                        }
-                        .bytes();
-                        let value = Buffer {
-                            ptr: h.value_ptr,
-                            length: h.value_length,
-                        }
-                        .bytes();
-                        let value = String::from_utf8_lossy(value);
-                        match name {
-                            b":status" => response.status = value.parse().ok(),
-                            b"etag" => response.etag = Some(value.into_owned()),
-                            _ => {}
-                        }
-                    }
-                }
-                if !body_chunks.is_null() {
-                    for chunk in std::slice::from_raw_parts(body_chunks, body_chunks_size) {
-                        response.body.extend_from_slice(chunk.bytes());
-                    }
-                }
-            }
-        }
+        // SAFETY: Envoy passes the answer's headers and body chunks with their counts, owned by
+        // Envoy and valid until this hook returns (null when there was no answer).
+        let response =
+            unsafe { fetch_response(result, headers, headers_size, body_chunks, body_chunks_size) };
         super::on_callout_done(&filter, stream, callout_id, response)
     }));
     if guarded.is_err() {
         let _ = catch_unwind(AssertUnwindSafe(|| super::on_panic(&filter, stream)));
     }
+}
+
+/// Borrows the config a main-thread hook is for.
+///
+/// # Safety
+/// `config` must be null or a live pointer from `config_new` (Envoy calls the config's hooks
+/// only before `config_destroy`).
+unsafe fn config_ref<'a>(config: ModuleConfigPtr) -> Option<&'a FilterConfig> {
+    (config as *const FilterConfig).as_ref()
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
+    _config_envoy: EnvoyConfigPtr,
+    config: ModuleConfigPtr,
+    event_id: u64,
+) {
+    // SAFETY: see `config_ref`.
+    if let Some(config) = unsafe { config_ref(config) } {
+        let _ = catch_unwind(AssertUnwindSafe(|| {
+            super::on_config_scheduled(config, event_id)
+        }));
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout_done(
+    _config_envoy: EnvoyConfigPtr,
+    config: ModuleConfigPtr,
+    callout_id: u64,
+    result: u32,
+    headers: *mut HttpHeader,
+    headers_size: usize,
+    body_chunks: *mut Buffer,
+    body_chunks_size: usize,
+) {
+    // SAFETY: see `config_ref`.
+    let Some(config) = (unsafe { config_ref(config) }) else {
+        return;
+    };
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: as in `on_http_filter_http_callout_done`.
+        let response =
+            unsafe { fetch_response(result, headers, headers_size, body_chunks, body_chunks_size) };
+        super::on_fetch_done(config, callout_id, response)
+    }));
 }
 
 #[no_mangle]

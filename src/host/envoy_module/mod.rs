@@ -6,6 +6,7 @@
 //! `Stream` holding an `Arc` to it.
 
 mod ffi;
+mod full_sync;
 mod limits_table;
 mod process_store;
 
@@ -26,6 +27,7 @@ use crate::core::reply::{denial_log_line, upstream_edits};
 use crate::core::request::{RequestView, SessionEvidence};
 use crate::core::session_token;
 use ffi::{log, log_enabled, ConfigHandle, FilterHandle, LogLevel};
+use full_sync::{FullSource, TICK_EVENT};
 use limits_table::LimitsTable;
 use process_store::ProcessStore;
 
@@ -83,8 +85,10 @@ struct Runtime {
     counters: Counters,
     /// The process-wide counters (an empty table when limits are off).
     limits: Arc<LimitsTable>,
-    /// The answers of lookup on miss, shared by every worker (`None`: inline keys).
+    /// The answers of lookup on miss, shared by every worker (`None`: not that mode).
     cache_store: Option<Arc<ProcessStore>>,
+    /// The key service in full mode: one set for the process (`None`: not that mode).
+    full: Option<Arc<FullSource>>,
     /// Whether a request's time matters: a key with a validity window, or keys looked up.
     reads_clock: bool,
 }
@@ -92,6 +96,14 @@ struct Runtime {
 /// What `config_new` hands Envoy: shared by every worker.
 pub struct FilterConfig {
     runtime: Arc<Runtime>,
+}
+
+impl Drop for FilterConfig {
+    fn drop(&mut self) {
+        if let Some(full) = &self.runtime.full {
+            full.stop();
+        }
+    }
 }
 
 // Envoy shares one config among all workers; a stream stays on its worker.
@@ -121,19 +133,6 @@ struct PendingLookup {
     stale: Option<Answer>,
 }
 
-/// Features the native host cannot serve yet. Refused at load, naming the field, rather than
-/// run without them.
-fn unsupported(config: &Config) -> Option<(&'static str, &'static str)> {
-    if let Some(KeyServiceMode::Full(_)) = config.key_service.as_ref().map(|s| &s.mode) {
-        return Some((
-            "key_service.mode",
-            "full sync is not in the native module (libkeygate.so) yet; use lookup_on_miss, \
-             or keygate.wasm for a fully synced key set",
-        ));
-    }
-    None
-}
-
 fn config_new(handle: &ConfigHandle, bytes: &[u8]) -> Option<FilterConfig> {
     let (config, keys) = match Config::parse(bytes) {
         Ok(parsed) => parsed,
@@ -145,24 +144,27 @@ fn config_new(handle: &ConfigHandle, bytes: &[u8]) -> Option<FilterConfig> {
             return None;
         }
     };
-    if let Some((field, why)) = unsupported(&config) {
-        log(
-            LogLevel::Critical,
-            &format!("keygate: invalid configuration: {field}: {why}"),
-        );
-        return None;
-    }
-    let cache_store = config
+    let store = config
         .key_service
         .as_ref()
         .map(|_| ProcessStore::for_filter(&config.name));
+    let (cache_store, full) = match (&config.key_service, store) {
+        (Some(service), Some(store)) => match &service.mode {
+            KeyServiceMode::Lookup(_) => (Some(store), None),
+            KeyServiceMode::Full(sync) => {
+                let full = FullSource::start(handle, &config.name, service, sync, store);
+                (None, Some(full))
+            }
+        },
+        _ => (None, None),
+    };
     let counters = Counters::define(handle, &config.name, cache_store.is_some());
     let limits = if config.limits.enabled {
         LimitsTable::for_filter(&config.name, &config.limits)
     } else {
         Arc::new(LimitsTable::empty())
     };
-    let reads_clock = cache_store.is_some()
+    let reads_clock = config.key_service.is_some()
         || keys
             .records()
             .iter()
@@ -182,6 +184,7 @@ fn config_new(handle: &ConfigHandle, bytes: &[u8]) -> Option<FilterConfig> {
             counters,
             limits,
             cache_store,
+            full,
             reads_clock,
         }),
     })
@@ -205,13 +208,25 @@ fn on_request_headers(filter: &FilterHandle, stream: &Stream) -> bool {
     let req = read_request(filter, runtime);
     let decision = match begin(config, &req) {
         Step::Decided(decision) => decision,
-        Step::Lookup { credential, policy } => match &runtime.cache_store {
-            Some(store) => return decide_by_lookup(filter, stream, store, req, credential, policy),
-            None => {
-                let record = lookup(&runtime.keys, &credential);
-                decide_for_key(config, policy, &credential, record, &req)
+        Step::Lookup { credential, policy } => {
+            if let Some(store) = &runtime.cache_store {
+                return decide_by_lookup(filter, stream, store, req, credential, policy);
             }
-        },
+            match &runtime.full {
+                Some(full) => match full.current(now_millis()) {
+                    Ok(keys) => {
+                        let record = lookup(&keys, &credential);
+                        let decision = decide_for_key(config, policy, &credential, record, &req);
+                        return apply(filter, stream, &req, decision);
+                    }
+                    Err(_) => unavailable(filter, runtime, policy),
+                },
+                None => {
+                    let record = lookup(&runtime.keys, &credential);
+                    decide_for_key(config, policy, &credential, record, &req)
+                }
+            }
+        }
     };
     apply(filter, stream, &req, decision)
 }
@@ -338,6 +353,20 @@ fn on_callout_done(
     };
     if apply(filter, stream, &pending.req, decision) {
         filter.continue_decoding();
+    }
+}
+
+/// Main thread: a tick the key-set ticker posted.
+fn on_config_scheduled(config: &FilterConfig, event_id: u64) {
+    if let (Some(full), TICK_EVENT) = (&config.runtime.full, event_id) {
+        full.on_tick(now_millis());
+    }
+}
+
+/// Main thread: the answer to a key-set fetch.
+fn on_fetch_done(config: &FilterConfig, callout_id: u64, response: FetchResponse) {
+    if let Some(full) = &config.runtime.full {
+        full.on_fetch_done(callout_id, response, now_millis());
     }
 }
 
