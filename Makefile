@@ -8,10 +8,15 @@ ENVOY := $(VENV)/lib/python3.11/site-packages/envoy/_bin/envoy
 WASM_TARGET := wasm32-wasip1
 WASM_OUT := target/$(WASM_TARGET)/release/keygate.wasm
 ARTIFACT := build/keygate.wasm
+# The Envoy dynamic module (Envoy 1.40 exactly): cargo profile `native` (panic = "unwind").
+NATIVE_OUT := target/native/libkeygate.so
+NATIVE_ARTIFACT := build/libkeygate.so
+# Which artifact `make run` and the e2e stacks load: wasm or native.
+HOST ?= wasm
 PROFILE ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: all toolchain tracked-outputs deps build cli lint unit e2e test run validate clean core-wall keyservice-tools fuzz fuzz-tools soak boundary-check \
+.PHONY: all toolchain tracked-outputs deps build build-wasm build-native build-panic-probe cli lint unit e2e e2e-both test run validate clean core-wall keyservice-tools fuzz fuzz-tools soak boundary-check \
 	compose-tools compose-check compose-up compose-down compose-test compose-test-live \
 	compose-image-tools compose-images compose-fleet-up compose-fleet-down \
 	bench bench-envoy bench-core bench-ab bench-tools bench-before oci
@@ -46,10 +51,23 @@ keyservice-tools:
 deps: $(VENV)/.installed toolchain compose-tools keyservice-tools
 
 # --- build --------------------------------------------------------------------------------
-build: toolchain
+build: build-wasm build-native
+
+build-wasm: toolchain
 	cargo build --release --target $(WASM_TARGET) --lib
 	@mkdir -p build && python3 tools/strip_callbacks.py $(WASM_OUT) $(ARTIFACT) src/adapter
 	@echo "built $(ARTIFACT) ($$(stat -c %s $(ARTIFACT)) bytes)"
+
+build-native:
+	cargo build --profile native --features envoy-module --lib
+	@mkdir -p build && cp $(NATIVE_OUT) $(NATIVE_ARTIFACT)
+	@echo "built $(NATIVE_ARTIFACT) ($$(stat -c %s $(NATIVE_ARTIFACT)) bytes)"
+
+# A module that panics in every request hook (tests/e2e/test_native_panic.py). Debug profile:
+# it unwinds by default and builds fast.
+build-panic-probe:
+	cargo build --features panic-probe --lib --target-dir target/panic-probe
+	@mkdir -p build/panic-probe && cp target/panic-probe/debug/libkeygate.so build/panic-probe/
 
 # The `keygate` command-line tool (native): target/release/keygate.
 cli:
@@ -60,13 +78,16 @@ cli:
 tracked-outputs:
 	@python3 tools/check_tracked_outputs.py
 
+# The core talks to neither host: no proxy-wasm, no dynamic-module ABI, no FFI.
 core-wall:
-	@if grep -rn 'proxy_wasm' src/core; then echo "src/core must not use proxy_wasm"; exit 1; fi
+	@if grep -rnE 'proxy_wasm|envoy_dynamic_module|extern "C"|crate::(adapter|host)' src/core; then \
+	  echo "src/core must not use a host API"; exit 1; fi
 
 lint: toolchain core-wall tracked-outputs
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --release --target $(WASM_TARGET) --lib -- -D warnings
+	cargo clippy --features panic-probe --lib -- -D warnings
 
 unit:
 	cargo test
@@ -80,15 +101,22 @@ validate: build $(VENV)/.installed
 
 # The live compose tests need a Docker engine and its local images: `make compose-test` runs them.
 COMPOSE_LIVE_TESTS = tests/e2e/test_compose_live.py tests/e2e/test_compose_fleet.py
-e2e: build cli $(VENV)/.installed compose-tools keyservice-tools
-	ENVOY_BIN=$(ENVOY) $(PY) -m pytest -q tests/e2e $(foreach t,$(COMPOSE_LIVE_TESTS),--ignore=$(t)) $(PYTEST_ARGS)
+E2E_PYTEST = ENVOY_BIN=$(ENVOY) $(PY) -m pytest -q tests/e2e $(foreach t,$(COMPOSE_LIVE_TESTS),--ignore=$(t)) $(PYTEST_ARGS)
+
+# The whole suite against one host (HOST=wasm|native); `make test` runs it against both.
+e2e: build build-panic-probe cli $(VENV)/.installed compose-tools keyservice-tools
+	KEYGATE_HOST=$(HOST) $(E2E_PYTEST)
+
+e2e-both: build build-panic-probe cli $(VENV)/.installed compose-tools keyservice-tools
+	KEYGATE_HOST=wasm $(E2E_PYTEST)
+	KEYGATE_HOST=native $(E2E_PYTEST)
 
 # The boundary linter on every shipped config, and on the keygate config envoy/hot-reload.yaml
 # discovers (ECDS): any warning a file does not accept fails.
 boundary-check: cli
 	@target/release/keygate config check --strict envoy/*.yaml
 
-test: lint unit validate boundary-check e2e compose-test
+test: lint unit validate boundary-check e2e-both compose-test
 
 # --- fuzzing (not part of `make test`) ------------------------------------------------------
 # `make fuzz` runs every cargo-fuzz target for FUZZ_SECONDS each, one after the other, as one
@@ -120,7 +148,7 @@ soak: build $(VENV)/.installed
 
 # --- run ----------------------------------------------------------------------------------
 run: build $(VENV)/.installed keyservice-tools
-	@ENVOY_BIN=$(ENVOY) $(PY) tests/run_demo.py envoy/$(PROFILE).yaml
+	@KEYGATE_HOST=$(HOST) ENVOY_BIN=$(ENVOY) $(PY) tests/run_demo.py envoy/$(PROFILE).yaml
 
 # --- docker compose -------------------------------------------------------------------------
 # envoy/docker-compose.yaml runs envoy/$(KEYGATE_CONFIG) (default demo.yaml) in the official Envoy
@@ -210,14 +238,14 @@ oci: build
 # --- benchmarks (BENCHMARKS.md) --------------------------------------------------------------
 # make bench: every contender of envoy/bench.yaml side by side in one Envoy, then the core
 # microbenchmarks. Timed numbers are printed, never asserted. BEFORE=<git rev> adds a listener
-# with that revision's keygate.wasm; BENCH_100K=1 adds keygate with 100,000 keys, inline and from
+# with that revision's keygate.wasm; keygate-native (build/libkeygate.so) always runs; BENCH_100K=1 adds keygate with 100,000 keys, inline and from
 # a key service (full sync through shared data);
 # BENCH_ROUNDS / BENCH_SECONDS change the run length.
 BENCH_ROUNDS ?= 5
 BENCH_SECONDS ?= 4
 BEFORE ?=
 BENCH_100K ?=
-BENCH_EXTRA = --extra empty $(if $(BEFORE),--extra before) $(if $(BENCH_100K),--extra 100k)
+BENCH_EXTRA = --extra empty --extra native $(if $(BEFORE),--extra before) $(if $(BENCH_100K),--extra 100k)
 
 bench-tools:
 	@command -v wrk >/dev/null && command -v taskset >/dev/null || { \

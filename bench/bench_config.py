@@ -38,6 +38,8 @@ PORTS = {
     "keygate_service": 10010,
     "keyservice_100k": 10011,
     "authz_service": 10009,
+    "keygate_native": 10012,
+    "keygate_native_100k": 10013,
     "upstream": 8081,
     "admin": 9901,
 }
@@ -209,6 +211,20 @@ def keygate_filter(vm_id, wasm, config_json, name="keygate"):
 {indent(config_json, 20)}"""
 
 
+def keygate_module_filter(config_json, name="keygate"):
+    """keygate as the Envoy dynamic module build/libkeygate.so, the same JSON (`--extra native`;
+    Envoy needs ENVOY_DYNAMIC_MODULES_SEARCH_PATH=build)."""
+    return f"""          - name: {name}
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter
+              dynamic_module_config: {{ name: keygate }}
+              filter_name: keygate
+              filter_config:
+                "@type": type.googleapis.com/google.protobuf.StringValue
+                value: |
+{indent(config_json, 18)}"""
+
+
 def cluster(name, port):
     return f"""  - name: {name}
     type: STATIC
@@ -241,6 +257,9 @@ def contender_filters(contender, n, chain=1):
                                                  keygate_config(100_000, "bench100k"), "keygate"),
         "keygate_service": lambda i: keygate_filter("bench-keygate-service", "build/keygate.wasm",
                                                     KEYGATE_SERVICE_CONFIG, "keygate"),
+        "keygate_native": lambda i: keygate_module_filter(keygate_json, f"keygate_native_{i}" if chain > 1
+                                                          else "keygate"),
+        "keygate_native_100k": lambda i: keygate_module_filter(keygate_config(100_000, "bench100knative")),
         "wasm_floor": lambda i: keygate_filter("bench-empty", "build/bench-empty.wasm", "{}\n",
                                                f"empty_{i}" if chain > 1 else "empty"),
     }[contender]
@@ -254,9 +273,12 @@ def render(n, extra=(), chain=1):
     `100k` (keygate with 100,000 inline keys). `chain` repeats every contender's filter."""
     names = list(CONTENDERS)
     names += [name for key, name in (("empty", "wasm_floor"), ("before", "keygate_before"),
-                                     ("100k", "keygate_100k"), ("100k", "keygate_service")) if key in extra]
+                                     ("100k", "keygate_100k"), ("100k", "keygate_service"),
+                                     ("native", "keygate_native")) if key in extra]
+    if "native" in extra and "100k" in extra:
+        names.append("keygate_native_100k")
     if chain > 1:
-        names = [n for n in names if n not in ("keygate_100k", "keygate_service")]
+        names = [n for n in names if n not in ("keygate_100k", "keygate_service", "keygate_native_100k")]
     listeners = [listener(name, PORTS[name], hcm(name, contender_filters(name, n, chain))) for name in names]
     listeners.insert(1, listener("floor_deny", PORTS["floor_deny"], hcm("floor_deny", "", route=DENY_ROUTE)))
     authz = "authz_service" if chain == 1 else "authz_service_chained"
@@ -291,7 +313,7 @@ def render(n, extra=(), chain=1):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keys", type=int, default=1000, help="keys per contender (default 1000)")
-    parser.add_argument("--extra", action="append", default=[], choices=["empty", "before", "100k"])
+    parser.add_argument("--extra", action="append", default=[], choices=["empty", "before", "100k", "native"])
     parser.add_argument("--chain", type=int, default=1, help="repeat each contender's filter")
     args = parser.parse_args()
     sys.stdout.write(render(args.keys, args.extra, args.chain))

@@ -46,6 +46,8 @@ LABELS = {
     "keygate_before": "keygate before (BEFORE=…), 1k keys",
     "keygate_100k": "keygate, 100k inline keys",
     "keygate_service": "keygate, 100k keys from the key service (full sync via shared data)",
+    "keygate_native": "keygate-native (libkeygate.so), 1k keys",
+    "keygate_native_100k": "keygate-native (libkeygate.so), 100k inline keys",
 }
 
 
@@ -110,7 +112,8 @@ class Phase:
         self.envoy = subprocess.Popen(
             ["taskset", "-c", str(self.args.envoy_cpu), ENVOY_BIN, "-c", str(config),
              "--concurrency", "1", "--disable-hot-restart", "--log-level", "warn"],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            env=dict(os.environ, ENVOY_DYNAMIC_MODULES_SEARCH_PATH=str(ROOT / "build")))
         deadline = time.time() + 180
         while time.time() < deadline and self.envoy.poll() is None:
             try:
@@ -290,15 +293,17 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--keys", type=int, default=1000)
-    parser.add_argument("--extra", action="append", default=[], choices=["empty", "before", "100k"],
+    parser.add_argument("--extra", action="append", default=[], choices=["empty", "before", "100k", "native"],
                         help="empty: also run build/bench-empty.wasm (a Rust proxy-wasm filter doing nothing); "
-                             "before: build/keygate-before.wasm; 100k: keygate with 100,000 inline keys")
+                             "before: build/keygate-before.wasm; 100k: keygate with 100,000 inline keys; "
+                             "native: build/libkeygate.so")
     parser.add_argument("--envoy-cpu", type=int, default=0)
     parser.add_argument("--wrk-cpu", type=int, default=1)
     parser.add_argument("--wrk", default=shutil.which("wrk") or "wrk")
     parser.add_argument("--json", type=Path, default=WORK / "results.json")
     args = parser.parse_args()
-    for extra, wasm in (("empty", "bench-empty.wasm"), ("before", "keygate-before.wasm")):
+    for extra, wasm in (("empty", "bench-empty.wasm"), ("before", "keygate-before.wasm"),
+                        ("native", "libkeygate.so")):
         if extra in args.extra and not (ROOT / "build" / wasm).exists():
             sys.exit(f"--extra {extra} needs build/{wasm}")
 
@@ -311,9 +316,11 @@ def main():
     }
     contenders = list(bench_config.CONTENDERS)
     for extra, name in (("empty", "wasm_floor"), ("before", "keygate_before"), ("100k", "keygate_100k"),
-                        ("100k", "keygate_service")):
+                        ("100k", "keygate_service"), ("native", "keygate_native")):
         if extra in args.extra:
             contenders.insert(1, name) if name == "wasm_floor" else contenders.append(name)
+    if "native" in args.extra and "100k" in args.extra:
+        contenders.append("keygate_native_100k")
 
     facts = machine_facts()
     started = time.time()
@@ -323,7 +330,8 @@ def main():
     single = Phase(args, contenders, 1, key_files).run(args.rounds, args.seconds, started)
     results = {key: summarize(rs, single[("floor", key[1])], 1) for key, rs in single.items()}
     chained_results = {}
-    chained_contenders = [c for c in contenders if c not in ("keygate_100k", "keygate_service")]
+    chained_contenders = [c for c in contenders if c not in ("keygate_100k", "keygate_service",
+                                                            "keygate_native_100k")]
     if args.chain > 1:
         chained = Phase(args, chained_contenders, args.chain, key_files).run(
             args.chain_rounds, args.chain_seconds, started)

@@ -1,7 +1,9 @@
-//! keygate: API-key authentication for Envoy, as a proxy-wasm filter.
+//! keygate: API-key authentication for Envoy, as a proxy-wasm filter (`keygate.wasm`) or an
+//! Envoy dynamic module (`libkeygate.so`).
 //!
 //! `core` decides (and is tested natively); `adapter` is the thin proxy-wasm layer that is
-//! compiled only for the wasm target.
+//! compiled only for the wasm target; `host::envoy_module` is the thin dynamic-module layer,
+//! compiled only with the `envoy-module` feature.
 
 pub mod core;
 
@@ -12,3 +14,7 @@ pub mod cli;
 
 #[cfg(target_arch = "wasm32")]
 mod adapter;
+
+/// Built only into `libkeygate.so`: it references callbacks that only Envoy's process provides.
+#[cfg(all(feature = "envoy-module", not(target_arch = "wasm32")))]
+mod host;

@@ -8,6 +8,8 @@
 # with ADMIN_URL the keygate counters are read before and after and must move by exactly what
 # the suite sent. Used by `make compose-test` and by tests/e2e/test_curl_suite.py against
 # `make run`'s local stack, so both stacks are held to the same examples.
+# STATS_NAMESPACE is the prefix Envoy gives keygate's counters: wasmcustom (keygate.wasm, the
+# default) or dynamicmodulescustom (libkeygate.so).
 set -uo pipefail
 
 wait_seconds=0
@@ -76,7 +78,7 @@ check() {
 counter() { # counter NAME: a keygate counter from the admin, 0 when absent
   local value
   value=$(curl -sS "$admin/stats?filter=keygate" | tr -d '\r' \
-    | awk -v name="wasmcustom.keygate.demo.$1" -F': ' '$1 == name { print $2 }')
+    | awk -v name="${STATS_NAMESPACE:-wasmcustom}.keygate.demo.$1" -F': ' '$1 == name { print $2 }')
   echo "${value:-0}"
 }
 

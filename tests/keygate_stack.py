@@ -4,6 +4,10 @@ The shipped configs use fixed ports (listener 10000, admin 9901, echo upstream 8
 upstream 8082, key service 8090, rate limit service 8091). `Stack` copies the config with those
 ports swapped for free ones, so test groups can run side by side; nothing else in the config
 changes.
+
+`KEYGATE_HOST=native` runs the same configs with keygate as an Envoy dynamic module
+(build/libkeygate.so): each keygate.wasm filter block becomes the dynamic-module block with the
+same JSON (`to_native`), and Envoy finds the module through ENVOY_DYNAMIC_MODULES_SEARCH_PATH.
 """
 import http.client
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +25,59 @@ ROOT = Path(__file__).resolve().parent.parent
 ENVOY_BIN = os.environ.get(
     "ENVOY_BIN", str(ROOT / ".venv/lib/python3.11/site-packages/envoy/_bin/envoy")
 )
+# Which keygate artifact the stacks load: "wasm" (build/keygate.wasm) or "native" (build/libkeygate.so).
+HOST = os.environ.get("KEYGATE_HOST", "wasm")
+if HOST not in ("wasm", "native"):
+    raise SystemExit(f"KEYGATE_HOST must be wasm or native, not {HOST!r}")
+NATIVE_MODULE_DIR = ROOT / "build"
+WASM_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
+MODULE_TYPE = "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"
+# What marks keygate's own log lines in Envoy's log, and the component they are logged under.
+KEYGATE_LOG_MARK = {"wasm": "wasm log", "native": "[dynamic_modules]"}[HOST]
+KEYGATE_LOG_COMPONENT = {"wasm": "[wasm]", "native": "[dynamic_modules]"}[HOST]
+# Envoy prefixes a dynamic module's stats with its metrics namespace; wasm ones with this.
+STATS_NAMESPACE = {"wasm": "wasmcustom.", "native": "dynamicmodulescustom."}
+
+
+def to_native(text):
+    """The config with every keygate.wasm filter block rewritten into the dynamic-module block
+    that loads libkeygate.so with the same JSON configuration. Lines from the Wasm `@type` up to
+    `configuration:` (vm_config, failure_policy, ...) have no native counterpart and go; the
+    configuration's StringValue stays as is, now under `filter_config`."""
+    out, skipping = [], None
+    for line in text.splitlines(keepends=True):
+        stripped = line.strip()
+        indent = line[: len(line) - len(line.lstrip())]
+        if stripped == f'"@type": {WASM_TYPE}':
+            out += [f'{indent}"@type": {MODULE_TYPE}\n',
+                    f"{indent}dynamic_module_config: {{ name: keygate }}\n",
+                    f"{indent}filter_name: keygate\n"]
+            skipping = indent
+            continue
+        if skipping is not None:
+            if stripped == "configuration:":
+                out.append(f"{skipping}filter_config:\n")
+                skipping = None
+            continue
+        out.append(line.replace(f'type_urls: ["{WASM_TYPE}"]', f'type_urls: ["{MODULE_TYPE}"]'))
+    if skipping is not None:
+        raise ValueError("a keygate.wasm filter block without `configuration:`")
+    return "".join(out)
+
+
+def for_host(text):
+    """A config's text as the selected host loads it (unchanged for wasm)."""
+    return to_native(text) if HOST == "native" else text
+
+
+def envoy_env(module_dir=None):
+    """Envoy's environment: the dynamic-module search path when keygate runs natively."""
+    env = dict(os.environ)
+    if HOST == "native":
+        env["ENVOY_DYNAMIC_MODULES_SEARCH_PATH"] = str(module_dir or NATIVE_MODULE_DIR)
+    return env
+
+
 SHIPPED_PORTS = {"listener": 10000, "admin": 9901, "echo": 8081, "sandbox": 8082, "keys": 8090,
                  "ratelimit": 8091}
 
@@ -144,7 +201,7 @@ def parse_stats(text, prefix="wasmcustom.keygate"):
 
 class Stack:
     def __init__(self, config_name, concurrency=2, workdir=None, extra_upstreams=("echo", "sandbox"),
-                 log_level="info", substitutions=None, extra_args=()):
+                 log_level="info", substitutions=None, extra_args=(), module_dir=None):
         self.config_name = config_name
         self.ports = {name: free_port() for name in SHIPPED_PORTS}
         self.concurrency = concurrency
@@ -156,6 +213,7 @@ class Stack:
         self.substitutions = substitutions or {}
         self.extra_args = list(extra_args)  # more Envoy flags, e.g. --component-log-level
         self.procs = []
+        self.module_dir = module_dir  # where libkeygate.so is (native host), build/ by default
 
     @property
     def port(self):
@@ -167,6 +225,7 @@ class Stack:
             text = text.replace(f"port_value: {shipped}", f"port_value: {self.ports[name]}")
         for old, new in self.substitutions.items():
             text = text.replace(old, new)
+        text = for_host(text)
         path = self.workdir / Path(self.config_name).name  # a name may be a path outside envoy/
         path.write_text(text)
         return path
@@ -183,7 +242,7 @@ class Stack:
         self.envoy = subprocess.Popen(
             [ENVOY_BIN, "-c", str(config), "--concurrency", str(self.concurrency),
              "--disable-hot-restart", "--log-level", self.log_level, *self.extra_args],
-            cwd=ROOT, stdout=self.log_file, stderr=subprocess.STDOUT,
+            cwd=ROOT, stdout=self.log_file, stderr=subprocess.STDOUT, env=envoy_env(self.module_dir),
         )
         self.procs.append(self.envoy)
         for name in self.upstream_names:
@@ -275,7 +334,12 @@ class Stack:
             return r.read().decode()
 
     def stats(self, prefix="wasmcustom.keygate"):
-        return parse_stats(self.admin("/stats"), prefix)
+        """Stats starting with `prefix`. keygate's own stats are named as the wasm filter's
+        (`wasmcustom.keygate...`) whichever host runs, so tests read them the same way."""
+        text = self.admin("/stats")
+        if HOST != "wasm":
+            text = text.replace(STATS_NAMESPACE[HOST] + "keygate.", STATS_NAMESPACE["wasm"] + "keygate.")
+        return parse_stats(text, prefix)
 
     def log_text(self):
         self.log_file.flush()

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from keygate_stack import ENVOY_BIN, ROOT, SHIPPED_PORTS, wait_for_port  # noqa: E402
+from keygate_stack import ENVOY_BIN, HOST, ROOT, SHIPPED_PORTS, envoy_env, to_native, wait_for_port  # noqa: E402
 from static_keyservice import StaticKeyService  # noqa: E402
 
 EXAMPLES = """
@@ -42,11 +42,17 @@ def main():
     if f"port_value: {SHIPPED_PORTS['keys']} " in config.read_text():
         key_service = StaticKeyService(ROOT / "envoy" / "keyservice", SHIPPED_PORTS["keys"],
                                        ROOT / ".tmp" / "run-keyservice").start()
+    if HOST == "native":
+        # The same config with the keygate.wasm block as the dynamic-module block (libkeygate.so).
+        native = ROOT / ".tmp" / "run" / config.name
+        native.parent.mkdir(parents=True, exist_ok=True)
+        native.write_text(to_native(config.read_text()))
+        config = native
     procs = [
         subprocess.Popen([sys.executable, str(ROOT / "tests/echo_upstream.py"), "--port", "8081"]),
         subprocess.Popen([sys.executable, str(ROOT / "tests/echo_upstream.py"), "--port", "8082", "--name", "sandbox"]),
         subprocess.Popen([ENVOY_BIN, "-c", str(config), "--concurrency", "2", "--disable-hot-restart",
-                          "--log-level", "info"], cwd=ROOT),
+                          "--log-level", "info"], cwd=ROOT, env=envoy_env()),
     ]
     try:
         if not wait_for_port(10000, 30):

@@ -7,7 +7,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
-use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use proxy_wasm::hostcalls;
@@ -287,7 +287,7 @@ impl KeySource {
     }
 
     /// Full mode: this VM's current set, after catching up with the shared version.
-    fn keys(&self) -> Result<Rc<KeySet>, Unavailable> {
+    fn keys(&self) -> Result<Arc<KeySet>, Unavailable> {
         self.sync();
         self.remote.borrow().current(&self.service, now_millis())
     }

@@ -18,7 +18,7 @@ use crate::core::decision::{begin, decide_for_key, lookup, Decision, Principal, 
 use crate::core::keyset::KeyRecord;
 use crate::core::keyset::KeySet;
 use crate::core::limits::{apply_limits, ensure_slots, sweep, sweep_batch};
-use crate::core::reply::{preflight_reply, upstream_edits, LocalReply};
+use crate::core::reply::{denial_log_line, preflight_reply, upstream_edits, LocalReply};
 use crate::core::request::{RequestView, SessionEvidence};
 use crate::core::selectors::{check_form_body, form_body_kind};
 use keysource::{KeySource, PendingLookup};
@@ -447,12 +447,7 @@ fn deny(
     if log_enabled(LogLevel::Info) {
         log(
             LogLevel::Info,
-            &format!(
-                "keygate[{}]: denied status={status} code={} key_id={}",
-                config.name,
-                code.as_str(),
-                key_id.unwrap_or("-")
-            ),
+            &denial_log_line(&config.name, status, code, key_id),
         );
     }
     let headers: Vec<(&str, &str)> = reply

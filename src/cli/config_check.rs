@@ -9,6 +9,9 @@ use crate::core::config::{Config, ConfigError};
 
 /// `typed_config` type of Envoy's HTTP wasm filter.
 pub const WASM_FILTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
+/// `typed_config` type of Envoy's dynamic-module HTTP filter (keygate's `libkeygate.so`).
+pub const MODULE_FILTER_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter";
 /// The only `configuration` type whose bytes reach the plugin unchanged as JSON text.
 pub const STRING_VALUE_TYPE: &str = "type.googleapis.com/google.protobuf.StringValue";
 
@@ -122,7 +125,8 @@ fn findings_in_envoy(docs: &[Value]) -> Result<Vec<Finding>, String> {
     {
         return Err(format!(
             "no keygate filter found (looked for HTTP filters of type {WASM_FILTER_TYPE} \
-             with root_id \"keygate\" or a keygate .wasm file)"
+             with root_id \"keygate\" or a keygate .wasm file, and of type {MODULE_FILTER_TYPE} \
+             loading the module \"keygate\")"
         ));
     }
     Ok(findings)
@@ -140,9 +144,16 @@ fn join(path: &str, key: &str) -> String {
 fn walk(node: &Value, path: &str, name: Option<&str>, out: &mut Vec<Finding>) {
     match node {
         Value::Object(fields) => {
-            if fields.get("@type").and_then(Value::as_str) == Some(WASM_FILTER_TYPE) {
-                out.push(check_wasm_filter(fields, path, name));
-                return;
+            match fields.get("@type").and_then(Value::as_str) {
+                Some(WASM_FILTER_TYPE) => {
+                    out.push(check_wasm_filter(fields, path, name));
+                    return;
+                }
+                Some(MODULE_FILTER_TYPE) => {
+                    out.push(check_module_filter(fields, path, name));
+                    return;
+                }
+                _ => {}
             }
             let own_name = fields.get("name").and_then(Value::as_str);
             for (key, child) in fields {
@@ -187,32 +198,61 @@ fn check_wasm_filter(typed_config: &Map<String, Value>, path: &str, name: Option
             file.map_or("not a local file".into(), |f| format!("\"{f}\""))
         )));
     }
-    let at = "config.configuration";
-    let Some(configuration) = typed_config
+    let configuration = typed_config
         .get("config")
-        .and_then(|c| c.get("configuration"))
-    else {
-        return finding(Outcome::Invalid(ConfigError::new(
-            at,
-            "missing: keygate refuses to start without a plugin configuration",
-        )));
+        .and_then(|c| c.get("configuration"));
+    finding(check_string_value(configuration, "config.configuration"))
+}
+
+/// A dynamic-module filter's `typed_config`: keygate's when it loads the module `keygate`
+/// (`libkeygate.so`). Envoy hands the module the `value` of a StringValue `filter_config`.
+fn check_module_filter(
+    typed_config: &Map<String, Value>,
+    path: &str,
+    name: Option<&str>,
+) -> Finding {
+    let finding = |outcome| Finding {
+        location: path.to_string(),
+        filter_name: name.map(str::to_string),
+        outcome,
     };
-    if configuration.get("@type").and_then(Value::as_str) != Some(STRING_VALUE_TYPE) {
-        return finding(Outcome::Invalid(ConfigError::new(
-            format!("{at}.@type"),
-            format!("must be {STRING_VALUE_TYPE} holding the plugin JSON as its value"),
+    let module = text_at(typed_config, &["dynamic_module_config", "name"]);
+    if module != Some("keygate") {
+        return finding(Outcome::NotKeygate(format!(
+            "a dynamic module that is not keygate's (module {})",
+            module.map_or("unset".into(), |m| format!("\"{m}\""))
         )));
     }
+    finding(check_string_value(
+        typed_config.get("filter_config"),
+        "filter_config",
+    ))
+}
+
+/// The plugin JSON held as the `value` of a StringValue at `at`, checked.
+fn check_string_value(configuration: Option<&Value>, at: &str) -> Outcome {
+    let Some(configuration) = configuration else {
+        return Outcome::Invalid(ConfigError::new(
+            at,
+            "missing: keygate refuses to start without a plugin configuration",
+        ));
+    };
+    if configuration.get("@type").and_then(Value::as_str) != Some(STRING_VALUE_TYPE) {
+        return Outcome::Invalid(ConfigError::new(
+            format!("{at}.@type"),
+            format!("must be {STRING_VALUE_TYPE} holding the plugin JSON as its value"),
+        ));
+    }
     match configuration.get("value") {
-        Some(Value::String(json)) => finding(check_plugin_json(json.as_bytes())),
-        None => finding(Outcome::Invalid(ConfigError::new(
+        Some(Value::String(json)) => check_plugin_json(json.as_bytes()),
+        None => Outcome::Invalid(ConfigError::new(
             format!("{at}.value"),
             "missing: keygate refuses to start without a plugin configuration",
-        ))),
-        Some(_) => finding(Outcome::Invalid(ConfigError::new(
+        )),
+        Some(_) => Outcome::Invalid(ConfigError::new(
             format!("{at}.value"),
             "must be a string holding the plugin JSON",
-        ))),
+        )),
     }
 }
 
@@ -304,6 +344,39 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    /// demo.yaml with keygate loaded as the dynamic module, the way tests/keygate_stack.py
+    /// rewrites it for KEYGATE_HOST=native.
+    fn demo_as_module() -> String {
+        let start = DEMO
+            .find("              \"@type\": type.googleapis.com/envoy.extensions.filters.http.wasm")
+            .unwrap();
+        let end = DEMO.find("                configuration:\n").unwrap();
+        let block = format!(
+            "              \"@type\": {MODULE_FILTER_TYPE}\n              \
+             dynamic_module_config: {{ name: keygate }}\n              filter_name: keygate\n\
+             \x20             filter_config:\n"
+        );
+        format!(
+            "{}{}{}",
+            &DEMO[..start],
+            block,
+            &DEMO[end + "                configuration:\n".len()..]
+        )
+    }
+
+    #[test]
+    fn a_dynamic_module_filter_of_keygate_is_checked_like_the_wasm_one() {
+        let native = demo_as_module();
+        let findings = check_text(&native).unwrap();
+        assert_eq!(findings.len(), 1);
+        assert!(matches!(findings[0].outcome, Outcome::Valid(_)));
+        let other = native.replace("{ name: keygate }", "{ name: other }");
+        assert!(check_text(&other).is_err());
+        let broken = native.replace("\"credentials\": [", "\"credentials\": 7, \"x\": [");
+        let findings = check_text(&broken).unwrap();
+        assert!(matches!(findings[0].outcome, Outcome::Invalid(_)));
     }
 
     #[test]

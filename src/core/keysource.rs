@@ -17,7 +17,7 @@
 //! Shared data lives under a namespace derived from the config's name and the service's
 //! cluster and paths, so two filters sharing a `vm_id` keep separate sets.
 
-use std::rc::Rc;
+use std::sync::Arc;
 
 use serde::Deserialize;
 
@@ -477,7 +477,8 @@ pub enum SyncEvent {
 #[derive(Debug, Default)]
 pub struct RemoteKeySet {
     version: u64,
-    keys: Option<Rc<KeySet>>,
+    /// `Arc`: the native module shares one set among its workers; each wasm VM has its own.
+    keys: Option<Arc<KeySet>>,
     refused_version: u64,
     last_success_ms: i64,
 }
@@ -515,7 +516,7 @@ impl RemoteKeySet {
     pub fn install(&mut self, version: u64, keys: KeySet) -> SyncEvent {
         let count = keys.len();
         self.version = version;
-        self.keys = Some(Rc::new(keys));
+        self.keys = Some(Arc::new(keys));
         SyncEvent::Loaded {
             version,
             keys: count,
@@ -523,13 +524,13 @@ impl RemoteKeySet {
     }
 
     /// The set to decide with, unless there is none yet or it is too old.
-    pub fn current(&self, service: &KeyService, now_ms: i64) -> Result<Rc<KeySet>, Unavailable> {
+    pub fn current(&self, service: &KeyService, now_ms: i64) -> Result<Arc<KeySet>, Unavailable> {
         let keys = self.keys.as_ref().ok_or(Unavailable::NotLoaded)?;
         let age_ms = now_ms.saturating_sub(self.last_success_ms);
         if service.max_stale_ms.is_some_and(|max| age_ms > max) {
             return Err(Unavailable::Stale { age_ms });
         }
-        Ok(Rc::clone(keys))
+        Ok(Arc::clone(keys))
     }
 
     pub fn version(&self) -> u64 {

@@ -264,7 +264,19 @@ impl Limits {
 
 /// The shared-data key of slot `index`.
 pub fn slot_name(index: u32) -> String {
-    format!("keygate.limits.{index}")
+    format!("{SLOT_PREFIX}{index}")
+}
+
+const SLOT_PREFIX: &str = "keygate.limits.";
+
+/// The index of a slot from its shared-data key: the inverse of `slot_name`, for a host that
+/// keeps the slots in a table rather than in a string-keyed store.
+pub fn slot_index(name: &str) -> Option<u32> {
+    let digits = name.strip_prefix(SLOT_PREFIX)?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
 }
 
 /// The state of a key's rate limit after a request, for `RateLimit-*` headers.
@@ -579,6 +591,21 @@ mod tests {
     use crate::core::memory_store::MemoryStore;
     use crate::core::time::parse_rfc3339;
     use std::cell::Cell;
+
+    #[test]
+    fn slot_index_reads_back_every_slot_name_and_nothing_else() {
+        for index in [0, 7, 4095, u32::MAX] {
+            assert_eq!(slot_index(&slot_name(index)), Some(index));
+        }
+        for other in [
+            "keygate.limits.",
+            "keygate.limits.+1",
+            "keygate.limits.1x",
+            "other.1",
+        ] {
+            assert_eq!(slot_index(other), None, "{other}");
+        }
+    }
 
     /// 2026-11-22T06:32:16Z in milliseconds.
     const NOW_MS: i64 = 1_795_329_136_000;

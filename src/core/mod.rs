@@ -25,4 +25,5 @@ pub mod policy;
 pub mod reply;
 pub mod request;
 pub mod selectors;
+pub mod session_token;
 pub mod time;

@@ -253,10 +253,36 @@ fn path_without_param(path: &str, param: &str) -> Option<String> {
     })
 }
 
+/// The one log line of a denial. It names the code and the key id, never the secret.
+pub fn denial_log_line(
+    filter_name: &str,
+    status: u32,
+    code: ErrorCode,
+    key_id: Option<&str>,
+) -> String {
+    format!(
+        "keygate[{filter_name}]: denied status={status} code={} key_id={}",
+        code.as_str(),
+        key_id.unwrap_or("-")
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::core::keyset::KeySet;
+
+    #[test]
+    fn denial_log_line_names_status_code_and_key_id_or_a_dash() {
+        assert_eq!(
+            denial_log_line("demo", 401, ErrorCode::ApiKeyExpired, Some("cmp_expired")),
+            "keygate[demo]: denied status=401 code=API_KEY_EXPIRED key_id=cmp_expired"
+        );
+        assert_eq!(
+            denial_log_line("demo", 401, ErrorCode::TokenMissing, None),
+            "keygate[demo]: denied status=401 code=TOKEN_MISSING key_id=-"
+        );
+    }
 
     fn routed_config() -> (Config, KeySet) {
         let config = serde_json::json!({

@@ -12,9 +12,19 @@ import pytest
 # The one place that puts tests/ on the path (pytest loads this before any test module), so
 # test files import the shared modules (keygate_stack, static_keyservice, ...) directly.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from keygate_stack import ROOT, Stack  # noqa: E402
+from keygate_stack import HOST, ROOT, Stack  # noqa: E402
 
 CLI = ROOT / "target" / "release" / "keygate"
+
+
+def native_only(reason):
+    """Marks a test of the native module itself (KEYGATE_HOST=native)."""
+    return pytest.mark.skipif(HOST != "native", reason=reason)
+
+
+def wasm_only(reason):
+    """Marks a test (or, as `pytestmark`, a module) that needs the wasm host."""
+    return pytest.mark.skipif(HOST != "wasm", reason=reason)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from keygate_stack import ENVOY_BIN, ROOT
+from keygate_stack import ENVOY_BIN, ROOT, envoy_env, for_host
 
 # Edits of envoy/demo.yaml that the filter refuses, shared with the unit tests
 # (src/cli/config_check.rs) and `keygate config check` (tests/cli.rs).
@@ -14,9 +14,9 @@ BAD_CONFIGS = [(c["name"], c["old"], c["new"], c["error"])
 
 def validate(tmp_path, text):
     path = tmp_path / "config.yaml"
-    path.write_text(text)
+    path.write_text(for_host(text))
     return subprocess.run([ENVOY_BIN, "--mode", "validate", "-c", str(path), "--log-level", "info"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+                          cwd=ROOT, capture_output=True, text=True, timeout=60, env=envoy_env())
 
 
 @pytest.mark.parametrize("name,old,new,named", BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])

@@ -1,10 +1,13 @@
 """The README's curl suite (tests/curl_suite.sh), run against a real local Envoy on the demo
 config: the same script `make compose-test` runs against the Docker stack, so the README's
 examples, the local stack and the compose stack cannot drift apart."""
+import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
+
+from keygate_stack import HOST, STATS_NAMESPACE
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 CONFIG = "demo.yaml"
@@ -13,7 +16,9 @@ SUITE = ROOT / "tests" / "curl_suite.sh"
 
 def run_suite(*args):
     assert shutil.which("curl"), "curl is needed (make deps installs it)"
-    return subprocess.run(["bash", str(SUITE), *args], capture_output=True, text=True, timeout=120)
+    env = dict(os.environ, STATS_NAMESPACE=STATS_NAMESPACE[HOST].rstrip("."))
+    return subprocess.run(["bash", str(SUITE), *args], capture_output=True, text=True, timeout=120,
+                          env=env)
 
 
 def test_curl_suite_passes_every_readme_example_against_the_local_stack(stack):

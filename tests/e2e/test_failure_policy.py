@@ -13,7 +13,12 @@ import time
 import pytest
 
 import crashing_wasm  # noqa: E402
+from conftest import wasm_only  # noqa: E402
 from keygate_stack import ENVOY_BIN, ROOT, Stack  # noqa: E402
+
+# The native module has no VM to fail: its hooks catch panics and fail closed instead
+# (tests/e2e/test_native_panic.py).
+pytestmark = wasm_only("failure_policy is the wasm VM's; the native module catches panics itself")
 
 WASM_FILTER = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
 OPAQUE = "cmp_demo_Q7fX2mLr9Wk4TbVn8PzA"

@@ -3,14 +3,13 @@ config, key set included, comes from a file Envoy watches (ECDS from a path). Re
 under steady traffic swaps the key set with no restart and no failed request for keys valid in
 both versions; a broken replacement is refused by Envoy and the running set stays."""
 import os
-import shutil
 import threading
 import time
 
 import pytest
 
 from conftest import assert_denied, assert_passed
-from keygate_stack import ROOT, Stack, wait_for
+from keygate_stack import ROOT, Stack, for_host, wait_for
 
 CONFIG = "hot-reload.yaml"
 ONE = "hr_one_Pq4Ws8Ed2Rf6"      # in both versions
@@ -29,7 +28,7 @@ def hot():
     stack = Stack(CONFIG, concurrency=2)
     filter_file = stack.workdir / "hot-reload" / "keygate.yaml"
     filter_file.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(ROOT / "envoy" / "hot-reload" / "keygate.yaml", filter_file)
+    filter_file.write_text(for_host(SHIPPED))
     stack.substitutions = {"path: envoy/hot-reload/keygate.yaml": f"path: {filter_file}"}
     with stack:
         yield stack, filter_file
@@ -39,7 +38,7 @@ def replace_atomically(path, text):
     """Write a temporary file next to it, then rename over it: Envoy's watcher reacts to the
     rename, and never reads half a file."""
     tmp = path.with_name(".keygate.yaml.tmp")
-    tmp.write_text(text)
+    tmp.write_text(for_host(text))
     os.replace(tmp, path)
 
 

@@ -2,7 +2,7 @@
 reproduced with envoy/limits.yaml on an Envoy with two worker threads."""
 import re
 
-from conftest import assert_denied, assert_passed
+from conftest import assert_denied, assert_passed, wasm_only
 
 CONFIG = "limits.yaml"
 CONCURRENCY = 2
@@ -113,6 +113,7 @@ def test_limits_apply_only_after_authentication(stack):
     assert_denied(stack.request("GET", "/x"), 401, "TOKEN_MISSING")
 
 
+@wasm_only("the native module keeps one process-wide table, not Envoy's shared data")
 def test_the_shared_table_is_created_once_before_workers_serve(stack):
     created = [int(n) for n in re.findall(r"limits table of 1024 slots \((\d+) created here\)",
                                            stack.log_text())]

@@ -19,7 +19,7 @@ import re
 
 import pytest
 
-from keygate_stack import Stack  # noqa: E402
+from keygate_stack import KEYGATE_LOG_COMPONENT, KEYGATE_LOG_MARK, Stack  # noqa: E402
 
 # Every demo secret of envoy/demo.yaml and envoy/opt-in-sources.yaml, and invalid ones.
 VALID = {
@@ -139,7 +139,7 @@ def test_no_secret_in_any_response_upstream_request_or_config_dump_at_trace(trac
 
 def test_keygate_log_lines_never_carry_a_secret_at_trace(trace_everything):
     log, _ = trace_everything
-    keygate_lines = [line for line in log if "wasm log" in line]
+    keygate_lines = [line for line in log if KEYGATE_LOG_MARK in line]
     assert any("denied status=401" in line for line in keygate_lines), "keygate logged nothing"
     for line in keygate_lines:
         for secret in SECRETS:
@@ -157,8 +157,9 @@ def test_at_trace_a_secret_appears_only_in_envoys_dump_of_the_client_headers(tra
 
 def test_with_envoys_http_logs_at_info_no_secret_appears_anywhere_in_a_trace_log():
     log, texts = run_all("trace", ["--component-log-level", "http:info,http2:info"])
-    assert any("[trace][wasm]" in line for line in log), "the rest of Envoy was not at trace"
-    assert any("wasm log" in line and "denied" in line for line in log)
+    assert any(f"[trace]{KEYGATE_LOG_COMPONENT}" in line or "[trace][main]" in line for line in log), \
+        "the rest of Envoy was not at trace"
+    assert any(KEYGATE_LOG_MARK in line and "denied" in line for line in log)
     leaks = [line for line in log if any(s in line for s in SECRETS)]
     assert not leaks, "\n".join(leaks[:5])
     assert_no_secret_in_responses(texts)

@@ -1,0 +1,629 @@
+//! The Envoy dynamic-module host (`libkeygate.so`): the same core as the wasm filter, called
+//! in-process through Envoy 1.40's C ABI. This file is safe code; `ffi` holds every `unsafe`
+//! block and the `catch_unwind` guard of every hook.
+//!
+//! One configuration is shared by all workers (`Sync`, read-only after load); each stream gets a
+//! `Stream` holding an `Arc` to it.
+
+mod ffi;
+mod full_sync;
+mod limits_table;
+mod process_store;
+
+use std::cell::{Cell, RefCell};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::core::codes::{ErrorCode, Language};
+use crate::core::config::{Config, SessionConfig};
+use crate::core::credential::Credential;
+use crate::core::decision::{begin, decide_for_key, lookup, Decision, Principal, Step};
+use crate::core::keycache::{parse_answer, Answer, Cached, KeyCache, LookupKey};
+use crate::core::keyset::KeySet;
+use crate::core::keysource::{FetchResponse, KeyServiceMode, OnUnavailable};
+use crate::core::limits::apply_limits;
+use crate::core::policy::Policy;
+use crate::core::reply::{denial_log_line, preflight_reply, upstream_edits};
+use crate::core::request::{RequestView, SessionEvidence};
+use crate::core::selectors::form_body_kind;
+use crate::core::session_token;
+use ffi::{log, log_enabled, ConfigHandle, FilterHandle, LogLevel};
+use full_sync::{FullSource, TICK_EVENT};
+use limits_table::LimitsTable;
+use process_store::ProcessStore;
+
+/// Envoy stats counters; Envoy prefixes their names with the module metrics namespace
+/// (`dynamicmodulescustom.` by default).
+struct Counters {
+    allowed: Option<usize>,
+    denied: Option<usize>,
+    denied_by_code: Vec<(ErrorCode, Option<usize>)>,
+    /// Lookup on miss, named as the wasm filter's.
+    cache_hits: Option<usize>,
+    cache_misses: Option<usize>,
+    lookup_failures: Option<usize>,
+    unverified_allowed: Option<usize>,
+}
+
+impl Counters {
+    fn define(handle: &ConfigHandle, name: &str, lookup: bool) -> Counters {
+        let counter = |suffix: &str| handle.define_counter(&format!("keygate.{name}.{suffix}"));
+        let lookup_counter = |suffix: &str| lookup.then(|| counter(suffix)).flatten();
+        Counters {
+            cache_hits: lookup_counter("cache.hits"),
+            cache_misses: lookup_counter("cache.misses"),
+            lookup_failures: lookup_counter("cache.lookup_failures"),
+            unverified_allowed: counter("unverified_allowed"),
+            allowed: counter("allowed"),
+            denied: counter("denied"),
+            denied_by_code: ErrorCode::ALL
+                .iter()
+                .map(|c| {
+                    let suffix = format!("denied.{}", c.as_str().to_ascii_lowercase());
+                    (*c, counter(&suffix))
+                })
+                .collect(),
+        }
+    }
+
+    fn bump(filter: &FilterHandle, id: Option<usize>) {
+        if let Some(id) = id {
+            filter.increment_counter(id);
+        }
+    }
+
+    fn count_denial(&self, filter: &FilterHandle, code: ErrorCode) {
+        Counters::bump(filter, self.denied);
+        if let Some((_, id)) = self.denied_by_code.iter().find(|(c, _)| *c == code) {
+            Counters::bump(filter, *id);
+        }
+    }
+}
+
+struct Runtime {
+    config: Config,
+    keys: KeySet,
+    counters: Counters,
+    /// The process-wide counters (an empty table when limits are off).
+    limits: Arc<LimitsTable>,
+    /// The answers of lookup on miss, shared by every worker (`None`: not that mode).
+    cache_store: Option<Arc<ProcessStore>>,
+    /// The key service in full mode: one set for the process (`None`: not that mode).
+    full: Option<Arc<FullSource>>,
+    /// Whether a request's time matters: a key with a validity window, or keys looked up.
+    reads_clock: bool,
+}
+
+/// What `config_new` hands Envoy: shared by every worker.
+pub struct FilterConfig {
+    runtime: Arc<Runtime>,
+}
+
+impl Drop for FilterConfig {
+    fn drop(&mut self) {
+        if let Some(full) = &self.runtime.full {
+            full.stop();
+        }
+    }
+}
+
+// Envoy shares one config among all workers; a stream stays on its worker.
+const _: () = {
+    const fn shared_by_workers<T: Send + Sync>() {}
+    shared_by_workers::<FilterConfig>();
+};
+
+/// One HTTP stream.
+pub struct Stream {
+    runtime: Arc<Runtime>,
+    /// `RateLimit-*` headers for the response of an allowed request, when configured. A cell:
+    /// a local reply re-enters this filter's response hook while the request hook runs.
+    response_headers: RefCell<Vec<(&'static str, String)>>,
+    /// The key lookup this request is paused for.
+    pending: RefCell<Option<PendingLookup>>,
+    /// Set once a local reply went out: a panic after it must not send a second one.
+    replied: Cell<bool>,
+}
+
+/// A request paused while its key is looked up.
+struct PendingLookup {
+    callout_id: u64,
+    req: RequestView,
+    key: LookupKey,
+    /// An expired cached answer, served if the lookup fails.
+    stale: Option<Answer>,
+}
+
+fn config_new(handle: &ConfigHandle, bytes: &[u8]) -> Option<FilterConfig> {
+    let (config, keys) = match Config::parse(bytes) {
+        Ok(parsed) => parsed,
+        Err(err) => {
+            log(
+                LogLevel::Critical,
+                &format!("keygate: invalid configuration: {err}"),
+            );
+            return None;
+        }
+    };
+    let store = config
+        .key_service
+        .as_ref()
+        .map(|_| ProcessStore::for_filter(&config.name));
+    let (cache_store, full) = match (&config.key_service, store) {
+        (Some(service), Some(store)) => match &service.mode {
+            KeyServiceMode::Lookup(_) => (Some(store), None),
+            KeyServiceMode::Full(sync) => {
+                let full = FullSource::start(handle, &config.name, service, sync, store);
+                (None, Some(full))
+            }
+        },
+        _ => (None, None),
+    };
+    let counters = Counters::define(handle, &config.name, cache_store.is_some());
+    let limits = if config.limits.enabled {
+        LimitsTable::for_filter(&config.name, &config.limits)
+    } else {
+        Arc::new(LimitsTable::empty())
+    };
+    let reads_clock = config.key_service.is_some()
+        || keys
+            .records()
+            .iter()
+            .any(|r| r.expires_at.is_some() || r.not_after.is_some());
+    log(
+        LogLevel::Info,
+        &format!(
+            "keygate[{}]: configured with {} keys (native module)",
+            config.name,
+            keys.len()
+        ),
+    );
+    Some(FilterConfig {
+        runtime: Arc::new(Runtime {
+            config,
+            keys,
+            counters,
+            limits,
+            cache_store,
+            full,
+            reads_clock,
+        }),
+    })
+}
+
+fn stream_new(config: &FilterConfig) -> Stream {
+    Stream {
+        runtime: Arc::clone(&config.runtime),
+        response_headers: RefCell::new(Vec::new()),
+        pending: RefCell::new(None),
+        replied: Cell::new(false),
+    }
+}
+
+/// Decides one request; true lets it go on upstream, false means a local reply was sent.
+fn on_request_headers(filter: &FilterHandle, stream: &Stream) -> bool {
+    #[cfg(feature = "panic-probe")]
+    panic_probe();
+    let runtime = &*stream.runtime;
+    let config = &runtime.config;
+    let req = read_request(filter, runtime);
+    let decision = match begin(config, &req) {
+        Step::Decided(decision) => decision,
+        Step::Lookup { credential, policy } => {
+            if let Some(store) = &runtime.cache_store {
+                return decide_by_lookup(filter, stream, store, req, credential, policy);
+            }
+            match &runtime.full {
+                Some(full) => match full.current(now_millis()) {
+                    Ok(keys) => {
+                        let record = lookup(&keys, &credential);
+                        let decision = decide_for_key(config, policy, &credential, record, &req);
+                        return apply(filter, stream, &req, decision);
+                    }
+                    Err(_) => unavailable(filter, runtime, policy),
+                },
+                None => {
+                    let record = lookup(&runtime.keys, &credential);
+                    decide_for_key(config, policy, &credential, record, &req)
+                }
+            }
+        }
+    };
+    apply(filter, stream, &req, decision)
+}
+
+/// Lookup on miss: decide from the process-wide cache, or pause the request and ask the key
+/// service. True lets the request go on now.
+fn decide_by_lookup(
+    filter: &FilterHandle,
+    stream: &Stream,
+    store: &ProcessStore,
+    req: RequestView,
+    credential: Credential,
+    policy: &Policy,
+) -> bool {
+    let runtime = &*stream.runtime;
+    let config = &runtime.config;
+    let Some(service) = &config.key_service else {
+        return apply(
+            filter,
+            stream,
+            &req,
+            Decision::Deny {
+                code: ErrorCode::KeysetUnavailable,
+                key_id: None,
+            },
+        );
+    };
+    let Some(cache) = KeyCache::of(service) else {
+        return apply(
+            filter,
+            stream,
+            &req,
+            Decision::Deny {
+                code: ErrorCode::KeysetUnavailable,
+                key_id: None,
+            },
+        );
+    };
+    let key = LookupKey::of(&credential);
+    let stale = match cache.get(store, &key, now_millis()) {
+        Cached::Fresh(answer) => {
+            Counters::bump(filter, runtime.counters.cache_hits);
+            let decision = decide_for_key(config, policy, &credential, answer.record(), &req);
+            return apply(filter, stream, &req, decision);
+        }
+        Cached::Stale(answer) => Some(answer),
+        Cached::Miss => None,
+    };
+    Counters::bump(filter, runtime.counters.cache_misses);
+    let sent = cache
+        .request_headers(&key)
+        .ok_or_else(|| "no lookup path for this kind of key".to_string())
+        .and_then(|headers| {
+            let headers: Vec<(&str, String)> = headers.into_iter().collect();
+            filter.http_callout(&service.cluster, &headers, service.timeout_ms)
+        });
+    match sent {
+        Ok(callout_id) => {
+            if let Ok(mut pending) = stream.pending.try_borrow_mut() {
+                *pending = Some(PendingLookup {
+                    callout_id,
+                    req,
+                    key,
+                    stale,
+                });
+            }
+            false
+        }
+        Err(reason) => {
+            lookup_failed(filter, runtime, &reason);
+            let decision = match &stale {
+                Some(answer) => decide_for_key(config, policy, &credential, answer.record(), &req),
+                None => unavailable(filter, runtime, policy),
+            };
+            apply(filter, stream, &req, decision)
+        }
+    }
+}
+
+/// The key service answered (or failed) for the paused request: cache the answer, decide, and
+/// resume the request or reply.
+fn on_callout_done(
+    filter: &FilterHandle,
+    stream: &Stream,
+    callout_id: u64,
+    response: FetchResponse,
+) {
+    let pending = match stream.pending.try_borrow_mut() {
+        Ok(mut pending) if pending.as_ref().is_some_and(|p| p.callout_id == callout_id) => {
+            pending.take()
+        }
+        _ => None,
+    };
+    let Some(pending) = pending else {
+        return;
+    };
+    let runtime = &*stream.runtime;
+    let config = &runtime.config;
+    let (Some(service), Some(store)) = (&config.key_service, &runtime.cache_store) else {
+        return;
+    };
+    let Some(cache) = KeyCache::of(service) else {
+        return;
+    };
+    let answer = match parse_answer(response.status, &response.body, &pending.key) {
+        Ok(fetched) => {
+            cache.put(&**store, &pending.key, &fetched, now_millis());
+            Some(fetched.answer)
+        }
+        Err(reason) => {
+            lookup_failed(filter, runtime, &reason);
+            pending.stale
+        }
+    };
+    // The same request view gives the same credential and policy as before the pause.
+    let decision = match begin(config, &pending.req) {
+        Step::Decided(decision) => decision,
+        Step::Lookup { credential, policy } => match &answer {
+            Some(answer) => {
+                decide_for_key(config, policy, &credential, answer.record(), &pending.req)
+            }
+            None => unavailable(filter, runtime, policy),
+        },
+    };
+    if apply(filter, stream, &pending.req, decision) {
+        filter.continue_decoding();
+    }
+}
+
+/// Main thread: a tick the key-set ticker posted.
+fn on_config_scheduled(config: &FilterConfig, event_id: u64) {
+    if let (Some(full), TICK_EVENT) = (&config.runtime.full, event_id) {
+        full.on_tick(now_millis());
+    }
+}
+
+/// Main thread: the answer to a key-set fetch.
+fn on_fetch_done(config: &FilterConfig, callout_id: u64, response: FetchResponse) {
+    if let Some(full) = &config.runtime.full {
+        full.on_fetch_done(callout_id, response, now_millis());
+    }
+}
+
+fn lookup_failed(filter: &FilterHandle, runtime: &Runtime, reason: &str) {
+    Counters::bump(filter, runtime.counters.lookup_failures);
+    log(
+        LogLevel::Warn,
+        &format!(
+            "keygate[{}]: key lookup failed: {reason}",
+            runtime.config.name
+        ),
+    );
+}
+
+/// Keys cannot be verified: fail closed (503), or let the request through unauthenticated when
+/// the operator chose availability.
+fn unavailable<'a>(filter: &FilterHandle, runtime: &Runtime, policy: &'a Policy) -> Decision<'a> {
+    let on_unavailable = runtime
+        .config
+        .key_service
+        .as_ref()
+        .map_or(OnUnavailable::Deny, |s| s.on_unavailable);
+    match on_unavailable {
+        OnUnavailable::Deny => Decision::Deny {
+            code: ErrorCode::KeysetUnavailable,
+            key_id: None,
+        },
+        OnUnavailable::Allow => {
+            Counters::bump(filter, runtime.counters.unverified_allowed);
+            log(
+                LogLevel::Warn,
+                &format!(
+                    "keygate[{}]: keys cannot be verified; request allowed unauthenticated (on_unavailable: allow)",
+                    runtime.config.name
+                ),
+            );
+            Decision::Allow {
+                principal: Principal::Anonymous,
+                policy,
+            }
+        }
+    }
+}
+
+/// The `panic-probe` build panics on every request, to prove the hook guard fails closed.
+#[cfg(feature = "panic-probe")]
+#[allow(clippy::panic)]
+fn panic_probe() {
+    panic!("keygate panic probe");
+}
+
+fn apply(filter: &FilterHandle, stream: &Stream, req: &RequestView, decision: Decision) -> bool {
+    let runtime = &*stream.runtime;
+    let config = &runtime.config;
+    match decision {
+        Decision::Deny { code, key_id } => {
+            deny(filter, stream, code, key_id, Vec::new());
+            false
+        }
+        Decision::Preflight => {
+            stream.replied.set(true);
+            let reply = preflight_reply();
+            filter.send_response(reply.status, &[], &reply.body);
+            false
+        }
+        Decision::Allow { principal, policy } => {
+            if let Principal::ApiKey { record, .. } = &principal {
+                // The module does not read request bodies yet: a form body that an upstream
+                // framework could merge with the query (and so name a tenant) is refused rather
+                // than forwarded unchecked (the wasm filter reads and checks it).
+                if form_body_kind(config, req).is_some() {
+                    deny(
+                        filter,
+                        stream,
+                        ErrorCode::TenantForbidden,
+                        Some(&record.id),
+                        Vec::new(),
+                    );
+                    return false;
+                }
+                if config.limits.enabled || record.budget_exhausted {
+                    let now = now_millis();
+                    let table = &*runtime.limits;
+                    let outcome = apply_limits(&config.limits, record, policy, table, now);
+                    if config.limits.enabled {
+                        table.maybe_sweep(&config.limits, now);
+                    }
+                    match outcome {
+                        Err(denial) => {
+                            deny(
+                                filter,
+                                stream,
+                                denial.code,
+                                Some(&record.id),
+                                denial.headers(),
+                            );
+                            return false;
+                        }
+                        Ok(info) if config.limits.response_headers => {
+                            if let Ok(mut headers) = stream.response_headers.try_borrow_mut() {
+                                *headers = info.rate.map(|r| r.headers()).unwrap_or_default();
+                            }
+                        }
+                        Ok(_) => {}
+                    }
+                }
+            }
+            Counters::bump(filter, runtime.counters.allowed);
+            let edits = upstream_edits(config, req, &principal);
+            // Each removal is a host call that scans Envoy's header map: only for headers the
+            // request carries (read in this same hook, so nothing added one since).
+            for name in edits.remove.iter().filter(|name| req.has_header(name)) {
+                filter.set_request_header(name, None);
+            }
+            for (name, value) in &edits.set {
+                filter.set_request_header(name, Some(value));
+            }
+            if edits.clear_route_cache {
+                filter.clear_route_cache();
+            }
+            true
+        }
+    }
+}
+
+/// Answers with the code's pre-rendered reply plus per-request headers, counts it and logs
+/// the denial line.
+fn deny(
+    filter: &FilterHandle,
+    stream: &Stream,
+    code: ErrorCode,
+    key_id: Option<&str>,
+    extra_headers: Vec<(&'static str, String)>,
+) {
+    let runtime = &*stream.runtime;
+    let config = &runtime.config;
+    stream.replied.set(true);
+    runtime.counters.count_denial(filter, code);
+    let reply = config.replies.rendered(code);
+    let status = reply.map_or(code.status(), |r| r.status);
+    if log_enabled(LogLevel::Info) {
+        log(
+            LogLevel::Info,
+            &denial_log_line(&config.name, status, code, key_id),
+        );
+    }
+    let headers: Vec<(&str, &str)> = reply
+        .iter()
+        .flat_map(|r| r.headers.iter())
+        .chain(extra_headers.iter())
+        .map(|(n, v)| (*n, v.as_str()))
+        .collect();
+    let body = reply.map_or(&[][..], |r| r.body.as_slice());
+    filter.send_response(status, &headers, body);
+}
+
+/// After a panic in the request hook: fail closed with 503 KEYSET_UNAVAILABLE, unless the
+/// request was answered already.
+fn on_panic(filter: &FilterHandle, stream: &Stream) {
+    if stream.replied.get() {
+        return;
+    }
+    log(
+        LogLevel::Error,
+        &format!(
+            "keygate[{}]: internal error (panic) while deciding; failing closed",
+            stream.runtime.config.name
+        ),
+    );
+    deny(
+        filter,
+        stream,
+        ErrorCode::KeysetUnavailable,
+        None,
+        Vec::new(),
+    );
+}
+
+/// A stream without keygate state (its creation failed): 503 KEYSET_UNAVAILABLE.
+fn unconfigured_reply(filter: &FilterHandle) {
+    let code = ErrorCode::KeysetUnavailable;
+    let body =
+        serde_json::json!({"code": code.as_str(), "message": code.default_message(Language::En)});
+    filter.send_response(
+        code.status(),
+        &[("content-type", "application/json")],
+        body.to_string().as_bytes(),
+    );
+}
+
+fn on_response_headers(filter: &FilterHandle, stream: &Stream) {
+    let Ok(mut headers) = stream.response_headers.try_borrow_mut() else {
+        return;
+    };
+    for (name, value) in headers.drain(..) {
+        filter.set_response_header(name, &value);
+    }
+}
+
+fn unix_now() -> std::time::Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+fn now_millis() -> i64 {
+    i64::try_from(unix_now().as_millis()).unwrap_or(i64::MAX)
+}
+
+fn now_secs() -> i64 {
+    i64::try_from(unix_now().as_secs()).unwrap_or(i64::MAX)
+}
+
+/// Gathers what the core needs with as few host calls as the config allows.
+fn read_request(filter: &FilterHandle, runtime: &Runtime) -> RequestView {
+    let config = &runtime.config;
+    let mut req = RequestView {
+        headers: filter.request_headers(),
+        now: if runtime.reads_clock { now_secs() } else { 0 },
+        route_policy: None,
+        session: SessionEvidence::Absent,
+    };
+    if config.uses_route_policies() {
+        req.route_policy = filter.route_metadata_string("keygate", "policy");
+    }
+    if let Some(session) = &config.session {
+        if session.cookie_present(&req) {
+            req.session = read_session(filter, session, &req);
+        }
+    }
+    req
+}
+
+/// What `jwt_authn` concluded about the session cookie. The ABI reads only top-level metadata
+/// values, so its keys tell verified from failed, and the claims come from the cookie that
+/// `jwt_authn` just judged (see `core::session_token`).
+fn read_session(
+    filter: &FilterHandle,
+    session: &SessionConfig,
+    req: &RequestView,
+) -> SessionEvidence {
+    let keys = filter.dynamic_metadata_keys(&session.metadata_namespace);
+    let token = req
+        .cookie_values(&session.cookie)
+        .first()
+        .map(|t| t.to_vec());
+    let token = token.as_deref().unwrap_or_default();
+    if keys.contains(&session.payload_key) {
+        SessionEvidence::Verified {
+            subject: session_token::string_claim(token, &session.subject_claim),
+        }
+    } else if keys.contains(&session.failure_key) {
+        SessionEvidence::Failed {
+            expired: session_token::expired(token, now_secs()),
+        }
+    } else {
+        SessionEvidence::Absent
+    }
+}

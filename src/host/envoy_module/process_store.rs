@@ -1,0 +1,53 @@
+//! The core's `SharedStore` for the whole process: what the key cache of lookup on miss keeps.
+//! The wasm filter keeps it in Envoy's shared data (one map per VM id, a compare-and-swap token
+//! per value); here one map per filter name serves every worker, with the same semantics, so
+//! an answer cached by one worker is found by all.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::core::limits::{SharedStore, StoreError};
+
+#[derive(Default)]
+pub struct ProcessStore {
+    values: Mutex<HashMap<String, (Vec<u8>, u32)>>,
+    next_token: AtomicU32,
+}
+
+/// Filter name to its store.
+type StoresByFilter = HashMap<String, Arc<ProcessStore>>;
+
+impl ProcessStore {
+    /// The process's store for the filter `name`; a reconfigured filter keeps its cache.
+    pub fn for_filter(name: &str) -> Arc<ProcessStore> {
+        static STORES: OnceLock<Mutex<StoresByFilter>> = OnceLock::new();
+        let stores = STORES.get_or_init(Default::default);
+        let mut stores = stores
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        stores.entry(name.to_string()).or_default().clone()
+    }
+}
+
+impl SharedStore for ProcessStore {
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.values.lock().ok()?.get(key).cloned()
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
+        let mut values = self.values.lock().map_err(|_| StoreError::Unavailable)?;
+        if let Some((_, stored)) = values.get(key) {
+            if cas != 0 && cas != *stored {
+                return Err(StoreError::CasMismatch);
+            }
+        }
+        let token = self
+            .next_token
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_add(1)
+            .max(1);
+        values.insert(key.to_string(), (value.to_vec(), token));
+        Ok(())
+    }
+}

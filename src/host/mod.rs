@@ -1,0 +1,3 @@
+//! Hosts over the core other than the proxy-wasm adapter.
+
+pub mod envoy_module;
