@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import abaco_session_token, assert_passed, assert_refused
+from conftest import abaco_session_token, assert_passed, assert_refused, native_only, wasm_only
 from keygate_stack import ROOT, Stack, wait_for
 from static_keyservice import StaticKeyService, keyset_document
 
@@ -105,6 +105,7 @@ def test_organization_in_an_urlencoded_body_is_tenant_forbidden(compago, http2):
     assert_refused(resp, 403, "TENANT_FORBIDDEN")
 
 
+@wasm_only("the native module does not read request bodies yet; it refuses form bodies here")
 @pytest.mark.parametrize("http2", PROTOCOLS)
 def test_an_urlencoded_body_within_scope_reaches_the_upstream(compago, http2):
     seen = assert_passed(compago.request(
@@ -113,6 +114,17 @@ def test_an_urlencoded_body_within_scope_reaches_the_upstream(compago, http2):
         body=b"amount=5&organizationId=org-102", http2=http2))
     assert seen["x-keygate-key-id"] == ["partner-7-production"]
     assert seen["content-length"] == ["31"]
+
+
+# HTTP/1.1 only: the refusal comes before the upload ends, and over h2c curl then sometimes
+# sees the stream reset before the reply (the wasm filter answers after reading the body).
+@native_only("the wasm filter reads the body and forwards an in-scope form")
+def test_native_module_refuses_a_form_body_it_cannot_check(compago):
+    resp = compago.request(
+        "POST", "/api/developer/payment",
+        [("x-api-key", COMPAGO_KEY), ("content-type", "application/x-www-form-urlencoded")],
+        body=b"amount=5&organizationId=org-102")
+    assert_refused(resp, 403, "TENANT_FORBIDDEN")
 
 
 def multipart(field, value, boundary="b0undary"):
@@ -129,6 +141,7 @@ def test_company_in_a_multipart_body_is_tenant_forbidden(abaco, http2):
     assert_refused(resp, 403, "TENANT_FORBIDDEN")
 
 
+@wasm_only("the native module does not read request bodies yet; it refuses form bodies here")
 @pytest.mark.parametrize("http2", PROTOCOLS)
 def test_a_multipart_upload_without_a_selector_reaches_the_upstream(abaco, http2):
     headers, body = multipart("file", "%PDF-1.7 ...")
@@ -368,6 +381,7 @@ def test_concurrent_requests_for_one_uncached_key_share_one_lookup_per_worker():
 
 # --- 6. counters shared across filters ----------------------------------------------------------
 
+@wasm_only("vm_id names a wasm VM; the native module keeps its limits per filter config")
 def test_two_tenants_filters_sharing_a_vm_id_never_spend_each_others_budget():
     config = "../tests/e2e/configs/two-tenants-one-vm-id.yaml"
     with Stack(config, concurrency=2) as stack:
