@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from conftest import abaco_session_token, assert_passed, assert_refused, native_only, wasm_only
-from keygate_stack import ROOT, Stack, wait_for
+from keygate_stack import HOST, ROOT, Stack, wait_for
 from static_keyservice import StaticKeyService, keyset_document
 
 UNDERSCORES_ALLOWED = {"headers_with_underscores_action: REJECT_REQUEST": "headers_with_underscores_action: ALLOW"}
@@ -31,6 +31,10 @@ ABACO_KEY = "abk_k7Qm2Xw9:c2VjcmV0LWFiYWNvLWRlbW8tMQ"  # company-314 (envoy/abac
 DEMO_NO_USER_KEY = "cmp_demo_Q7fX2mLr9Wk4TbVn8PzA"  # tenant acme, no user (envoy/demo.yaml)
 
 PROTOCOLS = [pytest.param(False, id="http1"), pytest.param(True, id="http2")]
+# Refusing a request whose body is still uploading: the wasm filter answers after reading the
+# body; the native module answers before it (it does not read bodies), and over h2c curl then
+# sometimes sees only the stream's reset (exit 92, no answer), so native sends these on HTTP/1.1.
+BODY_PROTOCOLS = PROTOCOLS if HOST == "wasm" else PROTOCOLS[:1]
 
 
 def running(config):
@@ -96,7 +100,7 @@ def test_organization_header_spelled_with_underscores_is_tenant_forbidden(compag
     assert_refused(resp, 403, "TENANT_FORBIDDEN")
 
 
-@pytest.mark.parametrize("http2", PROTOCOLS)
+@pytest.mark.parametrize("http2", BODY_PROTOCOLS)
 def test_organization_in_an_urlencoded_body_is_tenant_forbidden(compago, http2):
     resp = compago.request("POST", "/api/developer/payment",
                            [("x-api-key", COMPAGO_KEY),
@@ -133,7 +137,7 @@ def multipart(field, value, boundary="b0undary"):
     return [("content-type", f"multipart/form-data; boundary={boundary}")], body
 
 
-@pytest.mark.parametrize("http2", PROTOCOLS)
+@pytest.mark.parametrize("http2", BODY_PROTOCOLS)
 def test_company_in_a_multipart_body_is_tenant_forbidden(abaco, http2):
     headers, body = multipart("companyId", "company-999")
     resp = abaco.request("POST", "/documents", [("authorization", "Bearer " + ABACO_KEY)] + headers,
