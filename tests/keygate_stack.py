@@ -121,7 +121,9 @@ class Stack:
             )
             self.procs.append(proc)
         config = self.render_config()
-        self.log_file = open(self.log_path, "wb")
+        # Append mode: the shipped access logs reopen Envoy's stdout (/dev/stdout) with O_APPEND,
+        # and writes through a non-append descriptor would overwrite their lines.
+        self.log_file = open(self.log_path, "ab")
         self.envoy = subprocess.Popen(
             [ENVOY_BIN, "-c", str(config), "--concurrency", str(self.concurrency),
              "--disable-hot-restart", "--log-level", self.log_level, *self.extra_args],
@@ -225,3 +227,16 @@ class Stack:
     def log_text(self):
         self.log_file.flush()
         return self.log_path.read_text(errors="replace")
+
+    def access_log_line(self, marker, timeout=15.0):
+        """The access-log line (the shipped configs log to Envoy's stdout, which is `log_path`)
+        of the request whose path contains `marker`; None if none appears within `timeout`.
+        Envoy flushes access logs every 10 s unless started with `--file-flush-interval-msec`."""
+        deadline = time.time() + timeout
+        while True:
+            for line in self.log_text().splitlines():
+                if marker in line and " keygate=" in line:
+                    return line
+            if time.time() > deadline:
+                return None
+            time.sleep(0.1)

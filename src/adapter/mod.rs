@@ -1,6 +1,7 @@
 //! The proxy-wasm adapter: the only code that talks to the host. It turns host calls into a
 //! `RequestView`, asks the core for a decision, and applies the answer.
 
+mod filter_state;
 mod keysource;
 mod request_headers;
 mod shared_store;
@@ -12,6 +13,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, MetricType};
 
+use crate::core::access_log::AccessLogEntry;
 use crate::core::codes::ErrorCode;
 use crate::core::config::Config;
 use crate::core::decision::{begin, decide_for_key, lookup, Decision, Principal, Step};
@@ -280,6 +282,7 @@ impl KeygateRequest {
         let config = &runtime.config;
         match decision {
             Decision::Deny { code, key_id } => {
+                filter_state::publish(&AccessLogEntry::denied(Some(code), key_id));
                 deny(runtime, code, key_id, Vec::new());
                 Verdict::Replied
             }
@@ -290,6 +293,10 @@ impl KeygateRequest {
                             apply_limits(&config.limits, record, policy, &HostStore, now_millis());
                         match outcome {
                             Err(denial) => {
+                                filter_state::publish(&AccessLogEntry::limited(
+                                    &principal,
+                                    denial.code,
+                                ));
                                 deny(runtime, denial.code, Some(&record.id), denial.headers());
                                 return Verdict::Replied;
                             }
@@ -302,6 +309,7 @@ impl KeygateRequest {
                     }
                 }
                 Metrics::bump(runtime.metrics.allowed);
+                filter_state::publish(&AccessLogEntry::allowed(&principal));
                 let edits = upstream_edits(config, req, &principal);
                 for name in &edits.remove {
                     let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);

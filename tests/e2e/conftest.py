@@ -1,3 +1,4 @@
+import json
 import sys
 from pathlib import Path
 
@@ -28,3 +29,10 @@ def assert_passed(resp):
     seen = resp.upstream
     assert seen is not None, "the request did not reach the upstream"
     return seen
+
+
+def keygate_access_log_field(line):
+    """keygate's decision in an access-log line of a shipped config: the JSON object after
+    `keygate=` (`%FILTER_STATE(wasm.keygate:PLAIN)%`), or None where Envoy printed `-`."""
+    _, _, value = line.partition(" keygate=")
+    return None if value.strip() == "-" else json.loads(value)
