@@ -3,6 +3,7 @@
 
 mod filter_state;
 mod keysource;
+mod local_reply;
 mod request_headers;
 mod shared_store;
 
@@ -22,6 +23,7 @@ use crate::core::limits::{apply_limits, ensure_slots, sweep, sweep_batch};
 use crate::core::reply::{upstream_edits, LocalReply};
 use crate::core::request::{RequestView, SessionEvidence};
 use keysource::{KeySource, PendingLookup};
+use local_reply::PreparedHeaders;
 use shared_store::HostStore;
 
 proxy_wasm::main! {{
@@ -75,6 +77,8 @@ struct Runtime {
     /// The inline key set (empty when keys come from a key service).
     keys: KeySet,
     metrics: Metrics,
+    /// Each code's reply headers, serialized for the host once.
+    reply_headers: PreparedHeaders,
     source: Option<KeySource>,
     /// Whether a request's time matters: some key has a validity window, or keys come from a
     /// key service whose records may. The clock is the only per-request host call it saves, and
@@ -158,6 +162,7 @@ impl RootContext for KeygateRoot {
                         .iter()
                         .any(|r| r.expires_at.is_some() || r.not_after.is_some());
                 self.runtime = Some(Rc::new(Runtime {
+                    reply_headers: PreparedHeaders::prepare(&config.replies),
                     config,
                     keys,
                     metrics,
@@ -282,8 +287,12 @@ impl KeygateRequest {
         let config = &runtime.config;
         match decision {
             Decision::Deny { code, key_id } => {
-                filter_state::publish(&AccessLogEntry::denied(Some(code), key_id));
-                deny(runtime, code, key_id, Vec::new());
+                deny(
+                    runtime,
+                    code,
+                    &AccessLogEntry::denied(Some(code), key_id),
+                    Vec::new(),
+                );
                 Verdict::Replied
             }
             Decision::Allow { principal, policy } => {
@@ -293,11 +302,8 @@ impl KeygateRequest {
                             apply_limits(&config.limits, record, policy, &HostStore, now_millis());
                         match outcome {
                             Err(denial) => {
-                                filter_state::publish(&AccessLogEntry::limited(
-                                    &principal,
-                                    denial.code,
-                                ));
-                                deny(runtime, denial.code, Some(&record.id), denial.headers());
+                                let entry = AccessLogEntry::limited(&principal, denial.code);
+                                deny(runtime, denial.code, &entry, denial.headers());
                                 return Verdict::Replied;
                             }
                             Ok(info) if config.limits.response_headers => {
@@ -328,42 +334,30 @@ impl KeygateRequest {
 }
 
 /// Answers locally with the code's pre-rendered reply plus any per-request headers
-/// (`Retry-After`, `RateLimit-*`), counts it and logs one line without secrets.
+/// (`Retry-After`, `RateLimit-*`), counts it and publishes it for the access log. No log line:
+/// the access log records every denial, and a log host call per denial is what a
+/// credential-stuffing attack would multiply.
 fn deny(
     runtime: &Runtime,
     code: ErrorCode,
-    key_id: Option<&str>,
+    entry: &AccessLogEntry,
     extra_headers: Vec<(&'static str, String)>,
 ) {
-    let config = &runtime.config;
     runtime.metrics.count_denial(code);
-    let reply = config.replies.rendered(code);
+    filter_state::publish(entry);
+    let reply = runtime.config.replies.rendered(code);
     let status = reply.map_or(code.status(), |r| r.status);
-    // Format the line only when Envoy will write it (an info line per denial is the default).
-    if log_enabled(LogLevel::Info) {
-        log(
-            LogLevel::Info,
-            &format!(
-                "keygate[{}]: denied status={status} code={} key_id={}",
-                config.name,
-                code.as_str(),
-                key_id.unwrap_or("-")
-            ),
-        );
-    }
-    let headers: Vec<(&str, &str)> = reply
-        .iter()
-        .flat_map(|r| r.headers.iter())
-        .chain(extra_headers.iter())
-        .map(|(n, v)| (*n, v.as_str()))
-        .collect();
     let body = reply.map_or(&[][..], |r| r.body.as_slice());
-    let _ = hostcalls::send_http_response(status, headers, Some(body));
-}
-
-/// Whether Envoy's log level lets a message of `level` through; unknown means yes.
-fn log_enabled(level: LogLevel) -> bool {
-    hostcalls::get_log_level().map_or(true, |current| current as u32 <= level as u32)
+    match runtime.reply_headers.get(code) {
+        Some(prepared) if extra_headers.is_empty() => local_reply::send(status, prepared, body),
+        _ => {
+            let headers = reply
+                .into_iter()
+                .flat_map(local_reply::pairs)
+                .chain(extra_headers.iter().map(|(n, v)| (*n, v.as_str())));
+            local_reply::send(status, &local_reply::serialize(headers), body);
+        }
+    }
 }
 
 fn now_millis() -> i64 {
@@ -378,12 +372,8 @@ fn log(level: LogLevel, message: &str) {
 }
 
 fn send(reply: &LocalReply) {
-    let headers: Vec<(&str, &str)> = reply
-        .headers
-        .iter()
-        .map(|(n, v)| (*n, v.as_str()))
-        .collect();
-    let _ = hostcalls::send_http_response(reply.status, headers, Some(&reply.body));
+    let headers = local_reply::serialize(local_reply::pairs(reply));
+    local_reply::send(reply.status, &headers, &reply.body);
 }
 
 fn property(path: Vec<&str>) -> Option<Vec<u8>> {

@@ -1,26 +1,17 @@
 """Access logs: every shipped config logs each request with keygate's decision (key id, tenant,
 environment, code) read from filter state, and never a secret. Against envoy/demo.yaml."""
 import uuid
-from pathlib import Path
-
-import pytest
 
 from conftest import assert_denied, assert_passed, keygate_access_log_field
-from keygate_stack import ROOT, Stack
+from keygate_stack import ROOT
 
 OPAQUE = "cmp_demo_Q7fX2mLr9Wk4TbVn8PzA"
 EXPIRED = "cmp_expired_Lk3pQ9sVx2Rm7TbN"
 ID_SECRET = "abk_demo:demo_secret_b64url_Zm9vYmFy"
 PAIR_ID, PAIR_SECRET = "mk_makepay_demo", "mksec_demo_9c1f0e7a5b3d"
 SECRETS = [OPAQUE, EXPIRED, "demo_secret_b64url_Zm9vYmFy", PAIR_SECRET]
+CONFIG = "demo.yaml"
 FIELD = "keygate=%FILTER_STATE(wasm.keygate:PLAIN)%"
-
-
-@pytest.fixture(scope="module")
-def stack():
-    # A short flush interval so each request's line is in the file within the test.
-    with Stack("demo.yaml", extra_args=["--file-flush-interval-msec", "50"]) as running:
-        yield running
 
 
 def logged(stack, headers, marker=None, query=""):
