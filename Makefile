@@ -11,9 +11,10 @@ ARTIFACT := build/keygate.wasm
 PROFILE ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: all toolchain wasm-opt-tool tracked-outputs deps build cli lint unit e2e test run validate clean core-wall keyservice-tools fuzz fuzz-tools soak \
+.PHONY: all toolchain wasm-opt-tool tracked-outputs deps build cli lint unit e2e test run validate clean core-wall keyservice-tools fuzz fuzz-tools soak boundary-check \
 	compose-tools compose-check compose-up compose-down compose-test compose-test-live \
-	bench bench-envoy bench-core bench-ab bench-tools bench-before
+	compose-image-tools compose-images compose-fleet-up compose-fleet-down \
+	bench bench-envoy bench-core bench-ab bench-tools bench-before oci
 
 all: build
 
@@ -45,12 +46,12 @@ keyservice-tools:
 deps: $(VENV)/.installed toolchain compose-tools keyservice-tools
 
 # --- build --------------------------------------------------------------------------------
-# The module is built for size: opt-level z, the unused callback exports dropped, then Binaryen's
-# wasm-opt (Debian's binaryen, installed here if missing). That keeps it under 400 KB; opt-level 3
-# is faster per request and 565 KB (BENCHMARKS.md): `make build WASM_OPT_LEVEL=3 WASM_OPT=-O3`.
-# Only the wasm build: the CLI and the core benchmarks keep [profile.release]'s opt-level 3.
-WASM_OPT_LEVEL ?= z
-WASM_OPT ?= -Oz
+# The module: opt-level 3, the unused callback exports dropped, then Binaryen's wasm-opt -O3
+# (Debian's binaryen, installed here if missing). `make build WASM_OPT_LEVEL=z WASM_OPT=-Oz` makes
+# it about 20% smaller and about 30% slower per filter (BENCHMARKS.md, issue 18). The opt-level
+# applies to the wasm build only: the CLI and the core benchmarks keep [profile.release]'s.
+WASM_OPT_LEVEL ?= 3
+WASM_OPT ?= -O3
 # Binaryen 108 (Debian 12) validates only the features it is told the module uses.
 WASM_FEATURES := --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int \
 	--enable-mutable-globals --enable-multivalue --enable-reference-types
@@ -92,10 +93,17 @@ validate: build $(VENV)/.installed
 	    && echo "valid: $$f" || { cat .tmp-validate.log; rm -f .tmp-validate.log; exit 1; }; \
 	done; rm -f .tmp-validate.log
 
+# The live compose tests need a Docker engine and its local images: `make compose-test` runs them.
+COMPOSE_LIVE_TESTS = tests/e2e/test_compose_live.py tests/e2e/test_compose_fleet.py
 e2e: build cli $(VENV)/.installed compose-tools keyservice-tools
-	ENVOY_BIN=$(ENVOY) $(PY) -m pytest -q tests/e2e $(PYTEST_ARGS)
+	ENVOY_BIN=$(ENVOY) $(PY) -m pytest -q tests/e2e $(foreach t,$(COMPOSE_LIVE_TESTS),--ignore=$(t)) $(PYTEST_ARGS)
 
-test: lint unit validate e2e
+# The boundary linter on every shipped config, and on the keygate config envoy/hot-reload.yaml
+# discovers (ECDS): any warning a file does not accept fails.
+boundary-check: cli
+	@target/release/keygate config check --strict envoy/*.yaml
+
+test: lint unit validate boundary-check e2e compose-test
 
 # --- fuzzing (not part of `make test`) ------------------------------------------------------
 # `make fuzz` runs every cargo-fuzz target for FUZZ_SECONDS each, one after the other, as one
@@ -132,16 +140,35 @@ run: build $(VENV)/.installed keyservice-tools
 # --- docker compose -------------------------------------------------------------------------
 # envoy/docker-compose.yaml runs envoy/$(KEYGATE_CONFIG) (default demo.yaml) in the official Envoy
 # image with build/keygate.wasm. `docker compose` (v2) when installed, else docker-compose (v1).
-COMPOSE = $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose) \
-	-p keygate -f envoy/docker-compose.yaml
+# KEYGATE_IMAGES=local swaps in the images `make compose-images` builds here (no registry needed);
+# `make compose-test` always runs those.
+KEYGATE_IMAGES ?= official
+COMPOSE_CMD = $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+LOCAL_OVERRIDE = $(if $(filter local,$(KEYGATE_IMAGES)),-f envoy/compose/$(1))
+COMPOSE = $(COMPOSE_CMD) -p keygate -f envoy/docker-compose.yaml $(call LOCAL_OVERRIDE,local-images.yaml)
+COMPOSE_FLEET = $(COMPOSE_CMD) -p keygate-fleet -f envoy/compose/fleet.yaml \
+	$(call LOCAL_OVERRIDE,fleet-local-images.yaml)
+COMPOSE_LOCAL_IMAGES = $(if $(filter local,$(KEYGATE_IMAGES)),compose-images)
 DOCKER_ENGINE_CHECK = docker info >/dev/null 2>&1
 NO_ENGINE = needs a running Docker engine, and 'docker info' got no answer
+export KEYGATE_DEBIAN_SUITE := $(shell . /etc/os-release 2>/dev/null && echo $$VERSION_CODENAME)
+
+# Debian's debootstrap makes the root filesystem of the local images.
+compose-image-tools:
+	@command -v debootstrap >/dev/null || { \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq debootstrap >/dev/null; }
+
+# keygate-local/{envoy,python,nginx} from this machine's packages and the tests' Envoy binary,
+# rebuilt only when their inputs change (docker/build-images.sh).
+compose-images: $(VENV)/.installed compose-image-tools
+	@$(DOCKER_ENGINE_CHECK) || { echo "make compose-images: $(NO_ENGINE)." >&2; exit 1; }
+	docker/build-images.sh $(ENVOY)
 
 # compose-up starts from scratch: switching KEYGATE_CONFIG then needs no container recreation,
 # which docker-compose v1 gets wrong on Docker Engine 25+ (KeyError 'ContainerConfig', docker/compose#11742).
 compose-up:
 	@$(DOCKER_ENGINE_CHECK) || { echo "make compose-up: $(NO_ENGINE)." >&2; exit 1; }
-	@$(MAKE) --no-print-directory build
+	@$(MAKE) --no-print-directory build $(COMPOSE_LOCAL_IMAGES)
 	@$(COMPOSE) down >/dev/null 2>&1 || true
 	$(COMPOSE) up -d
 	@echo "keygate ($${KEYGATE_CONFIG:-demo.yaml}) is starting on http://localhost:10000" \
@@ -151,23 +178,49 @@ compose-down:
 	@$(DOCKER_ENGINE_CHECK) || { echo "make compose-down: $(NO_ENGINE)." >&2; exit 1; }
 	$(COMPOSE) down
 
-# The README's curl suite against a fresh compose stack on envoy/demo.yaml, then down again.
-# Without a Docker engine it says so and succeeds: `make test` checks the compose file statically.
+# Two Envoys sharing one key service (envoy/compose/fleet.yaml); each on its own container address.
+compose-fleet-up:
+	@$(DOCKER_ENGINE_CHECK) || { echo "make compose-fleet-up: $(NO_ENGINE)." >&2; exit 1; }
+	@$(MAKE) --no-print-directory build $(COMPOSE_LOCAL_IMAGES)
+	@$(COMPOSE_FLEET) down >/dev/null 2>&1 || true
+	$(COMPOSE_FLEET) up -d
+	@for s in envoy-a envoy-b; do \
+	  ip=$$(docker inspect --format '{{ (index .NetworkSettings.Networks "keygate-fleet_front").IPAddress }}' \
+	    $$($(COMPOSE_FLEET) ps -q $$s)); \
+	  echo "$$s: http://$$ip:10000 (admin http://$$ip:9901)"; done
+
+compose-fleet-down:
+	@$(DOCKER_ENGINE_CHECK) || { echo "make compose-fleet-down: $(NO_ENGINE)." >&2; exit 1; }
+	$(COMPOSE_FLEET) down
+
+# Live, with the local images: the README's curl suite against envoy/docker-compose.yaml on
+# demo.yaml (ports 10000/9901), then the fleet tests. Any failure fails `make test`.
+# Without a Docker engine it says so and succeeds: `make test` checks the compose files statically.
 compose-test:
 	@if $(DOCKER_ENGINE_CHECK); then $(MAKE) --no-print-directory compose-test-live; else \
 	  echo "make compose-test: SKIPPED - it $(NO_ENGINE) on this machine."; \
 	  echo "  The compose file is still checked statically by 'make test' (make compose-check)."; fi
 
-compose-test-live: build
-	@$(COMPOSE) down >/dev/null 2>&1 || true
-	KEYGATE_CONFIG=demo.yaml $(COMPOSE) up -d
-	@status=0; tests/curl_suite.sh --wait 90 http://127.0.0.1:10000 http://127.0.0.1:9901 || status=$$?; \
-	  if [ $$status != 0 ]; then $(COMPOSE) logs --tail 60; fi; \
-	  $(COMPOSE) down; exit $$status
+compose-test-live: build compose-tools compose-images
+	@start=$$SECONDS; ENVOY_BIN=$(ENVOY) $(PY) -m pytest -q $(COMPOSE_LIVE_TESTS) $(PYTEST_ARGS); \
+	  status=$$?; echo "compose-test: live compose tests took $$((SECONDS - start)) s"; exit $$status
 
 # Static checks of the compose stack (no Docker engine needed); part of `make e2e`/`make test`.
 compose-check: build $(VENV)/.installed compose-tools
 	ENVOY_BIN=$(ENVOY) $(PY) -m pytest -q tests/e2e/test_compose_static.py $(PYTEST_ARGS)
+
+# --- OCI image of the wasm module (Istio WasmPlugin, Envoy Gateway; docs/kubernetes/) ------
+# `FROM scratch` plus one COPY: the module at /plugin.wasm in a single layer, which is what both
+# expect. The context is a scratch directory holding only that file, and nothing is pulled.
+# The classic builder (DOCKER_BUILDKIT=0) needs no buildx plugin and no BuildKit frontend image.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+OCI_IMAGE ?= keygate-wasm:$(VERSION)
+oci: build
+	@$(DOCKER_ENGINE_CHECK) || { echo "make oci: $(NO_ENGINE)." >&2; exit 1; }
+	@rm -rf .tmp/oci && mkdir -p .tmp/oci
+	cp $(ARTIFACT) .tmp/oci/plugin.wasm
+	DOCKER_BUILDKIT=0 docker build --quiet -t $(OCI_IMAGE) -f oci/Dockerfile .tmp/oci
+	@echo "built $(OCI_IMAGE): /plugin.wasm ($$(stat -c %s $(ARTIFACT)) bytes); docker tag + docker push it to your registry"
 
 # --- benchmarks (BENCHMARKS.md) --------------------------------------------------------------
 # make bench: every contender of envoy/bench.yaml side by side in one Envoy, then the core

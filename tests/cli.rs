@@ -421,15 +421,10 @@ fn shipped_envoy_configs() -> Vec<PathBuf> {
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .filter(|p| !p.to_string_lossy().contains("compose"))
-        // envoy/hot-reload.yaml takes keygate's filter config from the file it names (ECDS):
-        // that file is what `config check` checks before it is renamed into place.
-        .map(|p| {
-            if p.ends_with("hot-reload.yaml") {
-                Path::new(ROOT).join("envoy/hot-reload/keygate.yaml")
-            } else {
-                p
-            }
+        // By file name: the checkout's own path may contain "compose".
+        .filter(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().contains("compose"))
         })
         .collect();
     configs.sort();
@@ -440,7 +435,7 @@ fn shipped_envoy_configs() -> Vec<PathBuf> {
 fn config_check_accepts_every_shipped_config() {
     let configs = shipped_envoy_configs();
     assert!(configs.len() >= 7);
-    let mut args = vec!["config", "check"];
+    let mut args = vec!["config", "check", "--strict"];
     args.extend(configs.iter().map(|p| p.to_str().unwrap()));
     let out = run(&args, "");
     let stdout = text(&out.stdout);
@@ -543,5 +538,50 @@ fn config_check_reads_a_plugin_json_file_and_reports_every_file() {
         "{stdout}"
     );
     assert!(stdout.ends_with("1 valid, 1 refused\n"));
+    fs::remove_dir_all(dir).unwrap();
+}
+
+/// One edit of a shipped config per boundary rule (tests/fixtures/boundary_configs.json, shared
+/// with the unit tests of src/cli/boundary_lint.rs): each must fail `config check --strict`
+/// naming the rule, the file, the location and a fix, and pass without --strict.
+#[test]
+fn config_check_strict_catches_every_boundary_fixture() {
+    let dir = scratch("boundary");
+    let fixtures: Vec<Value> = serde_json::from_str(
+        &fs::read_to_string(Path::new(ROOT).join("tests/fixtures/boundary_configs.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(fixtures.len() >= 6);
+    for f in &fixtures {
+        let name = f["name"].as_str().unwrap();
+        let base = fs::read_to_string(
+            Path::new(ROOT)
+                .join("envoy")
+                .join(f["config"].as_str().unwrap()),
+        )
+        .unwrap();
+        let old = f["old"].as_str().unwrap();
+        assert!(base.contains(old), "fixture {name} no longer matches");
+        let path = dir.join(format!("{name}.yaml"));
+        fs::write(&path, base.replacen(old, f["new"].as_str().unwrap(), 1)).unwrap();
+        let file = path.to_str().unwrap();
+        let strict = run(&["config", "check", "--strict", file], "");
+        let stdout = text(&strict.stdout);
+        assert_eq!(strict.status.code(), Some(1), "{name}: {stdout}");
+        let expected = format!(
+            "{file}: warning[{}]: {}: ",
+            f["rule"].as_str().unwrap(),
+            f["location"].as_str().unwrap()
+        );
+        assert!(stdout.contains(&expected), "{name}: {stdout}");
+        assert!(stdout.contains(". Fix: "), "{name}: {stdout}");
+        assert!(text(&strict.stderr).contains("boundary warning(s) (--strict)"));
+        let lenient = run(&["config", "check", file], "");
+        assert!(
+            lenient.status.success(),
+            "{name}: {}",
+            text(&lenient.stdout)
+        );
+    }
     fs::remove_dir_all(dir).unwrap();
 }

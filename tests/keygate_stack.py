@@ -29,15 +29,31 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_for_port(port, timeout=15.0):
+def wait_for_port(port, timeout=15.0, host="127.0.0.1"):
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            with socket.create_connection((host, port), timeout=0.2):
                 return True
         except OSError:
             time.sleep(0.05)
     return False
+
+
+def plugin_config_block(config_name):
+    """The keygate plugin JSON of a shipped single-filter config: (the literal text of its
+    `value: |` block, as a `Stack` substitution key, and the parsed config)."""
+    text = (ROOT / "envoy" / config_name).read_text()
+    start = text.index("value: |\n") + len("value: |\n")
+    end = start
+    lines = text[start:].splitlines(keepends=True)
+    indent = len(lines[0]) - len(lines[0].lstrip())
+    for line in lines:
+        if line.strip() and len(line) - len(line.lstrip()) < indent:
+            break
+        end += len(line)
+    block = text[start:end]
+    return block, json.loads(block)
 
 
 class Response:
@@ -84,6 +100,36 @@ class Response:
         return f"<{self.status} {self.body[:300]!r}>"
 
 
+def send_request(host, port, method="GET", path="/", headers=(), body=None):
+    """One HTTP/1.1 request to host:port; `headers` is a list of (name, value) pairs, values str
+    or bytes, so repeated headers and raw bytes can be sent."""
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    conn.putrequest(method, path, skip_accept_encoding=True)
+    for name, value in headers:
+        conn.putheader(name, value)
+    if body is not None:
+        conn.putheader("content-length", str(len(body)))
+    conn.endheaders(body)
+    resp = conn.getresponse()
+    data = resp.read()
+    result = Response(resp.status, [(k.lower(), v) for k, v in resp.getheaders()], data)
+    conn.close()
+    return result
+
+
+def parse_stats(text, prefix="wasmcustom.keygate"):
+    """Envoy admin /stats text → {name: int} for the counters and gauges under `prefix`."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            name, _, value = line.partition(": ")
+            try:
+                out[name] = int(value)
+            except ValueError:
+                pass
+    return out
+
+
 class Stack:
     def __init__(self, config_name, concurrency=2, workdir=None, extra_upstreams=("echo", "sandbox"),
                  log_level="info", substitutions=None, extra_args=()):
@@ -109,7 +155,7 @@ class Stack:
             text = text.replace(f"port_value: {shipped}", f"port_value: {self.ports[name]}")
         for old, new in self.substitutions.items():
             text = text.replace(old, new)
-        path = self.workdir / self.config_name
+        path = self.workdir / Path(self.config_name).name  # a name may be a path outside envoy/
         path.write_text(text)
         return path
 
@@ -178,22 +224,12 @@ class Stack:
         knowledge (curl), the path as-is."""
         if http2:
             return self.request_h2(method, path, headers, body, port)
-        conn = http.client.HTTPConnection("127.0.0.1", port or self.port, timeout=10)
-        conn.putrequest(method, path, skip_accept_encoding=True)
-        for name, value in headers:
-            conn.putheader(name, value)
-        if body is not None:
-            conn.putheader("content-length", str(len(body)))
-        conn.endheaders(body)
-        resp = conn.getresponse()
-        data = resp.read()
-        result = Response(resp.status, [(k.lower(), v) for k, v in resp.getheaders()], data)
-        conn.close()
-        return result
+        return send_request("127.0.0.1", port or self.port, method, path, headers, body)
 
     def request_h2(self, method, path, headers, body, port):
         # Header names go lower-case on h2 anyway; curl's `-H 'name;'` form sends an empty value.
-        args = [b"curl", b"-s", b"--http2-prior-knowledge", b"--path-as-is", b"-o", b"-", b"-D",
+        # -g: `[` and `]` in a path are sent as they are, not read as a curl URL range.
+        args = [b"curl", b"-s", b"-g", b"--http2-prior-knowledge", b"--path-as-is", b"-o", b"-", b"-D",
                 b"/dev/stderr", b"-X", method.encode()]
         for name, value in headers:
             value = value if isinstance(value, bytes) else value.encode()
@@ -216,15 +252,7 @@ class Stack:
             return r.read().decode()
 
     def stats(self, prefix="wasmcustom.keygate"):
-        out = {}
-        for line in self.admin("/stats").splitlines():
-            if line.startswith(prefix):
-                name, _, value = line.partition(": ")
-                try:
-                    out[name] = int(value)
-                except ValueError:
-                    pass
-        return out
+        return parse_stats(self.admin("/stats"), prefix)
 
     def log_text(self):
         self.log_file.flush()

@@ -3,6 +3,7 @@ JSON files on a loopback port, the way any web server or object store would serv
 key-set documents. Nothing here knows about keys: the tests write files, nginx serves them (with
 its own ETag / If-None-Match handling), and its access log tells how often keygate asked.
 """
+import itertools
 import json
 import os
 import shutil
@@ -12,6 +13,15 @@ import time
 from pathlib import Path
 
 from keygate_stack import wait_for_port
+
+
+_next_serial = itertools.count(1)
+
+
+def keyset_document(*records, serial=None):
+    """A key-set document as `keygate keyset` publishes it: each new one gets a higher serial
+    (keygate refuses a document whose serial is not above the one it holds)."""
+    return {"serial": next(_next_serial) if serial is None else serial, "keys": list(records)}
 
 
 def nginx_binary():

@@ -9,6 +9,8 @@
 # Upstreams stay on 127.0.0.1: the echo, sandbox and key-service containers share this
 # container's network namespace. Everything else, keygate.wasm included, is read as shipped.
 #
+# KEYGATE_KEYSERVICE_ADDRESS (the fleet, envoy/compose/fleet.yaml) moves the key service from
+# 127.0.0.1:8090 to that IP address, the key-service container's on the fleet's network.
 # Run from the directory holding envoy/ and build/ (the compose working_dir, /keygate).
 # KEYGATE_RENDER_ONLY=1 writes the rendered config and exits (the static checks use it).
 set -eu
@@ -32,6 +34,16 @@ fi
 sed -e 's/address: 127\.0\.0\.1, port_value: 10000 }/address: 0.0.0.0, port_value: 10000 }/' \
     -e 's/address: 127\.0\.0\.1, port_value: 9901 }/address: 0.0.0.0, port_value: 9901 }/' \
     "$source_config" > "$rendered"
+
+if [ -n "${KEYGATE_KEYSERVICE_ADDRESS:-}" ]; then
+  sed -i "s/address: 127\.0\.0\.1, port_value: 8090 }/address: ${KEYGATE_KEYSERVICE_ADDRESS}, port_value: 8090 }/" \
+    "$rendered"
+  if ! grep -q "address: ${KEYGATE_KEYSERVICE_ADDRESS}, port_value: 8090 }" "$rendered"; then
+    echo "keygate compose: $source_config has no key service at 'address: 127.0.0.1, port_value: 8090 }'" \
+         "to move to ${KEYGATE_KEYSERVICE_ADDRESS}" >&2
+    exit 2
+  fi
+fi
 
 for port in 10000 9901; do
   if ! grep -q "address: 0\.0\.0\.0, port_value: ${port} }" "$rendered"; then

@@ -5,6 +5,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
 use std::time::Duration;
@@ -13,7 +14,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::types::{Action, BufferType, LogLevel, MapType, MetricType};
 
 use super::shared_store::HostStore;
-use super::{log, now_millis, KeygateRequest, Runtime};
+use super::{log, now_millis, settle, KeygateRequest, Runtime, Settled, Verdict};
 use crate::core::codes::ErrorCode;
 use crate::core::credential::Credential;
 use crate::core::decision::{begin, decide_for_key, lookup, Decision, Principal, Step};
@@ -29,6 +30,7 @@ use crate::core::request::RequestView;
 /// How often root contexts tick in full mode: often enough that a period of `refresh_seconds`
 /// is kept to within a quarter second, cheap enough (two small shared-data reads).
 const FULL_MODE_TICK: Duration = Duration::from_millis(250);
+const LOOKUP_MODE_TICK: Duration = Duration::from_millis(500);
 /// A fetch whose callback never came is forgotten after its timeout plus this.
 const IN_FLIGHT_GRACE_MS: i64 = 5_000;
 
@@ -39,9 +41,12 @@ struct SourceMetrics {
     fetches: Option<u32>,
     fetch_failures: Option<u32>,
     updates: Option<u32>,
+    rollbacks_refused: Option<u32>,
     cache_hits: Option<u32>,
     cache_misses: Option<u32>,
     lookup_failures: Option<u32>,
+    misses_over_cap: Option<u32>,
+    coalesced: Option<u32>,
     unverified_allowed: Option<u32>,
 }
 
@@ -60,9 +65,12 @@ impl SourceMetrics {
             fetches: metric(MetricType::Counter, "keyset.fetches", full),
             fetch_failures: metric(MetricType::Counter, "keyset.fetch_failures", full),
             updates: metric(MetricType::Counter, "keyset.updates", full),
+            rollbacks_refused: metric(MetricType::Counter, "keyset.rollbacks_refused", full),
             cache_hits: metric(MetricType::Counter, "cache.hits", lookup),
             cache_misses: metric(MetricType::Counter, "cache.misses", lookup),
             lookup_failures: metric(MetricType::Counter, "cache.lookup_failures", lookup),
+            misses_over_cap: metric(MetricType::Counter, "cache.misses_over_cap", lookup),
+            coalesced: metric(MetricType::Counter, "cache.coalesced", lookup),
             unverified_allowed: metric(MetricType::Counter, "unverified_allowed", true),
         }
     }
@@ -92,7 +100,24 @@ pub struct KeySource {
     /// After a failed dispatch (this thread cannot call out), leave the lease to others until.
     backoff_until_ms: Cell<i64>,
     metrics: SourceMetrics,
+    /// Lookup mode: this VM's lookups in flight, by key: when each was sent, and the requests
+    /// that wait for its answer instead of sending their own (one fetch per key per VM).
+    lookups_in_flight: RefCell<HashMap<LookupKey, (i64, Vec<Waiter>)>>,
+    /// What a waiting request was settled with, until its own callbacks take it over.
+    settled: RefCell<HashMap<u32, Settled>>,
 }
+
+/// A request of this VM paused until another request's lookup of the same key is answered.
+struct Waiter {
+    context_id: u32,
+    req: RequestView,
+    stale: Option<Answer>,
+    request_ended: bool,
+}
+
+/// Settled waiters whose callbacks never came to take their state (the client went away) are
+/// forgotten beyond this many.
+const MAX_SETTLED: usize = 4096;
 
 impl KeySource {
     pub fn new(name: &str, service: &KeyService) -> KeySource {
@@ -107,6 +132,8 @@ impl KeySource {
             in_flight: Cell::new(None),
             backoff_until_ms: Cell::new(0),
             metrics: SourceMetrics::define(name, full),
+            lookups_in_flight: RefCell::new(HashMap::new()),
+            settled: RefCell::new(HashMap::new()),
         };
         if let KeyServiceMode::Full(sync) = &source.service.mode {
             sync.ensure_lease(&source.service, &HostStore);
@@ -114,12 +141,17 @@ impl KeySource {
         source
     }
 
-    /// The tick this source needs, if any.
+    /// The tick this source needs: full mode fetches on it, lookup mode settles requests whose
+    /// shared lookup never got an answer (the request that sent it went away).
     pub fn tick_period(&self) -> Option<Duration> {
         match self.service.mode {
             KeyServiceMode::Full(_) => Some(FULL_MODE_TICK),
-            KeyServiceMode::Lookup(_) => None,
+            KeyServiceMode::Lookup(_) => Some(LOOKUP_MODE_TICK),
         }
+    }
+
+    pub(super) fn take_settled(&self, context_id: u32) -> Option<Settled> {
+        self.settled.borrow_mut().remove(&context_id)
     }
 
     /// Full mode: catch up with the shared set, update the gauges, and fetch if this VM holds
@@ -183,6 +215,23 @@ impl KeySource {
                 self.report(event);
             }
             FetchOutcome::Unchanged { .. } => {}
+            FetchOutcome::RolledBack {
+                offered,
+                current,
+                failures,
+            } => {
+                SourceMetrics::bump(self.metrics.fetch_failures);
+                SourceMetrics::bump(self.metrics.rollbacks_refused);
+                log(
+                    LogLevel::Warn,
+                    &format!(
+                        "keygate[{}]: key-set document refused ({failures} failed fetches in a row): \
+                         serial {offered} is not above serial {current} of version {}",
+                        self.name,
+                        self.remote.borrow().version()
+                    ),
+                );
+            }
             FetchOutcome::Failed { reason, failures } => {
                 SourceMetrics::bump(self.metrics.fetch_failures);
                 let remote = self.remote.borrow();
@@ -310,12 +359,41 @@ impl KeygateRequest {
             Cached::Miss => None,
         };
         SourceMetrics::bump(source.metrics.cache_misses);
+        if let Some((_, waiters)) = source.lookups_in_flight.borrow_mut().get_mut(&key) {
+            SourceMetrics::bump(source.metrics.coalesced);
+            waiters.push(Waiter {
+                context_id: self.context_id,
+                req,
+                stale,
+                request_ended: self.request_ended,
+            });
+            self.waiting = true;
+            return Action::Pause;
+        }
+        if !cache.admit_miss(&HostStore, now_millis()) {
+            // Past the process's lookups per second: no fetch. A key with an old answer is
+            // decided with it; an unknown one cannot be verified now, whatever on_unavailable
+            // says (unknown keys must not get through unauthenticated by flooding).
+            SourceMetrics::bump(source.metrics.misses_over_cap);
+            let decision = match &stale {
+                Some(answer) => decide_for_key(config, policy, &credential, answer.record(), &req),
+                None => Decision::Deny {
+                    code: ErrorCode::KeysetUnavailable,
+                    key_id: None,
+                },
+            };
+            return self.apply(runtime, &req, decision).action();
+        }
         let sent = cache
             .request_headers(&key)
             .ok_or_else(|| "no lookup path for this kind of key".to_string())
             .and_then(|headers| dispatch(&source.service, &headers));
         match sent {
             Ok(token) => {
+                source
+                    .lookups_in_flight
+                    .borrow_mut()
+                    .insert(key.clone(), (now_millis(), Vec::new()));
                 self.pending = Some(PendingLookup {
                     token,
                     req,
@@ -354,16 +432,17 @@ impl KeygateRequest {
         };
         let config = &runtime.config;
         let response = read_call_response(body_size);
-        let answer = match parse_answer(response.status, &response.body, &pending.key) {
+        let fetched = match parse_answer(response.status, &response.body, &pending.key) {
             Ok(fetched) => {
                 cache.put(&HostStore, &pending.key, &fetched, now_millis());
                 Some(fetched.answer)
             }
             Err(reason) => {
                 source.lookup_failed(&reason);
-                pending.stale
+                None
             }
         };
+        let answer = fetched.clone().or(pending.stale);
         // The same request view gives the same credential and policy as before the pause.
         let decision = match begin(config, &pending.req) {
             Step::Decided(decision) => decision,
@@ -374,9 +453,73 @@ impl KeygateRequest {
                 None => source.unavailable(policy),
             },
         };
-        if let super::Verdict::Forwarded = self.apply(&runtime, &pending.req, decision) {
+        if let Verdict::Forwarded = self.apply(&runtime, &pending.req, decision) {
             let _ = hostcalls::resume_http_request();
         }
+        let waiters = source
+            .lookups_in_flight
+            .borrow_mut()
+            .remove(&pending.key)
+            .map(|(_, waiters)| waiters)
+            .unwrap_or_default();
+        for waiter in waiters {
+            resolve_waiter(&runtime, source, waiter, fetched.as_ref());
+        }
+        let _ = hostcalls::set_effective_context(self.context_id);
+    }
+}
+
+/// Decides a waiting request with the answer its key's lookup got (or its own old answer, if
+/// the lookup failed) and applies the decision in that request's context.
+fn resolve_waiter(runtime: &Runtime, source: &KeySource, waiter: Waiter, fetched: Option<&Answer>) {
+    if hostcalls::set_effective_context(waiter.context_id).is_err() {
+        return; // The request is gone.
+    }
+    let config = &runtime.config;
+    let answer = fetched.or(waiter.stale.as_ref());
+    let decision = match begin(config, &waiter.req) {
+        Step::Decided(decision) => decision,
+        Step::Lookup { credential, policy } => match answer {
+            Some(answer) => {
+                decide_for_key(config, policy, &credential, answer.record(), &waiter.req)
+            }
+            None => source.unavailable(policy),
+        },
+    };
+    let (verdict, settled) = settle(runtime, &waiter.req, decision, waiter.request_ended);
+    let mut all = source.settled.borrow_mut();
+    if all.len() >= MAX_SETTLED {
+        all.clear();
+    }
+    all.insert(waiter.context_id, settled);
+    drop(all);
+    if let Verdict::Forwarded = verdict {
+        let _ = hostcalls::resume_http_request();
+    }
+}
+
+/// Lookups whose answer never came (the request that sent one went away, which cancels its
+/// call): their waiters are settled as a failed lookup.
+pub(super) fn expire_waiters(runtime: &Runtime) {
+    let Some(source) = &runtime.source else {
+        return;
+    };
+    let now = now_millis();
+    let limit = source.service.timeout_ms as i64 + IN_FLIGHT_GRACE_MS;
+    let expired: Vec<Waiter> = {
+        let mut in_flight = source.lookups_in_flight.borrow_mut();
+        let keys: Vec<LookupKey> = in_flight
+            .iter()
+            .filter(|(_, (sent, _))| now - sent > limit)
+            .map(|(key, _)| key.clone())
+            .collect();
+        keys.iter()
+            .filter_map(|key| in_flight.remove(key))
+            .flat_map(|(_, waiters)| waiters)
+            .collect()
+    };
+    for waiter in expired {
+        resolve_waiter(runtime, source, waiter, None);
     }
 }
 

@@ -12,16 +12,18 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, MetricType};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 
 use crate::core::access_log::AccessLogEntry;
 use crate::core::codes::ErrorCode;
 use crate::core::config::Config;
 use crate::core::decision::{begin, decide_for_key, lookup, Decision, Principal, Step};
+use crate::core::keyset::KeyRecord;
 use crate::core::keyset::KeySet;
 use crate::core::limits::{apply_limits, ensure_slots, sweep, sweep_batch};
-use crate::core::reply::{upstream_edits, LocalReply};
+use crate::core::reply::{preflight_reply, upstream_edits, LocalReply};
 use crate::core::request::{RequestView, SessionEvidence};
+use crate::core::selectors::{check_form_body, form_body_kind};
 use keysource::{KeySource, PendingLookup};
 use local_reply::PreparedHeaders;
 use shared_store::HostStore;
@@ -187,6 +189,7 @@ impl RootContext for KeygateRoot {
         };
         if let Some(source) = &runtime.source {
             source.on_tick();
+            keysource::expire_waiters(&runtime);
         }
         let limits = &runtime.config.limits;
         if !limits.enabled || now_millis() - self.last_sweep_ms < SWEEP_PERIOD.as_millis() as i64 {
@@ -198,11 +201,15 @@ impl RootContext for KeygateRoot {
         self.sweep_cursor = self.sweep_cursor.wrapping_add(batch) % limits.slots;
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(KeygateRequest {
+            context_id,
+            waiting: false,
             runtime: self.runtime.clone(),
             response_headers: Vec::new(),
             pending: None,
+            request_ended: false,
+            form_check: None,
         }))
     }
 
@@ -215,11 +222,28 @@ impl RootContext for KeygateRoot {
 const SWEEP_PERIOD: Duration = Duration::from_secs(1);
 
 struct KeygateRequest {
+    context_id: u32,
+    /// Paused for a lookup another request of this VM sent for the same key; that request
+    /// settles this one (`keysource::resolve_waiter`).
+    waiting: bool,
     runtime: Option<Rc<Runtime>>,
     /// `RateLimit-*` headers for the response of an allowed request, when configured.
     response_headers: Vec<(&'static str, String)>,
     /// The key lookup this request is paused for (lookup on miss).
     pending: Option<PendingLookup>,
+    /// Whether the request headers ended the request (no body follows).
+    request_ended: bool,
+    /// An allowed API-key request with a form body, whose body must still be checked.
+    form_check: Option<FormCheck>,
+}
+
+/// A form body may name a tenant selector (Flask, Servlet and Rails merge it with the query).
+/// proxy-wasm cannot see a body before the headers move on (a paused filter gets no body), so
+/// the body is buffered here, not forwarded, and checked when complete: a refused request has
+/// sent the upstream its headers but never its body, and Envoy resets that upstream stream.
+struct FormCheck {
+    req: RequestView,
+    record: KeyRecord,
 }
 
 impl Context for KeygateRequest {
@@ -246,7 +270,7 @@ impl Verdict {
 }
 
 impl HttpContext for KeygateRequest {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let Some(runtime) = self.runtime.clone() else {
             // Not configured: fail closed.
             send(&LocalReply {
@@ -257,23 +281,41 @@ impl HttpContext for KeygateRequest {
             });
             return Action::Pause;
         };
-        let config = &runtime.config;
-        let req = read_request(config, runtime.reads_clock);
-        let (credential, policy) = match begin(config, &req) {
-            Step::Decided(decision) => return self.apply(&runtime, &req, decision).action(),
-            Step::Lookup { credential, policy } => (credential, policy),
+        self.request_ended = end_of_stream;
+        let req = read_request(&runtime.config, runtime.reads_clock);
+        self.decide(&runtime, req)
+    }
+
+    /// Only a form body of an allowed API-key request is read (see `FormCheck`); every other
+    /// body passes untouched.
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.adopt_if_settled();
+        if self.form_check.is_none() {
+            return Action::Continue;
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let (Some(check), Some(runtime)) = (self.form_check.take(), self.runtime.clone()) else {
+            return Action::Continue;
         };
-        match &runtime.source {
-            Some(source) => self.decide_remote(&runtime, source, req, credential, policy),
-            None => {
-                let record = lookup(&runtime.keys, &credential);
-                let decision = decide_for_key(config, policy, &credential, record, &req);
-                self.apply(&runtime, &req, decision).action()
+        let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        match check_form_body(&runtime.config, &check.req, &check.record, &body) {
+            Ok(()) => Action::Continue,
+            Err(code) => {
+                // Replaces the "allowed" entry the headers published for this request.
+                let entry = AccessLogEntry::denied(Some(code), Some(&check.record.id));
+                deny(&runtime, code, &entry, Vec::new());
+                Action::Pause
             }
         }
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        self.adopt_if_settled();
         for (name, value) in self.response_headers.drain(..) {
             let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(&value));
         }
@@ -282,53 +324,122 @@ impl HttpContext for KeygateRequest {
 }
 
 impl KeygateRequest {
-    /// Applies a decision: the local reply, or limits and scope headers for the upstream.
-    fn apply(&mut self, runtime: &Runtime, req: &RequestView, decision: Decision) -> Verdict {
+    /// Decides a request (looking its key up where needed) and applies the decision.
+    fn decide(&mut self, runtime: &Runtime, req: RequestView) -> Action {
         let config = &runtime.config;
-        match decision {
-            Decision::Deny { code, key_id } => {
-                deny(
-                    runtime,
-                    code,
-                    &AccessLogEntry::denied(Some(code), key_id),
-                    Vec::new(),
-                );
-                Verdict::Replied
+        let (credential, policy) = match begin(config, &req) {
+            Step::Decided(decision) => return self.apply(runtime, &req, decision).action(),
+            Step::Lookup { credential, policy } => (credential, policy),
+        };
+        match &runtime.source {
+            Some(source) => self.decide_remote(runtime, source, req, credential, policy),
+            None => {
+                let record = lookup(&runtime.keys, &credential);
+                let decision = decide_for_key(config, policy, &credential, record, &req);
+                self.apply(runtime, &req, decision).action()
             }
-            Decision::Allow { principal, policy } => {
-                if let Principal::ApiKey { record, .. } = &principal {
-                    if config.limits.enabled || record.budget_exhausted {
-                        let outcome =
-                            apply_limits(&config.limits, record, policy, &HostStore, now_millis());
-                        match outcome {
-                            Err(denial) => {
-                                let entry = AccessLogEntry::limited(&principal, denial.code);
-                                deny(runtime, denial.code, &entry, denial.headers());
-                                return Verdict::Replied;
-                            }
-                            Ok(info) if config.limits.response_headers => {
-                                self.response_headers =
-                                    info.rate.map(|r| r.headers()).unwrap_or_default();
-                            }
-                            Ok(_) => {}
+        }
+    }
+
+    /// Applies a decision to this request and keeps what its later callbacks need.
+    fn apply(&mut self, runtime: &Runtime, req: &RequestView, decision: Decision) -> Verdict {
+        let (verdict, settled) = settle(runtime, req, decision, self.request_ended);
+        self.adopt(settled);
+        verdict
+    }
+
+    fn adopt(&mut self, settled: Settled) {
+        self.response_headers = settled.response_headers;
+        self.form_check = settled.form_check;
+    }
+
+    /// A request that waited for another request's lookup was settled by that request: take
+    /// over what it left for this one.
+    fn adopt_if_settled(&mut self) {
+        if !self.waiting {
+            return;
+        }
+        let settled = self
+            .runtime
+            .as_ref()
+            .and_then(|r| r.source.as_ref())
+            .and_then(|source| source.take_settled(self.context_id));
+        if let Some(settled) = settled {
+            self.waiting = false;
+            self.adopt(settled);
+        }
+    }
+}
+
+/// What applying a decision leaves for the rest of the request: `RateLimit-*` headers for the
+/// response, and a form body still to check.
+#[derive(Default)]
+pub(crate) struct Settled {
+    response_headers: Vec<(&'static str, String)>,
+    form_check: Option<FormCheck>,
+}
+
+/// Applies a decision to the request whose context is the effective one: the local reply, or
+/// limits and scope headers for the upstream.
+fn settle(
+    runtime: &Runtime,
+    req: &RequestView,
+    decision: Decision,
+    request_ended: bool,
+) -> (Verdict, Settled) {
+    let config = &runtime.config;
+    let mut settled = Settled::default();
+    match decision {
+        Decision::Deny { code, key_id } => {
+            let entry = AccessLogEntry::denied(Some(code), key_id);
+            deny(runtime, code, &entry, Vec::new());
+            (Verdict::Replied, settled)
+        }
+        Decision::Preflight => {
+            filter_state::publish(&AccessLogEntry::allowed(&Principal::Anonymous));
+            send(&preflight_reply());
+            (Verdict::Replied, settled)
+        }
+        Decision::Allow { principal, policy } => {
+            if let Principal::ApiKey { record, .. } = &principal {
+                if config.limits.enabled || record.budget_exhausted {
+                    let outcome =
+                        apply_limits(&config.limits, record, policy, &HostStore, now_millis());
+                    match outcome {
+                        Err(denial) => {
+                            let entry = AccessLogEntry::limited(&principal, denial.code);
+                            deny(runtime, denial.code, &entry, denial.headers());
+                            return (Verdict::Replied, settled);
                         }
+                        Ok(info) if config.limits.response_headers => {
+                            settled.response_headers =
+                                info.rate.map(|r| r.headers()).unwrap_or_default();
+                        }
+                        Ok(_) => {}
                     }
                 }
-                Metrics::bump(runtime.metrics.allowed);
-                filter_state::publish(&AccessLogEntry::allowed(&principal));
-                let edits = upstream_edits(config, req, &principal);
-                for name in &edits.remove {
-                    let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
-                }
-                for (name, value) in &edits.set {
-                    let _ =
-                        hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
-                }
-                if edits.clear_route_cache {
-                    let _ = hostcalls::call_foreign_function("clear_route_cache", None);
-                }
-                Verdict::Forwarded
             }
+            Metrics::bump(runtime.metrics.allowed);
+            filter_state::publish(&AccessLogEntry::allowed(&principal));
+            let edits = upstream_edits(config, req, &principal);
+            for name in &edits.remove {
+                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
+            }
+            for (name, value) in &edits.set {
+                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
+            }
+            if edits.clear_route_cache {
+                let _ = hostcalls::call_foreign_function("clear_route_cache", None);
+            }
+            if let Principal::ApiKey { record, .. } = &principal {
+                if !request_ended && form_body_kind(config, req).is_some() {
+                    settled.form_check = Some(FormCheck {
+                        req: req.clone(),
+                        record: (*record).clone(),
+                    });
+                }
+            }
+            (Verdict::Forwarded, settled)
         }
     }
 }

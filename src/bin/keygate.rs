@@ -20,7 +20,9 @@ mod native {
 
     use clap::{Args, Parser, Subcommand, ValueEnum};
 
-    use keygate::cli::config_check::{check_text, Outcome};
+    use keygate::cli::boundary_lint::lint_text;
+    use keygate::cli::config_check::{shared_namespace_warnings, Outcome};
+    use keygate::cli::envoy_config_sources::check_file;
     use keygate::cli::keygen::{self, KeyFormat, RecordFields, Shape, PROFILES};
     use keygate::cli::keyset_file::{self, Revoke};
     use keygate::cli::random::OsRandom;
@@ -259,10 +261,19 @@ mod native {
             envoy.extensions.filters.http.wasm.v3.Wasm whose root_id is \"keygate\" or whose code \
             file name contains \"keygate\" is checked; its configuration must be a \
             google.protobuf.StringValue holding the plugin JSON. Other wasm filters are skipped. \
-            Exits 1 when any configuration would be refused.",
-            after_help = "Example:\n  keygate config check envoy/*.yaml"
+            Exits 1 when any configuration would be refused.\n\n\
+            It also lints the trust boundary around keygate and prints each problem as \
+            `FILE: warning[RULE]: PATH: problem. Fix: ...`: path normalization and underscore \
+            headers on every connection manager with a keygate filter, CORS credentials for \
+            any origin, failure_policy, query-string credentials, and public routes that also \
+            match protected paths. A file accepts a rule it chose deliberately with the comment \
+            `# keygate config check: accept RULE`. With --strict, any other warning exits 1.",
+            after_help = "Example:\n  keygate config check --strict envoy/*.yaml"
         )]
         Check {
+            /// Exit 1 on any boundary warning the file does not accept
+            #[arg(long)]
+            strict: bool,
             #[arg(required = true)]
             files: Vec<PathBuf>,
         },
@@ -285,7 +296,7 @@ mod native {
             Command::Key(KeyCommand::New(args)) => key_new(*args),
             Command::Key(KeyCommand::Hash(args)) => key_hash(args),
             Command::Keyset(cmd) => keyset(cmd),
-            Command::Config(ConfigCommand::Check { files }) => config_check(&files),
+            Command::Config(ConfigCommand::Check { strict, files }) => config_check(&files, strict),
         };
         match result {
             Ok(()) => ExitCode::SUCCESS,
@@ -436,14 +447,17 @@ mod native {
                 keyset_file::validate(&records)?;
                 match output {
                     Some(path) => {
-                        keyset_file::save(&path, &records)?;
+                        let serial = keyset_file::save(&path, &records)?;
                         eprintln!(
-                            "keygate: wrote {} with {} keys",
+                            "keygate: wrote {} with {} keys (serial {serial})",
                             path.display(),
                             records.len()
                         );
                     }
-                    None => print!("{}", keyset_file::render(&records)),
+                    None => print!(
+                        "{}",
+                        keyset_file::render(&records, keyset_file::next_serial(None))
+                    ),
                 }
                 Ok(())
             }
@@ -455,10 +469,10 @@ mod native {
                 }
                 let count = added.len();
                 all.extend(added);
-                keyset_file::save(&keyset, &all)
+                let serial = keyset_file::save(&keyset, &all)
                     .map_err(|e| format!("{}: not changed: {e}", keyset.display()))?;
                 eprintln!(
-                    "keygate: {}: added {count} key(s), now {} in all",
+                    "keygate: {}: added {count} key(s), now {} in all (serial {serial})",
                     keyset.display(),
                     all.len()
                 );
@@ -477,9 +491,9 @@ mod native {
                 };
                 keyset_file::revoke(&mut all, &ids, how)
                     .map_err(|e| format!("{}: not changed: {e}", keyset.display()))?;
-                keyset_file::save(&keyset, &all)?;
+                let serial = keyset_file::save(&keyset, &all)?;
                 eprintln!(
-                    "keygate: {} {} key(s) in {}",
+                    "keygate: {} {} key(s) in {} (serial {serial})",
                     if remove { "removed" } else { "disabled" },
                     ids.len(),
                     keyset.display()
@@ -508,19 +522,45 @@ mod native {
         }
     }
 
-    fn config_check(files: &[PathBuf]) -> CmdResult {
-        let (mut valid, mut invalid) = (0, 0);
-        for path in files {
-            let shown = path.display();
-            let text = match fs::read_to_string(path) {
-                Ok(text) => text,
-                Err(err) => {
-                    invalid += 1;
-                    println!("{shown}: error: {err}");
+    fn config_check(files: &[PathBuf], strict: bool) -> CmdResult {
+        let (mut valid, mut invalid, mut warned) = (0, 0, 0);
+        // Envoy resolves a config_discovery file from its working directory: check from there.
+        let reports = files
+            .iter()
+            .flat_map(|path| check_file(path, Path::new("")));
+        for report in reports {
+            let mut shown = report.file.display().to_string();
+            if let Some((from, at)) = &report.referenced_from {
+                shown.push_str(&format!(" (from {}: {at})", from.display()));
+            }
+            // The boundary lint reads each file as written, ECDS files included (fail-open and
+            // query-credential rules apply to the filter wherever it is defined).
+            let text = fs::read_to_string(&report.file).unwrap_or_default();
+            for warning in lint_text(&text).unwrap_or_default() {
+                let label = if warning.accepted {
+                    "accepted"
+                } else {
+                    warned += 1;
+                    "warning"
+                };
+                println!(
+                    "{shown}: {label}[{}]: {}: {}. Fix: {}",
+                    warning.rule.id(),
+                    warning.location,
+                    warning.problem,
+                    warning.rule.fix()
+                );
+            }
+            let findings = match report.result {
+                Ok(findings) if findings.is_empty() => {
+                    let why = if report.referenced_from.is_some() {
+                        "skipped: holds no keygate filter"
+                    } else {
+                        "no keygate filter here: it comes from the config_discovery files below"
+                    };
+                    println!("{shown}: {why}");
                     continue;
                 }
-            };
-            let findings = match check_text(&text) {
                 Ok(findings) => findings,
                 Err(err) => {
                     invalid += 1;
@@ -528,6 +568,10 @@ mod native {
                     continue;
                 }
             };
+            for warning in shared_namespace_warnings(&text) {
+                warned += 1;
+                println!("{shown}: warning[shared-counters]: {warning}");
+            }
             for finding in findings {
                 let mut at = finding.location.clone();
                 if let Some(name) = &finding.filter_name {
@@ -557,6 +601,9 @@ mod native {
         println!("{valid} valid, {invalid} refused");
         if invalid > 0 {
             return Err(String::new().into());
+        }
+        if strict && warned > 0 {
+            return Err(format!("{warned} boundary warning(s) (--strict)").into());
         }
         Ok(())
     }

@@ -25,7 +25,7 @@ pub enum Outcome {
     Valid(Summary),
     /// The error the filter would log before refusing the configuration.
     Invalid(ConfigError),
-    /// A wasm filter that is not keygate's: not checked.
+    /// A wasm filter that is not keygate's, or a file that is not an Envoy config: not checked.
     NotKeygate(String),
 }
 
@@ -68,6 +68,16 @@ pub fn check_text(text: &str) -> Result<Vec<Finding>, String> {
     }
     let docs = YamlLoader::load_from_str(text).map_err(|e| format!("not valid YAML: {e}"))?;
     let docs: Vec<Value> = docs.iter().map(yaml_to_json).collect();
+    // A docker compose file (services:) sits next to the Envoy configs it runs.
+    if let [Value::Object(top)] = docs.as_slice() {
+        if top.contains_key("services") && !is_envoy_top_level(top) {
+            return Ok(vec![Finding {
+                location: String::new(),
+                filter_name: None,
+                outcome: Outcome::NotKeygate("a docker compose file, not an Envoy config".into()),
+            }]);
+        }
+    }
     findings_in_envoy(&docs)
 }
 
@@ -79,11 +89,21 @@ fn plugin_finding(bytes: &[u8]) -> Finding {
     }
 }
 
+fn is_envoy_top_level(top: &Map<String, Value>) -> bool {
+    // `resources`: an xDS file, e.g. the ECDS file of a `config_discovery`.
+    [
+        "static_resources",
+        "dynamic_resources",
+        "admin",
+        "node",
+        "resources",
+    ]
+    .iter()
+    .any(|k| top.contains_key(*k))
+}
+
 fn looks_like_envoy(top: &Map<String, Value>) -> bool {
-    !top.contains_key("credentials")
-        && ["static_resources", "dynamic_resources", "admin", "node"]
-            .iter()
-            .any(|k| top.contains_key(*k))
+    !top.contains_key("credentials") && is_envoy_top_level(top)
 }
 
 fn findings_in_envoy(docs: &[Value]) -> Result<Vec<Finding>, String> {
@@ -160,8 +180,7 @@ fn check_wasm_filter(typed_config: &Map<String, Value>, path: &str, name: Option
         typed_config,
         &["config", "vm_config", "code", "local", "filename"],
     );
-    let is_keygate = root_id == Some("keygate") || file.is_some_and(|f| f.contains("keygate"));
-    if !is_keygate {
+    if !is_keygate_filter(typed_config) {
         return finding(Outcome::NotKeygate(format!(
             "a wasm filter that is not keygate's (root_id {}, code {})",
             root_id.map_or("unset".into(), |r| format!("\"{r}\"")),
@@ -197,8 +216,45 @@ fn check_wasm_filter(typed_config: &Map<String, Value>, path: &str, name: Option
     }
 }
 
+/// Whether a wasm filter's `typed_config` runs keygate: its root_id is `keygate` or its code
+/// file is keygate's.
+pub(crate) fn is_keygate_filter(typed_config: &Map<String, Value>) -> bool {
+    let root_id = text_at(typed_config, &["config", "root_id"]);
+    let file = text_at(
+        typed_config,
+        &["config", "vm_config", "code", "local", "filename"],
+    );
+    root_id == Some("keygate") || file.is_some_and(|f| f.contains("keygate"))
+}
+
+/// An HTTP filter entry named like keygate whose wasm config comes by extension config
+/// discovery (`config_discovery`): where Envoy reads it from.
+pub(crate) fn discovered_keygate_source(entry: &Map<String, Value>) -> Option<String> {
+    let discovery = entry.get("config_discovery")?;
+    let named_keygate = entry
+        .get("name")
+        .and_then(Value::as_str)
+        .is_some_and(|n| n.contains("keygate"));
+    let wasm = discovery
+        .get("type_urls")
+        .and_then(Value::as_array)
+        .is_some_and(|urls| urls.iter().any(|u| u.as_str() == Some(WASM_FILTER_TYPE)));
+    if !(named_keygate && wasm) {
+        return None;
+    }
+    let file = discovery
+        .get("config_source")
+        .and_then(|c| c.get("path_config_source"))
+        .and_then(|p| p.get("path"))
+        .and_then(Value::as_str);
+    Some(match file {
+        Some(file) => format!("keygate's config is discovered from {file}: check that file"),
+        None => "keygate's config is discovered from a config source: check what it serves".into(),
+    })
+}
+
 /// YAML to the JSON data model; only the tree's shape and strings matter here.
-fn yaml_to_json(yaml: &Yaml) -> Value {
+pub fn yaml_to_json(yaml: &Yaml) -> Value {
     match yaml {
         Yaml::String(s) | Yaml::Real(s) => Value::from(s.as_str()),
         Yaml::Integer(i) => Value::from(*i),
@@ -340,8 +396,110 @@ mod tests {
     }
 
     #[test]
+    fn a_compose_file_is_skipped() {
+        let compose = check_text(include_str!("../../envoy/docker-compose.yaml")).unwrap();
+        assert!(matches!(compose[0].outcome, Outcome::NotKeygate(_)));
+    }
+
+    #[test]
     fn broken_yaml_is_reported() {
         let err = check_text("static_resources: [unclosed\n").unwrap_err();
         assert!(err.starts_with("not valid YAML"), "{err}");
+    }
+}
+
+/// Warnings for keygate filters that would share state by accident: two filters with the same
+/// `vm_id` and the same plugin `name` share their stats (`keygate.<name>.*`) and the namespace of
+/// their rate-limit and budget counters and key-service data. Keys are told apart by their
+/// secret or their key service, but the two filters' numbers still merge: give each a `name`.
+pub fn shared_namespace_warnings(text: &str) -> Vec<String> {
+    let docs: Vec<Value> = if text.trim_start().starts_with('{') {
+        serde_json::from_str::<Value>(text).into_iter().collect()
+    } else {
+        YamlLoader::load_from_str(text)
+            .map(|docs| docs.iter().map(yaml_to_json).collect())
+            .unwrap_or_default()
+    };
+    fn collect(node: &Value, path: &str, out: &mut Vec<(String, String, String)>) {
+        match node {
+            Value::Object(fields) => {
+                if fields.get("@type").and_then(Value::as_str) == Some(WASM_FILTER_TYPE) {
+                    let root_id = text_at(fields, &["config", "root_id"]);
+                    let file = text_at(
+                        fields,
+                        &["config", "vm_config", "code", "local", "filename"],
+                    );
+                    if root_id == Some("keygate") || file.is_some_and(|f| f.contains("keygate")) {
+                        let vm_id =
+                            text_at(fields, &["config", "vm_config", "vm_id"]).unwrap_or("");
+                        let name = text_at(fields, &["config", "configuration", "value"])
+                            .and_then(|json| serde_json::from_str::<Value>(json).ok())
+                            .and_then(|c| c.get("name").and_then(Value::as_str).map(str::to_string))
+                            .unwrap_or_else(|| "keygate".to_string());
+                        out.push((path.to_string(), vm_id.to_string(), name));
+                    }
+                    return;
+                }
+                for (key, child) in fields {
+                    collect(child, &join(path, key), out);
+                }
+            }
+            Value::Array(items) => {
+                for (i, child) in items.iter().enumerate() {
+                    collect(child, &format!("{path}[{i}]"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut filters = Vec::new();
+    for doc in &docs {
+        collect(doc, "", &mut filters);
+    }
+    let mut warnings = Vec::new();
+    for (i, (path, vm_id, name)) in filters.iter().enumerate() {
+        let first = filters
+            .iter()
+            .take(i)
+            .find(|(_, v, n)| v == vm_id && n == name);
+        if let Some((first_path, _, _)) = first {
+            warnings.push(format!(
+                "{path}: keygate \"{name}\" in vm_id \"{vm_id}\" is also at {first_path}: the two \
+                 filters share stats and the namespace of their limit counters; give each its own \
+                 \"name\" in the plugin configuration"
+            ));
+        }
+    }
+    warnings
+}
+
+#[cfg(test)]
+mod shared_namespace_tests {
+    use super::*;
+
+    fn filter(vm_id: &str, plugin_json: &str) -> String {
+        format!(
+            r#"{{"name": "keygate", "typed_config": {{"@type": "{WASM_FILTER_TYPE}", "config": {{
+                "root_id": "keygate", "vm_config": {{"vm_id": "{vm_id}"}},
+                "configuration": {{"@type": "{STRING_VALUE_TYPE}", "value": {plugin_json:?}}}}}}}}}"#
+        )
+    }
+
+    #[test]
+    fn two_filters_with_one_vm_id_and_the_default_name_are_warned_about() {
+        let plain = r#"{"credentials": [{"in": "header"}]}"#;
+        let named = r#"{"name": "tenant-b", "credentials": [{"in": "header"}]}"#;
+        let config = |a: &str, b: &str, vm_b: &str| {
+            format!(
+                r#"{{"static_resources": {{"filters": [{}, {}]}}}}"#,
+                filter("shared", a),
+                filter(vm_b, b)
+            )
+        };
+        let warnings = shared_namespace_warnings(&config(plain, plain, "shared"));
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("keygate \"keygate\" in vm_id \"shared\""));
+        assert!(shared_namespace_warnings(&config(plain, named, "shared")).is_empty());
+        assert!(shared_namespace_warnings(&config(plain, plain, "other")).is_empty());
     }
 }

@@ -1,13 +1,17 @@
-//! Key-set files: the `{"keys": [...]}` document the filter parses (`KeySet::from_json`), kept
-//! one record per line so a change is one line in a diff. Records are carried as JSON values,
-//! so fields this tool does not know (added to the record format later) survive an edit.
+//! Key-set files: the `{"serial": N, "keys": [...]}` document the filter parses
+//! (`KeySet::from_document`), kept one record per line so a change is one line in a diff.
+//! Records are carried as JSON values, so fields this tool does not know (added to the record
+//! format later) survive an edit. Every write raises `serial`: a filter refuses a document whose
+//! serial is not above the one it has, so an old copy served again cannot undo a revocation.
 
-use std::fs;
-use std::io;
+use std::fs::{self, OpenOptions};
+use std::io::{self, Write};
 use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
+use super::random::{OsRandom, RandomSource};
 use crate::core::config::validate_header_safe_fields;
 use crate::core::keyset::KeySet;
 
@@ -23,9 +27,10 @@ pub fn parse_records(text: &str) -> Result<Vec<Value>, String> {
         match item {
             Value::Array(items) => records.extend(items),
             Value::Object(mut object) if object.contains_key("keys") => {
+                object.remove("serial");
                 if object.len() != 1 {
                     return Err(format!(
-                        "value {}: a key-set document has only \"keys\"",
+                        "value {}: a key-set document has only \"serial\" and \"keys\"",
                         n + 1
                     ));
                 }
@@ -56,12 +61,31 @@ pub fn validate(records: &[Value]) -> Result<KeySet, String> {
 }
 
 /// The key-set document, one record per line.
-pub fn render(records: &[Value]) -> String {
+pub fn render(records: &[Value], serial: u64) -> String {
     if records.is_empty() {
-        return "{\"keys\": []}\n".to_string();
+        return format!("{{\"serial\": {serial}, \"keys\": []}}\n");
     }
     let lines: Vec<String> = records.iter().map(|r| format!("  {r}")).collect();
-    format!("{{\"keys\": [\n{}\n]}}\n", lines.join(",\n"))
+    format!(
+        "{{\"serial\": {serial}, \"keys\": [\n{}\n]}}\n",
+        lines.join(",\n")
+    )
+}
+
+/// The serial of the next document: above the current one, and at least the Unix time, so a
+/// set rebuilt from scratch still outranks every earlier one.
+pub fn next_serial(current: Option<u64>) -> u64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    current.map_or(now, |c| c.saturating_add(1).max(now))
+}
+
+/// The `serial` of the key-set document at `path`, if it is one and has one.
+pub fn read_serial(path: &Path) -> Option<u64> {
+    let text = fs::read_to_string(path).ok()?;
+    let doc: Value = serde_json::from_str(&text).ok()?;
+    doc.get("serial").and_then(Value::as_u64)
 }
 
 /// Loads a key-set file; a missing file is an empty set when `missing_ok`.
@@ -77,23 +101,66 @@ pub fn load(path: &Path, missing_ok: bool) -> Result<Vec<Value>, String> {
     }
 }
 
-/// Writes the document next to `path` and renames it over, so a reader (or a key service
-/// serving the file) never sees half a key set.
-pub fn save(path: &Path, records: &[Value]) -> Result<(), String> {
+/// Writes the document with the next serial next to `path` and renames it over, so a reader (or
+/// a key service serving the file) never sees half a key set. The temporary file is created new
+/// (a planted file or symlink makes the write fail instead of being followed), readable only by
+/// its owner while written, and the result keeps the permissions of the file it replaces.
+pub fn save(path: &Path, records: &[Value]) -> Result<u64, String> {
     validate(records)?;
+    let serial = next_serial(read_serial(path));
+    let mut nonce = [0u8; 8];
+    OsRandom::open()
+        .and_then(|mut rng| rng.fill(&mut nonce))
+        .map_err(|e| format!("reading random bytes: {e}"))?;
     let tmp = path.with_file_name(format!(
-        ".{}.tmp-{}",
+        ".{}.tmp-{}-{}",
         path.file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
-        std::process::id()
+        std::process::id(),
+        hex::encode(nonce)
     ));
-    fs::write(&tmp, render(records))
-        .and_then(|()| fs::rename(&tmp, path))
-        .map_err(|err| {
+    let written = write_new_file(&tmp, render(records, serial).as_bytes())
+        .and_then(|()| keep_permissions(path, &tmp))
+        .and_then(|()| fs::rename(&tmp, path));
+    written.map(|()| serial).map_err(|err| {
+        // Only a file this call created is removed: a name that was already taken is left alone.
+        if err.kind() != io::ErrorKind::AlreadyExists {
             let _ = fs::remove_file(&tmp);
-            format!("{}: {err}", path.display())
-        })
+        }
+        format!("{}: {err}", path.display())
+    })
+}
+
+fn write_new_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut options = OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+/// The replaced file's permissions, or those of a readable document for a new file (a key set
+/// holds digests, not secrets, and a key service must be able to read it).
+fn keep_permissions(original: &Path, tmp: &Path) -> io::Result<()> {
+    match fs::metadata(original) {
+        Ok(meta) => fs::set_permissions(tmp, meta.permissions()),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                fs::set_permissions(tmp, fs::Permissions::from_mode(0o644))
+            }
+            #[cfg(not(unix))]
+            Ok(())
+        }
+        Err(err) => Err(err),
+    }
 }
 
 /// What `revoke` does to a record.
@@ -157,14 +224,15 @@ mod tests {
     #[test]
     fn rendered_document_is_what_the_filter_parses_one_record_per_line() {
         let records = vec![record("a", '1'), record("b", '2')];
-        let text = render(&records);
+        let text = render(&records, 7);
         assert_eq!(text.lines().count(), 4);
-        let keys = KeySet::from_json(text.as_bytes()).unwrap();
-        assert_eq!(keys.len(), 2);
-        assert_eq!(render(&[]), "{\"keys\": []}\n");
-        assert!(KeySet::from_json(render(&[]).as_bytes())
+        let (keys, serial) = KeySet::from_document(text.as_bytes()).unwrap();
+        assert_eq!((keys.len(), serial), (2, Some(7)));
+        assert_eq!(render(&[], 3), "{\"serial\": 3, \"keys\": []}\n");
+        assert!(KeySet::from_json(render(&[], 3).as_bytes())
             .unwrap()
             .is_empty());
+        assert_eq!(parse_records(&text).unwrap().len(), 2);
     }
 
     #[test]
@@ -182,7 +250,7 @@ mod tests {
     fn unknown_fields_keep_their_place_through_a_round_trip() {
         let text = r#"{"keys": [{"secret_sha256": "1111111111111111111111111111111111111111111111111111111111111111", "id": "z", "tenant": "t"}]}"#;
         let records = parse_records(text).unwrap();
-        assert!(render(&records).contains(r#"{"secret_sha256":"1111"#));
+        assert!(render(&records, 1).contains(r#"{"secret_sha256":"1111"#));
     }
 
     #[test]
@@ -205,8 +273,10 @@ mod tests {
         let path = dir.join("keys.json");
         assert!(load(&path, true).unwrap().is_empty());
         assert!(load(&path, false).is_err());
-        save(&path, &[record("a", '1')]).unwrap();
-        save(&path, &[record("a", '1'), record("b", '2')]).unwrap();
+        let first = save(&path, &[record("a", '1')]).unwrap();
+        let second = save(&path, &[record("a", '1'), record("b", '2')]).unwrap();
+        assert!(second > first, "every write raises the serial");
+        assert_eq!(read_serial(&path), Some(second));
         assert_eq!(load(&path, false).unwrap().len(), 2);
         assert!(save(&path, &[record("a", '1'), record("a", '2')]).is_err());
         assert_eq!(
@@ -220,5 +290,43 @@ mod tests {
             "no temporary file is left"
         );
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn save_keeps_the_files_permissions_and_never_follows_a_planted_link() {
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        let dir = std::env::temp_dir().join(format!("keygate-perm-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("keys.json");
+        save(&path, &[record("a", '1')]).unwrap();
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
+        save(&path, &[record("a", '1'), record("b", '2')]).unwrap();
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
+
+        // A temporary name taken by a link is refused, and the link's target is untouched.
+        let target = dir.join("target.txt");
+        fs::write(&target, "untouched").unwrap();
+        let taken = dir.join(".keys.json.tmp-1-00");
+        symlink(&target, &taken).unwrap();
+        let err = write_new_file(&taken, b"overwritten").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(fs::read_to_string(&target).unwrap(), "untouched");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_next_serial_is_above_the_current_one_and_the_clock() {
+        assert!(next_serial(None) > 1_700_000_000);
+        assert_eq!(next_serial(Some(u64::MAX - 1)), u64::MAX);
+        let far = 9_000_000_000;
+        assert_eq!(next_serial(Some(far)), far + 1);
     }
 }

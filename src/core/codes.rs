@@ -26,6 +26,7 @@ pub enum ErrorCode {
     BudgetExhausted,
     RateLimitExceeded,
     KeysetUnavailable,
+    AmbiguousPath,
 }
 
 /// Language of the default messages.
@@ -38,7 +39,7 @@ pub enum Language {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 20] = [
+    pub const ALL: [ErrorCode; 21] = [
         ErrorCode::TokenMissing,
         ErrorCode::MalformedApiKey,
         ErrorCode::ApiKeyChecksumMismatch,
@@ -59,6 +60,7 @@ impl ErrorCode {
         ErrorCode::BudgetExhausted,
         ErrorCode::RateLimitExceeded,
         ErrorCode::KeysetUnavailable,
+        ErrorCode::AmbiguousPath,
     ];
 
     /// The code as it appears in JSON bodies, logs and stats.
@@ -206,6 +208,12 @@ impl ErrorCode {
                 "API keys cannot be verified right now.",
                 "No es posible verificar las API keys en este momento.",
             ),
+            AmbiguousPath => (
+                "AMBIGUOUS_PATH",
+                400,
+                "The request path holds a dot segment or an encoded slash; send the resolved path.",
+                "La ruta de la solicitud contiene un segmento de puntos o una barra codificada; envíe la ruta resuelta.",
+            ),
         }
     }
 }
@@ -213,6 +221,7 @@ impl ErrorCode {
 /// The HTTP reason phrase, used as the body in plain-text mode (Compago answers `Unauthorized`).
 pub fn reason_phrase(status: u32) -> &'static str {
     match status {
+        400 => "Bad Request",
         401 => "Unauthorized",
         402 => "Payment Required",
         403 => "Forbidden",
@@ -240,5 +249,6 @@ mod tests {
         assert_eq!(ErrorCode::BudgetExhausted.status(), 402);
         assert_eq!(ErrorCode::RateLimitExceeded.status(), 429);
         assert_eq!(ErrorCode::KeysetUnavailable.status(), 503);
+        assert_eq!(ErrorCode::AmbiguousPath.status(), 400);
     }
 }

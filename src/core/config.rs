@@ -161,6 +161,9 @@ struct ConfigSpec {
     default_policy: PolicySpec,
     #[serde(default)]
     tenant_selectors: Vec<TenantSelectorSpec>,
+    /// Read selectors in every spelling an upstream framework may read (see `selectors`).
+    #[serde(default = "default_true")]
+    strict_selectors: bool,
     /// Clear Envoy's route cache after setting the environment header, so routes can send test
     /// keys to a sandbox cluster.
     #[serde(default)]
@@ -171,6 +174,10 @@ struct ConfigSpec {
     /// Keys from a key service instead of `keys` (full document or lookup on miss).
     #[serde(default)]
     key_service: Option<KeyServiceSpec>,
+    /// Refuse dot segments and encoded slashes in the path (`path_guard`); off only behind an
+    /// Envoy that normalizes paths, and at the risk the README names.
+    #[serde(default = "default_true")]
+    reject_ambiguous_paths: bool,
 }
 
 fn default_true() -> bool {
@@ -192,12 +199,14 @@ pub struct Config {
     pub routes: Vec<RouteRule>,
     pub default_policy: Policy,
     pub tenant_selectors: Vec<TenantSelector>,
+    pub strict_selectors: bool,
     pub route_by_environment: bool,
     /// Every header name keygate removes from a request it passes upstream.
     pub headers_to_strip: Vec<String>,
     pub limits: Limits,
     /// Where keys come from when they are not inline.
     pub key_service: Option<KeyService>,
+    pub reject_ambiguous_paths: bool,
 }
 
 impl Config {
@@ -331,7 +340,8 @@ impl Config {
         };
         // Fetched records may carry their own limits: keep the shared table ready for them.
         let keys_are_limited = keys.has_limits() || key_service.is_some();
-        let limits = Limits::from_spec(spec.limits, &name, keys_are_limited)?;
+        let limits = Limits::from_spec(spec.limits, &name, keys_are_limited)?
+            .scoped(key_service.as_ref().map(|s| s.namespace.as_str()));
         let config = Config {
             name,
             sources,
@@ -345,10 +355,12 @@ impl Config {
             routes,
             default_policy,
             tenant_selectors,
+            strict_selectors: spec.strict_selectors,
             route_by_environment: spec.route_by_environment,
             headers_to_strip,
             limits,
             key_service,
+            reject_ambiguous_paths: spec.reject_ambiguous_paths,
         };
         Ok((config, keys))
     }

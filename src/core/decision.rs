@@ -5,13 +5,15 @@ use super::config::Config;
 use super::credential::{extract_credential, Credential};
 use super::digest::digests_equal;
 use super::keyset::{KeyRecord, KeySet};
+use super::path_guard;
 use super::policy::{check_origin, is_cors_preflight, Policy};
 use super::request::{RequestView, SessionEvidence};
+use super::selectors::check_strict;
 
 /// Who the request was authenticated as.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Principal<'a> {
-    /// A route without authentication, or a CORS preflight.
+    /// A route without authentication.
     Anonymous,
     /// A session verified by Envoy's jwt_authn filter; API keys were not applied.
     Session { subject: Option<String> },
@@ -43,6 +45,9 @@ pub enum Decision<'a> {
         /// The key's id when the key was found: safe to log, never the secret.
         key_id: Option<&'a str>,
     },
+    /// A CORS preflight on an authenticated route: answered here (204, no CORS grant), never
+    /// forwarded. Envoy's `cors` filter before keygate answers preflights from allowed origins.
+    Preflight,
 }
 
 impl<'a> Decision<'a> {
@@ -90,15 +95,22 @@ pub fn decide<'a>(config: &'a Config, keys: &'a KeySet, req: &RequestView) -> De
 
 /// Everything before the key lookup: route policy, anonymous routes, sessions, credential.
 pub fn begin<'a>(config: &'a Config, req: &RequestView) -> Step<'a> {
+    if let Err(code) = path_guard::check(config, req) {
+        return Step::Decided(Decision::deny(code));
+    }
     let policy = match policy_for(config, req) {
         Ok(p) => p,
         Err(code) => return Step::Decided(Decision::deny(code)),
     };
-    if !policy.auth_required || is_cors_preflight(req) {
+    if !policy.auth_required {
         return Step::Decided(Decision::Allow {
             principal: Principal::Anonymous,
             policy,
         });
+    }
+
+    if is_cors_preflight(req) {
+        return Step::Decided(Decision::Preflight);
     }
 
     let mut session_failure = None;
@@ -166,10 +178,16 @@ pub fn decide_for_key<'a>(
     if let Err(code) = check_origin(req, record) {
         return deny(code);
     }
-    for selector in &config.tenant_selectors {
-        if let Err(code) = selector.check(req, record) {
-            return deny(code);
-        }
+    let selectors = if config.strict_selectors {
+        check_strict(config, req, record)
+    } else {
+        config
+            .tenant_selectors
+            .iter()
+            .try_for_each(|selector| selector.check(req, record))
+    };
+    if let Err(code) = selectors {
+        return deny(code);
     }
     Decision::Allow {
         principal: Principal::ApiKey {
@@ -285,7 +303,7 @@ mod tests {
     fn code(d: Decision) -> Option<ErrorCode> {
         match d {
             Decision::Deny { code, .. } => Some(code),
-            Decision::Allow { .. } => None,
+            Decision::Allow { .. } | Decision::Preflight => None,
         }
     }
 
@@ -435,16 +453,37 @@ mod tests {
     }
 
     #[test]
-    fn cors_preflight_is_never_blocked() {
+    fn cors_preflight_is_answered_here_and_never_forwarded() {
         let (c, k) = setup(serde_json::json!({}));
-        let r = req(
-            "OPTIONS",
-            "/x",
-            &[
-                ("origin", "https://a.example"),
-                ("access-control-request-method", "GET"),
-            ],
+        let preflight = [
+            ("origin", "https://a.example"),
+            ("access-control-request-method", "DELETE"),
+            ("content-type", "application/json"),
+        ];
+        let r = req("OPTIONS", "/x", &preflight);
+        assert_eq!(decide(&c, &k, &r), Decision::Preflight);
+        // A public route has nothing to protect: it is an ordinary anonymous request there.
+        let mut public = req("OPTIONS", "/health", &preflight);
+        public.route_policy = Some("health".into());
+        assert!(matches!(
+            decide(&c, &k, &public),
+            Decision::Allow {
+                principal: Principal::Anonymous,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn out_of_scope_selector_spellings_are_refused_unless_strictness_is_off() {
+        let key = [("x-api-key", "cmp_one")];
+        let (c, k) = setup(serde_json::json!({}));
+        let spelled = req("GET", "/p?organizationId[]=o3", &key);
+        assert_eq!(
+            code(decide(&c, &k, &spelled)),
+            Some(ErrorCode::TenantForbidden)
         );
-        assert_eq!(code(decide(&c, &k, &r)), None);
+        let (c, k) = setup(serde_json::json!({"strict_selectors": false}));
+        assert_eq!(code(decide(&c, &k, &spelled)), None);
     }
 }

@@ -11,10 +11,18 @@
 //! 410), or no such record in the document, means the key does not exist.
 //!
 //! **The cache.** Positive answers are kept `positive_ttl_seconds`, negative ones
-//! `negative_ttl_seconds`, in a fixed table of slots (`<namespace>.cache.<i>`), each holding up
-//! to `WAYS` entries: a key's slot is chosen by a hash of the key, a full slot drops its oldest
-//! entry. So the cache never holds more than `cache_entries` answers, and Envoy's shared data
-//! (which a module cannot delete from) never holds more than `cache_entries / WAYS` keys for it.
+//! `negative_ttl_seconds`, each kind in its own fixed table of slots (`<namespace>.cache.<i>` for
+//! keys found, `<namespace>.neg.<i>` for keys not found), each slot holding up to `WAYS` entries:
+//! a key's slot is chosen by a hash of the key, a full slot drops its oldest entry. The tables
+//! have separate budgets (`cache_entries`, `negative_cache_entries`), so a flood of unknown keys
+//! only ever evicts other unknown keys, never a key that exists. Envoy's shared data (which a
+//! module cannot delete from) never holds more than `(cache_entries + negative_cache_entries) /
+//! WAYS` keys for the cache.
+//!
+//! **The miss cap.** At most `max_misses_per_second` lookups per second leave the process (a
+//! counter in shared data, one per second): beyond it, a key with no cached answer is not
+//! fetched but answered `KEYSET_UNAVAILABLE`, so random keys cannot turn into a flood of fetches
+//! (their CRC-32 checksum stops typos, not an attacker, who can compute it).
 //! Every worker of the process shares the table: a key looked up on one worker is a hit on all.
 //! An expired answer is still served, up to `max_stale_seconds` past its TTL, when a fresh lookup
 //! fails.
@@ -32,6 +40,8 @@ use super::limits::{SharedStore, StoreError};
 /// Entries per slot.
 pub const WAYS: usize = 4;
 const DEFAULT_CACHE_ENTRIES: u32 = 16_384;
+const DEFAULT_NEGATIVE_CACHE_ENTRIES: u32 = 4_096;
+const DEFAULT_MAX_MISSES_PER_SECOND: u32 = 500;
 const MAX_CACHE_ENTRIES: u32 = 1 << 22;
 const DEFAULT_POSITIVE_TTL_SECONDS: u64 = 60;
 const DEFAULT_NEGATIVE_TTL_SECONDS: u64 = 10;
@@ -155,7 +165,20 @@ pub struct LookupPolicy {
     pub by_id: Option<PathTemplate>,
     pub positive_ttl_ms: i64,
     pub negative_ttl_ms: i64,
+    /// Slots of the table of keys found.
     pub slots: u32,
+    /// Slots of the table of keys not found.
+    pub negative_slots: u32,
+    /// Lookups per second per process; 0: no cap.
+    pub max_misses_per_second: u32,
+}
+
+/// The cache budgets of `key_service` (lookup mode), as written in the filter config.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CacheBudgets {
+    pub cache_entries: Option<u32>,
+    pub negative_cache_entries: Option<u32>,
+    pub max_misses_per_second: Option<u32>,
 }
 
 impl LookupPolicy {
@@ -165,7 +188,7 @@ impl LookupPolicy {
         by_id: Option<PathTemplate>,
         positive_ttl_seconds: Option<u64>,
         negative_ttl_seconds: Option<u64>,
-        cache_entries: Option<u32>,
+        budgets: CacheBudgets,
     ) -> Result<LookupPolicy, (&'static str, String)> {
         let positive = positive_ttl_seconds.unwrap_or(DEFAULT_POSITIVE_TTL_SECONDS);
         if positive == 0 || positive > MAX_TTL_SECONDS {
@@ -181,19 +204,35 @@ impl LookupPolicy {
                 format!("must be at most {MAX_TTL_SECONDS} (0: do not cache unknown keys)"),
             ));
         }
-        let entries = cache_entries.unwrap_or(DEFAULT_CACHE_ENTRIES);
-        if !(WAYS as u32..=MAX_CACHE_ENTRIES).contains(&entries) {
-            return Err((
-                "cache_entries",
-                format!("must be between {WAYS} and {MAX_CACHE_ENTRIES}"),
-            ));
-        }
+        let slots = |field: &'static str, entries: Option<u32>, default: u32| {
+            let entries = entries.unwrap_or(default);
+            if (WAYS as u32..=MAX_CACHE_ENTRIES).contains(&entries) {
+                Ok(entries.div_ceil(WAYS as u32))
+            } else {
+                Err((
+                    field,
+                    format!("must be between {WAYS} and {MAX_CACHE_ENTRIES}"),
+                ))
+            }
+        };
         Ok(LookupPolicy {
             by_digest,
             by_id,
             positive_ttl_ms: positive as i64 * 1000,
             negative_ttl_ms: negative as i64 * 1000,
-            slots: entries.div_ceil(WAYS as u32),
+            slots: slots(
+                "cache_entries",
+                budgets.cache_entries,
+                DEFAULT_CACHE_ENTRIES,
+            )?,
+            negative_slots: slots(
+                "negative_cache_entries",
+                budgets.negative_cache_entries,
+                DEFAULT_NEGATIVE_CACHE_ENTRIES,
+            )?,
+            max_misses_per_second: budgets
+                .max_misses_per_second
+                .unwrap_or(DEFAULT_MAX_MISSES_PER_SECOND),
         })
     }
 
@@ -204,14 +243,17 @@ impl LookupPolicy {
         format!("{}\0{}", text(&self.by_digest), text(&self.by_id))
     }
 
-    /// The most answers the cache holds.
-    pub fn capacity(&self) -> usize {
-        self.slots as usize * WAYS
+    /// The most answers the cache holds: keys found, keys not found.
+    pub fn capacity(&self) -> (usize, usize) {
+        (
+            self.slots as usize * WAYS,
+            self.negative_slots as usize * WAYS,
+        )
     }
 }
 
 /// What a request's key is looked up by.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum LookupKey {
     Digest(Digest),
     Id(String),
@@ -298,8 +340,8 @@ pub fn parse_answer(status: Option<u32>, body: &[u8], key: &LookupKey) -> Result
                 serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
             let candidates: Vec<&Value> = match &value {
                 Value::Object(map) if map.contains_key("keys") => {
-                    if map.len() != 1 {
-                        return Err("a key-set document has only \"keys\"".into());
+                    if map.len() != 1 + usize::from(map.contains_key("serial")) {
+                        return Err("a key-set document has only \"serial\" and \"keys\"".into());
                     }
                     map.get("keys")
                         .and_then(Value::as_array)
@@ -410,13 +452,49 @@ impl<'a> KeyCache<'a> {
         Some(self.service.request_headers(&template.render(key), None))
     }
 
-    fn slot_name(&self, tag: &Tag) -> String {
+    fn slot_name(&self, tag: &Tag, found: bool) -> String {
         let mut head = [0u8; 8];
         for (h, t) in head.iter_mut().zip(tag.iter()) {
             *h = *t;
         }
-        let index = u64::from_le_bytes(head) % u64::from(self.policy.slots);
-        format!("{}.cache.{index}", self.service.namespace)
+        let (table, slots) = if found {
+            ("cache", self.policy.slots)
+        } else {
+            ("neg", self.policy.negative_slots)
+        };
+        let index = u64::from_le_bytes(head) % u64::from(slots);
+        format!("{}.{table}.{index}", self.service.namespace)
+    }
+
+    /// Counts one lookup against this second's cap; false when the cap is reached (the key is
+    /// then answered without a fetch). A store that stays contended admits the lookup.
+    pub fn admit_miss(&self, store: &dyn SharedStore, now_ms: i64) -> bool {
+        let cap = self.policy.max_misses_per_second;
+        if cap == 0 {
+            return true;
+        }
+        let name = format!("{}.misses", self.service.namespace);
+        let second = now_ms.div_euclid(1000);
+        for _ in 0..CAS_RETRIES {
+            let (bytes, cas) = store.get(&name).unwrap_or_default();
+            let mut r = Reader(&bytes);
+            let counted = match (r.u8(), r.i64(), r.u32()) {
+                (Some(FORMAT), Some(at), Some(count)) if at == second => count,
+                _ => 0,
+            };
+            if counted >= cap {
+                return false;
+            }
+            let mut value = vec![FORMAT];
+            value.extend_from_slice(&second.to_le_bytes());
+            value.extend_from_slice(&(counted + 1).to_le_bytes());
+            match store.set(&name, &value, cas) {
+                Ok(()) => return true,
+                Err(StoreError::CasMismatch) => continue,
+                Err(StoreError::Unavailable) => return true,
+            }
+        }
+        true
     }
 
     fn ttl_ms(&self, found: bool) -> i64 {
@@ -437,12 +515,17 @@ impl<'a> KeyCache<'a> {
         }
     }
 
+    fn entry(&self, store: &dyn SharedStore, tag: &Tag, found: bool) -> Option<Entry> {
+        let (bytes, _) = store.get(&self.slot_name(tag, found))?;
+        decode(&bytes).into_iter().find(|e| e.tag == *tag)
+    }
+
     pub fn get(&self, store: &dyn SharedStore, key: &LookupKey, now_ms: i64) -> Cached {
         let tag = key.tag(&self.service.namespace);
-        let Some((bytes, _)) = store.get(&self.slot_name(&tag)) else {
-            return Cached::Miss;
-        };
-        let Some(entry) = decode(&bytes).into_iter().find(|e| e.tag == tag) else {
+        let Some(entry) = self
+            .entry(store, &tag, true)
+            .or_else(|| self.entry(store, &tag, false))
+        else {
             return Cached::Miss;
         };
         if self.is_dead(&entry, now_ms) {
@@ -467,6 +550,26 @@ impl<'a> KeyCache<'a> {
         }
     }
 
+    /// Drops `tag` from one table, if it is there.
+    fn forget(&self, store: &dyn SharedStore, tag: &Tag, found: bool) {
+        let name = self.slot_name(tag, found);
+        for _ in 0..CAS_RETRIES {
+            let Some((bytes, cas)) = store.get(&name) else {
+                return;
+            };
+            let mut entries = decode(&bytes);
+            let before = entries.len();
+            entries.retain(|e| e.tag != *tag);
+            if entries.len() == before {
+                return;
+            }
+            match store.set(&name, &encode(&entries), cas) {
+                Err(StoreError::CasMismatch) => continue,
+                Ok(()) | Err(StoreError::Unavailable) => return,
+            }
+        }
+    }
+
     /// Remembers an answer. False when it was not stored (not cacheable, or the slot stayed
     /// contended): the next request for the key looks it up again, nothing worse.
     pub fn put(
@@ -483,7 +586,11 @@ impl<'a> KeyCache<'a> {
             return false;
         }
         let tag = key.tag(&self.service.namespace);
-        let name = self.slot_name(&tag);
+        if !found {
+            // A key found before and gone now: its old record must not be served any more.
+            self.forget(store, &tag, true);
+        }
+        let name = self.slot_name(&tag, found);
         for _ in 0..CAS_RETRIES {
             let (bytes, cas) = store.get(&name).unwrap_or_default();
             let mut entries = decode(&bytes);
@@ -667,6 +774,58 @@ mod tests {
     }
 
     #[test]
+    fn a_flood_of_unknown_keys_never_evicts_a_known_one() {
+        let svc = service(serde_json::json!({"cache_entries": 64, "negative_cache_entries": 64}));
+        let cache = KeyCache::of(&svc).unwrap();
+        let store = MemoryStore::new();
+        let good = LookupKey::Id("good".into());
+        cache.put(&store, &good, &found(&good, &record("good", "s")), 0);
+        for i in 0..20_000 {
+            let unknown = LookupKey::Id(format!("random-{i}"));
+            let nothing = parse_answer(Some(404), b"", &unknown).unwrap();
+            cache.put(&store, &unknown, &nothing, i);
+        }
+        assert!(matches!(
+            cache.get(&store, &good, 20_000),
+            Cached::Fresh(Answer::Found(_))
+        ));
+        assert_eq!(cache.policy.capacity(), (64, 64));
+    }
+
+    #[test]
+    fn a_key_gone_from_the_service_is_no_longer_served_from_the_cache() {
+        let svc = service(serde_json::json!({}));
+        let cache = KeyCache::of(&svc).unwrap();
+        let store = MemoryStore::new();
+        let key = LookupKey::Id("k".into());
+        cache.put(&store, &key, &found(&key, &record("k", "s")), 0);
+        let gone = parse_answer(Some(404), b"", &key).unwrap();
+        cache.put(&store, &key, &gone, 61_000);
+        assert_eq!(
+            cache.get(&store, &key, 61_001),
+            Cached::Fresh(Answer::NotFound)
+        );
+    }
+
+    #[test]
+    fn lookups_beyond_the_cap_per_second_are_not_admitted() {
+        let svc = service(serde_json::json!({"max_misses_per_second": 3}));
+        let cache = KeyCache::of(&svc).unwrap();
+        let store = MemoryStore::new();
+        let admitted: Vec<bool> = (0..5)
+            .map(|i| cache.admit_miss(&store, 7_000 + i))
+            .collect();
+        assert_eq!(admitted, [true, true, true, false, false]);
+        assert!(
+            cache.admit_miss(&store, 8_000),
+            "a new second starts a new count"
+        );
+        let uncapped = service(serde_json::json!({"max_misses_per_second": 0}));
+        let cache = KeyCache::of(&uncapped).unwrap();
+        assert!((0..1_000).all(|i| cache.admit_miss(&store, i)));
+    }
+
+    #[test]
     fn no_negative_caching_with_a_zero_ttl() {
         let svc = service(serde_json::json!({"negative_ttl_seconds": 0}));
         let cache = KeyCache::of(&svc).unwrap();
@@ -710,7 +869,7 @@ mod tests {
             let key = LookupKey::of(&credential);
             let fetched = parse_answer(Some(200), body.to_string().as_bytes(), &key).unwrap();
             match decide_for_key(&config, policy, &credential, fetched.answer.record(), &req) {
-                Decision::Allow { .. } => None,
+                Decision::Allow { .. } | Decision::Preflight => None,
                 Decision::Deny { code, .. } => Some(code),
             }
         };
@@ -747,7 +906,7 @@ mod tests {
         let store = MemoryStore::new();
         let key = LookupKey::Id("a".into());
         cache.put(&store, &key, &found(&key, &record("a", "s")), 0);
-        let name = cache.slot_name(&key.tag(&svc.namespace));
+        let name = cache.slot_name(&key.tag(&svc.namespace), true);
         let (bytes, _) = store.get(&name).unwrap();
         for cut in 0..bytes.len() {
             store.set(&name, bytes.get(..cut).unwrap(), 0).unwrap();

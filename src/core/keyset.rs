@@ -201,13 +201,20 @@ impl KeySet {
 
     /// Parses a key-set document: `{"keys": [ ...records ]}`.
     pub fn from_json(bytes: &[u8]) -> Result<KeySet, ConfigError> {
+        KeySet::from_document(bytes).map(|(keys, _)| keys)
+    }
+
+    /// A key-set document `{"serial": N, "keys": [...]}` and its serial, if it has one.
+    pub fn from_document(bytes: &[u8]) -> Result<(KeySet, Option<u64>), ConfigError> {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct Document {
+            #[serde(default)]
+            serial: Option<u64>,
             keys: Vec<KeyRecordSpec>,
         }
         let doc: Document = serde_json::from_slice(bytes).map_err(ConfigError::from_json)?;
-        KeySet::from_specs(doc.keys, "keys")
+        Ok((KeySet::from_specs(doc.keys, "keys")?, doc.serial))
     }
 
     pub fn len(&self) -> usize {

@@ -23,7 +23,7 @@ use serde::Deserialize;
 
 use super::config::{is_header_value, validate_header_safe_fields, ConfigError};
 use super::digest::sha256;
-use super::keycache::{LookupPolicy, PathTemplate, TemplateKind};
+use super::keycache::{CacheBudgets, LookupPolicy, PathTemplate, TemplateKind};
 use super::keyset::KeySet;
 use super::limits::{SharedStore, StoreError};
 
@@ -81,9 +81,17 @@ pub struct KeyServiceSpec {
     pub positive_ttl_seconds: Option<u64>,
     #[serde(default)]
     pub negative_ttl_seconds: Option<u64>,
-    /// Bound of the shared lookup cache, in entries.
+    /// Bound of the shared lookup cache for keys found, in entries.
     #[serde(default)]
     pub cache_entries: Option<u32>,
+    /// Bound of the shared lookup cache for keys not found, in entries: a separate budget, so
+    /// unknown keys never evict known ones.
+    #[serde(default)]
+    pub negative_cache_entries: Option<u32>,
+    /// Lookups per second per Envoy process (0: no cap); beyond it, uncached keys are answered
+    /// `KEYSET_UNAVAILABLE` without a fetch.
+    #[serde(default)]
+    pub max_misses_per_second: Option<u32>,
 }
 
 const DEFAULT_TIMEOUT_MS: u64 = 1000;
@@ -172,6 +180,14 @@ impl KeyService {
                     ("positive_ttl_seconds", spec.positive_ttl_seconds.is_some()),
                     ("negative_ttl_seconds", spec.negative_ttl_seconds.is_some()),
                     ("cache_entries", spec.cache_entries.is_some()),
+                    (
+                        "negative_cache_entries",
+                        spec.negative_cache_entries.is_some(),
+                    ),
+                    (
+                        "max_misses_per_second",
+                        spec.max_misses_per_second.is_some(),
+                    ),
                 ] {
                     if present {
                         return Err(ConfigError::new(
@@ -234,7 +250,11 @@ impl KeyService {
                     by_id,
                     spec.positive_ttl_seconds,
                     spec.negative_ttl_seconds,
-                    spec.cache_entries,
+                    CacheBudgets {
+                        cache_entries: spec.cache_entries,
+                        negative_cache_entries: spec.negative_cache_entries,
+                        max_misses_per_second: spec.max_misses_per_second,
+                    },
                 )
                 .map_err(|(field, why)| ConfigError::new(at(field), why))?;
                 let identity = format!("lookup\0{}", policy.identity());
@@ -332,6 +352,8 @@ pub struct Meta {
     /// Failed fetches since the last success.
     pub failures: u32,
     pub doc_sha256: [u8; 32],
+    /// `serial` of the stored document: a fetched one must be higher to replace it.
+    pub serial: u64,
     pub etag: Option<String>,
 }
 
@@ -349,6 +371,7 @@ impl Meta {
         out.extend_from_slice(&self.last_attempt_ms.to_le_bytes());
         out.extend_from_slice(&self.failures.to_le_bytes());
         out.extend_from_slice(&self.doc_sha256);
+        out.extend_from_slice(&self.serial.to_le_bytes());
         out.extend_from_slice(&(etag.len() as u16).to_le_bytes());
         out.extend_from_slice(etag.as_bytes());
         out
@@ -364,6 +387,7 @@ impl Meta {
         let last_attempt_ms = r.i64()?;
         let failures = r.u32()?;
         let doc_sha256 = r.take(32)?.try_into().ok()?;
+        let serial = r.u64()?;
         let etag_len = usize::from(r.u16()?);
         let etag = std::str::from_utf8(r.take(etag_len)?).ok()?;
         Some(Meta {
@@ -372,6 +396,7 @@ impl Meta {
             last_attempt_ms,
             failures,
             doc_sha256,
+            serial,
             etag: (!etag.is_empty()).then(|| etag.to_string()),
         })
     }
@@ -410,11 +435,18 @@ impl Lease {
     }
 }
 
-/// Parses and validates a key-set document exactly as inline keys are validated.
-pub fn parse_document(bytes: &[u8]) -> Result<KeySet, ConfigError> {
-    let keys = KeySet::from_json(bytes)?;
+/// Parses and validates a key-set document exactly as inline keys are validated, and returns
+/// its `serial`, which a key service's document must carry (so a rollback can be recognized).
+pub fn parse_document(bytes: &[u8]) -> Result<(KeySet, u64), ConfigError> {
+    let (keys, serial) = KeySet::from_document(bytes)?;
     validate_header_safe_fields(&keys)?;
-    Ok(keys)
+    let serial = serial.ok_or_else(|| {
+        ConfigError::new(
+            "serial",
+            "required: a number raised with every published document (keygate keyset add/revoke/build write it)",
+        )
+    })?;
+    Ok((keys, serial))
 }
 
 /// Why keys cannot be verified right now.
@@ -471,7 +503,7 @@ impl RemoteKeySet {
             return None;
         }
         match parse_document(r.rest()) {
-            Ok(keys) => Some(self.install(version, keys)),
+            Ok((keys, _)) => Some(self.install(version, keys)),
             Err(error) => {
                 self.refused_version = version;
                 Some(SyncEvent::Refused { version, error })
@@ -553,6 +585,13 @@ pub enum FetchOutcome {
     Unchanged { version: u64 },
     /// Nothing changed but the failure count.
     Failed { reason: String, failures: u32 },
+    /// A valid document whose serial is not above the stored one (a stale cache or replica
+    /// served an older set): refused, the stored set stays, and it counts as a failed fetch.
+    RolledBack {
+        offered: u64,
+        current: u64,
+        failures: u32,
+    },
 }
 
 /// Attempts at a contended compare-and-swap on the meta before giving up for this round.
@@ -655,13 +694,9 @@ impl FullSync {
         now_ms: i64,
         response: FetchResponse,
     ) -> FetchOutcome {
-        let failure = |reason: String| {
-            let failures = update_meta(service, store, |m| {
-                m.failures = m.failures.saturating_add(1);
-                m.failures
-            })
-            .unwrap_or(0);
-            FetchOutcome::Failed { reason, failures }
+        let failure = |reason: String| FetchOutcome::Failed {
+            reason,
+            failures: count_failure(service, store),
         };
         let status = match response.status {
             Some(status) => status,
@@ -682,10 +717,19 @@ impl FullSync {
                 if stored.version != 0 && digest == stored.doc_sha256 {
                     return confirm(service, store, now_ms, response.etag);
                 }
-                let keys = match parse_document(&response.body) {
-                    Ok(keys) => keys,
+                let (keys, serial) = match parse_document(&response.body) {
+                    Ok(parsed) => parsed,
                     Err(err) => return failure(format!("invalid key-set document: {err}")),
                 };
+                // Different bytes need a higher serial: an older copy served again must not
+                // re-enable what a newer one revoked.
+                if stored.version != 0 && serial <= stored.serial {
+                    return FetchOutcome::RolledBack {
+                        offered: serial,
+                        current: stored.serial,
+                        failures: count_failure(service, store),
+                    };
+                }
                 for _ in 0..META_RETRIES {
                     let (mut meta, cas) = read_meta(service, store).unwrap_or_default();
                     let version = meta.version + 1;
@@ -699,6 +743,7 @@ impl FullSync {
                     }
                     meta.version = version;
                     meta.doc_sha256 = digest;
+                    meta.serial = serial;
                     meta.etag = response.etag.clone();
                     meta.last_success_ms = now_ms;
                     meta.failures = 0;
@@ -713,6 +758,15 @@ impl FullSync {
             other => failure(format!("status {other} for {}", self.path)),
         }
     }
+}
+
+/// One more failed fetch since the last success; the new count.
+fn count_failure(service: &KeyService, store: &dyn SharedStore) -> u32 {
+    update_meta(service, store, |m| {
+        m.failures = m.failures.saturating_add(1);
+        m.failures
+    })
+    .unwrap_or(0)
 }
 
 /// A 304 or identical bytes: the stored document is current as of now.
@@ -780,7 +834,7 @@ mod tests {
         }
     }
 
-    fn doc(ids: &[&str]) -> Vec<u8> {
+    fn doc(ids: &[&str], serial: u64) -> Vec<u8> {
         let keys: Vec<_> = ids
             .iter()
             .map(|id| {
@@ -788,7 +842,9 @@ mod tests {
                     "secret_sha256": hex::encode(sha256(format!("secret-{id}").as_bytes()))})
             })
             .collect();
-        serde_json::json!({ "keys": keys }).to_string().into_bytes()
+        serde_json::json!({ "serial": serial, "keys": keys })
+            .to_string()
+            .into_bytes()
     }
 
     fn ok(body: Vec<u8>, etag: &str) -> FetchResponse {
@@ -849,7 +905,7 @@ mod tests {
             Unavailable::NotLoaded
         );
         fetch_headers(f.plan(&svc, &store, 1, false, 1_000));
-        match f.finish(&svc, &store, 1_050, ok(doc(&["a", "b"]), "\"e1\"")) {
+        match f.finish(&svc, &store, 1_050, ok(doc(&["a", "b"], 1), "\"e1\"")) {
             FetchOutcome::Updated { version, keys } => {
                 assert_eq!(version, 1);
                 worker_a.install(version, keys);
@@ -883,7 +939,7 @@ mod tests {
         // Revocation: a new document without "b".
         fetch_headers(f.plan(&svc, &store, 1, false, 11_000));
         assert!(matches!(
-            f.finish(&svc, &store, 11_010, ok(doc(&["a"]), "\"e2\"")),
+            f.finish(&svc, &store, 11_010, ok(doc(&["a"], 2), "\"e2\"")),
             FetchOutcome::Updated { version: 2, .. }
         ));
         worker_b.sync(&svc, &store);
@@ -900,13 +956,66 @@ mod tests {
             body,
         };
         assert!(matches!(
-            f.finish(&svc, &store, 1, plain(doc(&["a"]))),
+            f.finish(&svc, &store, 1, plain(doc(&["a"], 1))),
             FetchOutcome::Updated { version: 1, .. }
         ));
         assert!(matches!(
-            f.finish(&svc, &store, 2, plain(doc(&["a"]))),
+            f.finish(&svc, &store, 2, plain(doc(&["a"], 1))),
             FetchOutcome::Unchanged { version: 1 }
         ));
+    }
+
+    #[test]
+    fn an_older_or_equal_serial_is_refused_and_the_current_set_stays() {
+        let svc = service(serde_json::json!({}));
+        let store = MemoryStore::default();
+        let f = full(&svc);
+        let enabled = doc(&["k1"], 1);
+        let revoked = doc(&["k2"], 2);
+        assert!(matches!(
+            f.finish(&svc, &store, 1_000, ok(enabled.clone(), "\"e1\"")),
+            FetchOutcome::Updated { version: 1, .. }
+        ));
+        assert!(matches!(
+            f.finish(&svc, &store, 2_000, ok(revoked, "\"e2\"")),
+            FetchOutcome::Updated { version: 2, .. }
+        ));
+        // The old document served again (a stale CDN edge): refused, version 2 stays.
+        match f.finish(&svc, &store, 3_000, ok(enabled, "\"e1\"")) {
+            FetchOutcome::RolledBack {
+                offered: 1,
+                current: 2,
+                failures: 1,
+            } => {}
+            other => panic!("{other:?}"),
+        }
+        let same_serial_other_bytes = doc(&["k1", "k2"], 2);
+        assert!(matches!(
+            f.finish(&svc, &store, 4_000, ok(same_serial_other_bytes, "\"e3\"")),
+            FetchOutcome::RolledBack { offered: 2, .. }
+        ));
+        let mut worker = RemoteKeySet::default();
+        worker.sync(&svc, &store);
+        assert_eq!(worker.version(), 2);
+        let keys = worker.current(&svc, 4_000).unwrap();
+        assert!(keys.by_id("k2").is_some() && keys.by_id("k1").is_none());
+        let meta = read_meta(&svc, &store).unwrap().0;
+        assert_eq!(
+            (meta.serial, meta.last_success_ms),
+            (2, 2_000),
+            "a refused document is not a confirmation"
+        );
+    }
+
+    #[test]
+    fn a_document_without_a_serial_is_refused() {
+        let svc = service(serde_json::json!({}));
+        let store = MemoryStore::default();
+        let body = br#"{"keys": []}"#.to_vec();
+        match full(&svc).finish(&svc, &store, 1_000, ok(body, "\"e1\"")) {
+            FetchOutcome::Failed { reason, .. } => assert!(reason.contains("serial"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -914,9 +1023,9 @@ mod tests {
         let (svc, store) = (service(serde_json::json!({})), MemoryStore::new());
         let f = full(&svc);
         let mut worker = RemoteKeySet::default();
-        f.finish(&svc, &store, 1_000, ok(doc(&["a"]), "\"e1\""));
+        f.finish(&svc, &store, 1_000, ok(doc(&["a"], 1), "\"e1\""));
         worker.sync(&svc, &store);
-        let truncated = doc(&["a", "b"]);
+        let truncated = doc(&["a", "b"], 1);
         let truncated = truncated.get(..truncated.len() / 2).unwrap().to_vec();
         let bad_record = br#"{"keys": [{"id": "x", "secret_sha256": "nothex"}]}"#.to_vec();
         let header_injection = serde_json::json!({"keys": [{"id": "x",
@@ -955,7 +1064,7 @@ mod tests {
         let (svc, store) = (service(serde_json::json!({})), MemoryStore::new());
         let f = full(&svc);
         let mut worker = RemoteKeySet::default();
-        f.finish(&svc, &store, 1_000, ok(doc(&["a"]), "\"e1\""));
+        f.finish(&svc, &store, 1_000, ok(doc(&["a"], 1), "\"e1\""));
         worker.sync(&svc, &store);
         assert!(worker.current(&svc, 61_000).is_ok());
         assert_eq!(
@@ -1001,6 +1110,7 @@ mod tests {
             last_attempt_ms: 13,
             failures: 2,
             doc_sha256: [9; 32],
+            serial: 5,
             etag: Some("\"abc\"".into()),
         };
         assert_eq!(Meta::decode(&meta.encode()), Some(meta.clone()));

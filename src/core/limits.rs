@@ -165,8 +165,12 @@ pub struct Limits {
     pub on_store_failure: StoreFailurePolicy,
     pub slots: u32,
     pub max_retries: u32,
-    /// Separates the counters of filter instances that share a `vm_id` (the config's name).
+    /// Separates the counters of filter instances that share a `vm_id`: the config's name and
+    /// where its keys come from (`scoped`).
     namespace: String,
+    /// Inline keys: a key's counters also belong to its secret's digest, so two filters that
+    /// share a `vm_id` and a name never count each other's `key-1`.
+    per_secret: bool,
 }
 
 impl Default for Limits {
@@ -180,6 +184,7 @@ impl Default for Limits {
             slots: DEFAULT_SLOTS,
             max_retries: DEFAULT_MAX_RETRIES,
             namespace: String::new(),
+            per_secret: false,
         }
     }
 }
@@ -214,15 +219,33 @@ impl Limits {
             slots,
             max_retries: spec.max_retries.unwrap_or(DEFAULT_MAX_RETRIES),
             namespace: namespace.to_string(),
+            per_secret: false,
         })
     }
 
-    fn tag(&self, key_id: &str) -> Tag {
-        let digest = Sha256::new()
+    /// Counters keyed by where the keys come from, not only by the config's name: a key
+    /// service's namespace (the same service means the same keys), or, for inline keys, each
+    /// key's own secret digest.
+    pub fn scoped(mut self, key_service_namespace: Option<&str>) -> Limits {
+        match key_service_namespace {
+            Some(service) => {
+                self.namespace = format!("{}\0{service}", self.namespace);
+                self.per_secret = false;
+            }
+            None => self.per_secret = true,
+        }
+        self
+    }
+
+    fn tag(&self, record: &KeyRecord) -> Tag {
+        let mut hasher = Sha256::new()
             .chain_update(self.namespace.as_bytes())
             .chain_update([0u8])
-            .chain_update(key_id.as_bytes())
-            .finalize();
+            .chain_update(record.id.as_bytes());
+        if self.per_secret {
+            hasher = hasher.chain_update([0u8]).chain_update(record.digest);
+        }
+        let digest = hasher.finalize();
         let mut tag = [0u8; TAG_LEN];
         for (t, d) in tag.iter_mut().zip(digest.iter()) {
             *t = *d;
@@ -434,7 +457,7 @@ pub fn apply_limits(
     if rate.is_none() && budget.is_none() {
         return Ok(LimitInfo::default());
     }
-    let tag = limits.tag(&record.id);
+    let tag = limits.tag(record);
     let slot = slot_name(limits.slot_of(&tag));
     let now_us = now_ms.saturating_mul(1000);
     let month = month_number(now_ms.div_euclid(1000));
@@ -535,10 +558,10 @@ pub fn sweep_batch(limits: &Limits) -> u32 {
 pub fn peek(
     limits: &Limits,
     store: &dyn SharedStore,
-    key_id: &str,
+    record: &KeyRecord,
     now_ms: i64,
 ) -> Option<(u64, i64)> {
-    let tag = limits.tag(key_id);
+    let tag = limits.tag(record);
     let (bytes, _) = store.get(&slot_name(limits.slot_of(&tag)))?;
     let month = month_number(now_ms.div_euclid(1000));
     decode(&bytes)
@@ -697,6 +720,34 @@ mod tests {
     }
 
     #[test]
+    fn filters_sharing_a_vm_id_and_a_name_never_share_a_keys_counters() {
+        let tenant = |secret: &str| {
+            let cfg = serde_json::json!({
+                "credentials": [{"in": "header"}],
+                "keys": [{"id": "key-1", "secret_sha256": hex::encode(sha256(secret.as_bytes())),
+                          "monthly_budget": 1}],
+            });
+            Config::parse(cfg.to_string().as_bytes()).unwrap()
+        };
+        let (a, a_keys) = tenant("tenant-a-secret");
+        let (b, b_keys) = tenant("tenant-b-secret");
+        let store = ready(&a);
+        let spend = |c: &Config, k: &KeySet| {
+            let record = k.by_id("key-1").unwrap();
+            apply_limits(&c.limits, record, &policy(1), &store, NOW_MS).map(|_| ())
+        };
+        assert!(spend(&a, &a_keys).is_ok());
+        assert_eq!(
+            spend(&a, &a_keys).unwrap_err().code,
+            ErrorCode::BudgetExhausted
+        );
+        assert!(
+            spend(&b, &b_keys).is_ok(),
+            "tenant B's key-1 has its own budget"
+        );
+    }
+
+    #[test]
     fn a_budget_of_n_lets_exactly_n_through_then_402() {
         let (c, k) = setup(
             serde_json::json!({}),
@@ -708,7 +759,7 @@ mod tests {
         assert_eq!(denial.code, ErrorCode::BudgetExhausted);
         assert_eq!(denial.headers(), vec![]);
         assert_eq!(
-            peek(&c.limits, &store, "b", NOW_MS).map(|(spent, _)| spent),
+            peek(&c.limits, &store, k.by_id("b").unwrap(), NOW_MS).map(|(spent, _)| spent),
             Some(7)
         );
     }
@@ -810,7 +861,7 @@ mod tests {
             let _ = hit(&c, &k, "b", &store, NOW_MS);
         }
         assert_eq!(
-            peek(&c.limits, &store, "b", NOW_MS).map(|(s, _)| s),
+            peek(&c.limits, &store, k.by_id("b").unwrap(), NOW_MS).map(|(s, _)| s),
             Some(2)
         );
     }
@@ -989,11 +1040,11 @@ mod tests {
         // 10 s later a's and b's buckets are full again; a write by "a" drops "b".
         let later = NOW_MS + 10_000;
         assert!(hit(&c, &k, "a", &store, later).is_ok());
-        assert!(peek(&c.limits, &store, "b", later).is_none());
+        assert!(peek(&c.limits, &store, k.by_id("b").unwrap(), later).is_none());
         // "c" spent budget this month: kept until the month ends, even when its bucket is full.
         let report = sweep(&c.limits, &store, later + 10_000, 0, 1);
         assert_eq!(report.dropped, 1);
-        assert!(peek(&c.limits, &store, "c", later + 10_000).is_some());
+        assert!(peek(&c.limits, &store, k.by_id("c").unwrap(), later + 10_000).is_some());
         let next_month = parse_rfc3339("2026-12-01T00:00:00Z").unwrap() * 1000;
         let report = sweep(&c.limits, &store, next_month, 0, 1);
         assert_eq!((report.rewritten, report.dropped), (1, 1));

@@ -8,6 +8,7 @@ use serde::Deserialize;
 use super::codes::ErrorCode;
 use super::config::ConfigError;
 use super::keyset::KeyRecord;
+use super::method_override::requests_method;
 use super::request::RequestView;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -89,8 +90,11 @@ impl Policy {
         if let Some(code) = self.deny_api_keys {
             return Err(code);
         }
-        let method = req.method();
-        if let Some((_, code)) = self.deny_methods.iter().find(|(m, _)| m == method) {
+        if let Some((_, code)) = self
+            .deny_methods
+            .iter()
+            .find(|(m, _)| requests_method(req, m))
+        {
             return Err(*code);
         }
         if !self
@@ -223,7 +227,8 @@ pub fn check_origin(req: &RequestView, record: &KeyRecord) -> Result<(), ErrorCo
     }
 }
 
-/// A CORS preflight carries no credentials by design; it is never keygate's to refuse.
+/// A CORS preflight carries no credentials by design, so it cannot be authenticated: on a route
+/// that needs authentication keygate answers it itself (`Decision::Preflight`).
 pub fn is_cors_preflight(req: &RequestView) -> bool {
     req.method() == "OPTIONS"
         && req.has_header("origin")

@@ -11,6 +11,7 @@ use super::config::{is_header_value, Config};
 use super::credential::Place;
 use super::decision::Principal;
 use super::request::RequestView;
+use super::selectors::underscore_aliases;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -94,12 +95,23 @@ impl Replies {
     }
 }
 
+/// The answer to a CORS preflight that reached keygate: no content and no CORS grant (only
+/// Envoy's `cors` filter grants one, for the origins it is configured with).
+pub fn preflight_reply() -> LocalReply {
+    LocalReply {
+        status: 204,
+        headers: Vec::new(),
+        body: Vec::new(),
+    }
+}
+
 /// The changes made to a request before it goes upstream. Names and values borrow from the
 /// config and the key record; only joined lists and rewritten `:path`/`cookie` are built.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UpstreamEdits<'a> {
-    /// Headers to delete: credentials and client-sent copies of scope headers.
-    pub remove: Vec<&'a str>,
+    /// Headers to delete: credentials and client-sent copies of scope headers, in any spelling
+    /// an upstream may read as theirs (`x_keygate_user`).
+    pub remove: Vec<Cow<'a, str>>,
     /// Headers to set (replacing any client-sent value).
     pub set: Vec<(&'a str, Cow<'a, str>)>,
     /// Set when a routing-relevant header changed and Envoy must pick the route again.
@@ -152,19 +164,24 @@ pub fn upstream_edits<'a>(
     if config.strip_credentials {
         strip_query_and_cookie_credentials(config, req, &mut set);
     }
-    let remove: Vec<&'a str> = config
+    let mut remove: Vec<Cow<'a, str>> = config
         .headers_to_strip
         .iter()
         .filter(|h| req.has_header(h) && !set.iter().any(|(n, _)| n == h))
-        .map(String::as_str)
+        .map(|h| Cow::Borrowed(h.as_str()))
         .collect();
+    remove.extend(
+        underscore_aliases(config, req)
+            .into_iter()
+            .map(|alias| Cow::Owned(alias.to_string())),
+    );
     // Envoy may have picked the route before keygate ran, on a client-sent environment header:
     // whenever keygate sets that header or removes the client's copy, the route is picked again.
     let clear_route_cache = config.route_by_environment
         && set
             .iter()
             .map(|(name, _)| *name)
-            .chain(remove.iter().copied())
+            .chain(remove.iter().map(|name| name.as_ref()))
             .any(|name| name == scope.environment);
     UpstreamEdits {
         remove,
@@ -268,11 +285,26 @@ mod tests {
         let (config, _) = routed_config();
         let forged = request(&[(":path", "/"), ("x-keygate-environment", "test")]);
         let edits = upstream_edits(&config, &forged, &Principal::Anonymous);
-        assert!(edits.remove.contains(&"x-keygate-environment"));
+        assert!(edits.remove.iter().any(|h| h == "x-keygate-environment"));
         assert!(edits.clear_route_cache);
 
         let plain = request(&[(":path", "/")]);
         assert!(!upstream_edits(&config, &plain, &Principal::Anonymous).clear_route_cache);
+    }
+
+    #[test]
+    fn underscore_spellings_of_scope_headers_are_removed_for_every_principal() {
+        let (config, _) = routed_config();
+        let forged = request(&[
+            (":path", "/"),
+            ("x_keygate_user", "admin@victim-corp"),
+            ("x_keygate_organizations", "org-victim"),
+            ("x_api_key", "cmp_x"),
+        ]);
+        let edits = upstream_edits(&config, &forged, &Principal::Anonymous);
+        for alias in ["x_keygate_user", "x_keygate_organizations", "x_api_key"] {
+            assert!(edits.remove.iter().any(|h| h == alias), "{alias}");
+        }
     }
 
     #[test]

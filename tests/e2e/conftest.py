@@ -1,11 +1,18 @@
+import subprocess
+import base64
+import hashlib
+import hmac
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from keygate_stack import Stack  # noqa: E402
+from keygate_stack import ROOT, Stack  # noqa: E402
+
+CLI = ROOT / "target" / "release" / "keygate"
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +31,58 @@ def assert_denied(resp, status, code):
     assert resp.upstream is None, "a denied request must not reach the upstream"
 
 
+def assert_refused(resp, status, code):
+    """keygate answered locally, in either body format (`json` or `text`): status, code, and
+    nothing reached the upstream. Every local reply carries its code in `x-keygate-code`."""
+    assert resp.status == status, resp
+    assert resp.header("x-keygate-code") == code, resp.headers
+    if resp.header("content-type") == "application/json":
+        assert resp.code == code, resp
+    assert resp.upstream is None, "a refused request must not reach the upstream"
+
+
 def assert_passed(resp):
     assert resp.status == 200, resp
     seen = resp.upstream
     assert seen is not None, "the request did not reach the upstream"
     return seen
+
+
+def keygate_cli(*args, stdin=""):
+    """Runs the release `keygate` binary (`make cli`; built here if a test run starts without it)
+    from the repository root."""
+    if not CLI.exists():
+        subprocess.run(["cargo", "build", "--release", "--bin", "keygate"], cwd=ROOT, check=True)
+    return subprocess.run([str(CLI), *args], input=stdin, capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)
+
+
+# The session cookie of envoy/abaco.yaml: an HS256 JWT its jwt_authn filter verifies.
+ABACO_SESSION_SIGNING_KEY = b"abaco-demo-session-signing-key-32b!"  # demo only, also in envoy/abaco.yaml
+
+
+def b64url(data):
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def abaco_session_token(sub="web-user-1", exp_in=3600, key=ABACO_SESSION_SIGNING_KEY):
+    """An `accessToken` session cookie value that envoy/abaco.yaml's jwt_authn accepts."""
+    header = {"alg": "HS256", "typ": "JWT", "kid": "abaco-demo"}
+    now = int(time.time())
+    payload = {"iss": "https://abaco.example/session", "sub": sub, "iat": now - 10, "exp": now + exp_in}
+    signing_input = b64url(json.dumps(header).encode()) + "." + b64url(json.dumps(payload).encode())
+    sig = hmac.new(key, signing_input.encode(), hashlib.sha256).digest()
+    return signing_input + "." + b64url(sig)
+
+
+def wait_for(predicate, timeout):
+    """Seconds until `predicate()` held, or None."""
+    start = time.time()
+    while time.time() - start < timeout:
+        if predicate():
+            return time.time() - start
+        time.sleep(0.05)
+    return None
 
 
 def keygate_access_log_field(line):

@@ -1,14 +1,9 @@
 """abaco API (seed 002) reproduced by envoy/abaco.yaml: id:secret keys in Bearer or X-API-Key,
 session-cookie precedence (verified by Envoy's jwt_authn), Spanish JSON errors, forbidden
 DELETE / key management / web-session-only routes, company scope from the key, CORS preflight."""
-import base64
-import hashlib
-import hmac
-import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 
-from conftest import assert_denied, assert_passed
+from conftest import abaco_session_token as session_token, assert_denied, assert_passed
 
 CONFIG = "abaco.yaml"
 
@@ -16,20 +11,6 @@ KEY = "abk_k7Qm2Xw9:c2VjcmV0LWFiYWNvLWRlbW8tMQ"
 NO_USER_KEY = "abk_n0User55:bm8tdXNlci1zZWNyZXQtZGVtbw"
 EXPIRED_KEY = "abk_expired1:ZXhwaXJlZC1rZXktc2VjcmV0"
 REVOKED_KEY = "abk_revoked1:cmV2b2tlZC1rZXktc2VjcmV0"
-SESSION_SIGNING_KEY = b"abaco-demo-session-signing-key-32b!"  # demo only, also in envoy/abaco.yaml
-
-
-def b64url(data):
-    return base64.urlsafe_b64encode(data).decode().rstrip("=")
-
-
-def session_token(sub="web-user-1", exp_in=3600, key=SESSION_SIGNING_KEY):
-    header = {"alg": "HS256", "typ": "JWT", "kid": "abaco-demo"}
-    now = int(time.time())
-    payload = {"iss": "https://abaco.example/session", "sub": sub, "iat": now - 10, "exp": now + exp_in}
-    signing_input = b64url(json.dumps(header).encode()) + "." + b64url(json.dumps(payload).encode())
-    sig = hmac.new(key, signing_input.encode(), hashlib.sha256).digest()
-    return signing_input + "." + b64url(sig)
 
 
 def bearer(token):

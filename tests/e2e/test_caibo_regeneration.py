@@ -62,7 +62,8 @@ def test_caibo_regenerated_live_key_invalidates_the_old_one_on_every_worker(caib
     seen = assert_passed(stack.request("GET", "/payment-requests/1", [("X-API-Key", OLD_LIVE)]))
     assert seen[":upstream"] == ["echo"] and seen["x-keygate-environment"] == ["live"]
 
-    regenerated = {"keys": [r for r in shipped["keys"] if r["id"] != "merchant-55-live"] + [live_record(NEW_LIVE)]}
+    regenerated = {"serial": shipped["serial"] + 1,
+                   "keys": [r for r in shipped["keys"] if r["id"] != "merchant-55-live"] + [live_record(NEW_LIVE)]}
     published = time.time()
     service.write("caibo/keys.json", regenerated)
 

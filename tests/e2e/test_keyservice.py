@@ -13,7 +13,7 @@ import pytest
 
 from conftest import assert_denied, assert_passed
 from keygate_stack import Stack
-from static_keyservice import StaticKeyService
+from static_keyservice import StaticKeyService, keyset_document
 
 CONFIG = "keyservice.yaml"
 REFRESH = 2.0  # refresh_seconds in envoy/keyservice.yaml
@@ -34,7 +34,7 @@ def record(key_id, tenant, **extra):
 
 
 def document(*records):
-    return {"keys": list(records)}
+    return keyset_document(*records)
 
 
 BASE = [record("ks-alpha", "acme"), record("ks-beta", "globex"), record("ksid_gamma", "initech")]
@@ -180,16 +180,16 @@ def test_an_added_key_works_on_every_worker_within_one_period_plus_one_second(re
 
 def test_malformed_documents_change_nothing(remote):
     stack, service = remote
-    good = document(record("ks-alpha", "acme"), record("ksid_gamma", "initech"), record("ks-delta", "hooli"))
+    good = json.loads((service.root / "keys.json").read_text())  # the document stored now
     version = stat(stack, "keyset.version")
     failures = stat(stack, "keyset.fetch_failures")
     text = json.dumps(document(*good["keys"], record("ks-beta", "globex")))
     broken = [
         text[: len(text) // 2],  # truncated: would have re-added ks-beta
         "<html><body>502 Bad Gateway</body></html>",
-        json.dumps({"keys": [{"id": "ks-beta", "secret_sha256": "not-a-digest"}]}),
-        json.dumps({"keys": [record("ks-beta", "globex\r\nx-injected: 1")]}),
-        json.dumps({"keys": [record("ks-alpha", "acme"), record("ks-alpha", "acme")]}),
+        json.dumps(document({"id": "ks-beta", "secret_sha256": "not-a-digest"})),
+        json.dumps(document(record("ks-beta", "globex\r\nx-injected: 1"))),
+        json.dumps(document(record("ks-alpha", "acme"), record("ks-alpha", "acme"))),
     ]
     for n, body in enumerate(broken, start=1):
         service.write("keys.json", body)

@@ -11,7 +11,7 @@ from static_keyservice import StaticKeyService
 CONFIG = "keyservice.yaml"
 REFRESH = 2.0
 ALPHA = "ks_alpha_Q2mX7rT9wL4v"
-DOCUMENT = {"keys": [{"id": "ks-alpha", "secret_sha256": hashlib.sha256(ALPHA.encode()).hexdigest(),
+DOCUMENT = {"serial": 1, "keys": [{"id": "ks-alpha", "secret_sha256": hashlib.sha256(ALPHA.encode()).hexdigest(),
                       "tenant": "acme"}]}
 
 
