@@ -11,6 +11,10 @@ is the bench config's. Rounds are interleaved; the per-filter cost is the median
 
     python3 bench/ab.py before=build/keygate-before.wasm after=build/keygate.wasm \\
         empty=build/bench-empty.wasm --rounds 10
+
+`--unknown` measures the 401 path instead: well-formed unknown keys, one filter per listener
+(the first copy answers, so chaining would not amplify), against a floor listener whose route
+answers 401 itself; empty-filter variants are left out (they would pass the request upstream).
 """
 import argparse
 import json
@@ -37,8 +41,9 @@ def chained_filters(name, wasm, chain, keys):
     return "".join(one.replace("- name: keygate", f"- name: keygate_{i}", 1) for i in range(chain))
 
 
-def render(variants, chain, keys, ports):
-    listeners = [bench_config.listener("floor", ports["floor"], bench_config.hcm("floor", ""))]
+def render(variants, chain, keys, ports, unknown=False):
+    floor_route = bench_config.DENY_ROUTE if unknown else None
+    listeners = [bench_config.listener("floor", ports["floor"], bench_config.hcm("floor", "", route=floor_route))]
     for name, wasm in variants:
         listeners.append(bench_config.listener(
             name, ports[name], bench_config.hcm(name, chained_filters(name, wasm, chain, keys))))
@@ -59,8 +64,12 @@ def main():
     parser.add_argument("--seconds", type=int, default=2)
     parser.add_argument("--keys", type=int, default=1000)
     parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--unknown", action="store_true", help="unknown keys: the 401 path, one filter")
     args = parser.parse_args()
     variants = [tuple(v.split("=", 1)) for v in args.variants]
+    if args.unknown:
+        args.chain = 1
+        variants = [(n, w) for n, w in variants if "empty" not in n]
     for _, wasm in variants:
         if not (ROOT / wasm).exists():
             sys.exit(f"no such wasm: {wasm}")
@@ -69,8 +78,12 @@ def main():
     names = ["floor"] + [n for n, _ in variants]
     ports = {n: run.free_port() for n in names + ["upstream", "admin"]}
     config = run.WORK / "ab.yaml"
-    config.write_text(render(variants, args.chain, args.keys, ports))
-    keys = run.write_keys(run.WORK / "ab-keys.txt", [bench_config.bench_key(i) for i in range(args.keys)])
+    config.write_text(render(variants, args.chain, args.keys, ports, args.unknown))
+    if args.unknown:
+        plain = [bench_config.KEY_PREFIX + f"{i:032x}" for i in range(args.keys)]
+    else:
+        plain = [bench_config.bench_key(i) for i in range(args.keys)]
+    keys = run.write_keys(run.WORK / "ab-keys.txt", plain)
     log = open(run.WORK / "ab-envoy.log", "wb")
     envoy = subprocess.Popen(["taskset", "-c", "0", run.ENVOY_BIN, "-c", str(config), "--concurrency", "1",
                               "--disable-hot-restart", "--log-level", "warn"],
@@ -83,7 +96,8 @@ def main():
                                "--", str(keys)], capture_output=True, text=True)
         cpu = run.cpu_seconds(envoy.pid) - before
         result = json.loads(next(l for l in done.stdout.splitlines() if l.startswith("{")))
-        if result["status_errors"] or result["socket_errors"]:
+        # wrk counts every non-2xx/3xx answer as a status error: on the 401 path all of them are.
+        if (result["status_errors"] and not args.unknown) or result["socket_errors"]:
             raise RuntimeError(f"{name}: {result}")
         return cpu * 1e6 / result["requests"]
 
@@ -105,8 +119,9 @@ def main():
         envoy.terminate()
         envoy.wait()
 
+    traffic = "unknown keys (401 from the filter; floor: the route answers 401)" if args.unknown else "valid keys"
     print(f"\nA/B, keygate chained x{args.chain} per listener, {args.rounds} interleaved rounds of "
-          f"{args.seconds}s, valid keys, {args.keys:,} keys; load average {' '.join(load)} / "
+          f"{args.seconds}s, {traffic}, {args.keys:,} keys; load average {' '.join(load)} / "
           f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])}\n")
     # Interference from other processes only ever adds CPU time, so each listener's quieter
     # rounds give the second estimate: (lower quartile of its CPU - the floor's) / N.

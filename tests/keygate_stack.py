@@ -238,10 +238,14 @@ class Stack:
             )
             self.procs.append(proc)
         config = self.render_config()
-        self.log_file = open(self.log_path, "wb")
+        # Append mode: the shipped access logs reopen Envoy's stdout (/dev/stdout) with O_APPEND,
+        # and writes through a non-append descriptor would overwrite their lines.
+        self.log_file = open(self.log_path, "ab")
         self.envoy = subprocess.Popen(
+            # Access logs flushed within 50 ms (Envoy's default is 10 s), so tests can read them.
             [ENVOY_BIN, "-c", str(config), "--concurrency", str(self.concurrency),
-             "--disable-hot-restart", "--log-level", self.log_level, *self.extra_args],
+             "--disable-hot-restart", "--log-level", self.log_level, "--file-flush-interval-msec", "50",
+             *self.extra_args],
             cwd=ROOT, stdout=self.log_file, stderr=subprocess.STDOUT, env=envoy_env(self.module_dir),
         )
         self.procs.append(self.envoy)
@@ -346,3 +350,16 @@ class Stack:
     def log_text(self):
         self.log_file.flush()
         return self.log_path.read_text(errors="replace")
+
+    def access_log_line(self, marker, timeout=5.0):
+        """The access-log line (the shipped configs log to Envoy's stdout, which is `log_path`)
+        that contains `marker` (e.g. a path unique to one request); None if none appears within
+        `timeout`."""
+        deadline = time.time() + timeout
+        while True:
+            for line in self.log_text().splitlines():
+                if marker in line and " keygate=" in line:
+                    return line
+            if time.time() > deadline:
+                return None
+            time.sleep(0.1)

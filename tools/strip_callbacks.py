@@ -9,7 +9,8 @@ module cargo builds; behavior is unchanged because a missing export means exactl
 
 An export stays whenever `fn on_<callback>` appears anywhere under the adapter directory, so
 implementing a callback brings its export back without touching this file. Only the per-request
-HTTP callbacks are candidates; everything else is copied as it is.
+HTTP callbacks, and the network, gRPC, queue and foreign-function callbacks an HTTP filter is
+never sent, are candidates; everything else is copied as it is.
 
     python3 tools/strip_callbacks.py target/.../keygate.wasm build/keygate.wasm src/adapter
 """
@@ -19,13 +20,28 @@ from pathlib import Path
 
 # Export the host calls per HTTP stream -> the SDK trait method that implements it.
 STREAM_CALLBACKS = {
-    "proxy_on_request_body": "on_http_request_body",
-    "proxy_on_request_trailers": "on_http_request_trailers",
-    "proxy_on_response_headers": "on_http_response_headers",
-    "proxy_on_response_body": "on_http_response_body",
-    "proxy_on_response_trailers": "on_http_response_trailers",
-    "proxy_on_log": "on_log",
-    "proxy_on_done": "on_done",
+    "proxy_on_request_body": ("on_http_request_body",),
+    "proxy_on_request_trailers": ("on_http_request_trailers",),
+    "proxy_on_response_headers": ("on_http_response_headers",),
+    "proxy_on_response_body": ("on_http_response_body",),
+    "proxy_on_response_trailers": ("on_http_response_trailers",),
+    "proxy_on_log": ("on_log",),
+    "proxy_on_done": ("on_done",),
+}
+# Callbacks an HTTP filter that makes no gRPC calls and uses no queues is never sent. Dropping
+# their exports costs nothing per request; it lets wasm-opt remove the SDK code behind them.
+UNUSED_CALLBACKS = {
+    "proxy_on_queue_ready": ("on_queue_ready",),
+    "proxy_on_new_connection": ("on_new_connection",),
+    "proxy_on_downstream_data": ("on_downstream_data",),
+    "proxy_on_downstream_connection_close": ("on_downstream_close",),
+    "proxy_on_upstream_data": ("on_upstream_data",),
+    "proxy_on_upstream_connection_close": ("on_upstream_close",),
+    "proxy_on_grpc_receive_initial_metadata": ("on_grpc_stream_initial_metadata",),
+    "proxy_on_grpc_receive": ("on_grpc_call_response", "on_grpc_stream_message"),
+    "proxy_on_grpc_receive_trailing_metadata": ("on_grpc_stream_trailing_metadata",),
+    "proxy_on_grpc_close": ("on_grpc_call_response", "on_grpc_stream_close"),
+    "proxy_on_foreign_function": ("on_foreign_function",),
 }
 EXPORT_SECTION = 7
 
@@ -90,7 +106,8 @@ def main():
         sys.exit(__doc__)
     source, target, adapter_dir = sys.argv[1:]
     implemented = implemented_callbacks(adapter_dir)
-    drop = {export for export, method in STREAM_CALLBACKS.items() if method not in implemented}
+    drop = {export for export, methods in {**STREAM_CALLBACKS, **UNUSED_CALLBACKS}.items()
+            if not implemented.intersection(methods)}
     module, removed = strip(Path(source).read_bytes(), drop)
     Path(target).write_bytes(module)
     print(f"{target}: dropped unimplemented callbacks {', '.join(sorted(removed)) or '(none)'}")

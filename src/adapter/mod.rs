@@ -1,7 +1,9 @@
 //! The proxy-wasm adapter: the only code that talks to the host. It turns host calls into a
 //! `RequestView`, asks the core for a decision, and applies the answer.
 
+mod filter_state;
 mod keysource;
+mod local_reply;
 mod request_headers;
 mod shared_store;
 
@@ -12,16 +14,18 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 
+use crate::core::access_log::AccessLogEntry;
 use crate::core::codes::ErrorCode;
 use crate::core::config::Config;
 use crate::core::decision::{begin, decide_for_key, lookup, Decision, Principal, Step};
 use crate::core::keyset::KeyRecord;
 use crate::core::keyset::KeySet;
 use crate::core::limits::{apply_limits, ensure_slots, sweep, sweep_batch};
-use crate::core::reply::{denial_log_line, preflight_reply, upstream_edits, LocalReply};
+use crate::core::reply::{preflight_reply, upstream_edits, LocalReply};
 use crate::core::request::{RequestView, SessionEvidence};
 use crate::core::selectors::{check_form_body, form_body_kind};
 use keysource::{KeySource, PendingLookup};
+use local_reply::PreparedHeaders;
 use shared_store::HostStore;
 
 proxy_wasm::main! {{
@@ -75,6 +79,8 @@ struct Runtime {
     /// The inline key set (empty when keys come from a key service).
     keys: KeySet,
     metrics: Metrics,
+    /// Each code's reply headers, serialized for the host once.
+    reply_headers: PreparedHeaders,
     source: Option<KeySource>,
     /// Whether a request's time matters: some key has a validity window, or keys come from a
     /// key service whose records may. The clock is the only per-request host call it saves, and
@@ -158,6 +164,7 @@ impl RootContext for KeygateRoot {
                         .iter()
                         .any(|r| r.expires_at.is_some() || r.not_after.is_some());
                 self.runtime = Some(Rc::new(Runtime {
+                    reply_headers: PreparedHeaders::prepare(&config.replies),
                     config,
                     keys,
                     metrics,
@@ -299,7 +306,9 @@ impl HttpContext for KeygateRequest {
         match check_form_body(&runtime.config, &check.req, &check.record, &body) {
             Ok(()) => Action::Continue,
             Err(code) => {
-                deny(&runtime, code, Some(&check.record.id), Vec::new());
+                // Replaces the "allowed" entry the headers published for this request.
+                let entry = AccessLogEntry::denied(Some(code), Some(&check.record.id));
+                deny(&runtime, code, &entry, Vec::new());
                 Action::Pause
             }
         }
@@ -382,10 +391,12 @@ fn settle(
     let mut settled = Settled::default();
     match decision {
         Decision::Deny { code, key_id } => {
-            deny(runtime, code, key_id, Vec::new());
+            let entry = AccessLogEntry::denied(Some(code), key_id);
+            deny(runtime, code, &entry, Vec::new());
             (Verdict::Replied, settled)
         }
         Decision::Preflight => {
+            filter_state::publish(&AccessLogEntry::allowed(&Principal::Anonymous));
             send(&preflight_reply());
             (Verdict::Replied, settled)
         }
@@ -396,7 +407,8 @@ fn settle(
                         apply_limits(&config.limits, record, policy, &HostStore, now_millis());
                     match outcome {
                         Err(denial) => {
-                            deny(runtime, denial.code, Some(&record.id), denial.headers());
+                            let entry = AccessLogEntry::limited(&principal, denial.code);
+                            deny(runtime, denial.code, &entry, denial.headers());
                             return (Verdict::Replied, settled);
                         }
                         Ok(info) if config.limits.response_headers => {
@@ -408,6 +420,7 @@ fn settle(
                 }
             }
             Metrics::bump(runtime.metrics.allowed);
+            filter_state::publish(&AccessLogEntry::allowed(&principal));
             let edits = upstream_edits(config, req, &principal);
             for name in &edits.remove {
                 let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
@@ -432,37 +445,30 @@ fn settle(
 }
 
 /// Answers locally with the code's pre-rendered reply plus any per-request headers
-/// (`Retry-After`, `RateLimit-*`), counts it and logs one line without secrets.
+/// (`Retry-After`, `RateLimit-*`), counts it and publishes it for the access log. No log line:
+/// the access log records every denial, and a log host call per denial is what a
+/// credential-stuffing attack would multiply.
 fn deny(
     runtime: &Runtime,
     code: ErrorCode,
-    key_id: Option<&str>,
+    entry: &AccessLogEntry,
     extra_headers: Vec<(&'static str, String)>,
 ) {
-    let config = &runtime.config;
     runtime.metrics.count_denial(code);
-    let reply = config.replies.rendered(code);
+    filter_state::publish(entry);
+    let reply = runtime.config.replies.rendered(code);
     let status = reply.map_or(code.status(), |r| r.status);
-    // Format the line only when Envoy will write it (an info line per denial is the default).
-    if log_enabled(LogLevel::Info) {
-        log(
-            LogLevel::Info,
-            &denial_log_line(&config.name, status, code, key_id),
-        );
-    }
-    let headers: Vec<(&str, &str)> = reply
-        .iter()
-        .flat_map(|r| r.headers.iter())
-        .chain(extra_headers.iter())
-        .map(|(n, v)| (*n, v.as_str()))
-        .collect();
     let body = reply.map_or(&[][..], |r| r.body.as_slice());
-    let _ = hostcalls::send_http_response(status, headers, Some(body));
-}
-
-/// Whether Envoy's log level lets a message of `level` through; unknown means yes.
-fn log_enabled(level: LogLevel) -> bool {
-    hostcalls::get_log_level().map_or(true, |current| current as u32 <= level as u32)
+    match runtime.reply_headers.get(code) {
+        Some(prepared) if extra_headers.is_empty() => local_reply::send(status, prepared, body),
+        _ => {
+            let headers = reply
+                .into_iter()
+                .flat_map(local_reply::pairs)
+                .chain(extra_headers.iter().map(|(n, v)| (*n, v.as_str())));
+            local_reply::send(status, &local_reply::serialize(headers), body);
+        }
+    }
 }
 
 fn now_millis() -> i64 {
@@ -477,12 +483,8 @@ fn log(level: LogLevel, message: &str) {
 }
 
 fn send(reply: &LocalReply) {
-    let headers: Vec<(&str, &str)> = reply
-        .headers
-        .iter()
-        .map(|(n, v)| (*n, v.as_str()))
-        .collect();
-    let _ = hostcalls::send_http_response(reply.status, headers, Some(&reply.body));
+    let headers = local_reply::serialize(local_reply::pairs(reply));
+    local_reply::send(reply.status, &headers, &reply.body);
 }
 
 fn property(path: Vec<&str>) -> Option<Vec<u8>> {

@@ -23,6 +23,17 @@ pub enum Principal<'a> {
     },
 }
 
+impl Principal<'_> {
+    /// How the request was authenticated, as the scope header and the access log name it.
+    pub fn auth_kind(&self) -> &'static str {
+        match self {
+            Principal::Anonymous => "none",
+            Principal::Session { .. } => "session",
+            Principal::ApiKey { .. } => "api_key",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision<'a> {
     Allow {

@@ -8,6 +8,7 @@
 //! tests no index or slice may panic: use `get`, `split_at_checked`, iterators.
 #![cfg_attr(not(test), deny(clippy::indexing_slicing, clippy::string_slice))]
 
+pub mod access_log;
 pub mod checksum;
 pub mod codes;
 pub mod config;

@@ -128,10 +128,10 @@ pub fn upstream_edits<'a>(
     let scope = &config.scope;
     let mut set: Vec<(&'a str, Cow<'a, str>)> = Vec::with_capacity(8);
     let mut put = |name: &'a str, value: Cow<'a, str>| set.push((name, value));
+    put(&scope.auth, principal.auth_kind().into());
     match principal {
-        Principal::Anonymous => put(&scope.auth, "none".into()),
+        Principal::Anonymous => {}
         Principal::Session { subject } => {
-            put(&scope.auth, "session".into());
             if let Some(s) = subject.as_deref().filter(|s| is_header_value(s)) {
                 put(&scope.user, s.into());
             }
@@ -140,7 +140,6 @@ pub fn upstream_edits<'a>(
             record,
             environment,
         } => {
-            put(&scope.auth, "api_key".into());
             put(&scope.key_id, record.id.as_str().into());
             if let Some(t) = &record.tenant {
                 put(&scope.tenant, t.as_str().into());

@@ -86,3 +86,9 @@ def abaco_session_token(sub="web-user-1", exp_in=3600, key=ABACO_SESSION_SIGNING
     sig = hmac.new(key, signing_input.encode(), hashlib.sha256).digest()
     return signing_input + "." + b64url(sig)
 
+
+def keygate_access_log_field(line):
+    """keygate's decision in an access-log line of a shipped config: the JSON object after
+    `keygate=` (`%FILTER_STATE(wasm.keygate:PLAIN)%`), or None where Envoy printed `-`."""
+    _, _, value = line.partition(" keygate=")
+    return None if value.strip() == "-" else json.loads(value)

@@ -2,7 +2,7 @@
 reproduced with envoy/limits.yaml on an Envoy with two worker threads."""
 import re
 
-from conftest import assert_denied, assert_passed, wasm_only
+from conftest import assert_denied, assert_passed, keygate_access_log_field, wasm_only
 
 CONFIG = "limits.yaml"
 CONCURRENCY = 2
@@ -89,7 +89,8 @@ def test_each_request_spends_its_routes_cost(stack):
 def test_a_key_marked_exhausted_by_billing_is_402_at_once(stack):
     resp = stack.request("GET", "/x", key(BILLING_EXHAUSTED))
     assert_denied(resp, 402, "BUDGET_EXHAUSTED")
-    assert "key_id=billing-exhausted" in stack.log_text()
+    line = stack.access_log_line('"key_id":"billing-exhausted"')
+    assert line and keygate_access_log_field(line)["code"] == "BUDGET_EXHAUSTED", line
 
 
 def test_keys_are_counted_separately(stack):
