@@ -767,6 +767,26 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
     CONTINUE
 }
 
+/// On the stream's worker: the lookup this stream waited for has answered.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
+    filter_envoy: EnvoyFilterPtr,
+    stream: ModuleFilterPtr,
+    event_id: u64,
+) {
+    let filter = FilterHandle(filter_envoy);
+    // SAFETY: see `stream_ref`.
+    let Some(stream) = (unsafe { stream_ref(stream) }) else {
+        return;
+    };
+    let guarded = catch_unwind(AssertUnwindSafe(|| {
+        super::on_stream_scheduled(&filter, stream, event_id)
+    }));
+    if guarded.is_err() {
+        let _ = catch_unwind(AssertUnwindSafe(|| super::on_panic(&filter, stream)));
+    }
+}
+
 // Hooks Envoy 1.40 requires every module to export; keygate does nothing in them. Their bodies
 // cannot panic, so they need no guard.
 
@@ -820,26 +840,6 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_local_reply(
     _reset_imminent: bool,
 ) -> u32 {
     CONTINUE
-}
-
-/// On the stream's worker: the lookup this stream waited for has answered.
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
-    filter_envoy: EnvoyFilterPtr,
-    stream: ModuleFilterPtr,
-    event_id: u64,
-) {
-    let filter = FilterHandle(filter_envoy);
-    // SAFETY: see `stream_ref`.
-    let Some(stream) = (unsafe { stream_ref(stream) }) else {
-        return;
-    };
-    let guarded = catch_unwind(AssertUnwindSafe(|| {
-        super::on_stream_scheduled(&filter, stream, event_id)
-    }));
-    if guarded.is_err() {
-        let _ = catch_unwind(AssertUnwindSafe(|| super::on_panic(&filter, stream)));
-    }
 }
 
 /// Status, ETag and body of a callout's answer; no status when there was none.
