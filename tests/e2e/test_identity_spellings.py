@@ -379,7 +379,8 @@ def test_concurrent_requests_for_one_uncached_key_share_one_lookup_per_worker():
             answers = list(pool.map(lambda i: stack.request("GET", "/orders", key, http2=i % 2 == 1), range(20)))
         for r in answers:
             assert_refused(r, 401, "INVALID_API_KEY")
-        assert 1 <= len(service.paths) <= 2, service.paths  # one lookup per worker at most
+        # One lookup per worker VM at most (wasm); one for the whole process (native).
+        assert 1 <= len(service.paths) <= 2, service.paths
         assert stat(stack, LOOKUP_STAT + "cache.coalesced") >= 20 - 2 - stat(stack, LOOKUP_STAT + "cache.hits")
 
 

@@ -146,6 +146,14 @@ extern "C" {
         timeout_milliseconds: u64,
     ) -> u32;
     fn envoy_dynamic_module_callback_http_filter_continue_decoding(filter: EnvoyFilterPtr);
+    fn envoy_dynamic_module_callback_http_filter_scheduler_new(
+        filter: EnvoyFilterPtr,
+    ) -> *mut c_void;
+    fn envoy_dynamic_module_callback_http_filter_scheduler_commit(
+        scheduler: *mut c_void,
+        event_id: u64,
+    );
+    fn envoy_dynamic_module_callback_http_filter_scheduler_delete(scheduler: *mut c_void);
     fn envoy_dynamic_module_callback_http_filter_config_scheduler_new(
         config: EnvoyConfigPtr,
     ) -> *mut c_void;
@@ -572,6 +580,15 @@ impl FilterHandle {
         unsafe { envoy_dynamic_module_callback_http_filter_continue_decoding(self.0) }
     }
 
+    /// A handle that wakes this stream on its own worker from any thread (`None`: Envoy gave
+    /// no scheduler).
+    pub fn waker(&self) -> Option<StreamWaker> {
+        // SAFETY: `self.0` is the filter pointer of the running hook; the scheduler Envoy returns
+        // is owned by the `StreamWaker` and deleted once, in its `Drop`.
+        let scheduler = unsafe { envoy_dynamic_module_callback_http_filter_scheduler_new(self.0) };
+        (!scheduler.is_null()).then_some(StreamWaker { scheduler })
+    }
+
     pub fn clear_route_cache(&self) {
         // SAFETY: `self.0` is the filter pointer of the running hook.
         unsafe { envoy_dynamic_module_callback_http_clear_route_cache(self.0) }
@@ -589,6 +606,34 @@ impl FilterHandle {
                 1,
             );
         }
+    }
+}
+
+/// Wakes one stream: Envoy calls `on_http_filter_scheduled` on the stream's worker, or drops the
+/// event if the stream is gone by then.
+pub struct StreamWaker {
+    scheduler: *mut c_void,
+}
+
+// SAFETY: Envoy's filter scheduler may be committed and deleted from any thread (abi.h: it
+// dispatches to the stream's worker thread; it holds a weak reference to the filter and its
+// dispatcher, not the filter itself), so a waker may be handed to the worker whose lookup answers.
+unsafe impl Send for StreamWaker {}
+
+impl StreamWaker {
+    pub fn wake(self, event_id: u64) {
+        // SAFETY: `scheduler` came from `scheduler_new` and is deleted only in `Drop`, after this.
+        unsafe {
+            envoy_dynamic_module_callback_http_filter_scheduler_commit(self.scheduler, event_id)
+        }
+    }
+}
+
+impl Drop for StreamWaker {
+    fn drop(&mut self) {
+        // SAFETY: created by `scheduler_new`, deleted once here; an event committed before is
+        // still delivered (Envoy's posted callback holds its own weak reference to the filter).
+        unsafe { envoy_dynamic_module_callback_http_filter_scheduler_delete(self.scheduler) }
     }
 }
 
@@ -722,6 +767,26 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
     CONTINUE
 }
 
+/// On the stream's worker: the lookup this stream waited for has answered.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
+    filter_envoy: EnvoyFilterPtr,
+    stream: ModuleFilterPtr,
+    event_id: u64,
+) {
+    let filter = FilterHandle(filter_envoy);
+    // SAFETY: see `stream_ref`.
+    let Some(stream) = (unsafe { stream_ref(stream) }) else {
+        return;
+    };
+    let guarded = catch_unwind(AssertUnwindSafe(|| {
+        super::on_stream_scheduled(&filter, stream, event_id)
+    }));
+    if guarded.is_err() {
+        let _ = catch_unwind(AssertUnwindSafe(|| super::on_panic(&filter, stream)));
+    }
+}
+
 // Hooks Envoy 1.40 requires every module to export; keygate does nothing in them. Their bodies
 // cannot panic, so they need no guard.
 
@@ -775,14 +840,6 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_local_reply(
     _reset_imminent: bool,
 ) -> u32 {
     CONTINUE
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
-    _filter_envoy: EnvoyFilterPtr,
-    _stream: ModuleFilterPtr,
-    _event_id: u64,
-) {
 }
 
 /// Status, ETag and body of a callout's answer; no status when there was none.

@@ -8,6 +8,7 @@
 mod ffi;
 mod full_sync;
 mod limits_table;
+mod lookups_in_flight;
 mod process_store;
 
 use std::cell::{Cell, RefCell};
@@ -30,6 +31,7 @@ use crate::core::session_token;
 use ffi::{log, log_enabled, ConfigHandle, FilterHandle, LogLevel};
 use full_sync::{FullSource, TICK_EVENT};
 use limits_table::LimitsTable;
+use lookups_in_flight::{LookupsInFlight, Outcome, Role, LOOKUP_ANSWERED};
 use process_store::ProcessStore;
 
 /// Envoy stats counters; Envoy prefixes their names with the module metrics namespace
@@ -42,6 +44,8 @@ struct Counters {
     cache_hits: Option<usize>,
     cache_misses: Option<usize>,
     lookup_failures: Option<usize>,
+    misses_over_cap: Option<usize>,
+    coalesced: Option<usize>,
     unverified_allowed: Option<usize>,
 }
 
@@ -53,6 +57,8 @@ impl Counters {
             cache_hits: lookup_counter("cache.hits"),
             cache_misses: lookup_counter("cache.misses"),
             lookup_failures: lookup_counter("cache.lookup_failures"),
+            misses_over_cap: lookup_counter("cache.misses_over_cap"),
+            coalesced: lookup_counter("cache.coalesced"),
             unverified_allowed: counter("unverified_allowed"),
             allowed: counter("allowed"),
             denied: counter("denied"),
@@ -88,6 +94,8 @@ struct Runtime {
     limits: Arc<LimitsTable>,
     /// The answers of lookup on miss, shared by every worker (`None`: not that mode).
     cache_store: Option<Arc<ProcessStore>>,
+    /// Lookup on miss: the lookups being made, so a key is fetched once at a time.
+    lookups: LookupsInFlight,
     /// The key service in full mode: one set for the process (`None`: not that mode).
     full: Option<Arc<FullSource>>,
     /// Whether a request's time matters: a key with a validity window, or keys looked up.
@@ -121,8 +129,28 @@ pub struct Stream {
     response_headers: RefCell<Vec<(&'static str, String)>>,
     /// The key lookup this request is paused for.
     pending: RefCell<Option<PendingLookup>>,
+    /// Another request's lookup of this request's key, which this request is paused for.
+    waiting: RefCell<Option<WaitingLookup>>,
     /// Set once a local reply went out: a panic after it must not send a second one.
     replied: Cell<bool>,
+}
+
+/// A request paused until another request's lookup of its key answers.
+struct WaitingLookup {
+    req: RequestView,
+    outcome: Outcome,
+    /// An expired cached answer, served if the lookup fails.
+    stale: Option<Answer>,
+}
+
+impl Drop for Stream {
+    /// A stream that goes away mid-lookup cancels its callout, which then never answers: its
+    /// waiters are settled as by a failed lookup.
+    fn drop(&mut self) {
+        if let Some(pending) = self.pending.get_mut().take() {
+            self.runtime.lookups.settle(&pending.key, None);
+        }
+    }
 }
 
 /// A request paused while its key is looked up.
@@ -185,6 +213,7 @@ fn config_new(handle: &ConfigHandle, bytes: &[u8]) -> Option<FilterConfig> {
             counters,
             limits,
             cache_store,
+            lookups: LookupsInFlight::default(),
             full,
             reads_clock,
         }),
@@ -196,6 +225,7 @@ fn stream_new(config: &FilterConfig) -> Stream {
         runtime: Arc::clone(&config.runtime),
         response_headers: RefCell::new(Vec::new()),
         pending: RefCell::new(None),
+        waiting: RefCell::new(None),
         replied: Cell::new(false),
     }
 }
@@ -277,6 +307,38 @@ fn decide_by_lookup(
         Cached::Miss => None,
     };
     Counters::bump(filter, runtime.counters.cache_misses);
+    let now = now_millis();
+    match runtime
+        .lookups
+        .join_or_lead(&key, || filter.waker(), || cache.admit_miss(store, now))
+    {
+        Role::Lead => {}
+        Role::Wait(outcome) => {
+            Counters::bump(filter, runtime.counters.coalesced);
+            if let Ok(mut waiting) = stream.waiting.try_borrow_mut() {
+                *waiting = Some(WaitingLookup {
+                    req,
+                    outcome,
+                    stale,
+                });
+            }
+            return false;
+        }
+        Role::OverCap => {
+            // No fetch. A key with an old answer is decided with it; an unknown one cannot be
+            // verified now, whatever on_unavailable says (unknown keys must not get through
+            // unauthenticated by flooding).
+            Counters::bump(filter, runtime.counters.misses_over_cap);
+            let decision = match &stale {
+                Some(answer) => decide_for_key(config, policy, &credential, answer.record(), &req),
+                None => Decision::Deny {
+                    code: ErrorCode::KeysetUnavailable,
+                    key_id: None,
+                },
+            };
+            return apply(filter, stream, &req, decision);
+        }
+    }
     let sent = cache
         .request_headers(&key)
         .ok_or_else(|| "no lookup path for this kind of key".to_string())
@@ -297,6 +359,7 @@ fn decide_by_lookup(
             false
         }
         Err(reason) => {
+            runtime.lookups.settle(&key, None);
             lookup_failed(filter, runtime, &reason);
             let decision = match &stale {
                 Some(answer) => decide_for_key(config, policy, &credential, answer.record(), &req),
@@ -332,27 +395,56 @@ fn on_callout_done(
     let Some(cache) = KeyCache::of(service) else {
         return;
     };
-    let answer = match parse_answer(response.status, &response.body, &pending.key) {
+    let fetched = match parse_answer(response.status, &response.body, &pending.key) {
         Ok(fetched) => {
             cache.put(&**store, &pending.key, &fetched, now_millis());
             Some(fetched.answer)
         }
         Err(reason) => {
             lookup_failed(filter, runtime, &reason);
-            pending.stale
+            None
         }
     };
+    runtime.lookups.settle(&pending.key, fetched.clone());
+    resume_decided(filter, stream, &pending.req, fetched.or(pending.stale));
+}
+
+/// The lookup this request waited for (sent by another request, maybe on another worker) has
+/// answered: decide with its answer, or with this request's own old one if it failed.
+fn on_stream_scheduled(filter: &FilterHandle, stream: &Stream, event_id: u64) {
+    if event_id != LOOKUP_ANSWERED {
+        return;
+    }
+    let waiting = match stream.waiting.try_borrow_mut() {
+        Ok(mut waiting) => waiting.take(),
+        Err(_) => None,
+    };
+    let Some(waiting) = waiting else {
+        return;
+    };
+    let answer = waiting.outcome.get().cloned().flatten().or(waiting.stale);
+    resume_decided(filter, stream, &waiting.req, answer);
+}
+
+/// Decides a paused request with its key's answer (`None`: keys cannot be verified now), then
+/// resumes it or replies.
+fn resume_decided(
+    filter: &FilterHandle,
+    stream: &Stream,
+    req: &RequestView,
+    answer: Option<Answer>,
+) {
+    let runtime = &*stream.runtime;
+    let config = &runtime.config;
     // The same request view gives the same credential and policy as before the pause.
-    let decision = match begin(config, &pending.req) {
+    let decision = match begin(config, req) {
         Step::Decided(decision) => decision,
         Step::Lookup { credential, policy } => match &answer {
-            Some(answer) => {
-                decide_for_key(config, policy, &credential, answer.record(), &pending.req)
-            }
+            Some(answer) => decide_for_key(config, policy, &credential, answer.record(), req),
             None => unavailable(filter, runtime, policy),
         },
     };
-    if apply(filter, stream, &pending.req, decision) {
+    if apply(filter, stream, req, decision) {
         filter.continue_decoding();
     }
 }

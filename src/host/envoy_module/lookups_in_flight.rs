@@ -1,0 +1,78 @@
+//! Lookup on miss, one fetch per key for the whole process: a request for a key already being
+//! looked up (on any worker) waits for that answer instead of sending its own. The wasm filter
+//! does this per VM; the module is one process, so one map serves every worker.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::core::keycache::{Answer, LookupKey};
+
+use super::ffi::StreamWaker;
+
+/// What a lookup came to: the service's answer, or `None` when it failed (or its request went
+/// away before the answer), and each waiter falls back to its own stale answer.
+pub type Outcome = Arc<OnceLock<Option<Answer>>>;
+
+/// The `on_http_filter_scheduled` event that tells a waiting stream its lookup answered.
+pub const LOOKUP_ANSWERED: u64 = 1;
+
+#[derive(Default)]
+pub struct LookupsInFlight {
+    by_key: Mutex<HashMap<LookupKey, (Outcome, Vec<StreamWaker>)>>,
+}
+
+/// What `join_or_lead` decided for a request whose key is not cached.
+pub enum Role {
+    /// No lookup of this key is in flight: the caller sends it, then calls `settle`.
+    Lead,
+    /// The key is being looked up: the stream is woken with `LOOKUP_ANSWERED` once this is set.
+    Wait(Outcome),
+    /// Past the process's lookups per second: no fetch.
+    OverCap,
+}
+
+impl LookupsInFlight {
+    /// Joins the lookup in flight for `key`, or makes the caller its leader if `admit` counts
+    /// one more lookup under the cap. A stream without a waker leads (it could not be woken).
+    /// Waiters never count against the cap: they send nothing.
+    pub fn join_or_lead(
+        &self,
+        key: &LookupKey,
+        waker: impl FnOnce() -> Option<StreamWaker>,
+        admit: impl FnOnce() -> bool,
+    ) -> Role {
+        let Ok(mut by_key) = self.by_key.lock() else {
+            return if admit() { Role::Lead } else { Role::OverCap };
+        };
+        if let Some((outcome, waiters)) = by_key.get_mut(key) {
+            if let Some(waker) = waker() {
+                waiters.push(waker);
+                return Role::Wait(Arc::clone(outcome));
+            }
+            // Sends its own lookup; the waiters keep the first one's entry.
+            return if admit() { Role::Lead } else { Role::OverCap };
+        }
+        // Admitted under the lock, so no request joins a lookup that is then not sent.
+        if !admit() {
+            return Role::OverCap;
+        }
+        by_key.insert(key.clone(), (Arc::new(OnceLock::new()), Vec::new()));
+        Role::Lead
+    }
+
+    /// The leader's lookup of `key` ended (`None`: it failed, or was never sent): its waiters
+    /// get the outcome and are woken.
+    pub fn settle(&self, key: &LookupKey, answer: Option<Answer>) {
+        let entry = match self.by_key.lock() {
+            Ok(mut by_key) => by_key.remove(key),
+            Err(_) => None,
+        };
+        let Some((outcome, waiters)) = entry else {
+            return;
+        };
+        let _ = outcome.set(answer);
+        for waker in waiters {
+            waker.wake(LOOKUP_ANSWERED);
+        }
+    }
+}
