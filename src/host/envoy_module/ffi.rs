@@ -136,6 +136,11 @@ extern "C" {
         result: *mut Buffer,
     ) -> bool;
     fn envoy_dynamic_module_callback_http_clear_route_cache(filter: EnvoyFilterPtr);
+    fn envoy_dynamic_module_callback_http_set_filter_state_bytes(
+        filter: EnvoyFilterPtr,
+        key: Buffer,
+        value: Buffer,
+    ) -> bool;
     fn envoy_dynamic_module_callback_http_filter_http_callout(
         filter: EnvoyFilterPtr,
         callout_id: *mut u64,
@@ -587,6 +592,20 @@ impl FilterHandle {
         // is owned by the `StreamWaker` and deleted once, in its `Drop`.
         let scheduler = unsafe { envoy_dynamic_module_callback_http_filter_scheduler_new(self.0) };
         (!scheduler.is_null()).then_some(StreamWaker { scheduler })
+    }
+
+    /// Stores `value` as the stream's filter state `key` (a string Envoy's access log prints
+    /// with `%FILTER_STATE(key:PLAIN)%`).
+    pub fn set_filter_state(&self, key: &str, value: &[u8]) {
+        // SAFETY: `self.0` is the filter pointer of the running hook; both buffers are live
+        // for the whole call and Envoy copies them before it returns.
+        let _ = unsafe {
+            envoy_dynamic_module_callback_http_set_filter_state_bytes(
+                self.0,
+                Buffer::of(key.as_bytes()),
+                Buffer::of(value),
+            )
+        };
     }
 
     pub fn clear_route_cache(&self) {

@@ -15,6 +15,7 @@ use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::core::access_log::AccessLogEntry;
 use crate::core::codes::{ErrorCode, Language};
 use crate::core::config::{Config, SessionConfig};
 use crate::core::credential::Credential;
@@ -516,10 +517,12 @@ fn apply(filter: &FilterHandle, stream: &Stream, req: &RequestView, decision: De
     let config = &runtime.config;
     match decision {
         Decision::Deny { code, key_id } => {
-            deny(filter, stream, code, key_id, Vec::new());
+            let entry = AccessLogEntry::denied(Some(code), key_id);
+            deny(filter, stream, code, &entry, Vec::new());
             false
         }
         Decision::Preflight => {
+            publish(filter, &AccessLogEntry::allowed(&Principal::Anonymous));
             stream.replied.set(true);
             let reply = preflight_reply();
             filter.send_response(reply.status, &[], &reply.body);
@@ -531,13 +534,9 @@ fn apply(filter: &FilterHandle, stream: &Stream, req: &RequestView, decision: De
                 // framework could merge with the query (and so name a tenant) is refused rather
                 // than forwarded unchecked (the wasm filter reads and checks it).
                 if form_body_kind(config, req).is_some() {
-                    deny(
-                        filter,
-                        stream,
-                        ErrorCode::TenantForbidden,
-                        Some(&record.id),
-                        Vec::new(),
-                    );
+                    let code = ErrorCode::TenantForbidden;
+                    let entry = AccessLogEntry::denied(Some(code), Some(&record.id));
+                    deny(filter, stream, code, &entry, Vec::new());
                     return false;
                 }
                 if config.limits.enabled || record.budget_exhausted {
@@ -549,13 +548,8 @@ fn apply(filter: &FilterHandle, stream: &Stream, req: &RequestView, decision: De
                     }
                     match outcome {
                         Err(denial) => {
-                            deny(
-                                filter,
-                                stream,
-                                denial.code,
-                                Some(&record.id),
-                                denial.headers(),
-                            );
+                            let entry = AccessLogEntry::limited(&principal, denial.code);
+                            deny(filter, stream, denial.code, &entry, denial.headers());
                             return false;
                         }
                         Ok(info) if config.limits.response_headers => {
@@ -568,6 +562,7 @@ fn apply(filter: &FilterHandle, stream: &Stream, req: &RequestView, decision: De
                 }
             }
             Counters::bump(filter, runtime.counters.allowed);
+            publish(filter, &AccessLogEntry::allowed(&principal));
             let edits = upstream_edits(config, req, &principal);
             // Each removal is a host call that scans Envoy's header map: only for headers the
             // request carries (read in this same hook, so nothing added one since).
@@ -585,19 +580,29 @@ fn apply(filter: &FilterHandle, stream: &Stream, req: &RequestView, decision: De
     }
 }
 
-/// Answers with the code's pre-rendered reply plus per-request headers, counts it and logs
-/// the denial line.
+/// The filter-state name of the decision: the one the wasm filter's `proxy_set_property` gets
+/// (Envoy prefixes it with `wasm.`), so one access-log format serves both hosts.
+const ACCESS_LOG_STATE: &str = "wasm.keygate";
+
+fn publish(filter: &FilterHandle, entry: &AccessLogEntry) {
+    filter.set_filter_state(ACCESS_LOG_STATE, &entry.to_json());
+}
+
+/// Answers with the code's pre-rendered reply plus per-request headers, counts it, publishes
+/// it for the access log and logs the denial line.
 fn deny(
     filter: &FilterHandle,
     stream: &Stream,
     code: ErrorCode,
-    key_id: Option<&str>,
+    entry: &AccessLogEntry,
     extra_headers: Vec<(&'static str, String)>,
 ) {
     let runtime = &*stream.runtime;
     let config = &runtime.config;
     stream.replied.set(true);
     runtime.counters.count_denial(filter, code);
+    publish(filter, entry);
+    let key_id = entry.key_id;
     let reply = config.replies.rendered(code);
     let status = reply.map_or(code.status(), |r| r.status);
     if log_enabled(LogLevel::Info) {
@@ -629,11 +634,12 @@ fn on_panic(filter: &FilterHandle, stream: &Stream) {
             stream.runtime.config.name
         ),
     );
+    let code = ErrorCode::KeysetUnavailable;
     deny(
         filter,
         stream,
-        ErrorCode::KeysetUnavailable,
-        None,
+        code,
+        &AccessLogEntry::denied(Some(code), None),
         Vec::new(),
     );
 }
