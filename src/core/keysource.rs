@@ -23,6 +23,7 @@ use serde::Deserialize;
 
 use super::config::{is_header_value, validate_header_safe_fields, ConfigError};
 use super::digest::sha256;
+use super::docparts::range_header;
 use super::keycache::{CacheBudgets, LookupPolicy, PathTemplate, TemplateKind};
 use super::keyset::KeySet;
 use super::limits::{SharedStore, StoreError};
@@ -570,7 +571,7 @@ pub enum TickPlan {
 
 /// The answer of the key service to one fetch. `status` is `None` when there was no answer
 /// (connection refused, reset, or timeout).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FetchResponse {
     pub status: Option<u32>,
     pub etag: Option<String>,
@@ -681,8 +682,30 @@ impl FullSync {
         }
         // Only send the ETag of a document that is actually stored.
         let etag = meta.etag.as_deref().filter(|_| meta.version != 0);
-        TickPlan::Fetch {
-            headers: service.request_headers(&self.path, etag),
+        let mut headers = service.request_headers(&self.path, etag);
+        // The first part; a small document comes whole in it (see `docparts`).
+        headers.push(range_header(0));
+        TickPlan::Fetch { headers }
+    }
+
+    /// Request headers for a later part of a document fetched in parts: no `If-None-Match`,
+    /// which would answer 304 to a part of the very document being put together.
+    pub fn part_headers(&self, service: &KeyService, offset: u64) -> Vec<(&'static str, String)> {
+        let mut headers = service.request_headers(&self.path, None);
+        headers.push(range_header(offset));
+        headers
+    }
+
+    /// A fetch that failed between its parts: counted like any failed fetch.
+    pub fn failed(
+        &self,
+        service: &KeyService,
+        store: &dyn SharedStore,
+        reason: String,
+    ) -> FetchOutcome {
+        FetchOutcome::Failed {
+            reason,
+            failures: count_failure(service, store),
         }
     }
 

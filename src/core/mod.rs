@@ -14,6 +14,7 @@ pub mod config;
 pub mod credential;
 pub mod decision;
 pub mod digest;
+pub mod docparts;
 pub mod keycache;
 pub mod keyset;
 pub mod keysource;
