@@ -23,7 +23,7 @@ use crate::core::keycache::{parse_answer, Answer, Cached, KeyCache, LookupKey};
 use crate::core::keyset::KeySet;
 use crate::core::keysource::{
     age_ms, FetchOutcome, FetchResponse, KeyService, KeyServiceMode, OnUnavailable, RemoteKeySet,
-    SyncEvent, TickPlan, Unavailable,
+    SyncEvent, TickPlan, Unavailable, CHUNKS_PER_REQUEST, CHUNKS_PER_TICK,
 };
 use crate::core::policy::Policy;
 use crate::core::request::RequestView;
@@ -165,7 +165,7 @@ impl KeySource {
             return;
         };
         let now = now_millis();
-        self.sync();
+        self.sync(CHUNKS_PER_TICK);
         if let Some(age) = age_ms(&self.service, &HostStore, now) {
             SourceMetrics::set(self.metrics.age_seconds, (age.max(0) / 1000) as u64);
         }
@@ -284,8 +284,12 @@ impl KeySource {
         }
     }
 
-    fn sync(&self) {
-        let event = self.remote.borrow_mut().sync(&self.service, &HostStore);
+    /// Catches up with the shared set, copying in at most `chunks` chunks of a new version.
+    fn sync(&self, chunks: u32) {
+        let event = self
+            .remote
+            .borrow_mut()
+            .sync(&self.service, &HostStore, chunks);
         if let Some(event) = event {
             self.report(event);
         }
@@ -316,7 +320,7 @@ impl KeySource {
 
     /// Full mode: this VM's current set, after catching up with the shared version.
     fn keys(&self) -> Result<Rc<KeySet>, Unavailable> {
-        self.sync();
+        self.sync(CHUNKS_PER_REQUEST);
         self.remote.borrow().current(&self.service, now_millis())
     }
 

@@ -398,6 +398,20 @@ impl KeySet {
         self.records.is_empty()
     }
 
+    /// A set whose records are already sorted by digest, with its by-id order (the shared form
+    /// of `setchunks`); `None` when the order does not fit the records.
+    pub(crate) fn from_digest_order(records: Vec<KeyRecord>, by_id: Vec<u32>) -> Option<KeySet> {
+        let count = u32::try_from(records.len()).ok()?;
+        if by_id.len() != records.len() || by_id.iter().any(|i| *i >= count) {
+            return None;
+        }
+        Some(KeySet {
+            records,
+            by_id,
+            by_digest: (0..count).collect(),
+        })
+    }
+
     fn record(&self, number: u32) -> Option<&KeyRecord> {
         self.records.get(number as usize)
     }

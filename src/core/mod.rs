@@ -26,4 +26,5 @@ pub mod policy;
 pub mod reply;
 pub mod request;
 pub mod selectors;
+pub mod setchunks;
 pub mod time;
