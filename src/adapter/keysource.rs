@@ -233,7 +233,15 @@ impl KeySource {
             }
             PartStep::Failed(reason) => sync.failed(&self.service, &HostStore, reason),
             PartStep::Complete(response) => {
-                sync.finish(&self.service, &HostStore, now_millis(), response)
+                let now = now_millis();
+                sync.hold_lease_to_parse(
+                    &self.service,
+                    &HostStore,
+                    self.worker,
+                    now,
+                    response.body.len(),
+                );
+                sync.finish(&self.service, &HostStore, now, response)
             }
         };
         match outcome {

@@ -90,10 +90,14 @@ impl PartedFetch {
         if start != 0 || response.body.len() as u64 != end - start + 1 {
             return PartStep::Failed(format!("part 0 came back as bytes {start}-{end}"));
         }
+        // The whole size at once: growing by doubling would leave a far larger peak behind
+        // (WebAssembly memory never shrinks).
+        let mut body = Vec::with_capacity(total as usize);
+        body.extend_from_slice(&response.body);
         self.assembly = Some(Assembly {
             etag: response.etag,
             total,
-            body: response.body,
+            body,
             tries: 0,
         });
         self.progress()

@@ -412,6 +412,16 @@ impl KeySet {
         })
     }
 
+    /// Record numbers in digest order.
+    pub(crate) fn digest_order(&self) -> &[u32] {
+        &self.by_digest
+    }
+
+    /// Record numbers in id order.
+    pub(crate) fn id_order(&self) -> &[u32] {
+        &self.by_id
+    }
+
     fn record(&self, number: u32) -> Option<&KeyRecord> {
         self.records.get(number as usize)
     }

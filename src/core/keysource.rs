@@ -653,6 +653,10 @@ pub enum FetchOutcome {
     },
 }
 
+/// A slow bound of how fast one VM parses a document (measured: about 20 MB/s on a loaded
+/// 2-core machine), for the lease a parse needs.
+const PARSE_BYTES_PER_MS: usize = 5_000;
+
 /// Attempts at a contended compare-and-swap on the meta before giving up for this round.
 const META_RETRIES: usize = 8;
 
@@ -680,10 +684,37 @@ impl FullSync {
         worker: u64,
         now_ms: i64,
     ) -> bool {
+        self.hold_lease_for(service, store, worker, now_ms, self.lease_ms(service))
+    }
+
+    /// Renews the lease for as long as parsing a fetched document of `document_bytes` may take
+    /// at the least: the holder's ticks stop while it parses, and a lease that expired meanwhile
+    /// would let another VM fetch and parse the same document at the same time.
+    pub fn hold_lease_to_parse(
+        &self,
+        service: &KeyService,
+        store: &dyn SharedStore,
+        worker: u64,
+        now_ms: i64,
+        document_bytes: usize,
+    ) -> bool {
+        let parse_ms = i64::try_from(document_bytes / PARSE_BYTES_PER_MS).unwrap_or(i64::MAX);
+        let lease_ms = self.lease_ms(service).saturating_add(parse_ms);
+        self.hold_lease_for(service, store, worker, now_ms, lease_ms)
+    }
+
+    fn hold_lease_for(
+        &self,
+        service: &KeyService,
+        store: &dyn SharedStore,
+        worker: u64,
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> bool {
         let name = service.key("lease");
         let renewed = Lease {
             holder: worker,
-            until_ms: now_ms + self.lease_ms(service),
+            until_ms: now_ms.saturating_add(lease_ms),
         };
         match store.get(&name) {
             Some((bytes, cas)) => {
@@ -842,13 +873,12 @@ impl FullSync {
 /// Writes `keys` as `version` in shared data: its chunks, then its header. False when the store
 /// refused a write.
 fn store_set(service: &KeyService, store: &dyn SharedStore, keys: &KeySet, version: u64) -> bool {
-    let encoded = setchunks::encode(keys, version);
-    let chunks_written = encoded.chunks.iter().enumerate().all(|(i, chunk)| {
+    let header = setchunks::encode(keys, version, |i, chunk| {
         store
             .set(&service.key(&format!("set.{i}")), chunk, 0)
             .is_ok()
     });
-    chunks_written && store.set(&service.key("set"), &encoded.header, 0).is_ok()
+    header.is_some_and(|header| store.set(&service.key("set"), &header, 0).is_ok())
 }
 
 /// One more failed fetch since the last success; the new count.
@@ -1009,6 +1039,17 @@ mod tests {
         let keys = worker.current(&svc, 20_000).unwrap();
         assert!(keys.by_id("old").is_none());
         assert!(keys.by_digest(&sha256(b"secret-k8192")).is_some());
+    }
+
+    #[test]
+    fn a_lease_held_to_parse_a_large_document_outlasts_the_parse() {
+        let (svc, store) = (service(serde_json::json!({})), MemoryStore::new());
+        let f = full(&svc);
+        f.ensure_lease(&svc, &store);
+        assert!(f.hold_lease_to_parse(&svc, &store, 1, 0, 100 * 1024 * 1024));
+        // 20 s later the holder is still parsing: nobody else fetches the same document.
+        assert!(!f.hold_lease(&svc, &store, 2, f.lease_ms(&svc) + 20_000));
+        assert!(f.hold_lease(&svc, &store, 2, f.lease_ms(&svc) + 21_000));
     }
 
     #[test]

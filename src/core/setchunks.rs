@@ -54,39 +54,31 @@ fn profile_json(p: &KeyProfile) -> Value {
     Value::Object(out)
 }
 
-/// The shared form of `set` as `version`: its header and its chunks, in order.
-pub struct Encoded {
-    pub header: Vec<u8>,
-    pub chunks: Vec<Vec<u8>>,
-}
-
-/// Encodes `set` for shared data.
-pub fn encode(set: &KeySet, version: u64) -> Encoded {
+/// Encodes `set` as `version` for shared data: hands each chunk to `put` as it is made (so only
+/// one is held at a time) and returns the header, or `None` when `put` refused a chunk.
+pub fn encode(
+    set: &KeySet,
+    version: u64,
+    mut put: impl FnMut(usize, &[u8]) -> bool,
+) -> Option<Vec<u8>> {
     let records = set.records();
-    let mut by_digest: Vec<usize> = (0..records.len()).collect();
-    by_digest.sort_unstable_by(|a, b| {
-        let digest = |i: &usize| records.get(*i).map(|r| r.digest);
-        digest(a).cmp(&digest(b))
-    });
+    let by_digest = set.digest_order();
     // Position of each record (by document number) in digest order.
     let mut position = vec![0u32; records.len()];
     for (at, number) in by_digest.iter().enumerate() {
-        if let Some(slot) = position.get_mut(*number) {
+        if let Some(slot) = position.get_mut(*number as usize) {
             *slot = at as u32;
         }
     }
-    let mut by_id: Vec<u32> = by_digest.iter().map(|_| 0).collect();
-    let mut order: Vec<usize> = (0..records.len()).collect();
-    order.sort_unstable_by(|a, b| {
-        let id = |i: &usize| records.get(*i).map(|r| r.id.as_str());
-        id(a).cmp(&id(b))
-    });
-    for (slot, number) in by_id.iter_mut().zip(&order) {
-        *slot = position.get(*number).copied().unwrap_or(0);
-    }
+    let by_id: Vec<u32> = set
+        .id_order()
+        .iter()
+        .map(|number| position.get(*number as usize).copied().unwrap_or(0))
+        .collect();
+    drop(position);
     let mut profile_numbers: HashMap<*const KeyProfile, u32> = HashMap::new();
     let mut profiles = Vec::new();
-    let mut chunks = Vec::new();
+    let mut chunks = 0usize;
     for (numbers, by_id) in by_digest
         .chunks(CHUNK_RECORDS)
         .zip(by_id.chunks(CHUNK_RECORDS))
@@ -95,7 +87,7 @@ pub fn encode(set: &KeySet, version: u64) -> Encoded {
         chunk.push(FORMAT);
         chunk.extend_from_slice(&version.to_le_bytes());
         chunk.extend_from_slice(&(numbers.len() as u32).to_le_bytes());
-        for record in numbers.iter().filter_map(|n| records.get(*n)) {
+        for record in numbers.iter().filter_map(|n| records.get(*n as usize)) {
             let next = profile_numbers.len() as u32;
             let profile = *profile_numbers
                 .entry(Arc::as_ptr(&record.profile))
@@ -111,15 +103,18 @@ pub fn encode(set: &KeySet, version: u64) -> Encoded {
         for position in by_id {
             chunk.extend_from_slice(&position.to_le_bytes());
         }
-        chunks.push(chunk);
+        if !put(chunks, &chunk) {
+            return None;
+        }
+        chunks += 1;
     }
     let mut header = Vec::new();
     header.push(FORMAT);
     header.extend_from_slice(&version.to_le_bytes());
     header.extend_from_slice(&(records.len() as u32).to_le_bytes());
-    header.extend_from_slice(&(chunks.len() as u32).to_le_bytes());
+    header.extend_from_slice(&(chunks as u32).to_le_bytes());
     header.extend_from_slice(Value::Array(profiles).to_string().as_bytes());
-    Encoded { header, chunks }
+    Some(header)
 }
 
 /// A set being copied in from shared data, chunk by chunk.
@@ -252,8 +247,24 @@ mod tests {
         KeySet::from_json(json!({ "keys": keys }).to_string().as_bytes()).unwrap()
     }
 
+    struct Encoded {
+        header: Vec<u8>,
+        chunks: Vec<Vec<u8>>,
+    }
+
+    fn encoded(set: &KeySet, version: u64) -> Encoded {
+        let mut chunks = Vec::new();
+        let header = encode(set, version, |i, chunk| {
+            assert_eq!(i, chunks.len());
+            chunks.push(chunk.to_vec());
+            true
+        })
+        .unwrap();
+        Encoded { header, chunks }
+    }
+
     fn round_trip(original: &KeySet) -> KeySet {
-        let encoded = encode(original, 7);
+        let encoded = encoded(original, 7);
         let mut loading = Loading::start(&encoded.header).unwrap();
         assert_eq!(loading.version, 7);
         for chunk in &encoded.chunks {
@@ -284,8 +295,8 @@ mod tests {
 
     #[test]
     fn a_chunk_of_another_version_means_start_again() {
-        let first = encode(&set(10), 1);
-        let second = encode(&set(10), 2);
+        let first = encoded(&set(10), 1);
+        let second = encoded(&set(10), 2);
         let mut loading = Loading::start(&first.header).unwrap();
         assert_eq!(
             loading.add_chunk(&second.chunks[0]),
@@ -295,7 +306,7 @@ mod tests {
 
     #[test]
     fn damaged_bytes_are_refused_not_panicked_on() {
-        let encoded = encode(&set(10), 1);
+        let encoded = encoded(&set(10), 1);
         assert!(Loading::start(&encoded.header[..5]).is_err());
         let mut loading = Loading::start(&encoded.header).unwrap();
         let chunk = &encoded.chunks[0];
