@@ -6,9 +6,10 @@
 //! - **`full`**: the whole key set is one document, `{"keys": [records]}`, fetched every
 //!   `refresh_seconds` with `If-None-Match`. One fetch per period per Envoy process: every VM's
 //!   root context ticks, and only the holder of a compare-and-swap lease in shared data fetches.
-//!   The holder validates the document and stores its raw bytes with a new version number; every
-//!   other VM notices the version on its next request (or tick) and parses the stored bytes into
-//!   its own `KeySet` once. A failed fetch (no answer, timeout, 5xx, malformed or truncated JSON,
+//!   The holder fetches the document in ranges (`docparts`), validates it, and stores the parsed
+//!   set as binary chunks with a new version number (`setchunks`); every other VM notices the
+//!   version on its next request or tick and copies the chunks into its own `KeySet`, a few per
+//!   tick, without parsing JSON. A failed fetch (no answer, timeout, 5xx, malformed or truncated JSON,
 //!   an invalid record) changes nothing but the failure count: a good set is never replaced by a
 //!   broken one. With no set yet, or a set older than `max_stale_seconds`, keys cannot be
 //!   verified and `on_unavailable` decides (503 `KEYSET_UNAVAILABLE` by default).

@@ -139,7 +139,7 @@ pub enum LoadError {
 }
 
 impl Loading {
-    /// Starts from a header; `None` when it does not decode.
+    /// Starts from a header.
     pub fn start(header: &[u8]) -> Result<Loading, LoadError> {
         let invalid = |why: &str| LoadError::Invalid(format!("stored key-set header: {why}"));
         let mut r = Reader(header);
