@@ -18,11 +18,12 @@ use super::{log, now_millis, settle, KeygateRequest, Runtime, Settled, Verdict};
 use crate::core::codes::ErrorCode;
 use crate::core::credential::Credential;
 use crate::core::decision::{begin, decide_for_key, lookup, Decision, Principal, Step};
+use crate::core::docparts::{PartStep, PartedFetch};
 use crate::core::keycache::{parse_answer, Answer, Cached, KeyCache, LookupKey};
 use crate::core::keyset::KeySet;
 use crate::core::keysource::{
     age_ms, FetchOutcome, FetchResponse, KeyService, KeyServiceMode, OnUnavailable, RemoteKeySet,
-    SyncEvent, TickPlan, Unavailable,
+    SyncEvent, TickPlan, Unavailable, CHUNKS_PER_REQUEST, CHUNKS_PER_TICK,
 };
 use crate::core::policy::Policy;
 use crate::core::request::RequestView;
@@ -95,8 +96,10 @@ pub struct KeySource {
     /// This VM's identity in the fetch lease (random: VMs share no counter they could trust).
     worker: u64,
     remote: RefCell<RemoteKeySet>,
-    /// Token and start time of this VM's fetch in flight.
+    /// Token and start time of this VM's fetch in flight (of its current part).
     in_flight: Cell<Option<(u32, i64)>>,
+    /// The parts of that fetch received so far.
+    parts: RefCell<PartedFetch>,
     /// After a failed dispatch (this thread cannot call out), leave the lease to others until.
     backoff_until_ms: Cell<i64>,
     metrics: SourceMetrics,
@@ -130,6 +133,7 @@ impl KeySource {
             worker: hasher.finish().max(1),
             remote: RefCell::new(RemoteKeySet::default()),
             in_flight: Cell::new(None),
+            parts: RefCell::new(PartedFetch::default()),
             backoff_until_ms: Cell::new(0),
             metrics: SourceMetrics::define(name, full),
             lookups_in_flight: RefCell::new(HashMap::new()),
@@ -161,13 +165,14 @@ impl KeySource {
             return;
         };
         let now = now_millis();
-        self.sync();
+        self.sync(CHUNKS_PER_TICK);
         if let Some(age) = age_ms(&self.service, &HostStore, now) {
             SourceMetrics::set(self.metrics.age_seconds, (age.max(0) / 1000) as u64);
         }
         if let Some((_, since)) = self.in_flight.get() {
             if now - since > self.service.timeout_ms as i64 + IN_FLIGHT_GRACE_MS {
                 self.in_flight.set(None);
+                self.parts.borrow_mut().reset();
             }
         }
         if now < self.backoff_until_ms.get() {
@@ -180,6 +185,7 @@ impl KeySource {
             return;
         };
         SourceMetrics::bump(self.metrics.fetches);
+        self.parts.borrow_mut().reset();
         match dispatch(&self.service, &headers) {
             Ok(token) => self.in_flight.set(Some((token, now))),
             Err(reason) => {
@@ -207,8 +213,38 @@ impl KeySource {
             return;
         }
         self.in_flight.set(None);
-        let response = read_call_response(body_size);
-        match sync.finish(&self.service, &HostStore, now_millis(), response) {
+        let (response, content_range) = read_call_response(body_size);
+        let step = self
+            .parts
+            .borrow_mut()
+            .accept(response, content_range.as_deref());
+        let outcome = match step {
+            PartStep::Fetch { offset } => {
+                match dispatch(&self.service, &sync.part_headers(&self.service, offset)) {
+                    Ok(token) => {
+                        self.in_flight.set(Some((token, now_millis())));
+                        return;
+                    }
+                    Err(reason) => {
+                        self.parts.borrow_mut().reset();
+                        sync.failed(&self.service, &HostStore, reason)
+                    }
+                }
+            }
+            PartStep::Failed(reason) => sync.failed(&self.service, &HostStore, reason),
+            PartStep::Complete(response) => {
+                let now = now_millis();
+                sync.hold_lease_to_parse(
+                    &self.service,
+                    &HostStore,
+                    self.worker,
+                    now,
+                    response.body.len(),
+                );
+                sync.finish(&self.service, &HostStore, now, response)
+            }
+        };
+        match outcome {
             FetchOutcome::Updated { version, keys } => {
                 SourceMetrics::bump(self.metrics.updates);
                 let event = self.remote.borrow_mut().install(version, keys);
@@ -256,8 +292,12 @@ impl KeySource {
         }
     }
 
-    fn sync(&self) {
-        let event = self.remote.borrow_mut().sync(&self.service, &HostStore);
+    /// Catches up with the shared set, copying in at most `chunks` chunks of a new version.
+    fn sync(&self, chunks: u32) {
+        let event = self
+            .remote
+            .borrow_mut()
+            .sync(&self.service, &HostStore, chunks);
         if let Some(event) = event {
             self.report(event);
         }
@@ -288,7 +328,7 @@ impl KeySource {
 
     /// Full mode: this VM's current set, after catching up with the shared version.
     fn keys(&self) -> Result<Arc<KeySet>, Unavailable> {
-        self.sync();
+        self.sync(CHUNKS_PER_REQUEST);
         self.remote.borrow().current(&self.service, now_millis())
     }
 
@@ -431,7 +471,7 @@ impl KeygateRequest {
             return;
         };
         let config = &runtime.config;
-        let response = read_call_response(body_size);
+        let (response, _) = read_call_response(body_size);
         let fetched = match parse_answer(response.status, &response.body, &pending.key) {
             Ok(fetched) => {
                 cache.put(&HostStore, &pending.key, &fetched, now_millis());
@@ -546,8 +586,9 @@ fn dispatch(service: &KeyService, headers: &[(&'static str, String)]) -> Result<
     .map_err(|status| format!("cannot call cluster '{}' ({status:?})", service.cluster))
 }
 
-/// Status, ETag and body of the callout being answered; no status when there was no answer.
-fn read_call_response(body_size: usize) -> FetchResponse {
+/// Status, ETag and body of the callout being answered (no status when there was no answer),
+/// and its `content-range`.
+fn read_call_response(body_size: usize) -> (FetchResponse, Option<String>) {
     let headers = hostcalls::get_map_bytes(MapType::HttpCallResponseHeaders).unwrap_or_default();
     let text = |name: &str| {
         headers
@@ -563,9 +604,10 @@ fn read_call_response(body_size: usize) -> FetchResponse {
     } else {
         Vec::new()
     };
-    FetchResponse {
+    let response = FetchResponse {
         status: text(":status").and_then(|s| s.parse().ok()),
         etag: text("etag"),
         body,
-    }
+    };
+    (response, text("content-range"))
 }

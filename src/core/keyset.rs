@@ -1,9 +1,17 @@
 //! The key set: hashed key records, indexed once by id and by digest.
 //! The same JSON record format is used inline in the filter config and by the key service.
+//!
+//! Sets of a million keys live in every VM, so a record holds only what is its own (id and
+//! digest) and shares the rest: what a key grants (`KeyProfile`) is held once per distinct
+//! value, and the two indexes are sorted arrays of record numbers, not hash maps of copies.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
+use std::fmt;
+use std::ops::Deref;
+use std::sync::Arc;
 
-use serde::Deserialize;
+use serde::de::{DeserializeSeed, Error as _, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 
 use super::config::ConfigError;
 use super::digest::{parse_hex_digest, Digest};
@@ -64,11 +72,27 @@ fn default_true() -> bool {
     true
 }
 
-/// A validated key record.
+/// A validated key record: its own id and digest, and what it grants, shared with every other
+/// record of the set that grants the same. Reads of `record.tenant` and the like go through
+/// `Deref` to the profile, so the record reads as one flat struct.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyRecord {
     pub id: String,
     pub digest: Digest,
+    pub profile: Arc<KeyProfile>,
+}
+
+impl Deref for KeyRecord {
+    type Target = KeyProfile;
+
+    fn deref(&self) -> &KeyProfile {
+        &self.profile
+    }
+}
+
+/// Everything a record says but its id and digest.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct KeyProfile {
     pub tenant: Option<String>,
     pub organizations: Vec<String>,
     pub environment: Option<String>,
@@ -84,12 +108,62 @@ pub struct KeyRecord {
     pub budget_exhausted: bool,
 }
 
-/// Records plus the two indexes built once when the set is loaded.
+/// Records in document order plus the two indexes built once when the set is loaded: record
+/// numbers sorted by id (searched by bisection) and by digest, with the digests' first 8 bytes
+/// alongside in one flat array: SHA-256 digests are spread evenly, so interpolation finds one
+/// in a few probes of that array instead of twenty through the records.
 #[derive(Debug, Default)]
 pub struct KeySet {
     records: Vec<KeyRecord>,
-    by_id: HashMap<String, usize>,
-    by_digest: HashMap<Digest, usize>,
+    by_id: Vec<u32>,
+    by_digest: Vec<u32>,
+    digest_prefixes: Vec<u64>,
+}
+
+fn digest_prefix(digest: &Digest) -> u64 {
+    let mut head = [0u8; 8];
+    head.copy_from_slice(digest.get(..8).unwrap_or(&[0; 8]));
+    u64::from_be_bytes(head)
+}
+
+/// The first position in `sorted` whose value is not below `key`: interpolation while it
+/// narrows the range quickly (evenly spread values), bisection for what remains.
+fn lower_bound(sorted: &[u64], key: u64) -> usize {
+    let (mut lo, mut hi) = (0usize, sorted.len());
+    for _ in 0..8 {
+        if hi - lo <= 16 {
+            break;
+        }
+        let (Some(&first), Some(&last)) = (sorted.get(lo), sorted.get(hi - 1)) else {
+            break;
+        };
+        if key <= first {
+            return lo;
+        }
+        if key > last {
+            return hi;
+        }
+        let offset = u128::from(key - first) * (hi - 1 - lo) as u128 / u128::from(last - first);
+        let guess = lo + offset as usize;
+        match sorted.get(guess) {
+            Some(&value) if value < key => lo = guess + 1,
+            _ => hi = guess,
+        }
+    }
+    lo + sorted
+        .get(lo..hi)
+        .map_or(0, |rest| rest.partition_point(|value| *value < key))
+}
+
+fn prefixes_in_order(records: &[KeyRecord], by_digest: &[u32]) -> Vec<u64> {
+    by_digest
+        .iter()
+        .map(|i| {
+            records
+                .get(*i as usize)
+                .map_or(0, |r| digest_prefix(&r.digest))
+        })
+        .collect()
 }
 
 fn parse_time(spec: &TimeSpec, path: &str) -> Result<i64, ConfigError> {
@@ -106,6 +180,15 @@ fn parse_time(spec: &TimeSpec, path: &str) -> Result<i64, ConfigError> {
 
 impl KeyRecord {
     pub fn from_spec(spec: KeyRecordSpec, path: &str) -> Result<KeyRecord, ConfigError> {
+        KeyRecord::from_spec_sharing(spec, path, &mut HashSet::new())
+    }
+
+    /// Validates `spec`, taking its profile from `profiles` when an equal one is there.
+    fn from_spec_sharing(
+        spec: KeyRecordSpec,
+        path: &str,
+        profiles: &mut HashSet<Arc<KeyProfile>>,
+    ) -> Result<KeyRecord, ConfigError> {
         if spec.id.is_empty() || !spec.id.bytes().all(is_id_byte) {
             return Err(ConfigError::new(
                 format!("{path}.id"),
@@ -141,9 +224,7 @@ impl KeyRecord {
             .as_ref()
             .map(|r| RateLimit::from_spec(r, &format!("{path}.rate_limit")))
             .transpose()?;
-        Ok(KeyRecord {
-            id: spec.id,
-            digest,
+        let profile = KeyProfile {
             tenant: spec.tenant,
             organizations: spec.organizations,
             environment: spec.environment,
@@ -161,7 +242,165 @@ impl KeyRecord {
             rate_limit,
             monthly_budget: spec.monthly_budget,
             budget_exhausted: spec.budget_exhausted,
+        };
+        let profile = match profiles.get(&profile) {
+            Some(shared) => Arc::clone(shared),
+            None => {
+                let shared = Arc::new(profile);
+                profiles.insert(Arc::clone(&shared));
+                shared
+            }
+        };
+        Ok(KeyRecord {
+            id: spec.id,
+            digest,
+            profile,
         })
+    }
+}
+
+/// Collects validated records one at a time (a document's specs are never all held at once),
+/// then builds the indexes.
+struct Builder<'p> {
+    path: &'p str,
+    records: Vec<KeyRecord>,
+    profiles: HashSet<Arc<KeyProfile>>,
+    /// The first invalid record, kept while the parser unwinds.
+    error: Option<ConfigError>,
+}
+
+impl<'p> Builder<'p> {
+    fn new(path: &'p str, capacity: usize) -> Builder<'p> {
+        Builder {
+            path,
+            records: Vec::with_capacity(capacity),
+            profiles: HashSet::new(),
+            error: None,
+        }
+    }
+
+    fn push(&mut self, spec: KeyRecordSpec) -> Result<(), ConfigError> {
+        let at = format!("{}[{}]", self.path, self.records.len());
+        let record = KeyRecord::from_spec_sharing(spec, &at, &mut self.profiles)?;
+        self.records.push(record);
+        Ok(())
+    }
+
+    fn finish(self) -> Result<KeySet, ConfigError> {
+        let path = self.path;
+        let mut records = self.records;
+        records.shrink_to_fit();
+        let count = u32::try_from(records.len())
+            .map_err(|_| ConfigError::new(path, "too many keys for one set"))?;
+        let id_of = |i: &u32| records.get(*i as usize).map(|r| r.id.as_str());
+        let digest_of = |i: &u32| records.get(*i as usize).map(|r| &r.digest);
+        let mut by_id: Vec<u32> = (0..count).collect();
+        by_id.sort_unstable_by(|a, b| id_of(a).cmp(&id_of(b)).then(a.cmp(b)));
+        let mut by_digest: Vec<u32> = (0..count).collect();
+        by_digest.sort_unstable_by(|a, b| digest_of(a).cmp(&digest_of(b)).then(a.cmp(b)));
+        // Equal keys sort next to each other, in document order; report the duplicate that
+        // comes first in the document, its id before its digest, as a one-pass check would.
+        let first_duplicate = |index: &[u32], same: &dyn Fn(&u32, &u32) -> bool| {
+            index
+                .windows(2)
+                .filter_map(|pair| match pair {
+                    [earlier, later] if same(earlier, later) => Some((*later, *earlier)),
+                    _ => None,
+                })
+                .min()
+        };
+        let id_duplicate = first_duplicate(&by_id, &|a, b| id_of(a) == id_of(b));
+        let digest_duplicate = first_duplicate(&by_digest, &|a, b| digest_of(a) == digest_of(b));
+        let duplicate = match (id_duplicate, digest_duplicate) {
+            (Some(id), Some(digest)) if digest.0 < id.0 => {
+                Some(("secret_sha256", "digest", digest))
+            }
+            (Some(id), _) => Some(("id", "key id", id)),
+            (None, Some(digest)) => Some(("secret_sha256", "digest", digest)),
+            (None, None) => None,
+        };
+        if let Some((field, what, (later, earlier))) = duplicate {
+            return Err(ConfigError::new(
+                format!("{path}[{later}].{field}"),
+                format!("duplicate {what} (also {path}[{earlier}])"),
+            ));
+        }
+        let digest_prefixes = prefixes_in_order(&records, &by_digest);
+        Ok(KeySet {
+            records,
+            by_id,
+            by_digest,
+            digest_prefixes,
+        })
+    }
+}
+
+/// The `keys` array of a document, fed to the builder record by record.
+struct KeysSeed<'b, 'p>(&'b mut Builder<'p>);
+
+impl<'de> DeserializeSeed<'de> for KeysSeed<'_, '_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeysSeed<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an array of key records")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(spec) = seq.next_element::<KeyRecordSpec>()? {
+            if let Err(error) = self.0.push(spec) {
+                self.0.error = Some(error);
+                return Err(A::Error::custom("invalid key record"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A whole document, `{"serial": N, "keys": [...]}`; yields its serial.
+struct DocumentSeed<'b, 'p>(&'b mut Builder<'p>);
+
+impl<'de> DeserializeSeed<'de> for DocumentSeed<'_, '_> {
+    type Value = Option<u64>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Option<u64>, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for DocumentSeed<'_, '_> {
+    type Value = Option<u64>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a key-set document {\"serial\": N, \"keys\": [...]}")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<u64>, A::Error> {
+        const FIELDS: &[&str] = &["serial", "keys"];
+        let (mut serial, mut keys_seen) = (None, false);
+        while let Some(field) = map.next_key::<String>()? {
+            match field.as_str() {
+                "serial" if serial.is_some() => return Err(A::Error::duplicate_field("serial")),
+                "serial" => serial = Some(map.next_value::<Option<u64>>()?),
+                "keys" if keys_seen => return Err(A::Error::duplicate_field("keys")),
+                "keys" => {
+                    map.next_value_seed(KeysSeed(&mut *self.0))?;
+                    keys_seen = true;
+                }
+                other => return Err(A::Error::unknown_field(other, FIELDS)),
+            }
+        }
+        if !keys_seen {
+            return Err(A::Error::missing_field("keys"));
+        }
+        Ok(serial.flatten())
     }
 }
 
@@ -174,29 +413,11 @@ impl KeySet {
     /// Validates every record and builds the indexes. `path` prefixes error locations
     /// (e.g. `keys` gives `keys[3].secret_sha256`).
     pub fn from_specs(specs: Vec<KeyRecordSpec>, path: &str) -> Result<KeySet, ConfigError> {
-        let mut set = KeySet {
-            records: Vec::with_capacity(specs.len()),
-            by_id: HashMap::with_capacity(specs.len()),
-            by_digest: HashMap::with_capacity(specs.len()),
-        };
-        for (i, spec) in specs.into_iter().enumerate() {
-            let at = format!("{path}[{i}]");
-            let record = KeyRecord::from_spec(spec, &at)?;
-            if let Some(first) = set.by_id.insert(record.id.clone(), i) {
-                return Err(ConfigError::new(
-                    format!("{at}.id"),
-                    format!("duplicate key id (also {path}[{first}])"),
-                ));
-            }
-            if let Some(first) = set.by_digest.insert(record.digest, i) {
-                return Err(ConfigError::new(
-                    format!("{at}.secret_sha256"),
-                    format!("duplicate digest (also {path}[{first}])"),
-                ));
-            }
-            set.records.push(record);
+        let mut builder = Builder::new(path, specs.len());
+        for spec in specs {
+            builder.push(spec)?;
         }
-        Ok(set)
+        builder.finish()
     }
 
     /// Parses a key-set document: `{"keys": [ ...records ]}`.
@@ -206,15 +427,18 @@ impl KeySet {
 
     /// A key-set document `{"serial": N, "keys": [...]}` and its serial, if it has one.
     pub fn from_document(bytes: &[u8]) -> Result<(KeySet, Option<u64>), ConfigError> {
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct Document {
-            #[serde(default)]
-            serial: Option<u64>,
-            keys: Vec<KeyRecordSpec>,
+        let mut builder = Builder::new("keys", 0);
+        let mut parser = serde_json::Deserializer::from_slice(bytes);
+        let parsed = DocumentSeed(&mut builder)
+            .deserialize(&mut parser)
+            .and_then(|serial| parser.end().map(|()| serial));
+        match parsed {
+            Ok(serial) => Ok((builder.finish()?, serial)),
+            Err(error) => Err(builder
+                .error
+                .take()
+                .unwrap_or_else(|| ConfigError::from_json(error))),
         }
-        let doc: Document = serde_json::from_slice(bytes).map_err(ConfigError::from_json)?;
-        Ok((KeySet::from_specs(doc.keys, "keys")?, doc.serial))
     }
 
     pub fn len(&self) -> usize {
@@ -225,14 +449,62 @@ impl KeySet {
         self.records.is_empty()
     }
 
+    /// A set whose records are already sorted by digest, with its by-id order (the shared form
+    /// of `setchunks`); `None` when the order does not fit the records.
+    pub(crate) fn from_digest_order(records: Vec<KeyRecord>, by_id: Vec<u32>) -> Option<KeySet> {
+        let count = u32::try_from(records.len()).ok()?;
+        if by_id.len() != records.len() || by_id.iter().any(|i| *i >= count) {
+            return None;
+        }
+        let by_digest: Vec<u32> = (0..count).collect();
+        let digest_prefixes = prefixes_in_order(&records, &by_digest);
+        if digest_prefixes
+            .windows(2)
+            .any(|pair| pair.first() > pair.last())
+        {
+            return None;
+        }
+        Some(KeySet {
+            records,
+            by_id,
+            by_digest,
+            digest_prefixes,
+        })
+    }
+
+    /// Record numbers in digest order.
+    pub(crate) fn digest_order(&self) -> &[u32] {
+        &self.by_digest
+    }
+
+    /// Record numbers in id order.
+    pub(crate) fn id_order(&self) -> &[u32] {
+        &self.by_id
+    }
+
+    fn record(&self, number: u32) -> Option<&KeyRecord> {
+        self.records.get(number as usize)
+    }
+
     pub fn by_id(&self, id: &str) -> Option<&KeyRecord> {
-        self.by_id.get(id).and_then(|i| self.records.get(*i))
+        let at = self
+            .by_id
+            .binary_search_by(|i| self.record(*i).map(|r| r.id.as_str()).cmp(&Some(id)))
+            .ok()?;
+        self.by_id.get(at).and_then(|i| self.record(*i))
     }
 
     pub fn by_digest(&self, digest: &Digest) -> Option<&KeyRecord> {
-        self.by_digest
-            .get(digest)
-            .and_then(|i| self.records.get(*i))
+        let prefix = digest_prefix(digest);
+        let at = lower_bound(&self.digest_prefixes, prefix);
+        // Digests that share their first 8 bytes sit next to each other.
+        self.digest_prefixes
+            .get(at..)?
+            .iter()
+            .take_while(|p| **p == prefix)
+            .zip(self.by_digest.get(at..)?)
+            .filter_map(|(_, i)| self.record(*i))
+            .find(|r| r.digest == *digest)
     }
 
     pub fn records(&self) -> &[KeyRecord] {
@@ -272,6 +544,49 @@ mod tests {
             set.by_digest(&sha256(b"s1")).map(|r| r.id.as_str()),
             Some("a")
         );
+        assert!(set.by_digest(&sha256(b"nope")).is_none());
+    }
+
+    #[test]
+    fn lower_bound_agrees_with_bisection_on_even_and_lumpy_values() {
+        let even: Vec<u64> = (0..5000u64).map(|i| i * (u64::MAX / 5000)).collect();
+        let lumpy: Vec<u64> = (0..5000u64)
+            .map(|i| (i / 7) * (i % 3) * 1_000_003)
+            .collect();
+        for values in [even, {
+            let mut v = lumpy;
+            v.sort_unstable();
+            v
+        }] {
+            for key in values
+                .iter()
+                .flat_map(|v| [v.saturating_sub(1), *v, v.saturating_add(1)])
+            {
+                assert_eq!(
+                    lower_bound(&values, key),
+                    values.partition_point(|v| *v < key),
+                    "{key}"
+                );
+            }
+            assert_eq!(
+                lower_bound(&values, u64::MAX),
+                values.partition_point(|v| *v < u64::MAX)
+            );
+        }
+        assert_eq!(lower_bound(&[], 5), 0);
+    }
+
+    #[test]
+    fn digests_sharing_their_first_bytes_are_told_apart() {
+        let mut set = load(serde_json::json!([spec("a", "s1"), spec("b", "s2")])).unwrap();
+        // Force a shared 8-byte prefix: both entries of the flat array say the same.
+        let shared = set.digest_prefixes.first().copied().unwrap();
+        set.digest_prefixes.iter_mut().for_each(|p| *p = shared);
+        let wanted = set.records()[1].digest;
+        let mut probe = wanted;
+        probe[..8].copy_from_slice(&shared.to_be_bytes());
+        set.records[1].digest = probe;
+        assert_eq!(set.by_digest(&probe).map(|r| r.id.as_str()), Some("b"));
         assert!(set.by_digest(&sha256(b"nope")).is_none());
     }
 

@@ -6,9 +6,10 @@
 //! - **`full`**: the whole key set is one document, `{"keys": [records]}`, fetched every
 //!   `refresh_seconds` with `If-None-Match`. One fetch per period per Envoy process: every VM's
 //!   root context ticks, and only the holder of a compare-and-swap lease in shared data fetches.
-//!   The holder validates the document and stores its raw bytes with a new version number; every
-//!   other VM notices the version on its next request (or tick) and parses the stored bytes into
-//!   its own `KeySet` once. A failed fetch (no answer, timeout, 5xx, malformed or truncated JSON,
+//!   The holder fetches the document in ranges (`docparts`), validates it, and stores the parsed
+//!   set as binary chunks with a new version number (`setchunks`); every other VM notices the
+//!   version on its next request or tick and copies the chunks into its own `KeySet`, a few per
+//!   tick, without parsing JSON. A failed fetch (no answer, timeout, 5xx, malformed or truncated JSON,
 //!   an invalid record) changes nothing but the failure count: a good set is never replaced by a
 //!   broken one. With no set yet, or a set older than `max_stale_seconds`, keys cannot be
 //!   verified and `on_unavailable` decides (503 `KEYSET_UNAVAILABLE` by default).
@@ -23,9 +24,11 @@ use serde::Deserialize;
 
 use super::config::{is_header_value, validate_header_safe_fields, ConfigError};
 use super::digest::sha256;
+use super::docparts::range_header;
 use super::keycache::{CacheBudgets, LookupPolicy, PathTemplate, TemplateKind};
 use super::keyset::KeySet;
 use super::limits::{SharedStore, StoreError};
+use super::setchunks::{self, LoadError, Loading};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -473,7 +476,12 @@ pub enum SyncEvent {
     },
 }
 
-/// One VM's copy of the shared key set, parsed once per version.
+/// Chunks of a new version a VM copies in per tick, and per request while it has a set to
+/// serve (a VM with no set yet loads the whole set at once: it has nothing else to decide with).
+pub const CHUNKS_PER_TICK: u32 = 16;
+pub const CHUNKS_PER_REQUEST: u32 = 1;
+
+/// One VM's copy of the shared key set, copied in once per version from the fetcher's chunks.
 #[derive(Debug, Default)]
 pub struct RemoteKeySet {
     version: u64,
@@ -481,34 +489,85 @@ pub struct RemoteKeySet {
     keys: Option<Arc<KeySet>>,
     refused_version: u64,
     last_success_ms: i64,
+    /// A newer version being copied in while `keys` still serves.
+    loading: Option<Loading>,
 }
 
 impl RemoteKeySet {
-    /// Reads the shared version (one small value) and, when it moved, the document.
-    pub fn sync(&mut self, service: &KeyService, store: &dyn SharedStore) -> Option<SyncEvent> {
+    /// Reads the shared version (one small value) and, when it moved, copies in up to `budget`
+    /// chunks of the new set (all of them while this VM has no set).
+    pub fn sync(
+        &mut self,
+        service: &KeyService,
+        store: &dyn SharedStore,
+        budget: u32,
+    ) -> Option<SyncEvent> {
         let meta = read_meta(service, store)?.0;
         self.last_success_ms = meta.last_success_ms;
-        if meta.version == 0 || meta.version == self.version || meta.version == self.refused_version
+        if meta.version == 0 || meta.version <= self.version || meta.version == self.refused_version
         {
+            self.loading = None;
             return None;
         }
-        let (bytes, _) = store.get(&service.key("doc"))?;
-        let mut r = Reader(&bytes);
-        if r.u8()? != FORMAT {
-            return None;
-        }
-        let version = r.u64()?;
-        // The writer stores the document before its meta: a document behind the meta is the
-        // one this VM already has, or a newer one is on its way.
-        if version <= self.version || version == self.refused_version {
-            return None;
-        }
-        match parse_document(r.rest()) {
-            Ok((keys, _)) => Some(self.install(version, keys)),
-            Err(error) => {
-                self.refused_version = version;
-                Some(SyncEvent::Refused { version, error })
+        let budget = if self.keys.is_none() {
+            u32::MAX
+        } else {
+            budget
+        };
+        let mut loading = match self.loading.take() {
+            Some(loading) if loading.version >= meta.version => loading,
+            _ => {
+                let (header, _) = store.get(&service.key("set"))?;
+                let loading = match Loading::start(&header) {
+                    Ok(loading) => loading,
+                    Err(error) => return Some(self.refuse(meta.version, error)),
+                };
+                // The writer stores the set before its meta: a header behind the meta is
+                // being replaced right now.
+                if loading.version < meta.version || loading.version == self.refused_version {
+                    return None;
+                }
+                loading
             }
+        };
+        for _ in 0..budget {
+            if loading.is_complete() {
+                break;
+            }
+            let name = service.key(&format!("set.{}", loading.next_chunk));
+            let added = match store.get(&name) {
+                Some((chunk, _)) => loading.add_chunk(&chunk),
+                None => Err(LoadError::Invalid(format!(
+                    "stored chunk {name} is missing"
+                ))),
+            };
+            match added {
+                Ok(()) => {}
+                Err(LoadError::Superseded) => return None,
+                Err(error) => return Some(self.refuse(loading.version, error)),
+            }
+        }
+        if !loading.is_complete() {
+            self.loading = Some(loading);
+            return None;
+        }
+        let version = loading.version;
+        match loading.finish() {
+            Ok(keys) => Some(self.install(version, keys)),
+            Err(error) => Some(self.refuse(version, error)),
+        }
+    }
+
+    fn refuse(&mut self, version: u64, error: LoadError) -> SyncEvent {
+        self.refused_version = version;
+        self.loading = None;
+        let message = match error {
+            LoadError::Invalid(message) => message,
+            LoadError::Superseded => "superseded".to_string(),
+        };
+        SyncEvent::Refused {
+            version,
+            error: ConfigError::new("stored key set", message),
         }
     }
 
@@ -516,6 +575,7 @@ impl RemoteKeySet {
     pub fn install(&mut self, version: u64, keys: KeySet) -> SyncEvent {
         let count = keys.len();
         self.version = version;
+        self.loading = None;
         self.keys = Some(Arc::new(keys));
         SyncEvent::Loaded {
             version,
@@ -571,7 +631,7 @@ pub enum TickPlan {
 
 /// The answer of the key service to one fetch. `status` is `None` when there was no answer
 /// (connection refused, reset, or timeout).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FetchResponse {
     pub status: Option<u32>,
     pub etag: Option<String>,
@@ -594,6 +654,10 @@ pub enum FetchOutcome {
         failures: u32,
     },
 }
+
+/// A slow bound of how fast one VM parses a document (measured: about 20 MB/s on a loaded
+/// 2-core machine), for the lease a parse needs.
+const PARSE_BYTES_PER_MS: usize = 5_000;
 
 /// Attempts at a contended compare-and-swap on the meta before giving up for this round.
 const META_RETRIES: usize = 8;
@@ -622,10 +686,37 @@ impl FullSync {
         worker: u64,
         now_ms: i64,
     ) -> bool {
+        self.hold_lease_for(service, store, worker, now_ms, self.lease_ms(service))
+    }
+
+    /// Renews the lease for as long as parsing a fetched document of `document_bytes` may take
+    /// at the least: the holder's ticks stop while it parses, and a lease that expired meanwhile
+    /// would let another VM fetch and parse the same document at the same time.
+    pub fn hold_lease_to_parse(
+        &self,
+        service: &KeyService,
+        store: &dyn SharedStore,
+        worker: u64,
+        now_ms: i64,
+        document_bytes: usize,
+    ) -> bool {
+        let parse_ms = i64::try_from(document_bytes / PARSE_BYTES_PER_MS).unwrap_or(i64::MAX);
+        let lease_ms = self.lease_ms(service).saturating_add(parse_ms);
+        self.hold_lease_for(service, store, worker, now_ms, lease_ms)
+    }
+
+    fn hold_lease_for(
+        &self,
+        service: &KeyService,
+        store: &dyn SharedStore,
+        worker: u64,
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> bool {
         let name = service.key("lease");
         let renewed = Lease {
             holder: worker,
-            until_ms: now_ms + self.lease_ms(service),
+            until_ms: now_ms.saturating_add(lease_ms),
         };
         match store.get(&name) {
             Some((bytes, cas)) => {
@@ -682,8 +773,30 @@ impl FullSync {
         }
         // Only send the ETag of a document that is actually stored.
         let etag = meta.etag.as_deref().filter(|_| meta.version != 0);
-        TickPlan::Fetch {
-            headers: service.request_headers(&self.path, etag),
+        let mut headers = service.request_headers(&self.path, etag);
+        // The first part; a small document comes whole in it (see `docparts`).
+        headers.push(range_header(0));
+        TickPlan::Fetch { headers }
+    }
+
+    /// Request headers for a later part of a document fetched in parts: no `If-None-Match`,
+    /// which would answer 304 to a part of the very document being put together.
+    pub fn part_headers(&self, service: &KeyService, offset: u64) -> Vec<(&'static str, String)> {
+        let mut headers = service.request_headers(&self.path, None);
+        headers.push(range_header(offset));
+        headers
+    }
+
+    /// A fetch that failed between its parts: counted like any failed fetch.
+    pub fn failed(
+        &self,
+        service: &KeyService,
+        store: &dyn SharedStore,
+        reason: String,
+    ) -> FetchOutcome {
+        FetchOutcome::Failed {
+            reason,
+            failures: count_failure(service, store),
         }
     }
 
@@ -731,15 +844,13 @@ impl FullSync {
                         failures: count_failure(service, store),
                     };
                 }
+                drop(response.body);
                 for _ in 0..META_RETRIES {
                     let (mut meta, cas) = read_meta(service, store).unwrap_or_default();
                     let version = meta.version + 1;
-                    let mut doc = Vec::with_capacity(9 + response.body.len());
-                    doc.push(FORMAT);
-                    doc.extend_from_slice(&version.to_le_bytes());
-                    doc.extend_from_slice(&response.body);
-                    // Document first, then the meta that announces it.
-                    if store.set(&service.key("doc"), &doc, 0).is_err() {
+                    // The set first, parsed once for the whole process, then the meta that
+                    // announces it.
+                    if !store_set(service, store, &keys, version) {
                         break;
                     }
                     meta.version = version;
@@ -759,6 +870,17 @@ impl FullSync {
             other => failure(format!("status {other} for {}", self.path)),
         }
     }
+}
+
+/// Writes `keys` as `version` in shared data: its chunks, then its header. False when the store
+/// refused a write.
+fn store_set(service: &KeyService, store: &dyn SharedStore, keys: &KeySet, version: u64) -> bool {
+    let header = setchunks::encode(keys, version, |i, chunk| {
+        store
+            .set(&service.key(&format!("set.{i}")), chunk, 0)
+            .is_ok()
+    });
+    header.is_some_and(|header| store.set(&service.key("set"), &header, 0).is_ok())
 }
 
 /// One more failed fetch since the last success; the new count.
@@ -881,6 +1003,58 @@ mod tests {
     }
 
     #[test]
+    fn a_worker_with_a_set_copies_a_new_version_in_over_several_syncs_and_serves_the_old_meanwhile()
+    {
+        let (svc, store) = (service(serde_json::json!({})), MemoryStore::new());
+        let f = full(&svc);
+        let publish = |ids: &[&str], serial, now| {
+            fetch_headers(f.plan(&svc, &store, 1, false, now));
+            match f.finish(
+                &svc,
+                &store,
+                now,
+                ok(doc(ids, serial), &format!("\"{serial}\"")),
+            ) {
+                FetchOutcome::Updated { version, .. } => version,
+                other => panic!("{other:?}"),
+            }
+        };
+        publish(&["old"], 1, 1_000);
+        let mut worker = RemoteKeySet::default();
+        worker.sync(&svc, &store, 1);
+        let names: Vec<String> = (0..setchunks::CHUNK_RECORDS * 2 + 1)
+            .map(|i| format!("k{i}"))
+            .collect();
+        let ids: Vec<&str> = names.iter().map(String::as_str).collect();
+        let version = publish(&ids, 2, 20_000);
+        // Three chunks, one per sync: the old set serves until the last one is in.
+        assert_eq!(worker.sync(&svc, &store, 1), None);
+        assert_eq!(worker.sync(&svc, &store, 1), None);
+        assert!(worker.current(&svc, 20_000).unwrap().by_id("old").is_some());
+        assert_eq!(
+            worker.sync(&svc, &store, 1),
+            Some(SyncEvent::Loaded {
+                version,
+                keys: ids.len()
+            })
+        );
+        let keys = worker.current(&svc, 20_000).unwrap();
+        assert!(keys.by_id("old").is_none());
+        assert!(keys.by_digest(&sha256(b"secret-k8192")).is_some());
+    }
+
+    #[test]
+    fn a_lease_held_to_parse_a_large_document_outlasts_the_parse() {
+        let (svc, store) = (service(serde_json::json!({})), MemoryStore::new());
+        let f = full(&svc);
+        f.ensure_lease(&svc, &store);
+        assert!(f.hold_lease_to_parse(&svc, &store, 1, 0, 100 * 1024 * 1024));
+        // 20 s later the holder is still parsing: nobody else fetches the same document.
+        assert!(!f.hold_lease(&svc, &store, 2, f.lease_ms(&svc) + 20_000));
+        assert!(f.hold_lease(&svc, &store, 2, f.lease_ms(&svc) + 21_000));
+    }
+
+    #[test]
     fn an_expired_or_released_lease_passes_to_another_worker() {
         let (svc, store) = (service(serde_json::json!({})), MemoryStore::new());
         let f = full(&svc);
@@ -900,7 +1074,7 @@ mod tests {
         let f = full(&svc);
         let mut worker_a = RemoteKeySet::default();
         let mut worker_b = RemoteKeySet::default();
-        assert_eq!(worker_b.sync(&svc, &store), None);
+        assert_eq!(worker_b.sync(&svc, &store, CHUNKS_PER_TICK), None);
         assert_eq!(
             worker_b.current(&svc, 0).unwrap_err(),
             Unavailable::NotLoaded
@@ -914,14 +1088,18 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(
-            worker_b.sync(&svc, &store),
+            worker_b.sync(&svc, &store, CHUNKS_PER_TICK),
             Some(SyncEvent::Loaded {
                 version: 1,
                 keys: 2
             })
         );
-        assert_eq!(worker_b.sync(&svc, &store), None, "parsed once per version");
-        assert_eq!(worker_a.sync(&svc, &store), None);
+        assert_eq!(
+            worker_b.sync(&svc, &store, CHUNKS_PER_TICK),
+            None,
+            "parsed once per version"
+        );
+        assert_eq!(worker_a.sync(&svc, &store, CHUNKS_PER_TICK), None);
         assert!(worker_b.current(&svc, 2_000).unwrap().by_id("b").is_some());
 
         // The next fetch sends the ETag; a 304 keeps the version and restarts the stale clock.
@@ -943,7 +1121,7 @@ mod tests {
             f.finish(&svc, &store, 11_010, ok(doc(&["a"], 2), "\"e2\"")),
             FetchOutcome::Updated { version: 2, .. }
         ));
-        worker_b.sync(&svc, &store);
+        worker_b.sync(&svc, &store, CHUNKS_PER_TICK);
         assert!(worker_b.current(&svc, 12_000).unwrap().by_id("b").is_none());
     }
 
@@ -996,7 +1174,7 @@ mod tests {
             FetchOutcome::RolledBack { offered: 2, .. }
         ));
         let mut worker = RemoteKeySet::default();
-        worker.sync(&svc, &store);
+        worker.sync(&svc, &store, CHUNKS_PER_TICK);
         assert_eq!(worker.version(), 2);
         let keys = worker.current(&svc, 4_000).unwrap();
         assert!(keys.by_id("k2").is_some() && keys.by_id("k1").is_none());
@@ -1025,7 +1203,7 @@ mod tests {
         let f = full(&svc);
         let mut worker = RemoteKeySet::default();
         f.finish(&svc, &store, 1_000, ok(doc(&["a"], 1), "\"e1\""));
-        worker.sync(&svc, &store);
+        worker.sync(&svc, &store, CHUNKS_PER_TICK);
         let truncated = doc(&["a", "b"], 1);
         let truncated = truncated.get(..truncated.len() / 2).unwrap().to_vec();
         let bad_record = br#"{"keys": [{"id": "x", "secret_sha256": "nothex"}]}"#.to_vec();
@@ -1055,7 +1233,7 @@ mod tests {
                 other => panic!("{i}: {other:?}"),
             }
         }
-        assert_eq!(worker.sync(&svc, &store), None);
+        assert_eq!(worker.sync(&svc, &store, CHUNKS_PER_TICK), None);
         assert_eq!(read_meta(&svc, &store).unwrap().0.version, 1);
         assert!(worker.current(&svc, 3_000).unwrap().by_id("a").is_some());
     }
@@ -1066,7 +1244,7 @@ mod tests {
         let f = full(&svc);
         let mut worker = RemoteKeySet::default();
         f.finish(&svc, &store, 1_000, ok(doc(&["a"], 1), "\"e1\""));
-        worker.sync(&svc, &store);
+        worker.sync(&svc, &store, CHUNKS_PER_TICK);
         assert!(worker.current(&svc, 61_000).is_ok());
         assert_eq!(
             worker.current(&svc, 61_001).unwrap_err(),
@@ -1082,7 +1260,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        worker.sync(&svc, &store);
+        worker.sync(&svc, &store, CHUNKS_PER_TICK);
         assert!(worker.current(&svc, 70_001).is_ok());
         let unlimited = service(serde_json::json!({"max_stale_seconds": 0}));
         assert_eq!(unlimited.max_stale_ms, None);

@@ -64,7 +64,7 @@ const MICROS_PER_SECOND: i128 = 1_000_000;
 const MAX_REFILL_MICROS: i128 = 100 * 366 * 86_400 * MICROS_PER_SECOND;
 
 /// A validated rate limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct RateLimit {
     pub requests: u64,
     pub per_seconds: u64,

@@ -179,11 +179,14 @@ def test_malformed_documents_change_nothing(remote):
         assert stat(stack, "keyset.version") == version
     log = stack.log_text()
     assert "invalid key-set document" in log and "keeping version" in log
-    # The good document again: fetched (200), recognised as the stored one, no new version.
+    # The good document again: fetched (the wasm filter asks for ranged parts, so 206 with its
+    # one part the whole; the native module asks for it whole, 200), recognised as the stored
+    # one, no new version.
     failures = stat(stack, "keyset.fetch_failures")
     served = len(service.requests("/keys.json"))
     service.write("keys.json", good)
-    assert wait_for(lambda: ("/keys.json", 200) in service.requests("/keys.json")[served:], REFRESH + 2)
+    whole = ("/keys.json", 206 if HOST == "wasm" else 200)
+    assert wait_for(lambda: whole in service.requests("/keys.json")[served:], REFRESH + 2)
     time.sleep(0.2)
     assert stat(stack, "keyset.fetch_failures") == failures
     assert stat(stack, "keyset.version") == version

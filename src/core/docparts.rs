@@ -1,0 +1,291 @@
+//! Key-set documents fetched in parts. A single HTTP answer of a hundred megabytes never reaches
+//! the filter (Envoy resets a callout long before that), so full mode asks for the document in
+//! ranges of `PART_BYTES` (`Range: bytes=a-b`, which nginx, S3 and CDNs all serve) and puts the
+//! parts together before validating the whole. A server that ignores `Range` answers 200 with the
+//! whole document, exactly as before. A part that gets no answer is asked for again on its own; a
+//! document that changes between parts (another ETag or size) fails this fetch, and the next
+//! period starts over.
+
+use super::keysource::FetchResponse;
+
+/// Bytes asked for per request: far below any callout limit, few enough requests for 1M keys.
+pub const PART_BYTES: u64 = 8 * 1024 * 1024;
+/// The largest document put together (the set is validated as a whole, in one VM's memory).
+pub const MAX_DOCUMENT_BYTES: u64 = 512 * 1024 * 1024;
+/// Tries of one part that gets no answer, before the fetch fails.
+const PART_TRIES: u32 = 3;
+
+/// The `range` header asking for the part that starts at `offset`.
+pub fn range_header(offset: u64) -> (&'static str, String) {
+    (
+        "range",
+        format!("bytes={offset}-{}", offset + PART_BYTES - 1),
+    )
+}
+
+/// What the fetcher does after an answer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PartStep {
+    /// Ask for the part starting at `offset` (the next one, or the same one again).
+    Fetch { offset: u64 },
+    /// The answer to judge as one fetch: the whole document as a 200, or a 304 / error as is.
+    Complete(FetchResponse),
+    /// The fetch failed in the middle of its parts.
+    Failed(String),
+}
+
+/// A document being put together.
+#[derive(Debug)]
+struct Assembly {
+    etag: Option<String>,
+    total: u64,
+    body: Vec<u8>,
+    tries: u32,
+}
+
+/// The parts received so far of this VM's fetch in flight.
+#[derive(Debug, Default)]
+pub struct PartedFetch {
+    assembly: Option<Assembly>,
+}
+
+/// `bytes start-end/total` of a `content-range` header.
+fn parse_content_range(value: &str) -> Option<(u64, u64, u64)> {
+    let (range, total) = value.trim().strip_prefix("bytes ")?.split_once('/')?;
+    let (start, end) = range.split_once('-')?;
+    let (start, end, total) = (start.parse().ok()?, end.parse().ok()?, total.parse().ok()?);
+    (start <= end && end < total).then_some((start, end, total))
+}
+
+impl PartedFetch {
+    /// Forgets a fetch (a new one starts, or the answer never came).
+    pub fn reset(&mut self) {
+        self.assembly = None;
+    }
+
+    /// Takes the answer to the last part asked for.
+    pub fn accept(&mut self, response: FetchResponse, content_range: Option<&str>) -> PartStep {
+        let step = match self.assembly.take() {
+            None => self.first(response, content_range),
+            Some(assembly) => self.next(assembly, response, content_range),
+        };
+        if !matches!(step, PartStep::Fetch { .. }) {
+            self.assembly = None;
+        }
+        step
+    }
+
+    fn first(&mut self, response: FetchResponse, content_range: Option<&str>) -> PartStep {
+        if response.status != Some(206) {
+            return PartStep::Complete(response);
+        }
+        let Some((start, end, total)) = content_range.and_then(parse_content_range) else {
+            return PartStep::Failed("a 206 answer without a valid content-range".to_string());
+        };
+        if total > MAX_DOCUMENT_BYTES {
+            return PartStep::Failed(format!(
+                "the document has {total} bytes, over the limit of {MAX_DOCUMENT_BYTES}"
+            ));
+        }
+        if start != 0 || response.body.len() as u64 != end - start + 1 {
+            return PartStep::Failed(format!("part 0 came back as bytes {start}-{end}"));
+        }
+        // The whole size at once: growing by doubling would leave a far larger peak behind
+        // (WebAssembly memory never shrinks).
+        let mut body = Vec::with_capacity(total as usize);
+        body.extend_from_slice(&response.body);
+        self.assembly = Some(Assembly {
+            etag: response.etag,
+            total,
+            body,
+            tries: 0,
+        });
+        self.progress()
+    }
+
+    fn next(
+        &mut self,
+        mut assembly: Assembly,
+        response: FetchResponse,
+        content_range: Option<&str>,
+    ) -> PartStep {
+        let offset = assembly.body.len() as u64;
+        match response.status {
+            None if assembly.tries + 1 < PART_TRIES => {
+                assembly.tries += 1;
+                self.assembly = Some(assembly);
+                PartStep::Fetch { offset }
+            }
+            None => PartStep::Failed(format!(
+                "no answer for the part at byte {offset} after {PART_TRIES} tries"
+            )),
+            // The server sent the whole document after all.
+            Some(200) => PartStep::Complete(response),
+            Some(206) => {
+                let Some((start, end, total)) = content_range.and_then(parse_content_range) else {
+                    return PartStep::Failed(
+                        "a 206 answer without a valid content-range".to_string(),
+                    );
+                };
+                if total != assembly.total || response.etag != assembly.etag {
+                    return PartStep::Failed(
+                        "the document changed while it was fetched in parts".to_string(),
+                    );
+                }
+                if start != offset || response.body.len() as u64 != end - start + 1 {
+                    return PartStep::Failed(format!(
+                        "the part at byte {offset} came back as bytes {start}-{end}"
+                    ));
+                }
+                assembly.body.extend_from_slice(&response.body);
+                assembly.tries = 0;
+                self.assembly = Some(assembly);
+                self.progress()
+            }
+            Some(other) => {
+                PartStep::Failed(format!("status {other} for the part at byte {offset}"))
+            }
+        }
+    }
+
+    /// The next part to ask for, or the whole document once every part is in.
+    fn progress(&mut self) -> PartStep {
+        match &self.assembly {
+            Some(a) if (a.body.len() as u64) < a.total => PartStep::Fetch {
+                offset: a.body.len() as u64,
+            },
+            _ => match self.assembly.take() {
+                Some(a) => PartStep::Complete(FetchResponse {
+                    status: Some(200),
+                    etag: a.etag,
+                    body: a.body,
+                }),
+                None => PartStep::Failed("no part received".to_string()),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(doc: &[u8], start: usize, etag: &str) -> (FetchResponse, String) {
+        let end = (start + PART_BYTES as usize).min(doc.len()) - 1;
+        (
+            FetchResponse {
+                status: Some(206),
+                etag: Some(etag.to_string()),
+                body: doc[start..=end].to_vec(),
+            },
+            format!("bytes {start}-{end}/{}", doc.len()),
+        )
+    }
+
+    fn document(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i % 251) as u8).collect()
+    }
+
+    #[test]
+    fn a_document_in_three_parts_is_put_together_byte_for_byte() {
+        let doc = document(2 * PART_BYTES as usize + 17);
+        let mut fetch = PartedFetch::default();
+        let mut offset = 0;
+        loop {
+            let (response, range) = part(&doc, offset, "\"v1\"");
+            match fetch.accept(response, Some(&range)) {
+                PartStep::Fetch { offset: next } => offset = next as usize,
+                PartStep::Complete(whole) => {
+                    assert_eq!(whole.status, Some(200));
+                    assert_eq!(whole.etag.as_deref(), Some("\"v1\""));
+                    assert!(whole.body == doc);
+                    break;
+                }
+                PartStep::Failed(why) => panic!("{why}"),
+            }
+        }
+        assert_eq!(offset, 2 * PART_BYTES as usize);
+    }
+
+    #[test]
+    fn a_small_document_is_complete_after_its_first_and_only_part() {
+        let doc = document(100);
+        let (response, range) = part(&doc, 0, "\"v1\"");
+        let PartStep::Complete(whole) = PartedFetch::default().accept(response, Some(&range))
+        else {
+            panic!("expected the whole document");
+        };
+        assert_eq!(whole.body, doc);
+    }
+
+    #[test]
+    fn plain_answers_pass_through_unchanged() {
+        for status in [Some(200), Some(304), Some(404), None] {
+            let response = FetchResponse {
+                status,
+                etag: None,
+                body: b"{}".to_vec(),
+            };
+            let PartStep::Complete(same) = PartedFetch::default().accept(response, None) else {
+                panic!("expected the answer as is");
+            };
+            assert_eq!(same.status, status);
+        }
+    }
+
+    #[test]
+    fn a_part_without_answer_is_asked_again_then_the_fetch_fails() {
+        let doc = document(PART_BYTES as usize + 10);
+        let mut fetch = PartedFetch::default();
+        let (response, range) = part(&doc, 0, "\"v1\"");
+        let second = PartStep::Fetch { offset: PART_BYTES };
+        assert_eq!(fetch.accept(response, Some(&range)), second);
+        let lost = || FetchResponse::default();
+        assert_eq!(fetch.accept(lost(), None), second);
+        assert_eq!(fetch.accept(lost(), None), second);
+        assert!(matches!(fetch.accept(lost(), None), PartStep::Failed(_)));
+    }
+
+    #[test]
+    fn a_document_replaced_between_parts_fails_the_fetch() {
+        let doc = document(PART_BYTES as usize + 10);
+        let mut fetch = PartedFetch::default();
+        let (response, range) = part(&doc, 0, "\"v1\"");
+        fetch.accept(response, Some(&range));
+        let (response, range) = part(&doc, PART_BYTES as usize, "\"v2\"");
+        let PartStep::Failed(why) = fetch.accept(response, Some(&range)) else {
+            panic!("expected a failure");
+        };
+        assert!(why.contains("changed"), "{why}");
+    }
+
+    #[test]
+    fn bad_content_ranges_and_oversized_documents_fail() {
+        let over = format!("bytes 0-9/{}", MAX_DOCUMENT_BYTES + 1);
+        for range in [
+            None,
+            Some("bytes x-y/z"),
+            Some("bytes 5-9/10"),
+            Some(over.as_str()),
+        ] {
+            let response = FetchResponse {
+                status: Some(206),
+                etag: None,
+                body: vec![0; 10],
+            };
+            let step = PartedFetch::default().accept(response, range);
+            assert!(matches!(step, PartStep::Failed(_)), "{range:?}: {step:?}");
+        }
+    }
+
+    #[test]
+    fn range_header_asks_for_one_part() {
+        assert_eq!(
+            range_header(PART_BYTES),
+            (
+                "range",
+                format!("bytes={}-{}", PART_BYTES, 2 * PART_BYTES - 1)
+            )
+        );
+    }
+}

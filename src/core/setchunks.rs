@@ -1,0 +1,318 @@
+//! A validated key set in shared data, parsed once per process. The VM that fetched a document
+//! writes its set as fixed-layout binary chunks of `CHUNK_RECORDS` records (sorted by digest,
+//! with their slice of the by-id order), plus a header with the distinct profiles; every other
+//! VM copies the chunks in a few at a time without parsing JSON or sorting, and keeps serving its
+//! current set until the new one is complete.
+//!
+//! Header: format, version, record count, chunk count, then the profiles as a JSON array of
+//! records (id and digest left blank), validated again by the reader like any record.
+//! Chunk: format, version, record count, then per record digest (32), profile number (u32), id
+//! length (u16) and id; then the chunk's slice of the by-id order (u32 positions).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value};
+
+use super::keyset::{KeyProfile, KeyRecord, KeyRecordSpec, KeySet};
+use super::keysource::Reader;
+
+/// Records per chunk: one chunk is copied in well under a millisecond.
+pub const CHUNK_RECORDS: usize = 4096;
+const FORMAT: u8 = 1;
+const BLANK_DIGEST: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// A set's profile as a record without id or digest.
+fn profile_json(p: &KeyProfile) -> Value {
+    let mut out = Map::new();
+    out.insert("id".into(), json!("profile"));
+    out.insert("secret_sha256".into(), json!(BLANK_DIGEST));
+    let mut put = |name: &str, value: Value| {
+        if !value.is_null() {
+            out.insert(name.to_string(), value);
+        }
+    };
+    put("tenant", json!(p.tenant));
+    put("organizations", json!(p.organizations));
+    put("environment", json!(p.environment));
+    put("product", json!(p.product));
+    put("permissions", json!(p.permissions));
+    put("origins", json!(p.origins));
+    put("user", json!(p.user));
+    put("expires_at", json!(p.expires_at));
+    put("not_after", json!(p.not_after));
+    put("enabled", json!(p.enabled));
+    put(
+        "rate_limit",
+        p.rate_limit.map_or(
+            Value::Null,
+            |r| json!({"requests": r.requests, "per_seconds": r.per_seconds, "burst": r.burst}),
+        ),
+    );
+    put("monthly_budget", json!(p.monthly_budget));
+    put("budget_exhausted", json!(p.budget_exhausted));
+    Value::Object(out)
+}
+
+/// Encodes `set` as `version` for shared data: hands each chunk to `put` as it is made (so only
+/// one is held at a time) and returns the header, or `None` when `put` refused a chunk.
+pub fn encode(
+    set: &KeySet,
+    version: u64,
+    mut put: impl FnMut(usize, &[u8]) -> bool,
+) -> Option<Vec<u8>> {
+    let records = set.records();
+    let by_digest = set.digest_order();
+    // Position of each record (by document number) in digest order.
+    let mut position = vec![0u32; records.len()];
+    for (at, number) in by_digest.iter().enumerate() {
+        if let Some(slot) = position.get_mut(*number as usize) {
+            *slot = at as u32;
+        }
+    }
+    let by_id: Vec<u32> = set
+        .id_order()
+        .iter()
+        .map(|number| position.get(*number as usize).copied().unwrap_or(0))
+        .collect();
+    drop(position);
+    let mut profile_numbers: HashMap<*const KeyProfile, u32> = HashMap::new();
+    let mut profiles = Vec::new();
+    let mut chunks = 0usize;
+    for (numbers, by_id) in by_digest
+        .chunks(CHUNK_RECORDS)
+        .zip(by_id.chunks(CHUNK_RECORDS))
+    {
+        let mut chunk = Vec::with_capacity(13 + numbers.len() * 64);
+        chunk.push(FORMAT);
+        chunk.extend_from_slice(&version.to_le_bytes());
+        chunk.extend_from_slice(&(numbers.len() as u32).to_le_bytes());
+        for record in numbers.iter().filter_map(|n| records.get(*n as usize)) {
+            let next = profile_numbers.len() as u32;
+            let profile = *profile_numbers
+                .entry(Arc::as_ptr(&record.profile))
+                .or_insert_with(|| {
+                    profiles.push(profile_json(&record.profile));
+                    next
+                });
+            chunk.extend_from_slice(&record.digest);
+            chunk.extend_from_slice(&profile.to_le_bytes());
+            chunk.extend_from_slice(&(record.id.len() as u16).to_le_bytes());
+            chunk.extend_from_slice(record.id.as_bytes());
+        }
+        for position in by_id {
+            chunk.extend_from_slice(&position.to_le_bytes());
+        }
+        if !put(chunks, &chunk) {
+            return None;
+        }
+        chunks += 1;
+    }
+    let mut header = Vec::new();
+    header.push(FORMAT);
+    header.extend_from_slice(&version.to_le_bytes());
+    header.extend_from_slice(&(records.len() as u32).to_le_bytes());
+    header.extend_from_slice(&(chunks as u32).to_le_bytes());
+    header.extend_from_slice(Value::Array(profiles).to_string().as_bytes());
+    Some(header)
+}
+
+/// A set being copied in from shared data, chunk by chunk.
+#[derive(Debug)]
+pub struct Loading {
+    pub version: u64,
+    pub chunks: u32,
+    pub next_chunk: u32,
+    total: u32,
+    profiles: Vec<Arc<KeyProfile>>,
+    records: Vec<KeyRecord>,
+    by_id: Vec<u32>,
+}
+
+/// Why a stored set cannot be loaded.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LoadError {
+    /// A newer version is being written over this one: start again with it.
+    Superseded,
+    /// The stored bytes do not decode (another keygate version wrote them, or they are damaged).
+    Invalid(String),
+}
+
+impl Loading {
+    /// Starts from a header.
+    pub fn start(header: &[u8]) -> Result<Loading, LoadError> {
+        let invalid = |why: &str| LoadError::Invalid(format!("stored key-set header: {why}"));
+        let mut r = Reader(header);
+        if r.u8() != Some(FORMAT) {
+            return Err(invalid("unknown format"));
+        }
+        let (Some(version), Some(total), Some(chunks)) = (r.u64(), r.u32(), r.u32()) else {
+            return Err(invalid("truncated"));
+        };
+        let specs: Vec<KeyRecordSpec> =
+            serde_json::from_slice(r.rest()).map_err(|e| invalid(&e.to_string()))?;
+        let profiles = specs
+            .into_iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                KeyRecord::from_spec(spec, &format!("profiles[{i}]"))
+                    .map(|record| record.profile)
+                    .map_err(|e| invalid(&e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Loading {
+            version,
+            chunks,
+            next_chunk: 0,
+            total,
+            profiles,
+            records: Vec::with_capacity(total as usize),
+            by_id: Vec::with_capacity(total as usize),
+        })
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.next_chunk >= self.chunks
+    }
+
+    /// Copies in the next chunk.
+    pub fn add_chunk(&mut self, chunk: &[u8]) -> Result<(), LoadError> {
+        let at = self.next_chunk;
+        let invalid = |why: &str| LoadError::Invalid(format!("stored key-set chunk {at}: {why}"));
+        let mut r = Reader(chunk);
+        if r.u8() != Some(FORMAT) {
+            return Err(invalid("unknown format"));
+        }
+        if r.u64() != Some(self.version) {
+            return Err(LoadError::Superseded);
+        }
+        let count = r.u32().ok_or_else(|| invalid("truncated"))?;
+        for _ in 0..count {
+            let record = (|| {
+                let digest = r.take(32)?.try_into().ok()?;
+                let profile = Arc::clone(self.profiles.get(r.u32()? as usize)?);
+                let id_len = usize::from(r.u16()?);
+                let id = String::from_utf8(r.take(id_len)?.to_vec()).ok()?;
+                Some(KeyRecord {
+                    id,
+                    digest,
+                    profile,
+                })
+            })()
+            .ok_or_else(|| invalid("bad record"))?;
+            self.records.push(record);
+        }
+        for _ in 0..count {
+            let position = r.u32().ok_or_else(|| invalid("truncated"))?;
+            self.by_id.push(position);
+        }
+        self.next_chunk += 1;
+        Ok(())
+    }
+
+    /// The loaded set, once every chunk is in.
+    pub fn finish(self) -> Result<KeySet, LoadError> {
+        if self.records.len() != self.total as usize {
+            return Err(LoadError::Invalid(format!(
+                "stored key set has {} records, its header says {}",
+                self.records.len(),
+                self.total
+            )));
+        }
+        KeySet::from_digest_order(self.records, self.by_id)
+            .ok_or_else(|| LoadError::Invalid("stored key set is not in order".to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::digest::sha256;
+
+    fn set(count: usize) -> KeySet {
+        let keys: Vec<Value> = (0..count)
+            .map(|i| {
+                let mut r = json!({"id": format!("k{i}"),
+                    "secret_sha256": hex::encode(sha256(format!("s{i}").as_bytes())),
+                    "tenant": format!("t{}", i % 3)});
+                if i % 5 == 0 {
+                    r["rate_limit"] = json!({"requests": 10, "per_seconds": 60, "burst": 2});
+                    r["permissions"] = json!(["read", "write"]);
+                    r["expires_at"] = json!(1_900_000_000);
+                    r["enabled"] = json!(false);
+                }
+                r
+            })
+            .collect();
+        KeySet::from_json(json!({ "keys": keys }).to_string().as_bytes()).unwrap()
+    }
+
+    struct Encoded {
+        header: Vec<u8>,
+        chunks: Vec<Vec<u8>>,
+    }
+
+    fn encoded(set: &KeySet, version: u64) -> Encoded {
+        let mut chunks = Vec::new();
+        let header = encode(set, version, |i, chunk| {
+            assert_eq!(i, chunks.len());
+            chunks.push(chunk.to_vec());
+            true
+        })
+        .unwrap();
+        Encoded { header, chunks }
+    }
+
+    fn round_trip(original: &KeySet) -> KeySet {
+        let encoded = encoded(original, 7);
+        let mut loading = Loading::start(&encoded.header).unwrap();
+        assert_eq!(loading.version, 7);
+        for chunk in &encoded.chunks {
+            assert!(!loading.is_complete());
+            loading.add_chunk(chunk).unwrap();
+        }
+        assert!(loading.is_complete());
+        loading.finish().unwrap()
+    }
+
+    #[test]
+    fn every_record_survives_the_shared_form_and_is_found_by_id_and_digest() {
+        let original = set(CHUNK_RECORDS * 2 + 5);
+        let copy = round_trip(&original);
+        assert_eq!(copy.len(), original.len());
+        for record in original.records() {
+            assert_eq!(copy.by_digest(&record.digest), Some(record));
+            assert_eq!(copy.by_id(&record.id), Some(record));
+        }
+        assert!(copy.by_id("nope").is_none());
+        assert!(copy.has_limits());
+    }
+
+    #[test]
+    fn an_empty_set_round_trips() {
+        assert!(round_trip(&KeySet::default()).is_empty());
+    }
+
+    #[test]
+    fn a_chunk_of_another_version_means_start_again() {
+        let first = encoded(&set(10), 1);
+        let second = encoded(&set(10), 2);
+        let mut loading = Loading::start(&first.header).unwrap();
+        assert_eq!(
+            loading.add_chunk(&second.chunks[0]),
+            Err(LoadError::Superseded)
+        );
+    }
+
+    #[test]
+    fn damaged_bytes_are_refused_not_panicked_on() {
+        let encoded = encoded(&set(10), 1);
+        assert!(Loading::start(&encoded.header[..5]).is_err());
+        let mut loading = Loading::start(&encoded.header).unwrap();
+        let chunk = &encoded.chunks[0];
+        assert!(matches!(
+            loading.add_chunk(&chunk[..chunk.len() - 3]),
+            Err(LoadError::Invalid(_))
+        ));
+    }
+}
