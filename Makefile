@@ -69,7 +69,7 @@ wasm-opt-tool:
 
 build-wasm: toolchain wasm-opt-tool
 	CARGO_PROFILE_RELEASE_OPT_LEVEL=$(WASM_OPT_LEVEL) cargo build --release --target $(WASM_TARGET) --lib
-	@mkdir -p build && python3 tools/strip_callbacks.py $(WASM_OUT) target/keygate-stripped.wasm src/adapter
+	@mkdir -p build && python3 tools/strip_callbacks.py $(WASM_OUT) target/keygate-stripped.wasm src/host/wasm
 	wasm-opt $(WASM_OPT) $(WASM_FEATURES) target/keygate-stripped.wasm -o $(ARTIFACT)
 	@echo "built $(ARTIFACT) ($$(stat -c %s $(ARTIFACT)) bytes)"
 

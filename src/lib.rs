@@ -1,9 +1,9 @@
 //! keygate: API-key authentication for Envoy, as a proxy-wasm filter (`keygate.wasm`) or an
 //! Envoy dynamic module (`libkeygate.so`).
 //!
-//! `core` decides (and is tested natively); `adapter` is the thin proxy-wasm layer that is
-//! compiled only for the wasm target; `host::envoy_module` is the thin dynamic-module layer,
-//! compiled only with the `envoy-module` feature.
+//! `core` decides (and is tested natively, free of both host APIs); `host::wasm` is the thin
+//! proxy-wasm layer, compiled only for the wasm target; `host::envoy_module` is the thin
+//! dynamic-module layer, compiled only with the `envoy-module` feature.
 
 pub mod core;
 
@@ -12,9 +12,5 @@ pub mod core;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod cli;
 
-#[cfg(target_arch = "wasm32")]
-mod adapter;
-
-/// Built only into `libkeygate.so`: it references callbacks that only Envoy's process provides.
-#[cfg(all(feature = "envoy-module", not(target_arch = "wasm32")))]
+#[cfg(any(target_arch = "wasm32", feature = "envoy-module"))]
 mod host;

@@ -12,7 +12,7 @@ implementing a callback brings its export back without touching this file. Only 
 HTTP callbacks, and the network, gRPC, queue and foreign-function callbacks an HTTP filter is
 never sent, are candidates; everything else is copied as it is.
 
-    python3 tools/strip_callbacks.py target/.../keygate.wasm build/keygate.wasm src/adapter
+    python3 tools/strip_callbacks.py target/.../keygate.wasm build/keygate.wasm src/host/wasm
 """
 import re
 import sys

@@ -4,18 +4,11 @@
 //! two allocations per header on every request. Here the serialized map the host wrote into
 //! the VM stays one buffer, and the core reads names and values as ranges of it.
 
-use proxy_wasm::types::{MapType, Status};
+use proxy_wasm::types::MapType;
+
+use super::raw::header_map_bytes;
 
 use crate::core::request::Headers;
-
-#[link(wasm_import_module = "env")]
-extern "C" {
-    fn proxy_get_header_map_pairs(
-        map_type: MapType,
-        return_map_data: *mut *mut u8,
-        return_map_size: *mut usize,
-    ) -> Status;
-}
 
 /// The request headers, or none if the host has none to give.
 pub fn read() -> Headers {
@@ -24,20 +17,6 @@ pub fn read() -> Headers {
     };
     let ranges = pair_ranges(&bytes);
     Headers::from_buffer(bytes, ranges)
-}
-
-fn header_map_bytes(map_type: MapType) -> Option<Vec<u8>> {
-    let mut data: *mut u8 = std::ptr::null_mut();
-    let mut size: usize = 0;
-    // SAFETY: on success the host wrote a pointer to `size` bytes it allocated through the SDK's
-    // `proxy_on_memory_allocate` (a boxed slice of exactly `size` bytes), which this VM now owns;
-    // the SDK's own `get_map_bytes` takes ownership the same way.
-    unsafe {
-        match proxy_get_header_map_pairs(map_type, &mut data, &mut size) {
-            Status::Ok if !data.is_null() => Some(Vec::from_raw_parts(data, size, size)),
-            _ => None,
-        }
-    }
 }
 
 /// Name and value ranges of the proxy-wasm serialized map: a little-endian `u32` count, then a

@@ -1,9 +1,10 @@
-//! The proxy-wasm adapter: the only code that talks to the host. It turns host calls into a
+//! The proxy-wasm host (keygate.wasm): the only code that talks to the host. It turns host calls into a
 //! `RequestView`, asks the core for a decision, and applies the answer.
 
 mod filter_state;
 mod keysource;
 mod local_reply;
+mod raw;
 mod request_headers;
 mod shared_store;
 

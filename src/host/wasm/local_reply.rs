@@ -4,24 +4,9 @@
 
 use std::collections::HashMap;
 
-use proxy_wasm::types::Status;
-
+use super::raw;
 use crate::core::codes::ErrorCode;
 use crate::core::reply::{LocalReply, Replies};
-
-#[link(wasm_import_module = "env")]
-extern "C" {
-    fn proxy_send_local_response(
-        status_code: u32,
-        status_code_details_data: *const u8,
-        status_code_details_size: usize,
-        body_data: *const u8,
-        body_size: usize,
-        headers_data: *const u8,
-        headers_size: usize,
-        grpc_status: i32,
-    ) -> Status;
-}
 
 /// Each code's reply headers in the proxy-wasm map encoding.
 #[derive(Default)]
@@ -72,18 +57,5 @@ pub fn serialize<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)> + Clone) ->
 }
 
 pub fn send(status: u32, serialized_headers: &[u8], body: &[u8]) {
-    // SAFETY: every pointer refers to a live buffer of the given size for the whole call; the
-    // host only reads them (no details string: a null pointer with size 0).
-    let _ = unsafe {
-        proxy_send_local_response(
-            status,
-            std::ptr::null(),
-            0,
-            body.as_ptr(),
-            body.len(),
-            serialized_headers.as_ptr(),
-            serialized_headers.len(),
-            -1,
-        )
-    };
+    raw::send_local_response(status, serialized_headers, body);
 }
