@@ -98,7 +98,7 @@ def measure(count):
     stack = Stack("keyservice.yaml", concurrency=2, substitutions={
         'prefix: "/" }\n                route: { cluster: echo }':
         'prefix: "/" }\n                direct_response: { status: 200 }'})
-    service = StaticKeyService(stack.workdir / "keyservice", stack.ports["keys"], stack.workdir)
+    service = StaticKeyService.for_stack(stack)
     service.start()
     try:
         with stack:

@@ -82,6 +82,12 @@ http {{
                 self.proc.wait()
         self.proc = None
 
+    @classmethod
+    def for_stack(cls, stack):
+        """The key service a shipped config's `keyservice` cluster points at: the stack's key
+        port, serving files under the stack's work directory."""
+        return cls(stack.workdir / "keyservice", stack.ports["keys"], stack.workdir)
+
     def __enter__(self):
         return self.start()
 

@@ -476,6 +476,36 @@ pub enum SyncEvent {
     },
 }
 
+impl SyncEvent {
+    /// The log line of the event for the filter named `name`; a refusal is a warning.
+    pub fn log_line(&self, name: &str) -> (bool, String) {
+        match self {
+            SyncEvent::Loaded { version, keys } => (
+                false,
+                format!("keygate[{name}]: key set version {version} loaded ({keys} keys)"),
+            ),
+            SyncEvent::Refused { version, error } => (
+                true,
+                format!("keygate[{name}]: stored key set version {version} refused: {error}"),
+            ),
+        }
+    }
+}
+
+/// The log line of a refused rollback (`FetchOutcome::RolledBack`) while `version` serves.
+pub fn rollback_log_line(
+    name: &str,
+    offered: u64,
+    current: u64,
+    failures: u32,
+    version: u64,
+) -> String {
+    format!(
+        "keygate[{name}]: key-set document refused ({failures} failed fetches in a row): \
+         serial {offered} is not above serial {current} of version {version}"
+    )
+}
+
 /// Chunks of a new version a VM copies in per tick, and per request while it has a set to
 /// serve (a VM with no set yet loads the whole set at once: it has nothing else to decide with).
 pub const CHUNKS_PER_TICK: u32 = 16;

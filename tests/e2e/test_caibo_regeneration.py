@@ -28,7 +28,7 @@ def live_record(secret):
 @pytest.fixture(scope="module")
 def caibo():
     stack = Stack(CONFIG, concurrency=2)
-    service = StaticKeyService(stack.workdir / "keyservice", stack.ports["keys"], stack.workdir)
+    service = StaticKeyService.for_stack(stack)
     # Start from the shipped document, exactly as `make run PROFILE=caibo-keyservice` serves it.
     shipped = json.loads((ROOT / "envoy" / "keyservice" / "caibo" / "keys.json").read_text())
     service.write("caibo/keys.json", shipped)

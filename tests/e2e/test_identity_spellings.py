@@ -265,8 +265,7 @@ def stat(stack, name):
 @pytest.fixture(scope="module")
 def keyservice():
     stack = Stack("keyservice.yaml", concurrency=2)
-    service = StaticKeyService(stack.workdir / "keyservice", stack.ports["keys"], stack.workdir)
-    with service, stack:
+    with StaticKeyService.for_stack(stack) as service, stack:
         yield stack, service
 
 

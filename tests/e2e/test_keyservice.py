@@ -42,13 +42,8 @@ BASE = [record("ks-alpha", "acme"), record("ks-beta", "globex"), record("ksid_ga
 @pytest.fixture(scope="module")
 def remote():
     stack = Stack(CONFIG, concurrency=2)
-    service = StaticKeyService(stack.workdir / "keyservice", stack.ports["keys"], stack.workdir)
-    service.start()
-    try:
-        with stack:
-            yield stack, service
-    finally:
-        service.stop()
+    with StaticKeyService.for_stack(stack) as service, stack:
+        yield stack, service
 
 
 def opaque(key):

@@ -40,13 +40,8 @@ def document_bytes(records, serial):
 @pytest.fixture(scope="module")
 def scale():
     stack = Stack(CONFIG, concurrency=2)
-    service = StaticKeyService(stack.workdir / "keyservice", stack.ports["keys"], stack.workdir)
-    service.start()
-    try:
-        with stack:
-            yield stack, service
-    finally:
-        service.stop()
+    with StaticKeyService.for_stack(stack) as service, stack:
+        yield stack, service
 
 
 def orders(stack, key):

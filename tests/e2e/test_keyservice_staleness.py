@@ -17,7 +17,7 @@ DOCUMENT = {"serial": 1, "keys": [{"id": "ks-alpha", "secret_sha256": hashlib.sh
 
 def running(substitutions):
     stack = Stack(CONFIG, concurrency=2, substitutions=substitutions)
-    service = StaticKeyService(stack.workdir / "keyservice", stack.ports["keys"], stack.workdir)
+    service = StaticKeyService.for_stack(stack)
     return stack, service
 
 

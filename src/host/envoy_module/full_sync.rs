@@ -14,8 +14,8 @@ use super::ffi::{log, ConfigHandle, LogLevel, MainThread};
 use super::process_store::ProcessStore;
 use crate::core::keyset::KeySet;
 use crate::core::keysource::{
-    age_ms, FetchOutcome, FetchResponse, FullSync, KeyService, RemoteKeySet, SyncEvent, TickPlan,
-    Unavailable,
+    age_ms, rollback_log_line, FetchOutcome, FetchResponse, FullSync, KeyService, RemoteKeySet,
+    SyncEvent, TickPlan, Unavailable,
 };
 
 /// How often the main thread checks whether a fetch is due (the wasm filter's tick).
@@ -202,12 +202,7 @@ impl FullSource {
                 self.main.increment_counter(self.metrics.rollbacks_refused);
                 log(
                     LogLevel::Warn,
-                    &format!(
-                        "keygate[{}]: key-set document refused ({failures} failed fetches in a row): \
-                         serial {offered} is not above serial {current} of version {}",
-                        self.name,
-                        remote.version()
-                    ),
+                    &rollback_log_line(&self.name, offered, current, failures, remote.version()),
                 );
             }
             FetchOutcome::Failed { reason, failures } => {
@@ -231,25 +226,18 @@ impl FullSource {
     }
 
     fn report(&self, event: SyncEvent) {
-        match event {
-            SyncEvent::Loaded { version, keys } => {
-                self.main.set_gauge(self.metrics.version, version);
-                self.main.set_gauge(self.metrics.keys, keys as u64);
-                log(
-                    LogLevel::Info,
-                    &format!(
-                        "keygate[{}]: key set version {version} loaded ({keys} keys)",
-                        self.name
-                    ),
-                );
-            }
-            SyncEvent::Refused { version, error } => log(
-                LogLevel::Warn,
-                &format!(
-                    "keygate[{}]: stored key set version {version} refused: {error}",
-                    self.name
-                ),
-            ),
+        if let SyncEvent::Loaded { version, keys } = event {
+            self.main.set_gauge(self.metrics.version, version);
+            self.main.set_gauge(self.metrics.keys, keys as u64);
         }
+        let (warning, line) = event.log_line(&self.name);
+        log(
+            if warning {
+                LogLevel::Warn
+            } else {
+                LogLevel::Info
+            },
+            &line,
+        );
     }
 }

@@ -22,8 +22,9 @@ use crate::core::docparts::{PartStep, PartedFetch};
 use crate::core::keycache::{parse_answer, Answer, Cached, KeyCache, LookupKey};
 use crate::core::keyset::KeySet;
 use crate::core::keysource::{
-    age_ms, FetchOutcome, FetchResponse, KeyService, KeyServiceMode, OnUnavailable, RemoteKeySet,
-    SyncEvent, TickPlan, Unavailable, CHUNKS_PER_REQUEST, CHUNKS_PER_TICK,
+    age_ms, rollback_log_line, FetchOutcome, FetchResponse, KeyService, KeyServiceMode,
+    OnUnavailable, RemoteKeySet, SyncEvent, TickPlan, Unavailable, CHUNKS_PER_REQUEST,
+    CHUNKS_PER_TICK,
 };
 use crate::core::policy::Policy;
 use crate::core::request::RequestView;
@@ -260,11 +261,12 @@ impl KeySource {
                 SourceMetrics::bump(self.metrics.rollbacks_refused);
                 log(
                     LogLevel::Warn,
-                    &format!(
-                        "keygate[{}]: key-set document refused ({failures} failed fetches in a row): \
-                         serial {offered} is not above serial {current} of version {}",
-                        self.name,
-                        self.remote.borrow().version()
+                    &rollback_log_line(
+                        &self.name,
+                        offered,
+                        current,
+                        failures,
+                        self.remote.borrow().version(),
                     ),
                 );
             }
@@ -304,26 +306,19 @@ impl KeySource {
     }
 
     fn report(&self, event: SyncEvent) {
-        match event {
-            SyncEvent::Loaded { version, keys } => {
-                SourceMetrics::set(self.metrics.version, version);
-                SourceMetrics::set(self.metrics.keys, keys as u64);
-                log(
-                    LogLevel::Info,
-                    &format!(
-                        "keygate[{}]: key set version {version} loaded ({keys} keys)",
-                        self.name
-                    ),
-                );
-            }
-            SyncEvent::Refused { version, error } => log(
-                LogLevel::Warn,
-                &format!(
-                    "keygate[{}]: stored key set version {version} refused: {error}",
-                    self.name
-                ),
-            ),
+        if let SyncEvent::Loaded { version, keys } = event {
+            SourceMetrics::set(self.metrics.version, version);
+            SourceMetrics::set(self.metrics.keys, keys as u64);
         }
+        let (warning, line) = event.log_line(&self.name);
+        log(
+            if warning {
+                LogLevel::Warn
+            } else {
+                LogLevel::Info
+            },
+            &line,
+        );
     }
 
     /// Full mode: this VM's current set, after catching up with the shared version.
