@@ -3,7 +3,7 @@
 //! record both ways, and the header-safety check must not panic on it.
 #![no_main]
 
-use keygate::core::config::validate_header_safe_fields;
+use keygate::core::keyset::validate_header_safe_fields;
 use keygate::core::keyset::KeySet;
 use libfuzzer_sys::fuzz_target;
 

@@ -9,8 +9,8 @@ use serde_json::{Map, Value};
 
 use super::random::RandomSource;
 use crate::core::checksum::Checksum;
-use crate::core::config::validate_header_safe_fields;
 use crate::core::digest::sha256;
+use crate::core::keyset::validate_header_safe_fields;
 use crate::core::keyset::{is_id_byte, KeySet};
 
 const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";

@@ -12,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 
 use super::random::{OsRandom, RandomSource};
-use crate::core::config::validate_header_safe_fields;
+use crate::core::keyset::validate_header_safe_fields;
 use crate::core::keyset::KeySet;
 
 /// Reads key records from JSON text: one record, an array of records, a `{"keys": [...]}`

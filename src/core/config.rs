@@ -2,13 +2,14 @@
 //! whose indexes and pre-rendered replies make the per-request path cheap.
 
 use std::collections::{HashMap, HashSet};
-use std::fmt;
 
 use serde::Deserialize;
 
 use super::codes::{ErrorCode, Language};
+use super::config_error::is_header_value;
+pub use super::config_error::ConfigError;
 use super::credential::{CredentialSource, CredentialSpec, Place, TokenFormat};
-use super::keyset::{KeyRecordSpec, KeySet};
+use super::keyset::{validate_header_safe_fields, KeyRecordSpec, KeySet};
 use super::keysource::{KeyService, KeyServiceSpec};
 use super::limits::{Limits, LimitsSpec};
 use super::policy::{
@@ -16,36 +17,6 @@ use super::policy::{
 };
 use super::reply::{BodyFormat, Replies};
 use super::request::RequestView;
-
-/// A configuration problem, located by its path in the JSON (`keys[3].secret_sha256`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    pub path: String,
-    pub message: String,
-}
-
-impl ConfigError {
-    pub fn new(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
-        ConfigError {
-            path: path.into(),
-            message: message.into(),
-        }
-    }
-
-    /// serde_json names unknown or missing fields and the position in its message.
-    pub fn from_json(err: serde_json::Error) -> ConfigError {
-        ConfigError::new(
-            format!("line {} column {}", err.line(), err.column()),
-            err.to_string(),
-        )
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.path, self.message)
-    }
-}
 
 /// Names of the trusted headers keygate sends upstream. Client-sent copies are always removed.
 #[derive(Debug, Clone, Deserialize)]
@@ -374,47 +345,6 @@ impl Config {
 /// Opaque keys are found by the digest of the whole key; id:secret and split keys by id.
 fn finds_keys_by_digest(source: &CredentialSource) -> bool {
     source.format == TokenFormat::Opaque && !matches!(source.place, Place::HeaderPair { .. })
-}
-
-pub fn is_header_value(text: &str) -> bool {
-    text.bytes().all(|b| (0x20..0x7f).contains(&b))
-}
-
-/// Record fields travel upstream in headers: refuse values that could not be sent safely.
-pub fn validate_header_safe_fields(keys: &KeySet) -> Result<(), ConfigError> {
-    for (i, r) in keys.records().iter().enumerate() {
-        let singles = [
-            ("tenant", &r.tenant),
-            ("environment", &r.environment),
-            ("product", &r.product),
-            ("user", &r.user),
-        ];
-        for (field, value) in singles {
-            if let Some(v) = value {
-                if !is_header_value(v) {
-                    return Err(ConfigError::new(
-                        format!("keys[{i}].{field}"),
-                        "must be printable ASCII",
-                    ));
-                }
-            }
-        }
-        let lists = [
-            ("organizations", &r.organizations),
-            ("permissions", &r.permissions),
-        ];
-        for (field, values) in lists {
-            for (j, v) in values.iter().enumerate() {
-                if v.is_empty() || !is_header_value(v) || v.contains(',') {
-                    return Err(ConfigError::new(
-                        format!("keys[{i}].{field}[{j}]"),
-                        "must be non-empty printable ASCII without ','",
-                    ));
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use serde::Deserialize;
 
 use super::checksum::Checksum;
 use super::codes::ErrorCode;
-use super::config::ConfigError;
+use super::config_error::ConfigError;
 use super::digest::{sha256, Digest};
 use super::keyset::is_id_byte;
 use super::request::{trim_ascii, RequestView};

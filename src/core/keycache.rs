@@ -30,9 +30,9 @@
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 
-use super::config::validate_header_safe_fields;
 use super::credential::Credential;
 use super::digest::{parse_hex_digest, Digest};
+use super::keyset::validate_header_safe_fields;
 use super::keyset::{KeyRecord, KeyRecordSpec, KeySet};
 use super::keysource::{is_request_path, KeyService, KeyServiceMode, Reader};
 use super::limits::{SharedStore, StoreError};

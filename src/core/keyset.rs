@@ -13,7 +13,7 @@ use std::sync::Arc;
 use serde::de::{DeserializeSeed, Error as _, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
-use super::config::ConfigError;
+use super::config_error::{is_header_value, ConfigError};
 use super::digest::{parse_hex_digest, Digest};
 use super::limits::{RateLimit, RateLimitSpec};
 use super::time::parse_rfc3339;
@@ -517,6 +517,43 @@ impl KeySet {
             .iter()
             .any(|r| r.rate_limit.is_some() || r.monthly_budget.is_some())
     }
+}
+
+/// Record fields travel upstream in headers: refuse values that could not be sent safely.
+pub fn validate_header_safe_fields(keys: &KeySet) -> Result<(), ConfigError> {
+    for (i, r) in keys.records().iter().enumerate() {
+        let singles = [
+            ("tenant", &r.tenant),
+            ("environment", &r.environment),
+            ("product", &r.product),
+            ("user", &r.user),
+        ];
+        for (field, value) in singles {
+            if let Some(v) = value {
+                if !is_header_value(v) {
+                    return Err(ConfigError::new(
+                        format!("keys[{i}].{field}"),
+                        "must be printable ASCII",
+                    ));
+                }
+            }
+        }
+        let lists = [
+            ("organizations", &r.organizations),
+            ("permissions", &r.permissions),
+        ];
+        for (field, values) in lists {
+            for (j, v) in values.iter().enumerate() {
+                if v.is_empty() || !is_header_value(v) || v.contains(',') {
+                    return Err(ConfigError::new(
+                        format!("keys[{i}].{field}[{j}]"),
+                        "must be non-empty printable ASCII without ','",
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

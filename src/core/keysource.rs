@@ -22,10 +22,11 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use super::config::{is_header_value, validate_header_safe_fields, ConfigError};
+use super::config_error::{is_header_value, ConfigError};
 use super::digest::sha256;
 use super::docparts::range_header;
 use super::keycache::{CacheBudgets, LookupPolicy, PathTemplate, TemplateKind};
+use super::keyset::validate_header_safe_fields;
 use super::keyset::KeySet;
 use super::limits::{SharedStore, StoreError};
 use super::setchunks::{self, LoadError, Loading};

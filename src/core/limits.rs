@@ -29,7 +29,7 @@ use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
 use super::codes::ErrorCode;
-use super::config::ConfigError;
+use super::config_error::ConfigError;
 use super::keyset::KeyRecord;
 use super::policy::Policy;
 use super::time::utc_year_month;

@@ -12,6 +12,7 @@ pub mod access_log;
 pub mod checksum;
 pub mod codes;
 pub mod config;
+pub mod config_error;
 pub mod credential;
 pub mod decision;
 pub mod digest;

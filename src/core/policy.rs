@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use serde::Deserialize;
 
 use super::codes::ErrorCode;
-use super::config::ConfigError;
+use super::config_error::ConfigError;
 use super::keyset::KeyRecord;
 use super::method_override::requests_method;
 use super::request::RequestView;

@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use serde::Deserialize;
 
 use super::codes::{reason_phrase, ErrorCode, Language};
-use super::config::{is_header_value, Config};
+use super::config::Config;
+use super::config_error::is_header_value;
 use super::credential::Place;
 use super::decision::Principal;
 use super::request::RequestView;
