@@ -493,20 +493,6 @@ impl SyncEvent {
     }
 }
 
-/// The log line of a refused rollback (`FetchOutcome::RolledBack`) while `version` serves.
-pub fn rollback_log_line(
-    name: &str,
-    offered: u64,
-    current: u64,
-    failures: u32,
-    version: u64,
-) -> String {
-    format!(
-        "keygate[{name}]: key-set document refused ({failures} failed fetches in a row): \
-         serial {offered} is not above serial {current} of version {version}"
-    )
-}
-
 /// Chunks of a new version a VM copies in per tick, and per request while it has a set to
 /// serve (a VM with no set yet loads the whole set at once: it has nothing else to decide with).
 pub const CHUNKS_PER_TICK: u32 = 16;
@@ -622,6 +608,25 @@ impl RemoteKeySet {
             return Err(Unavailable::Stale { age_ms });
         }
         Ok(Arc::clone(keys))
+    }
+
+    /// The warning for a fetch that failed while this set keeps serving.
+    pub fn fetch_failed_line(&self, name: &str, failures: u32, reason: &str) -> String {
+        format!(
+            "keygate[{name}]: key-set fetch failed ({failures} in a row): {reason}; \
+             keeping version {} ({} keys)",
+            self.version,
+            self.len()
+        )
+    }
+
+    /// The warning for a refused rollback (`FetchOutcome::RolledBack`) while this set serves.
+    pub fn rollback_line(&self, name: &str, offered: u64, current: u64, failures: u32) -> String {
+        format!(
+            "keygate[{name}]: key-set document refused ({failures} failed fetches in a row): \
+             serial {offered} is not above serial {current} of version {}",
+            self.version
+        )
     }
 
     pub fn version(&self) -> u64 {

@@ -14,8 +14,8 @@ use super::ffi::{log, ConfigHandle, LogLevel, MainThread};
 use super::process_store::ProcessStore;
 use crate::core::keyset::KeySet;
 use crate::core::keysource::{
-    age_ms, rollback_log_line, FetchOutcome, FetchResponse, FullSync, KeyService, RemoteKeySet,
-    SyncEvent, TickPlan, Unavailable,
+    age_ms, FetchOutcome, FetchResponse, FullSync, KeyService, RemoteKeySet, SyncEvent, TickPlan,
+    Unavailable,
 };
 
 /// How often the main thread checks whether a fetch is due (the wasm filter's tick).
@@ -202,20 +202,14 @@ impl FullSource {
                 self.main.increment_counter(self.metrics.rollbacks_refused);
                 log(
                     LogLevel::Warn,
-                    &rollback_log_line(&self.name, offered, current, failures, remote.version()),
+                    &remote.rollback_line(&self.name, offered, current, failures),
                 );
             }
             FetchOutcome::Failed { reason, failures } => {
                 self.main.increment_counter(self.metrics.fetch_failures);
                 log(
                     LogLevel::Warn,
-                    &format!(
-                        "keygate[{}]: key-set fetch failed ({failures} in a row): {reason}; \
-                         keeping version {} ({} keys)",
-                        self.name,
-                        remote.version(),
-                        remote.len()
-                    ),
+                    &remote.fetch_failed_line(&self.name, failures, &reason),
                 );
             }
         }

@@ -275,18 +275,11 @@ fn decide_by_lookup(
 ) -> bool {
     let runtime = &*stream.runtime;
     let config = &runtime.config;
-    let Some(service) = &config.key_service else {
-        return apply(
-            filter,
-            stream,
-            &req,
-            Decision::Deny {
-                code: ErrorCode::KeysetUnavailable,
-                key_id: None,
-            },
-        );
-    };
-    let Some(cache) = KeyCache::of(service) else {
+    let Some((service, cache)) = config
+        .key_service
+        .as_ref()
+        .and_then(|service| Some((service, KeyCache::of(service)?)))
+    else {
         return apply(
             filter,
             stream,

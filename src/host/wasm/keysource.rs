@@ -22,9 +22,8 @@ use crate::core::docparts::{PartStep, PartedFetch};
 use crate::core::keycache::{parse_answer, Answer, Cached, KeyCache, LookupKey};
 use crate::core::keyset::KeySet;
 use crate::core::keysource::{
-    age_ms, rollback_log_line, FetchOutcome, FetchResponse, KeyService, KeyServiceMode,
-    OnUnavailable, RemoteKeySet, SyncEvent, TickPlan, Unavailable, CHUNKS_PER_REQUEST,
-    CHUNKS_PER_TICK,
+    age_ms, FetchOutcome, FetchResponse, KeyService, KeyServiceMode, OnUnavailable, RemoteKeySet,
+    SyncEvent, TickPlan, Unavailable, CHUNKS_PER_REQUEST, CHUNKS_PER_TICK,
 };
 use crate::core::policy::Policy;
 use crate::core::request::RequestView;
@@ -261,28 +260,19 @@ impl KeySource {
                 SourceMetrics::bump(self.metrics.rollbacks_refused);
                 log(
                     LogLevel::Warn,
-                    &rollback_log_line(
-                        &self.name,
-                        offered,
-                        current,
-                        failures,
-                        self.remote.borrow().version(),
-                    ),
+                    &self
+                        .remote
+                        .borrow()
+                        .rollback_line(&self.name, offered, current, failures),
                 );
             }
             FetchOutcome::Failed { reason, failures } => {
                 SourceMetrics::bump(self.metrics.fetch_failures);
-                let remote = self.remote.borrow();
-                log(
-                    LogLevel::Warn,
-                    &format!(
-                        "keygate[{}]: key-set fetch failed ({failures} in a row): {reason}; \
-                         keeping version {} ({} keys)",
-                        self.name,
-                        remote.version(),
-                        remote.len()
-                    ),
-                );
+                let line = self
+                    .remote
+                    .borrow()
+                    .fetch_failed_line(&self.name, failures, &reason);
+                log(LogLevel::Warn, &line);
             }
         }
     }
