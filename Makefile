@@ -19,7 +19,7 @@ PYTEST_ARGS ?=
 .PHONY: all toolchain wasm-opt-tool tracked-outputs deps build build-wasm build-native build-panic-probe cli lint unit e2e e2e-both test run validate clean core-wall keyservice-tools fuzz fuzz-tools soak boundary-check \
 	compose-tools compose-check compose-up compose-down compose-test compose-test-live \
 	compose-image-tools compose-images compose-fleet-up compose-fleet-down \
-	bench bench-envoy bench-core bench-ab bench-tools bench-before oci
+	bench bench-envoy bench-core bench-scale bench-ab bench-tools bench-before oci
 
 all: build
 
@@ -252,7 +252,8 @@ oci: build
 
 # --- benchmarks (BENCHMARKS.md) --------------------------------------------------------------
 # make bench: every contender of envoy/bench.yaml side by side in one Envoy, then the core
-# microbenchmarks. Timed numbers are printed, never asserted. BEFORE=<git rev> adds a listener
+# microbenchmarks, then the key-set scale table (bench-scale). Timed numbers are printed, never
+# asserted. BEFORE=<git rev> adds a listener
 # with that revision's keygate.wasm; keygate-native (build/libkeygate.so) always runs; BENCH_100K=1 adds keygate with 100,000 keys, inline and from
 # a key service (full sync through shared data);
 # BENCH_ROUNDS / BENCH_SECONDS change the run length.
@@ -288,7 +289,15 @@ bench-envoy: build build/bench-empty.wasm bench-tools $(VENV)/.installed $(if $(
 bench-core:
 	cargo run --release --example bench_core
 
-bench: bench-envoy bench-core
+# The key-set scale table (issue 14, bench/keyset_scale.py): keys from a key service in full mode
+# and lookup on miss, for keygate.wasm and keygate-native, at BENCH_SCALE_KEYS keys (the first size
+# is the baseline row). About 10 minutes at the default sizes; BENCH_SCALE_KEYS=1000,10000 for a
+# quick one.
+BENCH_SCALE_KEYS ?= 1000,10000,100000,1000000
+bench-scale: build bench-tools keyservice-tools $(VENV)/.installed
+	ENVOY_BIN=$(ENVOY) $(PY) bench/keyset_scale.py --keys $(BENCH_SCALE_KEYS)
+
+bench: bench-envoy bench-core bench-scale
 
 # Amplified A/B of two builds (bench/ab.py): make bench-ab A=build/keygate-before.wasm
 A ?= build/keygate-before.wasm

@@ -68,6 +68,7 @@ def test_a_million_key_document_loads_in_parts_and_serves_valid_unknown_and_revo
     seen = assert_passed(orders(stack, secret(424_242)))
     assert seen["x-keygate-key-id"] == ["scale-0424242"]
     assert seen["x-keygate-tenant"] == ["tenant-242"]
+    assert "x-api-key" not in seen, "the credential must not reach the upstream"
     assert_denied(orders(stack, "ks_scale_unknown"), 401, "INVALID_API_KEY")
 
     # Version two disables one key and keeps the rest.
@@ -81,4 +82,5 @@ def test_a_million_key_document_loads_in_parts_and_serves_valid_unknown_and_revo
     assert_denied(orders(stack, secret(revoked)), 401, "INVALID_API_KEY")
     seen = assert_passed(orders(stack, secret(revoked + 1)))
     assert seen["x-keygate-key-id"] == ["scale-0000778"]
+    assert "x-api-key" not in seen
     assert_denied(orders(stack, "ks_scale_unknown"), 401, "INVALID_API_KEY")

@@ -1,0 +1,351 @@
+#!/usr/bin/env python3
+"""The key-set scale table of `make bench` (issue 14): keys from a key service at 1k (the
+baseline), 10k, 100k and 1M keys, in full mode (envoy/keyservice.yaml) and lookup on miss
+(envoy/keyservice-lookup.yaml), for each host (keygate.wasm, keygate-native), in a real Envoy
+with two workers and stock nginx as the key service. The route answers with a direct response,
+so the upstream is not what is measured.
+
+Per row:
+- full mode: Envoy's RSS with an empty set, the time from publishing the document to a valid
+  key passing everywhere, RSS after that load, Envoy CPU per request under load at rest, the
+  latency of a valid key at rest, the latency spike while a new version (one key changed) is
+  published under load (p99 / max, non-2xx count), and RSS after five such reloads;
+- lookup on miss: the store is `{digest:3}` shard files of the given size; RSS before any
+  request, the first request's latency (a miss: one fetch of a shard), CPU per request and RSS
+  under load at rest. There is no set to reload: a changed key is seen when its cached answer
+  expires (positive_ttl_seconds), so the reload columns say n/a.
+A size a host cannot load shows `refused: <reason>` (the host's own log line), never a blank.
+
+Timed numbers are printed, never asserted. Run by hand:
+  ENVOY_BIN=.venv/lib/python3.11/site-packages/envoy/_bin/envoy .venv/bin/python \\
+      bench/keyset_scale.py --keys 1000,1000000 --hosts wasm --modes full
+Latencies include the Python clients, so compare rows within one run."""
+import argparse
+import hashlib
+import http.client
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from keygate_stack import Stack, wait_for  # noqa: E402
+from static_keyservice import StaticKeyService, keyset_document  # noqa: E402
+
+THREADS = 4
+RELOADS = 5
+AT_REST_SECONDS = 4
+# Publish -> loaded; a size the host refuses is given up on after this many failed fetches.
+LOAD_TIMEOUT = 300
+REFUSALS = 3
+DIRECT_RESPONSE = {'prefix: "/" }\n                route: { cluster: echo }':
+                   'prefix: "/" }\n                direct_response: { status: 200 }'}
+HOST_LABEL = {"wasm": "keygate.wasm", "native": "keygate-native"}
+
+
+def full_secret(i):
+    return f"ks_scale_{i:07d}"
+
+
+def lookup_secret(i):
+    return f"kl_scale_{i:07d}"
+
+
+def sha(text):
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def full_records(count):
+    """Each record's JSON text, written by hand: json.dumps of a million dicts is the slow part."""
+    return ['{"id":"scale-%07d","secret_sha256":"%s","tenant":"tenant-%d"}'
+            % (i, sha(full_secret(i)), i % 1000) for i in range(count)]
+
+
+def document(texts):
+    return ('{"serial":%d,"keys":[' % keyset_document()["serial"] + ",".join(texts) + "]}").encode()
+
+
+def rss_mb(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def cpu_seconds(pid):
+    """User plus system CPU of the process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def status_of(stack, key, header="x-api-key"):
+    return stack.request("GET", "/orders", [(header, key)]).status
+
+
+class Load:
+    """THREADS clients sending a valid key back to back, each on one kept-alive connection."""
+
+    def __init__(self, port, key):
+        self.port, self.key = port, key
+        self.samples, self.failures, self.stop = [], 0, threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self.run) for _ in range(THREADS)]
+
+    def run(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        while not self.stop.is_set():
+            start = time.perf_counter()
+            try:
+                conn.request("GET", "/orders", headers={"x-api-key": self.key})
+                resp = conn.getresponse()
+                resp.read()
+                ok = resp.status == 200
+            except OSError:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+                ok = False
+            with self.lock:
+                self.samples.append((time.perf_counter() - start) * 1000)
+                self.failures += not ok
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+    def summary(self):
+        ordered = sorted(self.samples)
+        p99 = ordered[int(len(ordered) * 0.99) - 1] if ordered else 0
+        return p99, (ordered[-1] if ordered else 0), self.failures, len(ordered)
+
+
+def at_rest(stack, pid, key):
+    """Median client latency of single requests, then Envoy CPU per request under load."""
+    single = []
+    for _ in range(200):
+        t = time.perf_counter()
+        status_of(stack, key)
+        single.append((time.perf_counter() - t) * 1000)
+    cpu_before = cpu_seconds(pid)
+    with Load(stack.port, key) as load:
+        time.sleep(AT_REST_SECONDS)
+    cpu = cpu_seconds(pid) - cpu_before
+    _, _, failures, requests = load.summary()
+    return {
+        "valid_key_ms_median": round(statistics.median(single), 3),
+        "cpu_us_per_request": round(cpu * 1e6 / max(requests, 1), 1),
+        "at_rest_non_2xx": failures,
+    }
+
+
+class LogWatch:
+    """New key-set fetch failures in Envoy's log since the last `mark()`."""
+    FAILED = re.compile(r"key-set fetch failed[^\n]*")
+
+    def __init__(self, stack):
+        self.stack, self.offset = stack, 0
+
+    def mark(self):
+        self.offset = self.stack.log_path.stat().st_size
+
+    def failures(self):
+        with open(self.stack.log_path, "rb") as log:
+            log.seek(self.offset)
+            return self.FAILED.findall(log.read().decode(errors="replace"))
+
+
+def wait_loaded(stack, probe, watch):
+    """Seconds until `probe` passes everywhere, or the refusal reason after REFUSALS failed
+    fetches of the new document."""
+    result = {}
+
+    def settled():
+        if all(status_of(stack, probe) == 200 for _ in range(6)):
+            result["loaded"] = True
+            return True
+        failed = watch.failures()
+        if len(failed) >= REFUSALS:
+            result["refused"] = failed[-1].split(": ", 1)[-1][:160]
+            return True
+        return False
+
+    start = time.time()
+    if wait_for(settled, LOAD_TIMEOUT, interval=0.2) is None:
+        return None, f"not loaded within {LOAD_TIMEOUT} s"
+    return (time.time() - start, None) if result.get("loaded") else (None, result["refused"])
+
+
+def measure_full(count):
+    stack = Stack("keyservice.yaml", concurrency=2, substitutions=DIRECT_RESPONSE)
+    service = StaticKeyService.for_stack(stack)
+    service.start()
+    row = {"mode": "full", "keys": count}
+    try:
+        with stack:
+            pid = stack.envoy.pid
+            service.write("keys.json", document([]))
+            wait_for(lambda: stack.stats().get("wasmcustom.keygate.remote.keyset.version", 0) >= 1, 30)
+            time.sleep(1)
+            empty = rss_mb(pid)
+            texts = full_records(count)
+            body = document(texts)
+            row["document_mb"] = round(len(body) / 2**20, 1)
+            probe = full_secret(count - 1)
+            watch = LogWatch(stack)
+            watch.mark()
+            service.write("keys.json", body)
+            del body
+            load_s, refused = wait_loaded(stack, probe, watch)
+            if refused:
+                row["refused"] = refused
+                return row
+            time.sleep(1)
+            after_load = rss_mb(pid)
+            row.update(load_s=round(load_s, 2), rss_empty_mb=round(empty), rss_loaded_mb=round(after_load),
+                       rss_growth_bytes_per_key=round((after_load - empty) * 2**20 / count))
+            row.update(at_rest(stack, pid, probe))
+            spikes = []
+            for reload in range(RELOADS):
+                with Load(stack.port, probe) as load:
+                    time.sleep(0.5)
+                    # One key changes: every other version disables key 0.
+                    changed = list(texts)
+                    if reload % 2 == 0:
+                        changed[0] = changed[0].replace('"tenant":', '"enabled":false,"tenant":')
+                    service.write("keys.json", document(changed))
+                    del changed
+                    wait_for(lambda: status_of(stack, full_secret(0)) == (401 if reload % 2 == 0 else 200),
+                             LOAD_TIMEOUT)
+                    time.sleep(2)
+                spikes.append(load.summary())
+            row.update(rss_after_5_reloads_mb=round(rss_mb(pid)),
+                       reload_p99_ms=round(max(s[0] for s in spikes), 1),
+                       reload_max_ms=round(max(s[1] for s in spikes), 1),
+                       reload_non_2xx=sum(s[2] for s in spikes),
+                       reload_requests=sum(s[3] for s in spikes))
+            return row
+    finally:
+        service.stop()
+
+
+def write_lookup_store(root, count):
+    """`count` key records in the `{digest:3}` shard files envoy/keyservice-lookup.yaml asks for."""
+    shards = {}
+    for i in range(count):
+        d = sha(lookup_secret(i))
+        shards.setdefault(d[:3], []).append(
+            '{"id":"scale-%07d","secret_sha256":"%s","tenant":"tenant-%d"}' % (i, d, i % 1000))
+    folder = root / "keys" / "shards"
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, records in shards.items():
+        (folder / f"{prefix}.json").write_text('{"keys":[' + ",".join(records) + "]}")
+
+
+def measure_lookup(count):
+    stack = Stack("keyservice-lookup.yaml", concurrency=2, substitutions=DIRECT_RESPONSE)
+    root = stack.workdir / "keyservice"
+    write_lookup_store(root, count)
+    service = StaticKeyService(root, stack.ports["keys"], stack.workdir)
+    row = {"mode": "lookup_on_miss", "keys": count}
+    try:
+        with service, stack:
+            pid = stack.envoy.pid
+            time.sleep(1)
+            empty = rss_mb(pid)
+            probe = lookup_secret(count - 1)
+            t = time.perf_counter()
+            first = status_of(stack, probe)
+            row.update(first_request_ms=round((time.perf_counter() - t) * 1000, 2), first_status=first)
+            row.update(at_rest(stack, pid, probe))
+            after = rss_mb(pid)
+            row.update(rss_empty_mb=round(empty), rss_loaded_mb=round(after))
+            return row
+    finally:
+        subprocess.run(["rm", "-rf", str(root / "keys")], check=False)
+
+
+def run_host(sizes, modes):
+    """Rows for the host this process runs (KEYGATE_HOST), one JSON line each."""
+    for mode in modes:
+        for count in sizes:
+            measure = measure_full if mode == "full" else measure_lookup
+            try:
+                row = measure(count)
+            except Exception as error:  # a row that failed says why; the table goes on
+                row = {"mode": mode, "keys": count, "refused": f"run failed: {error}"[:160]}
+            row["host"] = HOST_LABEL[os.environ.get("KEYGATE_HOST", "wasm")]
+            print(json.dumps(row), flush=True)
+
+
+def cell(row, name, fmt="{}"):
+    return fmt.format(row[name]) if name in row else "n/a"
+
+
+def table(rows):
+    lines = ["| host | mode | keys (document) | load | RSS empty → loaded | B/key | after 5 reloads "
+             "| CPU/request | valid key at rest | reload p99 / max | non-2xx |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        keys = f"{r['keys']:,}" + (f" ({r['document_mb']} MB)" if "document_mb" in r else "")
+        head = f"| {r['host']} | {r['mode']} | {keys} "
+        if "refused" in r:
+            lines.append(head + f"| refused: {r['refused']} |" + " |" * 8)
+            continue
+        if r["mode"] == "full":
+            load = f"{r['load_s']} s"
+            growth = cell(r, "rss_growth_bytes_per_key")
+            spike = f"{r['reload_p99_ms']} / {r['reload_max_ms']} ms"
+            non_2xx = f"{r['reload_non_2xx'] + r['at_rest_non_2xx']} of {r['reload_requests']:,}"
+        else:
+            load = f"per key (first miss {r['first_request_ms']} ms)"
+            growth, spike, non_2xx = "n/a", "n/a (ttl)", str(r["at_rest_non_2xx"])
+        lines.append(head + f"| {load} | {r['rss_empty_mb']} → {r['rss_loaded_mb']} MB | {growth} "
+                     f"| {cell(r, 'rss_after_5_reloads_mb', '{} MB')} | {r['cpu_us_per_request']} µs "
+                     f"| {r['valid_key_ms_median']} ms | {spike} | {non_2xx} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--keys", default=os.environ.get("BENCH_SCALE_KEYS") or "1000,10000,100000,1000000",
+                        help="comma-separated set sizes (the first is the baseline row)")
+    parser.add_argument("--hosts", default="wasm,native")
+    parser.add_argument("--modes", default="full,lookup_on_miss")
+    parser.add_argument("--one-host", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    sizes = [int(k.replace("_", "")) for k in args.keys.split(",") if k]
+    modes = args.modes.split(",")
+    if args.one_host:
+        run_host(sizes, modes)
+        return
+    started = time.time()
+    loadavg = Path("/proc/loadavg").read_text().split()[:3]
+    rows = []
+    for host in args.hosts.split(","):
+        # The host is chosen when keygate_stack is imported: one process per host.
+        child = subprocess.Popen([sys.executable, __file__, "--one-host", "--keys", args.keys,
+                                  "--modes", args.modes], env={**os.environ, "KEYGATE_HOST": host},
+                                 stdout=subprocess.PIPE, text=True)
+        for line in child.stdout:
+            print(line, end="", flush=True)
+            if line.startswith("{"):
+                rows.append(json.loads(line))
+        child.wait()
+    print(f"\nKey sets at scale (issue 14), envoy --concurrency 2, {THREADS} Python clients, "
+          f"load average {' '.join(loadavg)} before, {' '.join(Path('/proc/loadavg').read_text().split()[:3])} "
+          f"after, {round(time.time() - started)} s:\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
