@@ -17,6 +17,7 @@ pub mod credential;
 pub mod decision;
 pub mod digest;
 pub mod docparts;
+pub mod fetch_handover;
 pub mod keycache;
 pub mod keyset;
 pub mod keysource;

@@ -19,6 +19,7 @@ use crate::core::codes::ErrorCode;
 use crate::core::credential::Credential;
 use crate::core::decision::{begin, decide_for_key, lookup, Decision, Principal, Step};
 use crate::core::docparts::{PartStep, PartedFetch};
+use crate::core::fetch_handover::leaves_fetch_to_idle_vm;
 use crate::core::keycache::{parse_answer, Answer, Cached, KeyCache, LookupKey};
 use crate::core::keyset::KeySet;
 use crate::core::keysource::{
@@ -102,6 +103,9 @@ pub struct KeySource {
     parts: RefCell<PartedFetch>,
     /// After a failed dispatch (this thread cannot call out), leave the lease to others until.
     backoff_until_ms: Cell<i64>,
+    /// When this VM last decided a request in full mode: a busy VM leaves fetching (and the
+    /// parse that comes with it) to an idle one, see `core::fetch_handover`.
+    last_request_ms: Cell<Option<i64>>,
     metrics: SourceMetrics,
     /// Lookup mode: this VM's lookups in flight, by key: when each was sent, and the requests
     /// that wait for its answer instead of sending their own (one fetch per key per VM).
@@ -135,6 +139,7 @@ impl KeySource {
             in_flight: Cell::new(None),
             parts: RefCell::new(PartedFetch::default()),
             backoff_until_ms: Cell::new(0),
+            last_request_ms: Cell::new(None),
             metrics: SourceMetrics::define(name, full),
             lookups_in_flight: RefCell::new(HashMap::new()),
             settled: RefCell::new(HashMap::new()),
@@ -179,6 +184,18 @@ impl KeySource {
             return;
         }
         let in_flight = self.in_flight.get().is_some();
+        let last_request_ms = self.last_request_ms.get();
+        if leaves_fetch_to_idle_vm(
+            sync,
+            &self.service,
+            &HostStore,
+            self.worker,
+            now,
+            last_request_ms,
+            in_flight,
+        ) {
+            return;
+        }
         let TickPlan::Fetch { headers } =
             sync.plan(&self.service, &HostStore, self.worker, in_flight, now)
         else {
@@ -314,7 +331,9 @@ impl KeySource {
     /// Full mode: this VM's current set, after catching up with the shared version.
     fn keys(&self) -> Result<Arc<KeySet>, Unavailable> {
         self.sync(CHUNKS_PER_REQUEST);
-        self.remote.borrow().current(&self.service, now_millis())
+        let now = now_millis();
+        self.last_request_ms.set(Some(now));
+        self.remote.borrow().current(&self.service, now)
     }
 
     /// Keys cannot be verified: fail closed (503), or let the request through unauthenticated
