@@ -472,6 +472,11 @@ impl KeySet {
         })
     }
 
+    /// The records alone, to be dropped a slice at a time (`core::retire`).
+    pub(crate) fn into_records(self) -> Vec<KeyRecord> {
+        self.records
+    }
+
     /// Record numbers in digest order.
     pub(crate) fn digest_order(&self) -> &[u32] {
         &self.by_digest

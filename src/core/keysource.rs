@@ -29,6 +29,7 @@ use super::keycache::{CacheBudgets, LookupPolicy, PathTemplate, TemplateKind};
 use super::keyset::validate_header_safe_fields;
 use super::keyset::KeySet;
 use super::limits::{SharedStore, StoreError};
+use super::retire::Retiring;
 use super::setchunks::{self, LoadError, Loading};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -508,6 +509,8 @@ pub struct RemoteKeySet {
     last_success_ms: i64,
     /// A newer version being copied in while `keys` still serves.
     loading: Option<Loading>,
+    /// Sets this one replaced, dropped a slice per sync.
+    retiring: Retiring,
 }
 
 impl RemoteKeySet {
@@ -519,6 +522,7 @@ impl RemoteKeySet {
         store: &dyn SharedStore,
         budget: u32,
     ) -> Option<SyncEvent> {
+        self.retiring.step();
         let meta = read_meta(service, store)?.0;
         self.last_success_ms = meta.last_success_ms;
         if meta.version == 0 || meta.version <= self.version || meta.version == self.refused_version
@@ -593,7 +597,9 @@ impl RemoteKeySet {
         let count = keys.len();
         self.version = version;
         self.loading = None;
-        self.keys = Some(Arc::new(keys));
+        if let Some(replaced) = self.keys.replace(Arc::new(keys)) {
+            self.retiring.add(replaced);
+        }
         SyncEvent::Loaded {
             version,
             keys: count,

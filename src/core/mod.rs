@@ -28,6 +28,7 @@ pub mod path_guard;
 pub mod policy;
 pub mod reply;
 pub mod request;
+pub mod retire;
 pub mod selectors;
 pub mod session_token;
 pub mod setchunks;
