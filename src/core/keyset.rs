@@ -120,7 +120,7 @@ pub struct KeySet {
     digest_prefixes: Vec<u64>,
 }
 
-fn digest_prefix(digest: &Digest) -> u64 {
+pub(crate) fn digest_prefix(digest: &Digest) -> u64 {
     let mut head = [0u8; 8];
     head.copy_from_slice(digest.get(..8).unwrap_or(&[0; 8]));
     u64::from_be_bytes(head)
@@ -449,21 +449,22 @@ impl KeySet {
         self.records.is_empty()
     }
 
-    /// A set whose records are already sorted by digest, with its by-id order (the shared form
-    /// of `setchunks`); `None` when the order does not fit the records.
-    pub(crate) fn from_digest_order(records: Vec<KeyRecord>, by_id: Vec<u32>) -> Option<KeySet> {
+    /// A set whose records are already sorted by digest, with its by-id order and the records'
+    /// `digest_prefix`es (the shared form of `setchunks`, which checks the digest order chunk by
+    /// chunk as it copies them in); `None` when the orders do not fit the records.
+    pub(crate) fn from_digest_order(
+        records: Vec<KeyRecord>,
+        by_id: Vec<u32>,
+        digest_prefixes: Vec<u64>,
+    ) -> Option<KeySet> {
         let count = u32::try_from(records.len()).ok()?;
-        if by_id.len() != records.len() || by_id.iter().any(|i| *i >= count) {
-            return None;
-        }
-        let by_digest: Vec<u32> = (0..count).collect();
-        let digest_prefixes = prefixes_in_order(&records, &by_digest);
-        if digest_prefixes
-            .windows(2)
-            .any(|pair| pair.first() > pair.last())
+        if by_id.len() != records.len()
+            || digest_prefixes.len() != records.len()
+            || by_id.iter().any(|i| *i >= count)
         {
             return None;
         }
+        let by_digest: Vec<u32> = (0..count).collect();
         Some(KeySet {
             records,
             by_id,

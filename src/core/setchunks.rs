@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 
-use super::keyset::{KeyProfile, KeyRecord, KeyRecordSpec, KeySet};
+use super::keyset::{digest_prefix, KeyProfile, KeyRecord, KeyRecordSpec, KeySet};
 use super::keysource::Reader;
 
 /// Records per chunk: one chunk is copied in well under a millisecond.
@@ -127,6 +127,9 @@ pub struct Loading {
     profiles: Vec<Arc<KeyProfile>>,
     records: Vec<KeyRecord>,
     by_id: Vec<u32>,
+    /// The records' digest prefixes, built as chunks come in, so `finish` has no pass over a
+    /// million records left to do in one go.
+    digest_prefixes: Vec<u64>,
 }
 
 /// Why a stored set cannot be loaded.
@@ -168,6 +171,7 @@ impl Loading {
             profiles,
             records: Vec::with_capacity(total as usize),
             by_id: Vec::with_capacity(total as usize),
+            digest_prefixes: Vec::with_capacity(total as usize),
         })
     }
 
@@ -200,6 +204,15 @@ impl Loading {
                 })
             })()
             .ok_or_else(|| invalid("bad record"))?;
+            let prefix = digest_prefix(&record.digest);
+            if self
+                .digest_prefixes
+                .last()
+                .is_some_and(|last| *last > prefix)
+            {
+                return Err(invalid("records not in digest order"));
+            }
+            self.digest_prefixes.push(prefix);
             self.records.push(record);
         }
         for _ in 0..count {
@@ -219,8 +232,9 @@ impl Loading {
                 self.total
             )));
         }
-        KeySet::from_digest_order(self.records, self.by_id)
-            .ok_or_else(|| LoadError::Invalid("stored key set is not in order".to_string()))
+        KeySet::from_digest_order(self.records, self.by_id, self.digest_prefixes).ok_or_else(|| {
+            LoadError::Invalid("stored key set: its orders do not fit its records".to_string())
+        })
     }
 }
 
@@ -302,6 +316,17 @@ mod tests {
             loading.add_chunk(&second.chunks[0]),
             Err(LoadError::Superseded)
         );
+    }
+
+    #[test]
+    fn records_out_of_digest_order_are_refused_as_the_chunk_comes_in() {
+        let encoded = encoded(&set(CHUNK_RECORDS * 2), 1);
+        let mut loading = Loading::start(&encoded.header).unwrap();
+        loading.add_chunk(&encoded.chunks[1]).unwrap();
+        assert!(matches!(
+            loading.add_chunk(&encoded.chunks[0]),
+            Err(LoadError::Invalid(why)) if why.contains("not in digest order")
+        ));
     }
 
     #[test]
