@@ -509,7 +509,7 @@ pub struct RemoteKeySet {
     last_success_ms: i64,
     /// A newer version being copied in while `keys` still serves.
     loading: Option<Loading>,
-    /// Sets this one replaced, dropped a slice per sync.
+    /// The set this one replaced, dropped as many slices per sync as chunks it may copy in.
     retiring: Retiring,
 }
 
@@ -522,7 +522,7 @@ impl RemoteKeySet {
         store: &dyn SharedStore,
         budget: u32,
     ) -> Option<SyncEvent> {
-        self.retiring.step();
+        self.retiring.step(budget);
         let meta = read_meta(service, store)?.0;
         self.last_success_ms = meta.last_success_ms;
         if meta.version == 0 || meta.version <= self.version || meta.version == self.refused_version

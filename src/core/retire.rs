@@ -1,13 +1,15 @@
 //! Dropping a replaced key set a slice at a time. Freeing a million records (an id each) takes
 //! a few hundred milliseconds at once, a pause for every request of that thread; spread over
-//! the syncs that follow (each request and tick), no request waits more than a slice.
+//! the syncs that follow (a slice per request, as many as chunks copied per tick), no request
+//! waits more than a slice. At most one set waits: memory stays what it was when sets were
+//! dropped at once, plus the time it takes to drop one.
 
 use std::sync::Arc;
 
 use super::keyset::{KeyRecord, KeySet};
 
-/// Records dropped per step: well under a millisecond.
-pub const RECORDS_PER_STEP: usize = 8192;
+/// Records dropped per slice: well under a millisecond.
+pub const RECORDS_PER_SLICE: usize = 8192;
 
 /// Replaced sets not yet dropped.
 #[derive(Debug, Default)]
@@ -16,9 +18,11 @@ pub struct Retiring {
 }
 
 impl Retiring {
-    /// Takes a replaced set. One still shared (a request of the native module holds it) is left
-    /// to its last holder, which drops it whole as before.
+    /// Takes a replaced set, dropping at once what is left of the one before. A set still shared
+    /// (a request of the native module holds it) is left to its last holder, which drops it
+    /// whole as before.
     pub fn add(&mut self, set: Arc<KeySet>) {
+        self.records.clear();
         if let Ok(set) = Arc::try_unwrap(set) {
             let records = set.into_records();
             if !records.is_empty() {
@@ -27,12 +31,13 @@ impl Retiring {
         }
     }
 
-    /// Drops up to `RECORDS_PER_STEP` records.
-    pub fn step(&mut self) {
+    /// Drops up to `slices` times `RECORDS_PER_SLICE` records.
+    pub fn step(&mut self, slices: u32) {
         let Some(records) = self.records.last_mut() else {
             return;
         };
-        let keep = records.len().saturating_sub(RECORDS_PER_STEP);
+        let count = RECORDS_PER_SLICE.saturating_mul(slices as usize);
+        let keep = records.len().saturating_sub(count);
         records.truncate(keep);
         if records.is_empty() {
             self.records.pop();
@@ -63,15 +68,25 @@ mod tests {
     #[test]
     fn a_replaced_set_is_dropped_a_slice_per_step_until_none_is_left() {
         let mut retiring = Retiring::default();
-        retiring.add(Arc::new(set(RECORDS_PER_STEP * 2 + 10)));
-        assert_eq!(retiring.pending(), RECORDS_PER_STEP * 2 + 10);
-        retiring.step();
-        assert_eq!(retiring.pending(), RECORDS_PER_STEP + 10);
-        retiring.step();
-        retiring.step();
+        retiring.add(Arc::new(set(RECORDS_PER_SLICE * 3 + 10)));
+        assert_eq!(retiring.pending(), RECORDS_PER_SLICE * 3 + 10);
+        retiring.step(1);
+        assert_eq!(retiring.pending(), RECORDS_PER_SLICE * 2 + 10);
+        retiring.step(2);
+        assert_eq!(retiring.pending(), 10);
+        retiring.step(1);
         assert_eq!(retiring.pending(), 0);
-        retiring.step();
+        retiring.step(1);
         assert_eq!(retiring.pending(), 0);
+    }
+
+    #[test]
+    fn a_second_replaced_set_drops_what_is_left_of_the_first_at_once() {
+        let mut retiring = Retiring::default();
+        retiring.add(Arc::new(set(RECORDS_PER_SLICE + 5)));
+        retiring.step(1);
+        retiring.add(Arc::new(set(7)));
+        assert_eq!(retiring.pending(), 7);
     }
 
     #[test]
