@@ -299,7 +299,7 @@ def table(rows):
         keys = f"{r['keys']:,}" + (f" ({r['document_mb']} MB)" if "document_mb" in r else "")
         head = f"| {r['host']} | {r['mode']} | {keys} "
         if "refused" in r:
-            lines.append(head + f"| refused: {r['refused']} |" + " |" * 8)
+            lines.append(head + f"| refused: {r['refused']} |" + " |" * 7)
             continue
         if r["mode"] == "full":
             load = f"{r['load_s']} s"
