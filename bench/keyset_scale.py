@@ -26,6 +26,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -36,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from keygate_stack import Stack, wait_for  # noqa: E402
-from static_keyservice import StaticKeyService, keyset_document  # noqa: E402
+from static_keyservice import StaticKeyService, keyset_document, write_digest_shards  # noqa: E402
 
 THREADS = 4
 RELOADS = 5
@@ -240,15 +241,11 @@ def measure_full(count):
 
 def write_lookup_store(root, count):
     """`count` key records in the `{digest:3}` shard files envoy/keyservice-lookup.yaml asks for."""
-    shards = {}
-    for i in range(count):
-        d = sha(lookup_secret(i))
-        shards.setdefault(d[:3], []).append(
-            '{"id":"scale-%07d","secret_sha256":"%s","tenant":"tenant-%d"}' % (i, d, i % 1000))
-    folder = root / "keys" / "shards"
-    folder.mkdir(parents=True, exist_ok=True)
-    for prefix, records in shards.items():
-        (folder / f"{prefix}.json").write_text('{"keys":[' + ",".join(records) + "]}")
+    def records():
+        for i in range(count):
+            d = sha(lookup_secret(i))
+            yield d, '{"id":"scale-%07d","secret_sha256":"%s","tenant":"tenant-%d"}' % (i, d, i % 1000)
+    write_digest_shards(root, records())
 
 
 def measure_lookup(count):
@@ -271,7 +268,7 @@ def measure_lookup(count):
             row.update(rss_empty_mb=round(empty), rss_loaded_mb=round(after))
             return row
     finally:
-        subprocess.run(["rm", "-rf", str(root / "keys")], check=False)
+        shutil.rmtree(root / "keys", ignore_errors=True)
 
 
 def run_host(sizes, modes):

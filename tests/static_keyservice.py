@@ -24,6 +24,20 @@ def keyset_document(*records, serial=None):
     return {"serial": next(_next_serial) if serial is None else serial, "keys": list(records)}
 
 
+def write_digest_shards(root, records):
+    """Key records, (hex digest, record JSON text) pairs, as the static-file layout for big
+    stores in lookup on miss: /keys/shards/<first 3 hex digits of the digest>.json, 4096 files
+    however many keys (a file per key would be a million inodes). Returns (records, files)."""
+    shards = {}
+    for digest, text in records:
+        shards.setdefault(digest[:3], []).append(text)
+    folder = Path(root) / "keys" / "shards"
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, texts in shards.items():
+        (folder / f"{prefix}.json").write_text('{"keys":[' + ",".join(texts) + "]}")
+    return sum(len(t) for t in shards.values()), len(shards)
+
+
 def nginx_binary():
     found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
     if not found:

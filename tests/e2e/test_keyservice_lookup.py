@@ -12,7 +12,7 @@ import pytest
 
 from conftest import assert_denied, assert_passed
 from keygate_stack import ROOT, Stack
-from static_keyservice import StaticKeyService
+from static_keyservice import StaticKeyService, write_digest_shards
 
 CONFIG = "keyservice-lookup.yaml"
 STAT = "wasmcustom.keygate.lookup."
@@ -33,16 +33,11 @@ def digest(secret):
 def write_store(root):
     """1,000,000 key records in 4096 shard files of about 244 records (30 KB) each: the
     static-file layout for big stores (4096 inodes, not a million)."""
-    shards = {}
-    for i in range(STORE_SIZE):
-        d = digest(bulk_key(i))
-        shards.setdefault(d[:3], []).append(
-            '{"id":"bulk-%07d","secret_sha256":"%s","tenant":"t%03d"}' % (i, d, i % 1000))
-    folder = root / "keys" / "shards"
-    folder.mkdir(parents=True, exist_ok=True)
-    for prefix, records in shards.items():
-        (folder / f"{prefix}.json").write_text('{"keys":[' + ",".join(records) + "]}")
-    return sum(len(r) for r in shards.values()), len(shards)
+    def records():
+        for i in range(STORE_SIZE):
+            d = digest(bulk_key(i))
+            yield d, '{"id":"bulk-%07d","secret_sha256":"%s","tenant":"t%03d"}' % (i, d, i % 1000)
+    return write_digest_shards(root, records())
 
 
 @pytest.fixture(scope="module")
