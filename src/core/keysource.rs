@@ -496,7 +496,7 @@ impl SyncEvent {
 
 /// Chunks of a new version a VM copies in per tick, and per request while it has a set to
 /// serve (a VM with no set yet loads the whole set at once: it has nothing else to decide with).
-pub const CHUNKS_PER_TICK: u32 = 16;
+pub const CHUNKS_PER_TICK: u32 = 4;
 pub const CHUNKS_PER_REQUEST: u32 = 1;
 
 /// One VM's copy of the shared key set, copied in once per version from the fetcher's chunks.
@@ -509,7 +509,8 @@ pub struct RemoteKeySet {
     last_success_ms: i64,
     /// A newer version being copied in while `keys` still serves.
     loading: Option<Loading>,
-    /// The set this one replaced, dropped as many slices per sync as chunks it may copy in.
+    /// The set a copied-in version replaced, dropped as many slices per sync as chunks it may
+    /// copy in.
     retiring: Retiring,
 }
 
@@ -574,7 +575,13 @@ impl RemoteKeySet {
         }
         let version = loading.version;
         match loading.finish() {
-            Ok(keys) => Some(self.install(version, keys)),
+            Ok(keys) => {
+                let (replaced, event) = self.adopt(version, keys);
+                if let Some(replaced) = replaced {
+                    self.retiring.add(replaced);
+                }
+                Some(event)
+            }
             Err(error) => Some(self.refuse(version, error)),
         }
     }
@@ -592,18 +599,24 @@ impl RemoteKeySet {
         }
     }
 
-    /// Adopts a set this VM parsed itself (the fetcher's own, after a successful fetch).
+    /// Adopts a set this VM parsed itself (the fetcher's own, after a successful fetch). The
+    /// set it replaces is dropped at once: the fetcher has just paused to parse anyway, and
+    /// the fetcher is a VM that serves no requests when there is one (`fetch_handover`).
     pub fn install(&mut self, version: u64, keys: KeySet) -> SyncEvent {
+        self.adopt(version, keys).1
+    }
+
+    /// Makes `keys` the current set; hands back the one it replaces.
+    fn adopt(&mut self, version: u64, keys: KeySet) -> (Option<Arc<KeySet>>, SyncEvent) {
         let count = keys.len();
         self.version = version;
         self.loading = None;
-        if let Some(replaced) = self.keys.replace(Arc::new(keys)) {
-            self.retiring.add(replaced);
-        }
-        SyncEvent::Loaded {
+        let replaced = self.keys.replace(Arc::new(keys));
+        let event = SyncEvent::Loaded {
             version,
             keys: count,
-        }
+        };
+        (replaced, event)
     }
 
     /// The set to decide with, unless there is none yet or it is too old.
