@@ -179,6 +179,8 @@ fn parse_time(spec: &TimeSpec, path: &str) -> Result<i64, ConfigError> {
 }
 
 impl KeyRecord {
+    /// The one way to a `KeyRecord`: every check a record must pass (id alphabet, digest,
+    /// times, origins, rate limit, header-safe fields) is made here, whoever read the record.
     pub fn from_spec(spec: KeyRecordSpec, path: &str) -> Result<KeyRecord, ConfigError> {
         KeyRecord::from_spec_sharing(spec, path, &mut HashSet::new())
     }
@@ -243,9 +245,11 @@ impl KeyRecord {
             monthly_budget: spec.monthly_budget,
             budget_exhausted: spec.budget_exhausted,
         };
+        // A profile found in `profiles` was checked when it went in.
         let profile = match profiles.get(&profile) {
             Some(shared) => Arc::clone(shared),
             None => {
+                check_header_safe(&profile, path)?;
                 let shared = Arc::new(profile);
                 profiles.insert(Arc::clone(&shared));
                 shared
@@ -520,36 +524,35 @@ impl KeySet {
 }
 
 /// Record fields travel upstream in headers: refuse values that could not be sent safely.
-pub fn validate_header_safe_fields(keys: &KeySet) -> Result<(), ConfigError> {
-    for (i, r) in keys.records().iter().enumerate() {
-        let singles = [
-            ("tenant", &r.tenant),
-            ("environment", &r.environment),
-            ("product", &r.product),
-            ("user", &r.user),
-        ];
-        for (field, value) in singles {
-            if let Some(v) = value {
-                if !is_header_value(v) {
-                    return Err(ConfigError::new(
-                        format!("keys[{i}].{field}"),
-                        "must be printable ASCII",
-                    ));
-                }
+/// Part of every record's validation (`KeyRecord::from_spec`), so no reader can skip it.
+fn check_header_safe(profile: &KeyProfile, path: &str) -> Result<(), ConfigError> {
+    let singles = [
+        ("tenant", &profile.tenant),
+        ("environment", &profile.environment),
+        ("product", &profile.product),
+        ("user", &profile.user),
+    ];
+    for (field, value) in singles {
+        if let Some(v) = value {
+            if !is_header_value(v) {
+                return Err(ConfigError::new(
+                    format!("{path}.{field}"),
+                    "must be printable ASCII",
+                ));
             }
         }
-        let lists = [
-            ("organizations", &r.organizations),
-            ("permissions", &r.permissions),
-        ];
-        for (field, values) in lists {
-            for (j, v) in values.iter().enumerate() {
-                if v.is_empty() || !is_header_value(v) || v.contains(',') {
-                    return Err(ConfigError::new(
-                        format!("keys[{i}].{field}[{j}]"),
-                        "must be non-empty printable ASCII without ','",
-                    ));
-                }
+    }
+    let lists = [
+        ("organizations", &profile.organizations),
+        ("permissions", &profile.permissions),
+    ];
+    for (field, values) in lists {
+        for (j, v) in values.iter().enumerate() {
+            if v.is_empty() || !is_header_value(v) || v.contains(',') {
+                return Err(ConfigError::new(
+                    format!("{path}.{field}[{j}]"),
+                    "must be non-empty printable ASCII without ','",
+                ));
             }
         }
     }
@@ -651,6 +654,42 @@ mod tests {
         r["expires_at"] = serde_json::json!("next tuesday");
         let err = load(serde_json::json!([r])).unwrap_err();
         assert_eq!(err.path, "keys[0].expires_at");
+    }
+
+    #[test]
+    fn header_unsafe_fields_are_refused_by_the_record_constructor() {
+        let cases = [
+            (
+                "tenant",
+                serde_json::json!("a\r\nx-evil: 1"),
+                "record.tenant",
+            ),
+            ("user", serde_json::json!("ü"), "record.user"),
+            (
+                "organizations",
+                serde_json::json!(["o1", ""]),
+                "record.organizations[1]",
+            ),
+            (
+                "permissions",
+                serde_json::json!(["read,write"]),
+                "record.permissions[0]",
+            ),
+        ];
+        for (field, value, path) in cases {
+            let mut r = spec("a", "s");
+            r[field] = value;
+            let parsed: KeyRecordSpec = serde_json::from_value(r).unwrap();
+            let err = KeyRecord::from_spec(parsed, "record").unwrap_err();
+            assert_eq!(err.path, path);
+        }
+        // In a document, the path names the record (its profile differs from the one before).
+        let mut bad = spec("b", "s2");
+        bad["tenant"] = serde_json::json!("t\n");
+        let mut good = spec("a", "s1");
+        good["tenant"] = serde_json::json!("t");
+        let err = load(serde_json::json!([good, bad])).unwrap_err();
+        assert_eq!(err.path, "keys[1].tenant");
     }
 
     #[test]
