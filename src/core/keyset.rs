@@ -11,7 +11,7 @@ use std::ops::Deref;
 use std::sync::Arc;
 
 use serde::de::{DeserializeSeed, Error as _, MapAccess, SeqAccess, Visitor};
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use super::config_error::{is_header_value, ConfigError};
 use super::digest::{parse_hex_digest, Digest};
@@ -19,57 +19,80 @@ use super::limits::{RateLimit, RateLimitSpec};
 use super::time::parse_rfc3339;
 
 /// A time given as RFC 3339 text or as Unix seconds.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum TimeSpec {
     Unix(i64),
     Text(String),
 }
 
-/// A key record as written in JSON. Holds the digest of the secret, never the secret.
-#[derive(Debug, Clone, Deserialize)]
+/// A key record as written in JSON, the one list of its fields: inline keys, key-service
+/// documents, the lookup cache and the shared form of a set read it, and `keygate key new`
+/// builds it and writes it with these same serde attributes. Written, a field at its default
+/// is left out, the rest come in this order (the README's table). A new field goes here and
+/// into its validated form (`KeyProfile`, `from_spec`, `to_spec`: the compiler points at
+/// each). Holds the digest of the secret, never the secret.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyRecordSpec {
     pub id: String,
     /// Hex SHA-256 of the secret: the whole key for opaque keys, the part after `:` for
     /// id:secret keys, the secret header's value for split keys.
     pub secret_sha256: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub organizations: Vec<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub environment: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub product: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub permissions: Vec<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub origins: Vec<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
     /// After this time the key answers `API_KEY_EXPIRED`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<TimeSpec>,
     /// After this time the key is simply no longer valid (`INVALID_API_KEY`): the end of a
     /// rotation grace period.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_after: Option<TimeSpec>,
-    #[serde(default = "default_true")]
-    pub enabled: bool,
+    #[serde(default, skip_serializing_if = "Enabled::is_default")]
+    pub enabled: Enabled,
     /// This key's rate limit (else the config's `limits.rate_limit`, if any).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitSpec>,
     /// Budget units this key may spend per calendar month (UTC); over it, `BUDGET_EXHAUSTED`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub monthly_budget: Option<u64>,
     /// Set by the billing side: the key's budget is spent, answer `BUDGET_EXHAUSTED`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_false")]
     pub budget_exhausted: bool,
 }
 
-fn default_true() -> bool {
-    true
+/// A record's `enabled`: true unless the record says otherwise. Its own type so that the
+/// record's `Default` is the default of every field, as serde reads a record that omits them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct Enabled(pub bool);
+
+impl Default for Enabled {
+    fn default() -> Enabled {
+        Enabled(true)
+    }
+}
+
+impl Enabled {
+    fn is_default(&self) -> bool {
+        *self == Enabled::default()
+    }
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 /// A validated key record: its own id and digest, and what it grants, shared with every other
@@ -106,6 +129,35 @@ pub struct KeyProfile {
     pub rate_limit: Option<RateLimit>,
     pub monthly_budget: Option<u64>,
     pub budget_exhausted: bool,
+}
+
+impl KeyProfile {
+    /// The profile as a record's JSON fields under `id` and `secret_sha256`: what
+    /// `KeyRecord::from_spec` reads back into an equal profile (times as Unix seconds, origins
+    /// as normalized). Every field is named, so a new one cannot be left out of a copy.
+    pub fn to_spec(&self, id: String, secret_sha256: String) -> KeyRecordSpec {
+        KeyRecordSpec {
+            id,
+            secret_sha256,
+            tenant: self.tenant.clone(),
+            organizations: self.organizations.clone(),
+            environment: self.environment.clone(),
+            product: self.product.clone(),
+            permissions: self.permissions.clone(),
+            origins: self.origins.clone(),
+            user: self.user.clone(),
+            expires_at: self.expires_at.map(TimeSpec::Unix),
+            not_after: self.not_after.map(TimeSpec::Unix),
+            enabled: Enabled(self.enabled),
+            rate_limit: self.rate_limit.map(|limit| RateLimitSpec {
+                requests: limit.requests,
+                per_seconds: limit.per_seconds,
+                burst: limit.burst,
+            }),
+            monthly_budget: self.monthly_budget,
+            budget_exhausted: self.budget_exhausted,
+        }
+    }
 }
 
 /// Records in document order plus the two indexes built once when the set is loaded: record
@@ -240,7 +292,7 @@ impl KeyRecord {
             user: spec.user,
             expires_at,
             not_after,
-            enabled: spec.enabled,
+            enabled: spec.enabled.0,
             rate_limit,
             monthly_budget: spec.monthly_budget,
             budget_exhausted: spec.budget_exhausted,
@@ -690,6 +742,39 @@ mod tests {
         good["tenant"] = serde_json::json!("t");
         let err = load(serde_json::json!([good, bad])).unwrap_err();
         assert_eq!(err.path, "keys[1].tenant");
+    }
+
+    #[test]
+    fn a_profile_written_back_as_a_record_reads_back_equal() {
+        let mut r = spec("a", "s");
+        for (field, value) in [
+            ("tenant", serde_json::json!("acme")),
+            ("organizations", serde_json::json!(["o1", "o2"])),
+            ("environment", serde_json::json!("live")),
+            ("product", serde_json::json!("p")),
+            ("permissions", serde_json::json!(["read"])),
+            ("origins", serde_json::json!(["https://Shop.example/"])),
+            ("user", serde_json::json!("u1")),
+            ("expires_at", serde_json::json!("2030-01-01T00:00:00Z")),
+            ("not_after", serde_json::json!(1_900_000_000)),
+            ("enabled", serde_json::json!(false)),
+            (
+                "rate_limit",
+                serde_json::json!({"requests": 5, "per_seconds": 60, "burst": 2}),
+            ),
+            ("monthly_budget", serde_json::json!(100)),
+            ("budget_exhausted", serde_json::json!(true)),
+        ] {
+            r[field] = value;
+        }
+        let record = KeyRecord::from_spec(serde_json::from_value(r).unwrap(), "r").unwrap();
+        let written = record
+            .profile
+            .to_spec("b".into(), hex::encode(sha256(b"t")));
+        let text = serde_json::to_string(&written).unwrap();
+        let again = KeyRecord::from_spec(serde_json::from_str(&text).unwrap(), "r").unwrap();
+        assert_eq!(again.profile, record.profile, "{text}");
+        assert_eq!(again.id, "b");
     }
 
     #[test]
