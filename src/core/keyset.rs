@@ -103,7 +103,13 @@ pub struct KeyRecord {
     pub id: String,
     pub digest: Digest,
     pub profile: Arc<KeyProfile>,
+    checked: Checked,
 }
+
+/// A private field of `KeyRecord` and `KeyProfile`: only this module's constructors, which
+/// validate what they build, can make one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Checked;
 
 impl Deref for KeyRecord {
     type Target = KeyProfile;
@@ -129,6 +135,7 @@ pub struct KeyProfile {
     pub rate_limit: Option<RateLimit>,
     pub monthly_budget: Option<u64>,
     pub budget_exhausted: bool,
+    checked: Checked,
 }
 
 impl KeyProfile {
@@ -231,10 +238,26 @@ fn parse_time(spec: &TimeSpec, path: &str) -> Result<i64, ConfigError> {
 }
 
 impl KeyRecord {
-    /// The one way to a `KeyRecord`: every check a record must pass (id alphabet, digest,
-    /// times, origins, rate limit, header-safe fields) is made here, whoever read the record.
+    /// A record from its JSON form. Every check a record must pass (id alphabet, digest,
+    /// times, origins, rate limit, header-safe fields) is made here, whoever read the record:
+    /// inline keys, key-set documents, lookups and the lookup cache.
     pub fn from_spec(spec: KeyRecordSpec, path: &str) -> Result<KeyRecord, ConfigError> {
         KeyRecord::from_spec_sharing(spec, path, &mut HashSet::new())
+    }
+
+    /// A record of a set's shared form (`setchunks`), whose profile was made by `from_spec`
+    /// when the header was read: only its id is left to check.
+    pub(crate) fn with_checked_profile(
+        id: String,
+        digest: Digest,
+        profile: Arc<KeyProfile>,
+    ) -> Option<KeyRecord> {
+        is_valid_id(&id).then_some(KeyRecord {
+            id,
+            digest,
+            profile,
+            checked: Checked,
+        })
     }
 
     /// Validates `spec`, taking its profile from `profiles` when an equal one is there.
@@ -243,7 +266,7 @@ impl KeyRecord {
         path: &str,
         profiles: &mut HashSet<Arc<KeyProfile>>,
     ) -> Result<KeyRecord, ConfigError> {
-        if spec.id.is_empty() || !spec.id.bytes().all(is_id_byte) {
+        if !is_valid_id(&spec.id) {
             return Err(ConfigError::new(
                 format!("{path}.id"),
                 "must be non-empty and use only letters, digits, '_', '-' and '.'",
@@ -296,6 +319,7 @@ impl KeyRecord {
             rate_limit,
             monthly_budget: spec.monthly_budget,
             budget_exhausted: spec.budget_exhausted,
+            checked: Checked,
         };
         // A profile found in `profiles` was checked when it went in.
         let profile = match profiles.get(&profile) {
@@ -311,6 +335,7 @@ impl KeyRecord {
             id: spec.id,
             digest,
             profile,
+            checked: Checked,
         })
     }
 }
@@ -463,6 +488,10 @@ impl<'de> Visitor<'de> for DocumentSeed<'_, '_> {
 /// Key ids are public labels; they travel in headers and logs, so keep them to a safe alphabet.
 pub fn is_id_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')
+}
+
+fn is_valid_id(id: &str) -> bool {
+    !id.is_empty() && id.bytes().all(is_id_byte)
 }
 
 impl KeySet {

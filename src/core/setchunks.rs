@@ -164,11 +164,7 @@ impl Loading {
                 let profile = Arc::clone(self.profiles.get(r.u32()? as usize)?);
                 let id_len = usize::from(r.u16()?);
                 let id = String::from_utf8(r.take(id_len)?.to_vec()).ok()?;
-                Some(KeyRecord {
-                    id,
-                    digest,
-                    profile,
-                })
+                KeyRecord::with_checked_profile(id, digest, profile)
             })()
             .ok_or_else(|| invalid("bad record"))?;
             self.records.push(record);
@@ -274,6 +270,24 @@ mod tests {
             loading.add_chunk(&second.chunks[0]),
             Err(LoadError::Superseded)
         );
+    }
+
+    #[test]
+    fn a_stored_record_whose_id_is_not_header_safe_is_refused() {
+        let encoded = encoded(&set(1), 1);
+        let mut chunk = encoded.chunks[0].clone();
+        // The one record's id: its length (u16) then "k0".
+        let at = chunk
+            .windows(4)
+            .position(|w| w == [2, 0, b'k', b'0'])
+            .unwrap();
+        chunk[at + 3] = b'\n';
+        let mut loading = Loading::start(&encoded.header).unwrap();
+        assert!(matches!(
+            loading.add_chunk(&chunk),
+            Err(LoadError::Invalid(_))
+        ));
+        assert!(loading.add_chunk(&encoded.chunks[0]).is_ok());
     }
 
     #[test]
