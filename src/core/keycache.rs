@@ -526,8 +526,8 @@ impl<'a> KeyCache<'a> {
             return Cached::Miss;
         }
         let answer = if entry.found {
-            // Checked again as it is read (shared data is writable by every module in the
-            // process): a record that no longer passes is a miss.
+            // Checked again as it is read, like every record (`KeyRecord::from_spec`): one
+            // that no longer passes is a miss.
             let Some(record) = serde_json::from_slice::<KeyRecordSpec>(&entry.record_json)
                 .ok()
                 .and_then(|spec| KeyRecord::from_spec(spec, "cache").ok())
@@ -902,7 +902,7 @@ mod tests {
         let key = LookupKey::Id("a".into());
         assert!(cache.put(&store, &key, &found(&key, &record("a", "s")), 0));
         assert!(matches!(cache.get(&store, &key, 1), Cached::Fresh(_)));
-        // Written past `put`'s checks, as another writer of the shared data could.
+        // Written straight into the slot, past the checks `put`'s caller made.
         let tag = key.tag(&svc.namespace);
         let name = cache.slot_name(&tag, true);
         for (field, value) in [
