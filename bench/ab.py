@@ -12,12 +12,21 @@ is the bench config's. Rounds are interleaved; the per-filter cost is the median
     python3 bench/ab.py before=build/keygate-before.wasm after=build/keygate.wasm \\
         empty=build/bench-empty.wasm --rounds 10
 
+A variant whose path ends in `.so` is keygate as an Envoy dynamic module: `build/lib<name>.so`
+(copy a build to build/libkeygate_before.so to compare it with build/libkeygate.so; Envoy loads
+each by its module name from build/). The variant path `api_key_auth` is Envoy's own
+`api_key_auth` filter, chained the same way, as the reference of issue 15's goal:
+
+    python3 bench/ab.py before=build/libkeygate_before.so after=build/libkeygate.so \\
+        api_key_auth=api_key_auth --rounds 10
+
 `--unknown` measures the 401 path instead: well-formed unknown keys, one filter per listener
 (the first copy answers, so chaining would not amplify), against a floor listener whose route
 answers 401 itself; empty-filter variants are left out (they would pass the request upstream).
 """
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -31,13 +40,23 @@ import bench_config  # noqa: E402
 import run  # noqa: E402
 
 
+API_KEY_AUTH = "api_key_auth"
+
+
 def chained_filters(name, wasm, chain, keys):
+    if wasm == API_KEY_AUTH:
+        return "".join(bench_config.native_filter(keys, strip=False, name=f"api_key_auth_{i}")
+                       for i in range(chain))
     config = bench_config.keygate_config(keys)
     if "empty" not in name:
         config = config.replace('"name": "bench",', '"name": "bench", "strip_credentials": false,', 1)
     else:
         config = "{}\n"
-    one = bench_config.keygate_filter(f"ab-{name}", wasm, config)
+    if wasm.endswith(".so"):
+        module = Path(wasm).name.removeprefix("lib").removesuffix(".so")
+        one = bench_config.keygate_module_filter(config, module=module)
+    else:
+        one = bench_config.keygate_filter(f"ab-{name}", wasm, config)
     return "".join(one.replace("- name: keygate", f"- name: keygate_{i}", 1) for i in range(chain))
 
 
@@ -71,8 +90,10 @@ def main():
         args.chain = 1
         variants = [(n, w) for n, w in variants if "empty" not in n]
     for _, wasm in variants:
-        if not (ROOT / wasm).exists():
-            sys.exit(f"no such wasm: {wasm}")
+        if wasm != API_KEY_AUTH and not (ROOT / wasm).exists():
+            sys.exit(f"no such build: {wasm}")
+        if wasm.endswith(".so") and (ROOT / wasm).resolve().parent != ROOT / "build":
+            sys.exit(f"{wasm}: Envoy loads dynamic modules from build/ only here")
 
     run.WORK.mkdir(parents=True, exist_ok=True)
     names = ["floor"] + [n for n, _ in variants]
@@ -87,7 +108,8 @@ def main():
     log = open(run.WORK / "ab-envoy.log", "wb")
     envoy = subprocess.Popen(["taskset", "-c", "0", run.ENVOY_BIN, "-c", str(config), "--concurrency", "1",
                               "--disable-hot-restart", "--log-level", "warn"],
-                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                             env=dict(os.environ, ENVOY_DYNAMIC_MODULES_SEARCH_PATH=str(ROOT / "build")))
 
     def once(name, seconds):
         before = run.cpu_seconds(envoy.pid)

@@ -211,13 +211,14 @@ def keygate_filter(vm_id, wasm, config_json, name="keygate"):
 {indent(config_json, 20)}"""
 
 
-def keygate_module_filter(config_json, name="keygate"):
-    """keygate as the Envoy dynamic module build/libkeygate.so, the same JSON (`--extra native`;
-    Envoy needs ENVOY_DYNAMIC_MODULES_SEARCH_PATH=build)."""
+def keygate_module_filter(config_json, name="keygate", module="keygate"):
+    """keygate as the Envoy dynamic module build/lib<module>.so (build/libkeygate.so unless an A/B
+    names another copy), the same JSON (`--extra native`; Envoy needs
+    ENVOY_DYNAMIC_MODULES_SEARCH_PATH=build)."""
     return f"""          - name: {name}
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter
-              dynamic_module_config: {{ name: keygate }}
+              dynamic_module_config: {{ name: {module} }}
               filter_name: keygate
               filter_config:
                 "@type": type.googleapis.com/google.protobuf.StringValue
