@@ -57,13 +57,14 @@ def key_id(i):
     return f"bench-{i:07d}"
 
 
-def key_set_document(n):
-    """The key service's document for the key-service contender: `{"keys": [...]}`, digests only."""
+def key_set_document(n, serial=1):
+    """The key service's document for the key-service contender: `{"serial": S, "keys": [...]}`,
+    digests only (keygate refuses a document without a serial, or one not above the serial it holds)."""
     records = ",\n".join(
         json.dumps({"id": key_id(i), "tenant": f"tenant-{i % 50}",
                     "secret_sha256": hashlib.sha256(bench_key(i).encode()).hexdigest()})
         for i in range(n))
-    return '{"keys": [\n' + records + "\n]}\n"
+    return f'{{"serial": {serial}, "keys": [\n' + records + "\n]}\n"
 
 
 # keygate in full key-service mode: the whole set is fetched once (refresh at the maximum, so no
