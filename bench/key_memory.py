@@ -9,7 +9,9 @@ config text too); `--source service`: the key service in full mode, the document
 (tests/static_keyservice.py) in another process. Bytes per key = (RSS at N - RSS at the smallest
 N) / (N - smallest N). Also shown: the peak (VmHWM) while loading, and with `--reloads R` (key
 service only) the RSS after R changed documents were fetched and installed (refresh every
-second), so memory kept after reloads shows.
+second), so memory kept after reloads shows. Envoy's allocator (tcmalloc) keeps pages freed by a
+parse mapped: `--release` adds Envoy's bootstrap `memory_allocator_manager`, which hands free
+memory back to the system every second, as an operator would for a big key set.
 
     ENVOY_BIN=... python3 bench/key_memory.py --keys 1000 --keys 100000 --host native --host wasm
     ENVOY_BIN=... python3 bench/key_memory.py --source service --keys 1000 --keys 1000000 --host native
@@ -45,10 +47,14 @@ SERVICE_CONFIG = """{
 """
 
 
-def config(n, host, port, admin, service_port=None, refresh=86400):
+# Envoy's bootstrap: release up to 1 GiB of the allocator's free memory to the system every second.
+RELEASE = "memory_allocator_manager: { bytes_to_release: 1073741824, memory_release_interval: 1s }\n"
+
+
+def config(n, host, port, admin, service_port=None, refresh=86400, release=False):
     plugin = SERVICE_CONFIG.replace("REFRESH", str(refresh)) if service_port else bench_config.keygate_config(n)
     filters = bench_config.keygate_filter("mem", "build/keygate.wasm", plugin)
-    text = ("admin:\n"
+    text = ((RELEASE if release else "") + "admin:\n"
             f"  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}\n"
             "static_resources:\n  listeners:\n"
             + bench_config.listener("keygate", port, bench_config.hcm("keygate", filters,
@@ -94,7 +100,7 @@ def reload_documents(n, service, admin, envoy, reloads):
     time.sleep(2)
 
 
-def measure(n, host, source, reloads=0):
+def measure(n, host, source, reloads=0, release=False):
     port, admin = free_port(), free_port()
     WORK.mkdir(parents=True, exist_ok=True)
     service = None
@@ -102,7 +108,7 @@ def measure(n, host, source, reloads=0):
         service = StaticKeyService(WORK / f"docs-{n}", free_port(), WORK).start()
         service.write("keys.json", bench_config.key_set_document(n))
     path = WORK / f"{host}-{source}-{n}.yaml"
-    path.write_text(config(n, host, port, admin, service and service.port, 1 if reloads else 86400))
+    path.write_text(config(n, host, port, admin, service and service.port, 1 if reloads else 86400, release))
     env = dict(os.environ, ENVOY_DYNAMIC_MODULES_SEARCH_PATH=str(ROOT / "build"))
     log = open(WORK / f"{host}-{n}.log", "wb")
     envoy = subprocess.Popen([ENVOY_BIN, "-c", str(path), "--concurrency", "2", "--disable-hot-restart",
@@ -125,10 +131,11 @@ def measure(n, host, source, reloads=0):
         for _ in range(8):
             req = urllib.request.Request(f"http://127.0.0.1:{port}/", headers={"x-api-key": key})
             urllib.request.urlopen(req, timeout=5).read()
-        time.sleep(1)
+        time.sleep(3 if release else 1)
         loaded = rss_kib(envoy.pid), rss_kib(envoy.pid, "VmHWM"), allocated_kib(admin)
         if reloads:
             reload_documents(n, service, admin, envoy, reloads)
+            time.sleep(2 if release else 0)
         return loaded, rss_kib(envoy.pid), allocated_kib(admin), ready
     finally:
         envoy.terminate()
@@ -142,6 +149,7 @@ def main():
     parser.add_argument("--keys", type=int, action="append", required=True)
     parser.add_argument("--host", action="append", choices=["wasm", "native"], required=True)
     parser.add_argument("--source", choices=["inline", "service"], default="inline")
+    parser.add_argument("--release", action="store_true", help="Envoy releases free memory every second")
     parser.add_argument("--reloads", type=int, default=0, help="changed documents to install after "
                         "loading (key service only)")
     args = parser.parse_args()
@@ -155,7 +163,7 @@ def main():
     for host in args.host:
         base = None
         for n in counts:
-            (rss, peak, alloc), reloaded, reloaded_alloc, ready = measure(n, host, args.source, args.reloads)
+            (rss, peak, alloc), reloaded, reloaded_alloc, ready = measure(n, host, args.source, args.reloads, args.release)
             base = base or (n, rss, alloc, reloaded, reloaded_alloc)
 
             def per_key(now, then):
