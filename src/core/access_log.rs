@@ -83,7 +83,10 @@ impl<'a> AccessLogEntry<'a> {
 /// log line's JSON. Runs of bytes that need no escape (all of a usual id) are copied whole: this
 /// runs on every request.
 fn push_json_string(out: &mut Vec<u8>, value: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let hex = |nibble: u8| match nibble & 0xf {
+        n @ 0..=9 => b'0' + n,
+        n => b'a' + n - 10,
+    };
     out.push(b'"');
     let bytes = value.as_bytes();
     let mut copied = 0;
@@ -91,14 +94,7 @@ fn push_json_string(out: &mut Vec<u8>, value: &str) {
         let escape: &[u8] = match byte {
             b'"' => b"\\\"",
             b'\\' => b"\\\\",
-            0..=0x1f => &[
-                b'\\',
-                b'u',
-                b'0',
-                b'0',
-                HEX[usize::from(byte >> 4)],
-                HEX[usize::from(byte & 0xf)],
-            ],
+            0..=0x1f => &[b'\\', b'u', b'0', b'0', hex(byte >> 4), hex(byte)],
             _ => continue,
         };
         out.extend_from_slice(bytes.get(copied..at).unwrap_or_default());
