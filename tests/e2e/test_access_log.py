@@ -2,7 +2,7 @@
 environment, code) read from filter state, and never a secret. Against envoy/demo.yaml."""
 import uuid
 
-from conftest import assert_denied, assert_passed, keygate_access_log_field, wasm_only
+from conftest import assert_denied, assert_passed, keygate_access_log_field
 from keygate_stack import ROOT, Stack
 
 OPAQUE = "cmp_demo_Q7fX2mLr9Wk4TbVn8PzA"
@@ -89,7 +89,6 @@ def test_every_shipped_config_logs_keygates_field_to_a_file_access_log():
         assert "%REQ(:PATH)%" not in text, config.name
 
 
-@wasm_only("the native host publishes the decision whatever `access_log` says")
 def test_access_log_false_publishes_nothing_and_still_decides():
     off = {'"name": "demo",': '"name": "demo", "access_log": false,'}
     with Stack(CONFIG, substitutions=off) as quiet:

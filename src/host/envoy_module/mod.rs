@@ -515,7 +515,11 @@ fn apply(filter: &FilterHandle, stream: &Stream, req: &RequestView, decision: De
             false
         }
         Decision::Preflight => {
-            publish(filter, &AccessLogEntry::allowed(&Principal::Anonymous));
+            publish(
+                config,
+                filter,
+                &AccessLogEntry::allowed(&Principal::Anonymous),
+            );
             stream.replied.set(true);
             let reply = preflight_reply();
             filter.send_response(reply.status, &[], &reply.body);
@@ -555,7 +559,7 @@ fn apply(filter: &FilterHandle, stream: &Stream, req: &RequestView, decision: De
                 }
             }
             Counters::bump(filter, runtime.counters.allowed);
-            publish(filter, &AccessLogEntry::allowed(&principal));
+            publish(config, filter, &AccessLogEntry::allowed(&principal));
             let edits = upstream_edits(config, req, &principal);
             // Each removal is a host call that scans Envoy's header map: only for headers the
             // request carries (read in this same hook, so nothing added one since).
@@ -587,8 +591,11 @@ fn apply(filter: &FilterHandle, stream: &Stream, req: &RequestView, decision: De
 /// (Envoy prefixes it with `wasm.`), so one access-log format serves both hosts.
 const ACCESS_LOG_STATE: &str = "wasm.keygate";
 
-fn publish(filter: &FilterHandle, entry: &AccessLogEntry) {
-    filter.set_filter_state(ACCESS_LOG_STATE, &entry.to_json());
+/// Skipped when the config turns the access log off, as in the wasm host.
+fn publish(config: &Config, filter: &FilterHandle, entry: &AccessLogEntry) {
+    if config.access_log {
+        filter.set_filter_state(ACCESS_LOG_STATE, &entry.to_json());
+    }
 }
 
 /// Answers with the code's pre-rendered reply plus per-request headers, counts it, publishes
@@ -604,7 +611,7 @@ fn deny(
     let config = &runtime.config;
     stream.replied.set(true);
     runtime.counters.count_denial(filter, code);
-    publish(filter, entry);
+    publish(config, filter, entry);
     let key_id = entry.key_id;
     let reply = config.replies.rendered(code);
     let status = reply.map_or(code.status(), |r| r.status);
