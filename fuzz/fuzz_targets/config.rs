@@ -6,7 +6,7 @@
 use keygate::core::codes::ErrorCode;
 use keygate::core::config::Config;
 use keygate::core::decision::{decide, Decision};
-use keygate::core::reply::upstream_edits;
+use keygate::core::upstream::upstream_edits;
 use keygate::core::request::RequestView;
 use libfuzzer_sys::fuzz_target;
 

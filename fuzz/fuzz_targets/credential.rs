@@ -22,7 +22,7 @@ use keygate::core::digest::sha256;
 use keygate::core::keyset::{is_id_byte, KeySet};
 use keygate::core::limits::apply_limits;
 use keygate::core::memory_store::MemoryStore;
-use keygate::core::reply::upstream_edits;
+use keygate::core::upstream::upstream_edits;
 use keygate::core::request::{percent_decode, RequestView, SessionEvidence};
 use libfuzzer_sys::fuzz_target;
 
