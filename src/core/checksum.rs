@@ -80,7 +80,7 @@ mod tests {
     use crate::core::credential::{Credential, CredentialSource};
     use crate::core::decision::{decide, Decision};
     use crate::core::digest::sha256;
-    use crate::core::request::RequestView;
+    use crate::core::test_support::request_with as req;
 
     #[test]
     fn crc32_matches_the_standard_check_value() {
@@ -141,16 +141,6 @@ mod tests {
     fn source(json: serde_json::Value) -> CredentialSource {
         CredentialSource::from_spec(serde_json::from_value(json).unwrap(), "credentials[0]")
             .unwrap()
-    }
-
-    fn req(headers: &[(&str, &str)]) -> RequestView {
-        RequestView {
-            headers: headers
-                .iter()
-                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
-                .collect(),
-            ..Default::default()
-        }
     }
 
     /// Replaces the character at `at` with a different one of the same class.

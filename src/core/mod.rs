@@ -31,5 +31,7 @@ pub mod request;
 pub mod selectors;
 pub mod session_token;
 pub mod setchunks;
+#[cfg(test)]
+pub mod test_support;
 pub mod time;
 pub mod upstream;

@@ -161,6 +161,7 @@ fn path_without_param(path: &str, param: &str) -> Option<String> {
 mod tests {
     use super::*;
     use crate::core::keyset::KeySet;
+    use crate::core::test_support::request_with as request;
 
     fn routed_config() -> (Config, KeySet) {
         let config = serde_json::json!({
@@ -170,16 +171,6 @@ mod tests {
             "policies": {"public": {"auth": "none"}}
         });
         Config::parse(config.to_string().as_bytes()).unwrap()
-    }
-
-    fn request(headers: &[(&str, &str)]) -> RequestView {
-        RequestView {
-            headers: headers
-                .iter()
-                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
-                .collect(),
-            ..Default::default()
-        }
     }
 
     /// A client-sent `x-keygate-environment: test` may have routed the request to the sandbox
