@@ -973,16 +973,12 @@ fn update_meta<T>(
 mod tests {
     use super::*;
     use crate::core::memory_store::MemoryStore;
+    use crate::core::test_support::merged;
 
     fn service(extra: serde_json::Value) -> KeyService {
-        let mut spec = serde_json::json!({"cluster": "keyservice", "refresh_seconds": 5,
+        let spec = serde_json::json!({"cluster": "keyservice", "refresh_seconds": 5,
                                           "max_stale_seconds": 60});
-        if let (Some(obj), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
-            for (k, v) in extra {
-                obj.insert(k.clone(), v.clone());
-            }
-        }
-        let spec: KeyServiceSpec = serde_json::from_value(spec).unwrap();
+        let spec: KeyServiceSpec = serde_json::from_value(merged(spec, extra)).unwrap();
         KeyService::from_spec(spec, "test", true, true).unwrap()
     }
 
@@ -1336,13 +1332,8 @@ mod tests {
     }
 
     fn spec_error(extra: serde_json::Value) -> ConfigError {
-        let mut spec = serde_json::json!({"cluster": "keyservice"});
-        if let (Some(obj), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
-            for (k, v) in extra {
-                obj.insert(k.clone(), v.clone());
-            }
-        }
-        let spec: KeyServiceSpec = serde_json::from_value(spec).unwrap();
+        let spec = serde_json::json!({"cluster": "keyservice"});
+        let spec: KeyServiceSpec = serde_json::from_value(merged(spec, extra)).unwrap();
         KeyService::from_spec(spec, "t", true, true).unwrap_err()
     }
 
@@ -1378,16 +1369,12 @@ mod tests {
     }
 
     fn filter_config(extra: serde_json::Value) -> Result<crate::core::config::Config, ConfigError> {
-        let mut cfg = serde_json::json!({
+        let cfg = serde_json::json!({
             "credentials": [{"in": "header", "prefixes": ["ks_"]},
                             {"in": "bearer", "format": "id_secret"}],
             "key_service": {"cluster": "keyservice"}});
-        if let (Some(obj), Some(extra)) = (cfg.as_object_mut(), extra.as_object()) {
-            for (k, v) in extra {
-                obj.insert(k.clone(), v.clone());
-            }
-        }
-        crate::core::config::Config::parse(cfg.to_string().as_bytes()).map(|(c, _)| c)
+        crate::core::config::Config::parse(merged(cfg, extra).to_string().as_bytes())
+            .map(|(c, _)| c)
     }
 
     #[test]
