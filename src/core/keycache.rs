@@ -630,14 +630,18 @@ mod tests {
     use crate::core::digest::sha256;
     use crate::core::keysource::KeyServiceSpec;
     use crate::core::memory_store::MemoryStore;
-    use crate::core::test_support::merged;
 
     fn service(extra: serde_json::Value) -> KeyService {
-        let spec = serde_json::json!({"cluster": "keyservice", "mode": "lookup_on_miss",
+        let mut spec = serde_json::json!({"cluster": "keyservice", "mode": "lookup_on_miss",
             "by_digest_path": "/keys/by-digest/{digest:2}/{digest}.json",
             "by_id_path": "/keys/by-id/{id}.json",
             "positive_ttl_seconds": 60, "negative_ttl_seconds": 10, "max_stale_seconds": 30});
-        let spec: KeyServiceSpec = serde_json::from_value(merged(spec, extra)).unwrap();
+        if let (Some(obj), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+            for (k, v) in extra {
+                obj.insert(k.clone(), v.clone());
+            }
+        }
+        let spec: KeyServiceSpec = serde_json::from_value(spec).unwrap();
         KeyService::from_spec(spec, "t", true, true).unwrap()
     }
 
@@ -837,7 +841,7 @@ mod tests {
         use crate::core::codes::ErrorCode;
         use crate::core::config::Config;
         use crate::core::decision::{begin, decide_for_key, Decision, Step};
-        use crate::core::test_support::RequestBuilder;
+        use crate::core::request::RequestView;
         let (config, _) = Config::parse(
             serde_json::json!({"credentials": [{"in": "header", "prefixes": ["kl_"]}],
                 "require_user": true,
@@ -849,10 +853,16 @@ mod tests {
         .unwrap();
         let decide_with = |secret: &str, mut body: Value| {
             body["secret_sha256"] = serde_json::json!(hex::encode(sha256(b"kl_key")));
-            let req = RequestBuilder::to("GET", "/")
-                .header("x-api-key", secret)
-                .now(2_000_000_000)
-                .build();
+            let req = RequestView {
+                headers: vec![
+                    (":method", b"GET".as_slice()),
+                    (":path", b"/".as_slice()),
+                    ("x-api-key", secret.as_bytes()),
+                ]
+                .into(),
+                now: 2_000_000_000,
+                ..Default::default()
+            };
             let Step::Lookup { credential, policy } = begin(&config, &req) else {
                 panic!("expected a lookup")
             };

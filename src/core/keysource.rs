@@ -973,12 +973,16 @@ fn update_meta<T>(
 mod tests {
     use super::*;
     use crate::core::memory_store::MemoryStore;
-    use crate::core::test_support::merged;
 
     fn service(extra: serde_json::Value) -> KeyService {
-        let spec = serde_json::json!({"cluster": "keyservice", "refresh_seconds": 5,
+        let mut spec = serde_json::json!({"cluster": "keyservice", "refresh_seconds": 5,
                                           "max_stale_seconds": 60});
-        let spec: KeyServiceSpec = serde_json::from_value(merged(spec, extra)).unwrap();
+        if let (Some(obj), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+            for (k, v) in extra {
+                obj.insert(k.clone(), v.clone());
+            }
+        }
+        let spec: KeyServiceSpec = serde_json::from_value(spec).unwrap();
         KeyService::from_spec(spec, "test", true, true).unwrap()
     }
 
@@ -1332,8 +1336,13 @@ mod tests {
     }
 
     fn spec_error(extra: serde_json::Value) -> ConfigError {
-        let spec = serde_json::json!({"cluster": "keyservice"});
-        let spec: KeyServiceSpec = serde_json::from_value(merged(spec, extra)).unwrap();
+        let mut spec = serde_json::json!({"cluster": "keyservice"});
+        if let (Some(obj), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+            for (k, v) in extra {
+                obj.insert(k.clone(), v.clone());
+            }
+        }
+        let spec: KeyServiceSpec = serde_json::from_value(spec).unwrap();
         KeyService::from_spec(spec, "t", true, true).unwrap_err()
     }
 
@@ -1369,12 +1378,16 @@ mod tests {
     }
 
     fn filter_config(extra: serde_json::Value) -> Result<crate::core::config::Config, ConfigError> {
-        let cfg = serde_json::json!({
+        let mut cfg = serde_json::json!({
             "credentials": [{"in": "header", "prefixes": ["ks_"]},
                             {"in": "bearer", "format": "id_secret"}],
             "key_service": {"cluster": "keyservice"}});
-        crate::core::config::Config::parse(merged(cfg, extra).to_string().as_bytes())
-            .map(|(c, _)| c)
+        if let (Some(obj), Some(extra)) = (cfg.as_object_mut(), extra.as_object()) {
+            for (k, v) in extra {
+                obj.insert(k.clone(), v.clone());
+            }
+        }
+        crate::core::config::Config::parse(cfg.to_string().as_bytes()).map(|(c, _)| c)
     }
 
     #[test]
