@@ -457,16 +457,11 @@ pub fn extract_credential(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::test_support::request_with;
+    use crate::core::test_support::{credential_source as source, request_with};
 
     /// Values as bytes: some tests send what is not UTF-8.
     fn req(headers: &[(&str, &[u8])]) -> RequestView {
         request_with(headers)
-    }
-
-    fn source(json: serde_json::Value) -> CredentialSource {
-        CredentialSource::from_spec(serde_json::from_value(json).unwrap(), "credentials[0]")
-            .unwrap()
     }
 
     #[test]

@@ -1,8 +1,9 @@
-//! Builders the core's unit tests share: a request as the host would hand it over, and a JSON
-//! configuration with some top-level fields replaced.
+//! Builders the core's unit tests share: a request as the host would hand it over, a credential
+//! source, and a JSON configuration with some top-level fields replaced.
 
 use serde_json::Value;
 
+use super::credential::CredentialSource;
 use super::request::{RequestView, SessionEvidence};
 
 /// A request built header by header, in the order given (a test may depend on it).
@@ -57,6 +58,11 @@ impl RequestBuilder {
 /// A request of only these headers (no method or path unless given).
 pub fn request_with<V: AsRef<[u8]>>(headers: &[(&str, V)]) -> RequestView {
     RequestBuilder::new().headers(headers).build()
+}
+
+/// The credential source of one `credentials` entry, which the test expects to be valid.
+pub fn credential_source(spec: Value) -> CredentialSource {
+    CredentialSource::from_spec(serde_json::from_value(spec).unwrap(), "credentials[0]").unwrap()
 }
 
 /// `base` with each top-level field of `extra` set (replacing, not merging into, a field that
