@@ -274,8 +274,7 @@ impl Verdict {
 impl HttpContext for KeygateRequest {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let Some(runtime) = self.runtime.clone() else {
-            // Not configured: fail closed.
-            send(&unconfigured_reply());
+            send_unconfigured_reply();
             return Action::Pause;
         };
         self.request_ended = end_of_stream;
@@ -477,6 +476,14 @@ fn now_millis() -> i64 {
 
 fn log(level: LogLevel, message: &str) {
     let _ = hostcalls::log(level, message);
+}
+
+/// Not configured: fail closed. Out of line and cold, so rendering this reply does not sit in the
+/// request path's code.
+#[cold]
+#[inline(never)]
+fn send_unconfigured_reply() {
+    send(&unconfigured_reply());
 }
 
 fn send(reply: &LocalReply) {
