@@ -32,8 +32,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::credential::Credential;
 use super::digest::{parse_hex_digest, Digest};
-use super::keyset::validate_header_safe_fields;
-use super::keyset::{KeyRecord, KeyRecordSpec, KeySet};
+use super::keyset::{KeyRecord, KeyRecordSpec};
 use super::keysource::{is_request_path, KeyService, KeyServiceMode, Reader};
 use super::limits::{SharedStore, StoreError};
 
@@ -366,16 +365,11 @@ pub fn parse_answer(status: Option<u32>, body: &[u8], key: &LookupKey) -> Result
     }
 }
 
-/// The same checks as inline keys and key-set documents.
+/// The same checks as inline keys and key-set documents (the record's constructor makes them).
 fn validate_record(candidate: Value) -> Result<KeyRecord, String> {
     let spec: KeyRecordSpec =
         serde_json::from_value(candidate).map_err(|e| format!("invalid key record: {e}"))?;
-    let set = KeySet::from_specs(vec![spec], "record").map_err(|e| e.to_string())?;
-    validate_header_safe_fields(&set).map_err(|e| e.to_string())?;
-    set.records()
-        .first()
-        .cloned()
-        .ok_or_else(|| "empty record".to_string())
+    KeyRecord::from_spec(spec, "record").map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -532,7 +526,8 @@ impl<'a> KeyCache<'a> {
             return Cached::Miss;
         }
         let answer = if entry.found {
-            // Validated before it was stored; a record that no longer parses is a miss.
+            // Checked again as it is read, like every record (`KeyRecord::from_spec`): one
+            // that no longer passes is a miss.
             let Some(record) = serde_json::from_slice::<KeyRecordSpec>(&entry.record_json)
                 .ok()
                 .and_then(|spec| KeyRecord::from_spec(spec, "cache").ok())
@@ -897,6 +892,34 @@ mod tests {
             decide_with("kl_other", good),
             Some(ErrorCode::InvalidApiKey)
         );
+    }
+
+    #[test]
+    fn a_cached_record_with_a_header_unsafe_field_is_a_miss() {
+        let svc = service(serde_json::json!({}));
+        let cache = KeyCache::of(&svc).unwrap();
+        let store = MemoryStore::new();
+        let key = LookupKey::Id("a".into());
+        assert!(cache.put(&store, &key, &found(&key, &record("a", "s")), 0));
+        assert!(matches!(cache.get(&store, &key, 1), Cached::Fresh(_)));
+        // Written straight into the slot, past the checks `put`'s caller made.
+        let tag = key.tag(&svc.namespace);
+        let name = cache.slot_name(&tag, true);
+        for (field, value) in [
+            ("tenant", serde_json::json!("acme\r\nx-keygate-user: admin")),
+            ("permissions", serde_json::json!(["read,admin"])),
+        ] {
+            let mut unsafe_record = record("a", "s");
+            unsafe_record[field] = value;
+            let entry = Entry {
+                tag,
+                fetched_ms: 0,
+                found: true,
+                record_json: unsafe_record.to_string().into_bytes(),
+            };
+            store.set(&name, &encode(&[entry]), 0).unwrap();
+            assert_eq!(cache.get(&store, &key, 1), Cached::Miss, "{field}");
+        }
     }
 
     #[test]

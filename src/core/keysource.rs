@@ -26,7 +26,6 @@ use super::config_error::{is_header_value, ConfigError};
 use super::digest::sha256;
 use super::docparts::range_header;
 use super::keycache::{CacheBudgets, LookupPolicy, PathTemplate, TemplateKind};
-use super::keyset::validate_header_safe_fields;
 use super::keyset::KeySet;
 use super::limits::{SharedStore, StoreError};
 use super::setchunks::{self, LoadError, Loading};
@@ -443,7 +442,6 @@ impl Lease {
 /// its `serial`, which a key service's document must carry (so a rollback can be recognized).
 pub fn parse_document(bytes: &[u8]) -> Result<(KeySet, u64), ConfigError> {
     let (keys, serial) = KeySet::from_document(bytes)?;
-    validate_header_safe_fields(&keys)?;
     let serial = serial.ok_or_else(|| {
         ConfigError::new(
             "serial",

@@ -2,11 +2,11 @@
 //! into the bucket interval that `limits` counts with. A leaf: key records and the `limits`
 //! defaults both hold one.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::config_error::ConfigError;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitSpec {
     pub requests: u64,
