@@ -392,7 +392,7 @@ fn settle(
             (Verdict::Replied, settled)
         }
         Decision::Preflight => {
-            filter_state::publish(&AccessLogEntry::allowed(&Principal::Anonymous));
+            filter_state::publish(config, &AccessLogEntry::allowed(&Principal::Anonymous));
             send(&preflight_reply());
             (Verdict::Replied, settled)
         }
@@ -416,7 +416,7 @@ fn settle(
                 }
             }
             Metrics::bump(runtime.metrics.allowed);
-            filter_state::publish(&AccessLogEntry::allowed(&principal));
+            filter_state::publish(config, &AccessLogEntry::allowed(&principal));
             let edits = upstream_edits(config, req, &principal);
             for name in &edits.remove {
                 let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
@@ -451,7 +451,7 @@ fn deny(
     extra_headers: Vec<(&'static str, String)>,
 ) {
     runtime.metrics.count_denial(code);
-    filter_state::publish(entry);
+    filter_state::publish(&runtime.config, entry);
     let reply = runtime.config.replies.rendered(code);
     let status = reply.map_or(code.status(), |r| r.status);
     let body = reply.map_or(&[][..], |r| r.body.as_slice());
