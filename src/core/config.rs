@@ -232,7 +232,9 @@ impl Config {
             ));
         }
         let replies = Replies::render(spec.language, spec.body, &messages, &www_authenticate)
-            .map_err(|(code, why)| ConfigError::new(format!("messages.{}", code.as_str()), why))?;
+            .map_err(|err| {
+                ConfigError::new(format!("messages.{}", err.code().as_str()), err.to_string())
+            })?;
 
         let scope = spec.scope_headers;
         let mut seen = HashSet::new();

@@ -15,7 +15,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use super::config_error::{is_header_value, ConfigError};
 use super::digest::{parse_hex_digest, Digest};
-use super::limits::{RateLimit, RateLimitSpec};
+use super::rate_limit::{RateLimit, RateLimitSpec};
 use super::time::parse_rfc3339;
 
 /// A time given as RFC 3339 text or as Unix seconds.

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::core::access_log::AccessLogEntry;
-use crate::core::codes::{ErrorCode, Language};
+use crate::core::codes::ErrorCode;
 use crate::core::config::{Config, SessionConfig};
 use crate::core::credential::Credential;
 use crate::core::decision::{begin, decide_for_key, lookup, Decision, Principal, Step};
@@ -25,10 +25,11 @@ use crate::core::keyset::KeySet;
 use crate::core::keysource::{FetchResponse, KeyServiceMode, OnUnavailable};
 use crate::core::limits::apply_limits;
 use crate::core::policy::Policy;
-use crate::core::reply::{denial_log_line, preflight_reply, upstream_edits};
+use crate::core::reply::{denial_log_line, preflight_reply, unconfigured_reply};
 use crate::core::request::{RequestView, SessionEvidence};
 use crate::core::selectors::form_body_kind;
 use crate::core::session_token;
+use crate::core::upstream::upstream_edits;
 use ffi::{log, log_enabled, ConfigHandle, FilterHandle, LogLevel};
 use full_sync::{FullSource, TICK_EVENT};
 use limits_table::LimitsTable;
@@ -655,15 +656,14 @@ fn on_panic(filter: &FilterHandle, stream: &Stream) {
 }
 
 /// A stream without keygate state (its creation failed): 503 KEYSET_UNAVAILABLE.
-fn unconfigured_reply(filter: &FilterHandle) {
-    let code = ErrorCode::KeysetUnavailable;
-    let body =
-        serde_json::json!({"code": code.as_str(), "message": code.default_message(Language::En)});
-    filter.send_response(
-        code.status(),
-        &[("content-type", "application/json")],
-        body.to_string().as_bytes(),
-    );
+fn send_unconfigured_reply(filter: &FilterHandle) {
+    let reply = unconfigured_reply();
+    let headers: Vec<(&str, &str)> = reply
+        .headers
+        .iter()
+        .map(|(n, v)| (*n, v.as_str()))
+        .collect();
+    filter.send_response(reply.status, &headers, &reply.body);
 }
 
 fn on_response_headers(filter: &FilterHandle, stream: &Stream) {

@@ -22,9 +22,10 @@ use crate::core::decision::{begin, decide_for_key, lookup, Decision, Principal, 
 use crate::core::keyset::KeyRecord;
 use crate::core::keyset::KeySet;
 use crate::core::limits::{apply_limits, ensure_slots, sweep, sweep_batch};
-use crate::core::reply::{preflight_reply, upstream_edits, LocalReply};
+use crate::core::reply::{preflight_reply, unconfigured_reply, LocalReply};
 use crate::core::request::{RequestView, SessionEvidence};
 use crate::core::selectors::{check_form_body, form_body_kind};
+use crate::core::upstream::upstream_edits;
 use keysource::{KeySource, PendingLookup};
 use local_reply::PreparedHeaders;
 use shared_store::HostStore;
@@ -273,13 +274,7 @@ impl Verdict {
 impl HttpContext for KeygateRequest {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let Some(runtime) = self.runtime.clone() else {
-            // Not configured: fail closed.
-            send(&LocalReply {
-                status: 503,
-                headers: vec![("content-type", "application/json".into())],
-                body: br#"{"code":"KEYSET_UNAVAILABLE","message":"keygate is not configured"}"#
-                    .to_vec(),
-            });
+            send_unconfigured_reply();
             return Action::Pause;
         };
         self.request_ended = end_of_stream;
@@ -481,6 +476,14 @@ fn now_millis() -> i64 {
 
 fn log(level: LogLevel, message: &str) {
     let _ = hostcalls::log(level, message);
+}
+
+/// Not configured: fail closed. Out of line and cold, so rendering this reply does not sit in the
+/// request path's code.
+#[cold]
+#[inline(never)]
+fn send_unconfigured_reply() {
+    send(&unconfigured_reply());
 }
 
 fn send(reply: &LocalReply) {
