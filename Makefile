@@ -69,7 +69,7 @@ wasm-opt-tool:
 
 build-wasm: toolchain wasm-opt-tool
 	CARGO_PROFILE_RELEASE_OPT_LEVEL=$(WASM_OPT_LEVEL) cargo build --release --target $(WASM_TARGET) --lib
-	@mkdir -p build && python3 tools/strip_callbacks.py $(WASM_OUT) target/keygate-stripped.wasm src/host/wasm
+	@mkdir -p build target && python3 tools/strip_callbacks.py $(WASM_OUT) target/keygate-stripped.wasm src/host/wasm
 	wasm-opt $(WASM_OPT) $(WASM_FEATURES) target/keygate-stripped.wasm -o $(ARTIFACT)
 	@echo "built $(ARTIFACT) ($$(stat -c %s $(ARTIFACT)) bytes)"
 
@@ -280,7 +280,8 @@ build/bench-empty.wasm: bench/empty-filter/src/lib.rs bench/empty-filter/Cargo.t
 # BEFORE's module, built by that revision's own `make build` in a scratch tree.
 bench-before:
 	@test -n "$(BEFORE)" || { echo "set BEFORE=<git revision>"; exit 1; }
-	rm -rf .tmp/before && mkdir -p .tmp/before && git archive $(BEFORE) | tar -x -C .tmp/before
+	# target/ too: the build writes its stripped module there, and the scratch tree has none.
+	rm -rf .tmp/before && mkdir -p .tmp/before/target && git archive $(BEFORE) | tar -x -C .tmp/before
 	CARGO_TARGET_DIR=$(CURDIR)/target/before $(MAKE) -C .tmp/before --no-print-directory build \
 	  WASM_OUT=$(CURDIR)/target/before/$(WASM_TARGET)/release/keygate.wasm
 	cp .tmp/before/build/keygate.wasm build/keygate-before.wasm
