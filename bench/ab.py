@@ -62,7 +62,7 @@ def service_config(name, keys):
     }, indent=2) + "\n"
 
 
-def chained_filters(name, wasm, chain, keys, service=False):
+def chained_filters(name, wasm, chain, keys, service=False, fields=""):
     if wasm == API_KEY_AUTH:
         return "".join(bench_config.native_filter(keys, strip=False, name=f"api_key_auth_{i}")
                        for i in range(chain))
@@ -70,7 +70,8 @@ def chained_filters(name, wasm, chain, keys, service=False):
         config = service_config(name, keys)
     elif "empty" not in name:
         config = bench_config.keygate_config(keys)
-        config = config.replace('"name": "bench",', '"name": "bench", "strip_credentials": false,', 1)
+        extra = '"strip_credentials": false,' + (f" {fields}," if fields else "")
+        config = config.replace('"name": "bench",', f'"name": "bench", {extra}', 1)
     else:
         config = "{}\n"
     if wasm.endswith(".so"):
@@ -81,11 +82,12 @@ def chained_filters(name, wasm, chain, keys, service=False):
     return "".join(one.replace("- name: keygate", f"- name: keygate_{i}", 1) for i in range(chain))
 
 
-def render(variants, chain, keys, ports, unknown=False, service_port=None):
+def render(variants, chain, keys, ports, unknown=False, service_port=None, fields=None):
     floor_route = bench_config.DENY_ROUTE if unknown else None
     listeners = [bench_config.listener("floor", ports["floor"], bench_config.hcm("floor", "", route=floor_route))]
     for name, wasm in variants:
-        filters = chained_filters(name, wasm, chain, keys[name], service_port is not None)
+        filters = chained_filters(name, wasm, chain, keys[name], service_port is not None,
+                                 (fields or {}).get(name, ""))
         listeners.append(bench_config.listener(name, ports[name], bench_config.hcm(name, filters)))
     listeners.append(bench_config.listener(
         "upstream", ports["upstream"], bench_config.hcm("upstream", "", route=bench_config.UPSTREAM_ROUTE)))
@@ -122,6 +124,9 @@ def main():
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--unknown", action="store_true", help="unknown keys: the 401 path, one filter")
     parser.add_argument("--service", action="store_true", help="keys from a key service (full mode)")
+    parser.add_argument("--config", action="append", default=[], metavar="NAME=FIELDS",
+                        help="extra keygate config fields for one variant, e.g. "
+                        "--config 'nolog=\"access_log\": false' (the same build under another config)")
     args = parser.parse_args()
     variants = [tuple(v.split("=", 1)) for v in args.variants]
     # name=path@N: N keys for that variant.
@@ -146,7 +151,8 @@ def main():
         for n in sorted(set(keys.values())):
             service.write(f"keys-{n}.json", bench_config.key_set_document(n))
     config = run.WORK / "ab.yaml"
-    config.write_text(render(variants, args.chain, keys, ports, args.unknown, service and service.port))
+    fields = dict(c.split("=", 1) for c in args.config)
+    config.write_text(render(variants, args.chain, keys, ports, args.unknown, service and service.port, fields))
     key_files = {}
     for n in sorted(set(keys.values())):
         if args.unknown:
@@ -168,8 +174,12 @@ def main():
         cpu = run.cpu_seconds(envoy.pid) - before
         result = json.loads(next(l for l in done.stdout.splitlines() if l.startswith("{")))
         # wrk counts every non-2xx/3xx answer as a status error: on the 401 path all of them are.
-        if (result["status_errors"] and not args.unknown) or result["socket_errors"]:
+        # A loaded machine times a few connections out (wrk's socket errors); more than 2% is a fault.
+        if (result["status_errors"] and not args.unknown) or result["socket_errors"] > result["requests"] // 50:
             raise RuntimeError(f"{name}: {result}")
+        if result["socket_errors"]:
+            print(f"{name}: {result['socket_errors']} socket errors (timeouts) in {result['requests']} requests",
+                  file=sys.stderr)
         return cpu * 1e6 / result["requests"]
 
     try:

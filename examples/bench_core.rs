@@ -15,8 +15,8 @@ use keygate::core::config::Config;
 use keygate::core::decision::{decide, Decision};
 use keygate::core::digest::sha256;
 use keygate::core::keyset::KeySet;
-use keygate::core::reply::upstream_edits;
 use keygate::core::request::RequestView;
+use keygate::core::upstream::upstream_edits;
 
 /// Counts allocations and live bytes, so the table can show allocations per request and the
 /// memory a key set holds.

@@ -6,8 +6,8 @@
 use keygate::core::codes::ErrorCode;
 use keygate::core::config::Config;
 use keygate::core::decision::{decide, Decision};
-use keygate::core::reply::upstream_edits;
 use keygate::core::request::RequestView;
+use keygate::core::upstream::upstream_edits;
 use libfuzzer_sys::fuzz_target;
 
 fn request(headers: &[(&str, &str)]) -> RequestView {

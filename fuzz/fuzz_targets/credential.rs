@@ -12,6 +12,7 @@
 //!   query parameter or cookie is left for the upstream.
 #![no_main]
 
+use std::borrow::Cow;
 use std::sync::OnceLock;
 
 use keygate::core::checksum::Checksum;
@@ -22,8 +23,8 @@ use keygate::core::digest::sha256;
 use keygate::core::keyset::{is_id_byte, KeySet};
 use keygate::core::limits::apply_limits;
 use keygate::core::memory_store::MemoryStore;
-use keygate::core::reply::upstream_edits;
-use keygate::core::request::{percent_decode, RequestView, SessionEvidence};
+use keygate::core::request::{percent_decode, Headers, RequestView, SessionEvidence};
+use keygate::core::upstream::upstream_edits;
 use libfuzzer_sys::fuzz_target;
 
 /// (key id, plaintext secret as presented, record extras). The secret of an `<id>:<secret>` or
@@ -170,7 +171,7 @@ fn request_from(data: &[u8]) -> RequestView {
         _ => Some("no-such-policy".to_string()),
     };
     RequestView {
-        headers,
+        headers: headers.into(),
         // 2025-01-01 (the expired key is expired, the others are valid) or far in the future.
         now: if flags & 0b1_0000 == 0 {
             1_735_689_600
@@ -199,18 +200,18 @@ fn mentions(req: &RequestView, secret: &str) -> bool {
 /// The request headers the upstream would receive after the edits (Envoy semantics: remove
 /// deletes every value of a name; set replaces every value).
 fn apply(
-    headers: &[(String, Vec<u8>)],
-    remove: &[String],
-    set: &[(String, String)],
+    headers: &Headers,
+    remove: &[Cow<str>],
+    set: &[(&str, Cow<str>)],
 ) -> Vec<(String, Vec<u8>)> {
     let mut out: Vec<(String, Vec<u8>)> = headers
         .iter()
+        .map(|(n, v)| (String::from_utf8_lossy(n).into_owned(), v.to_vec()))
         .filter(|(n, _)| !remove.iter().any(|r| r.eq_ignore_ascii_case(n)))
-        .cloned()
         .collect();
     for (name, value) in set {
         out.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
-        out.push((name.clone(), value.clone().into_bytes()));
+        out.push((name.to_string(), value.as_bytes().to_vec()));
     }
     out
 }
@@ -289,7 +290,7 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
             let forwarded = RequestView {
-                headers: upstream,
+                headers: upstream.into(),
                 ..Default::default()
             };
             assert!(

@@ -29,7 +29,7 @@ mod native {
     use keygate::core::checksum::Checksum;
     use keygate::core::credential::MAX_TOKEN_LEN;
     use keygate::core::keyset::{Enabled, KeyRecordSpec};
-    use keygate::core::limits::RateLimitSpec;
+    use keygate::core::rate_limit::RateLimitSpec;
 
     #[derive(Parser)]
     #[command(

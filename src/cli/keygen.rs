@@ -332,8 +332,8 @@ mod tests {
     use crate::core::config::Config;
     use crate::core::decision::{decide, Decision};
     use crate::core::keyset::Enabled;
-    use crate::core::limits::RateLimitSpec;
-    use crate::core::request::RequestView;
+    use crate::core::rate_limit::RateLimitSpec;
+    use crate::core::test_support::request_with;
 
     /// A deterministic source: 0, 1, 2, … so tests can see rejection sampling at work.
     struct Counter(u8);
@@ -360,13 +360,7 @@ mod tests {
     fn decide_with(source: serde_json::Value, key: &NewKey, headers: &[(&str, String)]) -> bool {
         let config = serde_json::json!({"credentials": [source], "keys": [key.record]});
         let (config, keys) = Config::parse(config.to_string().as_bytes()).unwrap();
-        let req = RequestView {
-            headers: headers
-                .iter()
-                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
-                .collect(),
-            ..Default::default()
-        };
+        let req = request_with(headers);
         matches!(decide(&config, &keys, &req), Decision::Allow { .. })
     }
 

@@ -77,10 +77,10 @@ mod tests {
     use super::*;
     use crate::core::codes::ErrorCode;
     use crate::core::config::Config;
-    use crate::core::credential::{Credential, CredentialSource};
+    use crate::core::credential::Credential;
     use crate::core::decision::{decide, Decision};
     use crate::core::digest::sha256;
-    use crate::core::request::RequestView;
+    use crate::core::test_support::{credential_source as source, request_with as req};
 
     #[test]
     fn crc32_matches_the_standard_check_value() {
@@ -136,21 +136,6 @@ mod tests {
         }
         assert!(!Checksum::Crc32.verify(&key[..key.len() - 1]));
         assert!(!Checksum::Crc32.verify(&key[1..]));
-    }
-
-    fn source(json: serde_json::Value) -> CredentialSource {
-        CredentialSource::from_spec(serde_json::from_value(json).unwrap(), "credentials[0]")
-            .unwrap()
-    }
-
-    fn req(headers: &[(&str, &str)]) -> RequestView {
-        RequestView {
-            headers: headers
-                .iter()
-                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
-                .collect(),
-            ..Default::default()
-        }
     }
 
     /// Replaces the character at `at` with a different one of the same class.

@@ -1,6 +1,8 @@
 //! Every answer keygate can give locally: its code, HTTP status and default messages.
 //! This table is the one place where a code's status and wording are defined.
 
+use std::fmt;
+
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, PartialOrd, Ord)]
@@ -218,6 +220,15 @@ impl ErrorCode {
     }
 }
 
+/// A refusal is the request domain's error: `Err(code)` from every check on the request path.
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::error::Error for ErrorCode {}
+
 /// The HTTP reason phrase, used as the body in plain-text mode (Compago answers `Unauthorized`).
 pub fn reason_phrase(status: u32) -> &'static str {
     match status {
@@ -250,5 +261,11 @@ mod tests {
         assert_eq!(ErrorCode::RateLimitExceeded.status(), 429);
         assert_eq!(ErrorCode::KeysetUnavailable.status(), 503);
         assert_eq!(ErrorCode::AmbiguousPath.status(), 400);
+    }
+
+    #[test]
+    fn a_code_displays_as_its_name_and_is_a_std_error() {
+        let err: Box<dyn std::error::Error> = Box::new(ErrorCode::TenantForbidden);
+        assert_eq!(err.to_string(), "TENANT_FORBIDDEN");
     }
 }

@@ -149,6 +149,10 @@ struct ConfigSpec {
     /// Envoy that normalizes paths, and at the risk the README names.
     #[serde(default = "default_true")]
     reject_ambiguous_paths: bool,
+    /// Publish each decision for Envoy's access log (docs/access-logs.md). Off saves the
+    /// per-request call that publishes it, for a filter whose Envoy logs no `wasm.keygate`.
+    #[serde(default = "default_true")]
+    access_log: bool,
 }
 
 fn default_true() -> bool {
@@ -178,6 +182,8 @@ pub struct Config {
     /// Where keys come from when they are not inline.
     pub key_service: Option<KeyService>,
     pub reject_ambiguous_paths: bool,
+    /// Whether each decision is published for the access log.
+    pub access_log: bool,
 }
 
 impl Config {
@@ -226,7 +232,9 @@ impl Config {
             ));
         }
         let replies = Replies::render(spec.language, spec.body, &messages, &www_authenticate)
-            .map_err(|(code, why)| ConfigError::new(format!("messages.{}", code.as_str()), why))?;
+            .map_err(|err| {
+                ConfigError::new(format!("messages.{}", err.code().as_str()), err.to_string())
+            })?;
 
         let scope = spec.scope_headers;
         let mut seen = HashSet::new();
@@ -331,6 +339,7 @@ impl Config {
             limits,
             key_service,
             reject_ambiguous_paths: spec.reject_ambiguous_paths,
+            access_log: spec.access_log,
         };
         Ok((config, keys))
     }
@@ -363,6 +372,19 @@ mod tests {
         assert!(config
             .headers_to_strip
             .contains(&"x-keygate-tenant".to_string()));
+    }
+
+    #[test]
+    fn the_access_log_is_published_unless_turned_off() {
+        let on = parse(serde_json::json!({"credentials": [{"in": "header"}]}));
+        assert!(on.unwrap().0.access_log);
+        let off =
+            parse(serde_json::json!({"credentials": [{"in": "header"}], "access_log": false}));
+        assert!(!off.unwrap().0.access_log);
+        let err = parse(serde_json::json!({"credentials": [{"in": "header"}], "access_log": "no"}))
+            .unwrap_err();
+        // Type errors name the place in the document, like every other boolean option's.
+        assert!(err.message.contains("expected a boolean"), "{err}");
     }
 
     #[test]

@@ -457,20 +457,11 @@ pub fn extract_credential(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::test_support::{credential_source as source, request_with};
 
-    fn source(json: serde_json::Value) -> CredentialSource {
-        CredentialSource::from_spec(serde_json::from_value(json).unwrap(), "credentials[0]")
-            .unwrap()
-    }
-
+    /// Values as bytes: some tests send what is not UTF-8.
     fn req(headers: &[(&str, &[u8])]) -> RequestView {
-        RequestView {
-            headers: headers
-                .iter()
-                .map(|(n, v)| (n.to_string(), v.to_vec()))
-                .collect(),
-            ..Default::default()
-        }
+        request_with(headers)
     }
 
     #[test]

@@ -244,11 +244,12 @@ fn check_key(
 mod tests {
     use super::*;
     use crate::core::digest::sha256;
+    use crate::core::test_support::{merged, RequestBuilder};
 
     const NOW: i64 = 1_800_000_000;
 
     fn setup(extra: serde_json::Value) -> (Config, KeySet) {
-        let mut cfg = serde_json::json!({
+        let cfg = serde_json::json!({
             "credentials": [
                 {"in": "header", "prefixes": [
                     {"prefix": "caibo_test_sk_", "environment": "test"},
@@ -275,29 +276,14 @@ mod tests {
                 {"id": "t2", "secret_sha256": hex::encode(sha256(b"caibo_test_sk_2"))}
             ]
         });
-        if let (Some(obj), Some(extra)) = (cfg.as_object_mut(), extra.as_object()) {
-            for (k, v) in extra {
-                obj.insert(k.clone(), v.clone());
-            }
-        }
-        Config::parse(cfg.to_string().as_bytes()).unwrap()
+        Config::parse(merged(cfg, extra).to_string().as_bytes()).unwrap()
     }
 
     fn req(method: &str, path: &str, headers: &[(&str, &str)]) -> RequestView {
-        let mut all = vec![
-            (":method".to_string(), method.as_bytes().to_vec()),
-            (":path".to_string(), path.as_bytes().to_vec()),
-        ];
-        all.extend(
-            headers
-                .iter()
-                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())),
-        );
-        RequestView {
-            headers: all.into(),
-            now: NOW,
-            ..Default::default()
-        }
+        RequestBuilder::to(method, path)
+            .headers(headers)
+            .now(NOW)
+            .build()
     }
 
     fn code(d: Decision) -> Option<ErrorCode> {

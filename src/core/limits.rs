@@ -25,13 +25,14 @@
 //! sweep, so the table holds only keys active now or this month, and never more than `slots`
 //! entries.
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
 use super::codes::ErrorCode;
 use super::config_error::ConfigError;
 use super::keyset::KeyRecord;
 use super::policy::Policy;
+use super::rate_limit::{RateLimit, RateLimitSpec, MICROS_PER_SECOND};
 use super::time::utc_year_month;
 
 /// The shared store the counters live in: Envoy's shared data in the adapter, a map in tests.
@@ -48,72 +49,6 @@ pub enum StoreError {
     CasMismatch,
     /// The store refused the write for another reason.
     Unavailable,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RateLimitSpec {
-    pub requests: u64,
-    pub per_seconds: u64,
-    #[serde(default)]
-    pub burst: u64,
-}
-
-const MICROS_PER_SECOND: i128 = 1_000_000;
-/// A bucket that takes longer than this to refill is a configuration mistake (and would overflow).
-const MAX_REFILL_MICROS: i128 = 100 * 366 * 86_400 * MICROS_PER_SECOND;
-
-/// A validated rate limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct RateLimit {
-    pub requests: u64,
-    pub per_seconds: u64,
-    pub burst: u64,
-    /// Microseconds one request occupies the bucket (rounded up, so never more permissive).
-    interval_us: i64,
-}
-
-impl RateLimit {
-    pub fn from_spec(spec: &RateLimitSpec, path: &str) -> Result<RateLimit, ConfigError> {
-        if spec.requests == 0 {
-            return Err(ConfigError::new(
-                format!("{path}.requests"),
-                "must be at least 1",
-            ));
-        }
-        if spec.per_seconds == 0 {
-            return Err(ConfigError::new(
-                format!("{path}.per_seconds"),
-                "must be at least 1",
-            ));
-        }
-        let window = i128::from(spec.per_seconds) * MICROS_PER_SECOND;
-        let requests = i128::from(spec.requests);
-        let interval = (window + requests - 1) / requests;
-        let capacity = requests + i128::from(spec.burst);
-        if interval * capacity > MAX_REFILL_MICROS {
-            return Err(ConfigError::new(
-                path,
-                "the bucket would take more than 100 years to refill",
-            ));
-        }
-        Ok(RateLimit {
-            requests: spec.requests,
-            per_seconds: spec.per_seconds,
-            burst: spec.burst,
-            interval_us: interval as i64,
-        })
-    }
-
-    /// How many requests an idle key may send at once.
-    pub fn capacity(&self) -> u64 {
-        self.requests.saturating_add(self.burst)
-    }
-
-    /// How far ahead of now the bucket's arrival time may run (validated to fit).
-    fn tolerance_us(&self) -> i64 {
-        self.interval_us.saturating_mul(self.capacity() as i64)
-    }
 }
 
 /// What to do when the store cannot be updated (persistent CAS contention or a host error).
@@ -428,7 +363,7 @@ fn evaluate(
     if let Some(rate) = rate {
         let tolerance = rate.tolerance_us();
         let start = current.tat_us.max(now_us);
-        let tat = start.saturating_add(rate.interval_us);
+        let tat = start.saturating_add(rate.interval_us());
         let ahead = tat - now_us;
         if ahead > tolerance {
             return Err(LimitDenial {
@@ -444,7 +379,7 @@ fn evaluate(
         next.tat_us = tat;
         info.rate = Some(RateStatus {
             limit: rate.capacity(),
-            remaining: ((tolerance - ahead) / rate.interval_us) as u64,
+            remaining: ((tolerance - ahead) / rate.interval_us()) as u64,
             reset_secs: ceil_secs(ahead),
         });
     }

@@ -64,14 +64,10 @@ fn query_override_names(req: &RequestView, method: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::test_support::RequestBuilder;
 
     fn req(method: &str, path: &str, headers: &[(&str, &str)]) -> RequestView {
-        let mut all = vec![(":method", method), (":path", path)];
-        all.extend_from_slice(headers);
-        RequestView {
-            headers: all.into(),
-            ..Default::default()
-        }
+        RequestBuilder::to(method, path).headers(headers).build()
     }
 
     #[test]
@@ -136,7 +132,7 @@ mod decision_tests {
     use crate::core::config::Config;
     use crate::core::decision::{decide, Decision};
     use crate::core::digest::sha256;
-    use crate::core::request::RequestView;
+    use crate::core::test_support::RequestBuilder;
 
     #[test]
     fn a_denied_method_named_by_an_override_is_refused_with_its_code_and_others_pass() {
@@ -147,12 +143,10 @@ mod decision_tests {
         });
         let (config, keys) = Config::parse(spec.to_string().as_bytes()).unwrap();
         let post = |path: &str, header: Option<(&str, &str)>| {
-            let mut headers = vec![(":method", "POST"), (":path", path), ("x-api-key", "key")];
-            headers.extend(header);
-            let req = RequestView {
-                headers: headers.into(),
-                ..Default::default()
-            };
+            let req = RequestBuilder::to("POST", path)
+                .header("x-api-key", "key")
+                .headers(header.as_slice())
+                .build();
             match decide(&config, &keys, &req) {
                 Decision::Deny { code, .. } => Some(code),
                 Decision::Allow { .. } => None,

@@ -26,10 +26,14 @@ pub mod memory_store;
 pub mod method_override;
 pub mod path_guard;
 pub mod policy;
+pub mod rate_limit;
 pub mod reply;
 pub mod request;
 pub mod retire;
 pub mod selectors;
 pub mod session_token;
 pub mod setchunks;
+#[cfg(test)]
+pub mod test_support;
 pub mod time;
+pub mod upstream;

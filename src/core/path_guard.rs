@@ -64,6 +64,7 @@ fn is_dot_segment(segment: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::test_support::{merged, RequestBuilder};
 
     #[test]
     fn dot_segments_raw_or_encoded_in_any_case_are_ambiguous() {
@@ -113,18 +114,15 @@ mod tests {
     }
 
     fn config(extra: serde_json::Value) -> Config {
-        let mut spec = serde_json::json!({"credentials": [{"in": "header"}]});
-        if let (Some(obj), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
-            obj.extend(extra.clone());
-        }
+        let spec = merged(
+            serde_json::json!({"credentials": [{"in": "header"}]}),
+            extra,
+        );
         Config::parse(spec.to_string().as_bytes()).unwrap().0
     }
 
     fn get(path: &str) -> RequestView {
-        RequestView {
-            headers: vec![(":method", "GET"), (":path", path)].into(),
-            ..Default::default()
-        }
+        RequestBuilder::to("GET", path).build()
     }
 
     #[test]
@@ -155,7 +153,7 @@ mod decision_tests {
     use crate::core::codes::ErrorCode;
     use crate::core::config::Config;
     use crate::core::decision::{decide, Decision};
-    use crate::core::request::RequestView;
+    use crate::core::test_support::RequestBuilder;
 
     #[test]
     fn a_dot_segment_through_a_public_route_is_refused_before_any_policy() {
@@ -164,11 +162,9 @@ mod decision_tests {
             "policies": {"public": {"auth": "none"}}
         });
         let (config, keys) = Config::parse(spec.to_string().as_bytes()).unwrap();
-        let req = RequestView {
-            headers: vec![(":method", "GET"), (":path", "/health/../admin")].into(),
-            route_policy: Some("public".into()),
-            ..Default::default()
-        };
+        let req = RequestBuilder::to("GET", "/health/../admin")
+            .route_policy("public")
+            .build();
         assert!(matches!(
             decide(&config, &keys, &req),
             Decision::Deny {
@@ -176,11 +172,9 @@ mod decision_tests {
                 key_id: None
             }
         ));
-        let plain = RequestView {
-            headers: vec![(":method", "GET"), (":path", "/health")].into(),
-            route_policy: Some("public".into()),
-            ..Default::default()
-        };
+        let plain = RequestBuilder::to("GET", "/health")
+            .route_policy("public")
+            .build();
         assert!(matches!(
             decide(&config, &keys, &plain),
             Decision::Allow { .. }

@@ -1,18 +1,13 @@
-//! Rendering a decision: a local reply (status, headers, body), or the edits that turn the
-//! client's request into the one the upstream sees.
+//! Local replies: every code's status, headers and body, rendered once at configure time from
+//! the table in `codes`. (The edits made to a request that goes upstream are in `upstream`.)
 
-use std::borrow::Cow;
 use std::collections::HashMap;
+use std::fmt;
 
 use serde::Deserialize;
 
 use super::codes::{reason_phrase, ErrorCode, Language};
-use super::config::Config;
 use super::config_error::is_header_value;
-use super::credential::Place;
-use super::decision::Principal;
-use super::request::RequestView;
-use super::selectors::underscore_aliases;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -32,6 +27,82 @@ pub struct LocalReply {
     pub body: Vec<u8>,
 }
 
+impl LocalReply {
+    /// The code's status alone: the fallback when no rendered reply is at hand.
+    fn bare(code: ErrorCode) -> LocalReply {
+        LocalReply {
+            status: code.status(),
+            headers: Vec::new(),
+            body: Vec::new(),
+        }
+    }
+
+    /// The reply for `code`: the configured message, else the code's default from `codes`.
+    fn render(
+        code: ErrorCode,
+        language: Language,
+        format: BodyFormat,
+        message: Option<&str>,
+        www_authenticate: &str,
+    ) -> Result<LocalReply, ReplyError> {
+        let status = code.status();
+        let (content_type, body) = match format {
+            BodyFormat::Json => {
+                let message = message.unwrap_or(code.default_message(language));
+                let body = serde_json::json!({"code": code.as_str(), "message": message});
+                ("application/json", body.to_string().into_bytes())
+            }
+            BodyFormat::Text => {
+                let message = message.unwrap_or(reason_phrase(status));
+                if message.chars().any(char::is_control) {
+                    return Err(ReplyError::ControlCharacterInText(code));
+                }
+                ("text/plain; charset=utf-8", message.as_bytes().to_vec())
+            }
+        };
+        let mut headers = vec![
+            ("content-type", content_type.to_string()),
+            ("x-keygate-code", code.as_str().to_string()),
+        ];
+        if status == 401 && is_header_value(www_authenticate) {
+            headers.push(("www-authenticate", www_authenticate.to_string()));
+        }
+        Ok(LocalReply {
+            status,
+            headers,
+            body,
+        })
+    }
+}
+
+/// A configured message that cannot be sent as a reply body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyError {
+    /// A `text` body must not hold control characters (they could split the response).
+    ControlCharacterInText(ErrorCode),
+}
+
+impl ReplyError {
+    /// The code whose message was refused.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ReplyError::ControlCharacterInText(code) => *code,
+        }
+    }
+}
+
+impl fmt::Display for ReplyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReplyError::ControlCharacterInText(_) => {
+                f.write_str("a text message must not contain control characters")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ReplyError {}
+
 /// Every code's reply, rendered once at configure time.
 #[derive(Debug, Clone)]
 pub struct Replies {
@@ -44,41 +115,15 @@ impl Replies {
         format: BodyFormat,
         overrides: &HashMap<ErrorCode, String>,
         www_authenticate: &str,
-    ) -> Result<Replies, (ErrorCode, &'static str)> {
-        let mut by_code = HashMap::with_capacity(ErrorCode::ALL.len());
-        for code in ErrorCode::ALL {
-            let status = code.status();
-            let override_text = overrides.get(&code).map(String::as_str);
-            let (content_type, body) = match format {
-                BodyFormat::Json => {
-                    let message = override_text.unwrap_or(code.default_message(language));
-                    let body = serde_json::json!({"code": code.as_str(), "message": message});
-                    ("application/json", body.to_string().into_bytes())
-                }
-                BodyFormat::Text => {
-                    let message = override_text.unwrap_or(reason_phrase(status));
-                    if !message.chars().all(|c| !c.is_control()) {
-                        return Err((code, "a text message must not contain control characters"));
-                    }
-                    ("text/plain; charset=utf-8", message.as_bytes().to_vec())
-                }
-            };
-            let mut headers = vec![
-                ("content-type", content_type.to_string()),
-                ("x-keygate-code", code.as_str().to_string()),
-            ];
-            if status == 401 && is_header_value(www_authenticate) {
-                headers.push(("www-authenticate", www_authenticate.to_string()));
-            }
-            by_code.insert(
-                code,
-                LocalReply {
-                    status,
-                    headers,
-                    body,
-                },
-            );
-        }
+    ) -> Result<Replies, ReplyError> {
+        let by_code = ErrorCode::ALL
+            .into_iter()
+            .map(|code| {
+                let message = overrides.get(&code).map(String::as_str);
+                LocalReply::render(code, language, format, message, www_authenticate)
+                    .map(|reply| (code, reply))
+            })
+            .collect::<Result<HashMap<_, _>, _>>()?;
         Ok(Replies { by_code })
     }
 
@@ -88,12 +133,20 @@ impl Replies {
     }
 
     pub fn get(&self, code: ErrorCode) -> LocalReply {
-        self.by_code.get(&code).cloned().unwrap_or(LocalReply {
-            status: code.status(),
-            headers: Vec::new(),
-            body: Vec::new(),
-        })
+        self.by_code
+            .get(&code)
+            .cloned()
+            .unwrap_or_else(|| LocalReply::bare(code))
     }
+}
+
+/// The answer of a filter that has no configuration (it failed to load, or its stream state
+/// could not be created): 503 `KEYSET_UNAVAILABLE` in the default JSON form, as no configured
+/// language or body format is known.
+pub fn unconfigured_reply() -> LocalReply {
+    let code = ErrorCode::KeysetUnavailable;
+    LocalReply::render(code, Language::En, BodyFormat::Json, None, "")
+        .unwrap_or_else(|_| LocalReply::bare(code))
 }
 
 /// The answer to a CORS preflight that reached keygate: no content and no CORS grant (only
@@ -104,153 +157,6 @@ pub fn preflight_reply() -> LocalReply {
         headers: Vec::new(),
         body: Vec::new(),
     }
-}
-
-/// The changes made to a request before it goes upstream. Names and values borrow from the
-/// config and the key record; only joined lists and rewritten `:path`/`cookie` are built.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct UpstreamEdits<'a> {
-    /// Headers to delete: credentials and client-sent copies of scope headers, in any spelling
-    /// an upstream may read as theirs (`x_keygate_user`).
-    pub remove: Vec<Cow<'a, str>>,
-    /// Headers to set (replacing any client-sent value).
-    pub set: Vec<(&'a str, Cow<'a, str>)>,
-    /// Set when a routing-relevant header changed and Envoy must pick the route again.
-    pub clear_route_cache: bool,
-}
-
-/// Builds the trusted scope headers for an allowed request and scrubs everything that must not
-/// reach the upstream.
-pub fn upstream_edits<'a>(
-    config: &'a Config,
-    req: &RequestView,
-    principal: &'a Principal<'a>,
-) -> UpstreamEdits<'a> {
-    let scope = &config.scope;
-    let mut set: Vec<(&'a str, Cow<'a, str>)> = Vec::with_capacity(8);
-    let mut put = |name: &'a str, value: Cow<'a, str>| set.push((name, value));
-    put(&scope.auth, principal.auth_kind().into());
-    match principal {
-        Principal::Anonymous => {}
-        Principal::Session { subject } => {
-            if let Some(s) = subject.as_deref().filter(|s| is_header_value(s)) {
-                put(&scope.user, s.into());
-            }
-        }
-        Principal::ApiKey {
-            record,
-            environment,
-        } => {
-            put(&scope.key_id, record.id.as_str().into());
-            if let Some(t) = &record.tenant {
-                put(&scope.tenant, t.as_str().into());
-            }
-            if !record.organizations.is_empty() {
-                put(&scope.organizations, record.organizations.join(",").into());
-            }
-            if let Some(e) = environment {
-                put(&scope.environment, e.as_str().into());
-            }
-            if let Some(p) = &record.product {
-                put(&scope.product, p.as_str().into());
-            }
-            if let Some(u) = &record.user {
-                put(&scope.user, u.as_str().into());
-            }
-            if !record.permissions.is_empty() {
-                put(&scope.permissions, record.permissions.join(",").into());
-            }
-        }
-    }
-    if config.strip_credentials {
-        strip_query_and_cookie_credentials(config, req, &mut set);
-    }
-    let mut remove: Vec<Cow<'a, str>> = config
-        .headers_to_strip
-        .iter()
-        .filter(|h| req.has_header(h) && !set.iter().any(|(n, _)| n == h))
-        .map(|h| Cow::Borrowed(h.as_str()))
-        .collect();
-    remove.extend(
-        underscore_aliases(config, req)
-            .into_iter()
-            .map(|alias| Cow::Owned(alias.to_string())),
-    );
-    // Envoy may have picked the route before keygate ran, on a client-sent environment header:
-    // whenever keygate sets that header or removes the client's copy, the route is picked again.
-    let clear_route_cache = config.route_by_environment
-        && set
-            .iter()
-            .map(|(name, _)| *name)
-            .chain(remove.iter().map(|name| name.as_ref()))
-            .any(|name| name == scope.environment);
-    UpstreamEdits {
-        remove,
-        set,
-        clear_route_cache,
-    }
-}
-
-/// Query-parameter and cookie credentials live inside `:path` and `cookie`: rewrite those
-/// without the credential rather than dropping them whole.
-fn strip_query_and_cookie_credentials<'a>(
-    config: &Config,
-    req: &RequestView,
-    set: &mut Vec<(&'a str, Cow<'a, str>)>,
-) {
-    for source in &config.sources {
-        match &source.place {
-            Place::Query(param) => {
-                let path = req.path_with_query();
-                if let Some(stripped) = path_without_param(path, param) {
-                    set.retain(|(n, _)| *n != ":path");
-                    set.push((":path", stripped.into()));
-                }
-            }
-            Place::Cookie(name) => {
-                if req.cookie_values(name).is_empty() {
-                    continue;
-                }
-                let kept: Vec<String> = req
-                    .header_values("cookie")
-                    .flat_map(|v| v.split(|b| *b == b';'))
-                    .map(|c| String::from_utf8_lossy(super::request::trim_ascii(c)).into_owned())
-                    .filter(|c| !c.is_empty() && c.split('=').next() != Some(name.as_str()))
-                    .collect();
-                set.retain(|(n, _)| *n != "cookie");
-                set.push(("cookie", kept.join("; ").into()));
-            }
-            Place::Header(_) | Place::Bearer(_) | Place::HeaderPair { .. } => {}
-        }
-    }
-}
-
-/// `path` without every `param=...` pair; `None` when the parameter is not there.
-/// The query ends at `#`, exactly as `RequestView::query_values` reads it, so every parameter
-/// keygate could have read a credential from is removed. A rewritten path drops the fragment:
-/// clients never send one to a server (RFC 9110 §4.2.4), and nothing after `#` may carry a
-/// credential upstream.
-fn path_without_param(path: &str, param: &str) -> Option<String> {
-    let (base, query) = path.split_once('?')?;
-    let query = query.split_once('#').map_or(query, |(q, _)| q);
-    let mut removed = false;
-    let kept: Vec<&str> = query
-        .split('&')
-        .filter(|pair| {
-            let name = pair.split_once('=').map_or(*pair, |(n, _)| n);
-            let is_credential = super::request::percent_decode(name).as_deref() == Some(param);
-            removed |= is_credential;
-            !is_credential
-        })
-        .collect();
-    if !removed {
-        return None;
-    }
-    Some(if kept.is_empty() {
-        base.to_string()
-    } else {
-        format!("{base}?{}", kept.join("&"))
-    })
 }
 
 /// The one log line of a denial. It names the code and the key id, never the secret.
@@ -270,7 +176,6 @@ pub fn denial_log_line(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::keyset::KeySet;
 
     #[test]
     fn denial_log_line_names_status_code_and_key_id_or_a_dash() {
@@ -284,85 +189,29 @@ mod tests {
         );
     }
 
-    fn routed_config() -> (Config, KeySet) {
-        let config = serde_json::json!({
-            "route_by_environment": true,
-            "credentials": [{"in": "header", "prefixes": [
-                {"prefix": "caibo_test_sk_", "environment": "test"}, "cmp_"]}],
-            "policies": {"public": {"auth": "none"}}
-        });
-        Config::parse(config.to_string().as_bytes()).unwrap()
-    }
-
-    fn request(headers: &[(&str, &str)]) -> RequestView {
-        RequestView {
-            headers: headers
-                .iter()
-                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
-                .collect(),
-            ..Default::default()
-        }
-    }
-
-    /// A client-sent `x-keygate-environment: test` may have routed the request to the sandbox
-    /// before keygate ran: removing it must make Envoy pick the route again, even when no key
-    /// (and so no environment) is involved.
     #[test]
-    fn removing_a_client_sent_environment_header_repicks_the_route() {
-        let (config, _) = routed_config();
-        let forged = request(&[(":path", "/"), ("x-keygate-environment", "test")]);
-        let edits = upstream_edits(&config, &forged, &Principal::Anonymous);
-        assert!(edits.remove.iter().any(|h| h == "x-keygate-environment"));
-        assert!(edits.clear_route_cache);
-
-        let plain = request(&[(":path", "/")]);
-        assert!(!upstream_edits(&config, &plain, &Principal::Anonymous).clear_route_cache);
+    fn unconfigured_reply_is_keyset_unavailable_from_the_codes_table() {
+        let reply = unconfigured_reply();
+        assert_eq!(reply.status, 503);
+        let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        assert_eq!(body["code"], "KEYSET_UNAVAILABLE");
+        assert_eq!(
+            body["message"],
+            ErrorCode::KeysetUnavailable.default_message(Language::En)
+        );
+        assert!(reply
+            .headers
+            .contains(&("content-type", "application/json".to_string())));
     }
 
     #[test]
-    fn underscore_spellings_of_scope_headers_are_removed_for_every_principal() {
-        let (config, _) = routed_config();
-        let forged = request(&[
-            (":path", "/"),
-            ("x_keygate_user", "admin@victim-corp"),
-            ("x_keygate_organizations", "org-victim"),
-            ("x_api_key", "cmp_x"),
-        ]);
-        let edits = upstream_edits(&config, &forged, &Principal::Anonymous);
-        for alias in ["x_keygate_user", "x_keygate_organizations", "x_api_key"] {
-            assert!(edits.remove.iter().any(|h| h == alias), "{alias}");
-        }
-    }
-
-    #[test]
-    fn query_credential_is_removed_from_the_path() {
+    fn text_message_with_a_control_character_is_refused_naming_its_code() {
+        let overrides = HashMap::from([(ErrorCode::Forbidden, "no\r\nx-evil: 1".to_string())]);
+        let err = Replies::render(Language::En, BodyFormat::Text, &overrides, "").unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Forbidden);
         assert_eq!(
-            path_without_param("/p?a=1&api_key=s3cret&b=2", "api_key").as_deref(),
-            Some("/p?a=1&b=2")
-        );
-        assert_eq!(
-            path_without_param("/p?api%5Fkey=s3cret", "api_key").as_deref(),
-            Some("/p")
-        );
-        assert_eq!(path_without_param("/p?a=1", "api_key"), None);
-    }
-
-    /// Found by the credential fuzz target: `?api%5Fkey#...` is read as the parameter `api_key`
-    /// (the query ends at `#`), so it must also be removed, not forwarded.
-    #[test]
-    fn query_credential_before_a_fragment_is_removed() {
-        assert_eq!(
-            path_without_param("/p?a=1&api%5Fkey#:x", "api_key").as_deref(),
-            Some("/p?a=1")
-        );
-        assert_eq!(
-            path_without_param("/p?api_key=s3cret#frag", "api_key").as_deref(),
-            Some("/p")
-        );
-        assert_eq!(
-            path_without_param("/p?a=1#&api_key=s3cret", "api_key"),
-            None,
-            "a fragment is not part of the query"
+            err.to_string(),
+            "a text message must not contain control characters"
         );
     }
 }

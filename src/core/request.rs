@@ -217,16 +217,7 @@ pub fn percent_decode(text: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn view(headers: &[(&str, &str)]) -> RequestView {
-        RequestView {
-            headers: headers
-                .iter()
-                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
-                .collect(),
-            ..Default::default()
-        }
-    }
+    use crate::core::test_support::request_with as view;
 
     #[test]
     fn query_values_are_percent_decoded_by_name() {

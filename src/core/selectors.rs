@@ -220,6 +220,7 @@ mod tests {
     use super::*;
     use crate::core::digest::sha256;
     use crate::core::keyset::KeySet;
+    use crate::core::test_support::RequestBuilder;
 
     fn setup() -> (Config, KeySet) {
         let cfg = serde_json::json!({
@@ -233,16 +234,10 @@ mod tests {
     }
 
     fn req(path: &str, headers: &[(&str, &str)]) -> RequestView {
-        let mut all = vec![(":path".to_string(), path.as_bytes().to_vec())];
-        all.extend(
-            headers
-                .iter()
-                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())),
-        );
-        RequestView {
-            headers: all.into(),
-            ..Default::default()
-        }
+        RequestBuilder::new()
+            .header(":path", path)
+            .headers(headers)
+            .build()
     }
 
     #[test]

@@ -3,7 +3,7 @@ environment, code) read from filter state, and never a secret. Against envoy/dem
 import uuid
 
 from conftest import assert_denied, assert_passed, keygate_access_log_field
-from keygate_stack import ROOT
+from keygate_stack import ROOT, Stack
 
 OPAQUE = "cmp_demo_Q7fX2mLr9Wk4TbVn8PzA"
 EXPIRED = "cmp_expired_Lk3pQ9sVx2Rm7TbN"
@@ -87,3 +87,14 @@ def test_every_shipped_config_logs_keygates_field_to_a_file_access_log():
         assert "envoy.access_loggers.file" in text and FIELD in text, f"{config.name}: no keygate access log"
         # The query string may carry a credential: shipped formats print the path without it.
         assert "%REQ(:PATH)%" not in text, config.name
+
+
+def test_access_log_false_publishes_nothing_and_still_decides():
+    off = {'"name": "demo",': '"name": "demo", "access_log": false,'}
+    with Stack(CONFIG, substitutions=off) as quiet:
+        resp, line = logged(quiet, [("x-api-key", OPAQUE)])
+        assert assert_passed(resp)["x-keygate-key-id"] == ["cmp_demo"]
+        assert " 200 " in line and line.endswith(" keygate=-"), line
+        resp, line = logged(quiet, [("x-api-key", "cmp_unknown_key_0000000000000")])
+        assert_denied(resp, 401, "INVALID_API_KEY")
+        assert " 401 " in line and line.endswith(" keygate=-"), line

@@ -795,7 +795,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     // SAFETY: see `stream_ref`; the pointer is the one Envoy got from `filter_new`.
     let Some(stream) = (unsafe { stream_ref(stream) }) else {
         // No stream state (`filter_new` failed): fail closed.
-        let _ = catch_unwind(AssertUnwindSafe(|| super::unconfigured_reply(&filter)));
+        let _ = catch_unwind(AssertUnwindSafe(|| super::send_unconfigured_reply(&filter)));
         return STOP_ITERATION;
     };
     match catch_unwind(AssertUnwindSafe(|| {

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::core::access_log::AccessLogEntry;
-use crate::core::codes::{ErrorCode, Language};
+use crate::core::codes::ErrorCode;
 use crate::core::config::{Config, SessionConfig};
 use crate::core::credential::Credential;
 use crate::core::decision::{begin, decide_for_key, lookup, Decision, Principal, Step};
@@ -25,10 +25,11 @@ use crate::core::keyset::KeySet;
 use crate::core::keysource::{FetchResponse, KeyServiceMode, OnUnavailable};
 use crate::core::limits::apply_limits;
 use crate::core::policy::Policy;
-use crate::core::reply::{denial_log_line, preflight_reply, upstream_edits};
+use crate::core::reply::{denial_log_line, preflight_reply, unconfigured_reply};
 use crate::core::request::{RequestView, SessionEvidence};
 use crate::core::selectors::form_body_kind;
 use crate::core::session_token;
+use crate::core::upstream::upstream_edits;
 use ffi::{log, log_enabled, ConfigHandle, FilterHandle, LogLevel};
 use full_sync::{FullSource, TICK_EVENT};
 use limits_table::LimitsTable;
@@ -515,7 +516,11 @@ fn apply(filter: &FilterHandle, stream: &Stream, req: &RequestView, decision: De
             false
         }
         Decision::Preflight => {
-            publish(filter, &AccessLogEntry::allowed(&Principal::Anonymous));
+            publish(
+                config,
+                filter,
+                &AccessLogEntry::allowed(&Principal::Anonymous),
+            );
             stream.replied.set(true);
             let reply = preflight_reply();
             filter.send_response(reply.status, &[], &reply.body);
@@ -555,7 +560,7 @@ fn apply(filter: &FilterHandle, stream: &Stream, req: &RequestView, decision: De
                 }
             }
             Counters::bump(filter, runtime.counters.allowed);
-            publish(filter, &AccessLogEntry::allowed(&principal));
+            publish(config, filter, &AccessLogEntry::allowed(&principal));
             let edits = upstream_edits(config, req, &principal);
             // Each removal is a host call that scans Envoy's header map: only for headers the
             // request carries (read in this same hook, so nothing added one since).
@@ -587,8 +592,11 @@ fn apply(filter: &FilterHandle, stream: &Stream, req: &RequestView, decision: De
 /// (Envoy prefixes it with `wasm.`), so one access-log format serves both hosts.
 const ACCESS_LOG_STATE: &str = "wasm.keygate";
 
-fn publish(filter: &FilterHandle, entry: &AccessLogEntry) {
-    filter.set_filter_state(ACCESS_LOG_STATE, &entry.to_json());
+/// Skipped when the config turns the access log off, as in the wasm host.
+fn publish(config: &Config, filter: &FilterHandle, entry: &AccessLogEntry) {
+    if config.access_log {
+        filter.set_filter_state(ACCESS_LOG_STATE, &entry.to_json());
+    }
 }
 
 /// Answers with the code's pre-rendered reply plus per-request headers, counts it, publishes
@@ -604,7 +612,7 @@ fn deny(
     let config = &runtime.config;
     stream.replied.set(true);
     runtime.counters.count_denial(filter, code);
-    publish(filter, entry);
+    publish(config, filter, entry);
     let key_id = entry.key_id;
     let reply = config.replies.rendered(code);
     let status = reply.map_or(code.status(), |r| r.status);
@@ -648,15 +656,14 @@ fn on_panic(filter: &FilterHandle, stream: &Stream) {
 }
 
 /// A stream without keygate state (its creation failed): 503 KEYSET_UNAVAILABLE.
-fn unconfigured_reply(filter: &FilterHandle) {
-    let code = ErrorCode::KeysetUnavailable;
-    let body =
-        serde_json::json!({"code": code.as_str(), "message": code.default_message(Language::En)});
-    filter.send_response(
-        code.status(),
-        &[("content-type", "application/json")],
-        body.to_string().as_bytes(),
-    );
+fn send_unconfigured_reply(filter: &FilterHandle) {
+    let reply = unconfigured_reply();
+    let headers: Vec<(&str, &str)> = reply
+        .headers
+        .iter()
+        .map(|(n, v)| (*n, v.as_str()))
+        .collect();
+    filter.send_response(reply.status, &headers, &reply.body);
 }
 
 fn on_response_headers(filter: &FilterHandle, stream: &Stream) {

@@ -4,12 +4,15 @@
 
 use super::raw;
 use crate::core::access_log::AccessLogEntry;
+use crate::core::config::Config;
 
 /// The filter-state name after Envoy's `wasm.` prefix.
 const PATH: &[u8] = b"keygate";
 
-/// One host call per request; the SDK's `set_property` would first copy the path into a new
-/// buffer.
-pub fn publish(entry: &AccessLogEntry) {
-    raw::set_property(PATH, &entry.to_json());
+/// One host call per request, none when the config turns the access log off; the SDK's
+/// `set_property` would first copy the path into a new buffer.
+pub fn publish(config: &Config, entry: &AccessLogEntry) {
+    if config.access_log {
+        raw::set_property(PATH, &entry.to_json());
+    }
 }

@@ -22,9 +22,10 @@ use crate::core::decision::{begin, decide_for_key, lookup, Decision, Principal, 
 use crate::core::keyset::KeyRecord;
 use crate::core::keyset::KeySet;
 use crate::core::limits::{apply_limits, ensure_slots, sweep, sweep_batch};
-use crate::core::reply::{preflight_reply, upstream_edits, LocalReply};
+use crate::core::reply::{preflight_reply, unconfigured_reply, LocalReply};
 use crate::core::request::{RequestView, SessionEvidence};
 use crate::core::selectors::{check_form_body, form_body_kind};
+use crate::core::upstream::upstream_edits;
 use keysource::{KeySource, PendingLookup};
 use local_reply::PreparedHeaders;
 use shared_store::HostStore;
@@ -273,13 +274,7 @@ impl Verdict {
 impl HttpContext for KeygateRequest {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let Some(runtime) = self.runtime.clone() else {
-            // Not configured: fail closed.
-            send(&LocalReply {
-                status: 503,
-                headers: vec![("content-type", "application/json".into())],
-                body: br#"{"code":"KEYSET_UNAVAILABLE","message":"keygate is not configured"}"#
-                    .to_vec(),
-            });
+            send_unconfigured_reply();
             return Action::Pause;
         };
         self.request_ended = end_of_stream;
@@ -397,7 +392,7 @@ fn settle(
             (Verdict::Replied, settled)
         }
         Decision::Preflight => {
-            filter_state::publish(&AccessLogEntry::allowed(&Principal::Anonymous));
+            filter_state::publish(config, &AccessLogEntry::allowed(&Principal::Anonymous));
             send(&preflight_reply());
             (Verdict::Replied, settled)
         }
@@ -421,7 +416,7 @@ fn settle(
                 }
             }
             Metrics::bump(runtime.metrics.allowed);
-            filter_state::publish(&AccessLogEntry::allowed(&principal));
+            filter_state::publish(config, &AccessLogEntry::allowed(&principal));
             let edits = upstream_edits(config, req, &principal);
             for name in &edits.remove {
                 let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
@@ -456,7 +451,7 @@ fn deny(
     extra_headers: Vec<(&'static str, String)>,
 ) {
     runtime.metrics.count_denial(code);
-    filter_state::publish(entry);
+    filter_state::publish(&runtime.config, entry);
     let reply = runtime.config.replies.rendered(code);
     let status = reply.map_or(code.status(), |r| r.status);
     let body = reply.map_or(&[][..], |r| r.body.as_slice());
@@ -481,6 +476,14 @@ fn now_millis() -> i64 {
 
 fn log(level: LogLevel, message: &str) {
     let _ = hostcalls::log(level, message);
+}
+
+/// Not configured: fail closed. Out of line and cold, so rendering this reply does not sit in the
+/// request path's code.
+#[cold]
+#[inline(never)]
+fn send_unconfigured_reply() {
+    send(&unconfigured_reply());
 }
 
 fn send(reply: &LocalReply) {

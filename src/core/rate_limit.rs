@@ -1,0 +1,78 @@
+//! A per-key rate limit as configured (`requests` every `per_seconds`, plus `burst`), validated
+//! into the bucket interval that `limits` counts with. A leaf: key records and the `limits`
+//! defaults both hold one.
+
+use serde::{Deserialize, Serialize};
+
+use super::config_error::ConfigError;
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSpec {
+    pub requests: u64,
+    pub per_seconds: u64,
+    #[serde(default)]
+    pub burst: u64,
+}
+
+pub(super) const MICROS_PER_SECOND: i128 = 1_000_000;
+/// A bucket that takes longer than this to refill is a configuration mistake (and would overflow).
+const MAX_REFILL_MICROS: i128 = 100 * 366 * 86_400 * MICROS_PER_SECOND;
+
+/// A validated rate limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RateLimit {
+    pub requests: u64,
+    pub per_seconds: u64,
+    pub burst: u64,
+    /// Microseconds one request occupies the bucket (rounded up, so never more permissive).
+    interval_us: i64,
+}
+
+impl RateLimit {
+    pub fn from_spec(spec: &RateLimitSpec, path: &str) -> Result<RateLimit, ConfigError> {
+        if spec.requests == 0 {
+            return Err(ConfigError::new(
+                format!("{path}.requests"),
+                "must be at least 1",
+            ));
+        }
+        if spec.per_seconds == 0 {
+            return Err(ConfigError::new(
+                format!("{path}.per_seconds"),
+                "must be at least 1",
+            ));
+        }
+        let window = i128::from(spec.per_seconds) * MICROS_PER_SECOND;
+        let requests = i128::from(spec.requests);
+        let interval = (window + requests - 1) / requests;
+        let capacity = requests + i128::from(spec.burst);
+        if interval * capacity > MAX_REFILL_MICROS {
+            return Err(ConfigError::new(
+                path,
+                "the bucket would take more than 100 years to refill",
+            ));
+        }
+        Ok(RateLimit {
+            requests: spec.requests,
+            per_seconds: spec.per_seconds,
+            burst: spec.burst,
+            interval_us: interval as i64,
+        })
+    }
+
+    /// How many requests an idle key may send at once.
+    pub fn capacity(&self) -> u64 {
+        self.requests.saturating_add(self.burst)
+    }
+
+    /// Microseconds one request occupies the bucket.
+    pub(super) fn interval_us(&self) -> i64 {
+        self.interval_us
+    }
+
+    /// How far ahead of now the bucket's arrival time may run (validated to fit).
+    pub(super) fn tolerance_us(&self) -> i64 {
+        self.interval_us.saturating_mul(self.capacity() as i64)
+    }
+}
