@@ -34,8 +34,8 @@ use super::credential::Credential;
 use super::digest::{parse_hex_digest, Digest};
 use super::keyset::validate_header_safe_fields;
 use super::keyset::{KeyRecord, KeyRecordSpec, KeySet};
-use super::keysource::{is_request_path, KeyService, KeyServiceMode, Reader};
-use super::limits::{SharedStore, StoreError};
+use super::keysource::store::{cas_update, Change, Reader, SharedStore};
+use super::keysource::{is_request_path, KeyService, KeyServiceMode};
 
 /// Entries per slot.
 pub const WAYS: usize = 4;
@@ -475,26 +475,21 @@ impl<'a> KeyCache<'a> {
         }
         let name = format!("{}.misses", self.service.namespace);
         let second = now_ms.div_euclid(1000);
-        for _ in 0..CAS_RETRIES {
-            let (bytes, cas) = store.get(&name).unwrap_or_default();
-            let mut r = Reader(&bytes);
+        let admitted = cas_update(store, &name, CAS_RETRIES, |bytes| {
+            let mut r = Reader(bytes.unwrap_or_default());
             let counted = match (r.u8(), r.i64(), r.u32()) {
                 (Some(FORMAT), Some(at), Some(count)) if at == second => count,
                 _ => 0,
             };
             if counted >= cap {
-                return false;
+                return Change::Keep(false);
             }
             let mut value = vec![FORMAT];
             value.extend_from_slice(&second.to_le_bytes());
             value.extend_from_slice(&(counted + 1).to_le_bytes());
-            match store.set(&name, &value, cas) {
-                Ok(()) => return true,
-                Err(StoreError::CasMismatch) => continue,
-                Err(StoreError::Unavailable) => return true,
-            }
-        }
-        true
+            Change::Write(value, true)
+        });
+        admitted.unwrap_or(true)
     }
 
     fn ttl_ms(&self, found: bool) -> i64 {
@@ -553,21 +548,18 @@ impl<'a> KeyCache<'a> {
     /// Drops `tag` from one table, if it is there.
     fn forget(&self, store: &dyn SharedStore, tag: &Tag, found: bool) {
         let name = self.slot_name(tag, found);
-        for _ in 0..CAS_RETRIES {
-            let Some((bytes, cas)) = store.get(&name) else {
-                return;
+        let _ = cas_update(store, &name, CAS_RETRIES, |bytes| {
+            let Some(bytes) = bytes else {
+                return Change::Keep(());
             };
-            let mut entries = decode(&bytes);
+            let mut entries = decode(bytes);
             let before = entries.len();
             entries.retain(|e| e.tag != *tag);
             if entries.len() == before {
-                return;
+                return Change::Keep(());
             }
-            match store.set(&name, &encode(&entries), cas) {
-                Err(StoreError::CasMismatch) => continue,
-                Ok(()) | Err(StoreError::Unavailable) => return,
-            }
-        }
+            Change::Write(encode(&entries), ())
+        });
     }
 
     /// Remembers an answer. False when it was not stored (not cacheable, or the slot stayed
@@ -591,9 +583,8 @@ impl<'a> KeyCache<'a> {
             self.forget(store, &tag, true);
         }
         let name = self.slot_name(&tag, found);
-        for _ in 0..CAS_RETRIES {
-            let (bytes, cas) = store.get(&name).unwrap_or_default();
-            let mut entries = decode(&bytes);
+        let stored = cas_update(store, &name, CAS_RETRIES, |bytes| {
+            let mut entries = decode(bytes.unwrap_or_default());
             entries.retain(|e| e.tag != tag && !self.is_dead(e, now_ms));
             while entries.len() >= WAYS {
                 let oldest = entries
@@ -614,13 +605,9 @@ impl<'a> KeyCache<'a> {
                 found,
                 record_json: fetched.record_json.clone(),
             });
-            match store.set(&name, &encode(&entries), cas) {
-                Ok(()) => return true,
-                Err(StoreError::CasMismatch) => continue,
-                Err(StoreError::Unavailable) => return false,
-            }
-        }
-        false
+            Change::Write(encode(&entries), ())
+        });
+        stored.is_ok()
     }
 }
 

@@ -28,8 +28,10 @@ use super::docparts::range_header;
 use super::keycache::{CacheBudgets, LookupPolicy, PathTemplate, TemplateKind};
 use super::keyset::validate_header_safe_fields;
 use super::keyset::KeySet;
-use super::limits::{SharedStore, StoreError};
 use super::setchunks::{self, LoadError, Loading};
+
+pub mod store;
+use store::{cas_update, Change, Reader, SharedStore};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -300,42 +302,6 @@ impl KeyService {
 
     fn key(&self, what: &str) -> String {
         format!("{}.{what}", self.namespace)
-    }
-}
-
-/// Reads little-endian fields from a shared-data value without indexing (values may be
-/// truncated or written by another version).
-pub(crate) struct Reader<'a>(pub(crate) &'a [u8]);
-
-impl<'a> Reader<'a> {
-    pub(crate) fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let (head, rest) = self.0.split_at_checked(n)?;
-        self.0 = rest;
-        Some(head)
-    }
-
-    pub(crate) fn u8(&mut self) -> Option<u8> {
-        self.take(1)?.first().copied()
-    }
-
-    pub(crate) fn u16(&mut self) -> Option<u16> {
-        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
-    }
-
-    pub(crate) fn u32(&mut self) -> Option<u32> {
-        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
-    }
-
-    pub(crate) fn u64(&mut self) -> Option<u64> {
-        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
-    }
-
-    pub(crate) fn i64(&mut self) -> Option<i64> {
-        Some(i64::from_le_bytes(self.take(8)?.try_into().ok()?))
-    }
-
-    pub(crate) fn rest(self) -> &'a [u8] {
-        self.0
     }
 }
 
@@ -881,13 +847,13 @@ impl FullSync {
                     };
                 }
                 drop(response.body);
-                for _ in 0..META_RETRIES {
-                    let (mut meta, cas) = read_meta(service, store).unwrap_or_default();
+                let stored_as = cas_update(store, &service.key("meta"), META_RETRIES, |bytes| {
+                    let mut meta = bytes.and_then(Meta::decode).unwrap_or_default();
                     let version = meta.version + 1;
                     // The set first, parsed once for the whole process, then the meta that
                     // announces it.
                     if !store_set(service, store, &keys, version) {
-                        break;
+                        return Change::Keep(None);
                     }
                     meta.version = version;
                     meta.doc_sha256 = digest;
@@ -895,13 +861,12 @@ impl FullSync {
                     meta.etag = response.etag.clone();
                     meta.last_success_ms = now_ms;
                     meta.failures = 0;
-                    match store.set(&service.key("meta"), &meta.encode(), cas) {
-                        Ok(()) => return FetchOutcome::Updated { version, keys },
-                        Err(StoreError::CasMismatch) => continue,
-                        Err(StoreError::Unavailable) => break,
-                    }
+                    Change::Write(meta.encode(), Some(version))
+                });
+                match stored_as {
+                    Ok(Some(version)) => FetchOutcome::Updated { version, keys },
+                    _ => failure("the shared key-set entry could not be written".to_string()),
                 }
-                failure("the shared key-set entry could not be written".to_string())
             }
             other => failure(format!("status {other} for {}", self.path)),
         }
@@ -957,16 +922,12 @@ fn update_meta<T>(
     store: &dyn SharedStore,
     mut change: impl FnMut(&mut Meta) -> T,
 ) -> Option<T> {
-    for _ in 0..META_RETRIES {
-        let (mut meta, cas) = read_meta(service, store).unwrap_or_default();
+    cas_update(store, &service.key("meta"), META_RETRIES, |bytes| {
+        let mut meta = bytes.and_then(Meta::decode).unwrap_or_default();
         let result = change(&mut meta);
-        match store.set(&service.key("meta"), &meta.encode(), cas) {
-            Ok(()) => return Some(result),
-            Err(StoreError::CasMismatch) => continue,
-            Err(StoreError::Unavailable) => return None,
-        }
-    }
-    None
+        Change::Write(meta.encode(), result)
+    })
+    .ok()
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use serde_json::{json, Map, Value};
 
 use super::keyset::{KeyProfile, KeyRecord, KeyRecordSpec, KeySet};
-use super::keysource::Reader;
+use super::keysource::store::Reader;
 
 /// Records per chunk: one chunk is copied in well under a millisecond.
 pub const CHUNK_RECORDS: usize = 4096;
