@@ -11,7 +11,7 @@
 use std::ffi::{c_char, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use crate::core::keysource::FetchResponse;
+use crate::core::keysource::service::FetchResponse;
 use crate::core::request::Headers;
 
 use super::{FilterConfig, Stream};

@@ -13,10 +13,10 @@ use std::time::Duration;
 use super::ffi::{log, ConfigHandle, LogLevel, MainThread};
 use super::process_store::ProcessStore;
 use crate::core::keyset::KeySet;
-use crate::core::keysource::{
-    age_ms, FetchOutcome, FetchResponse, FullSync, KeyService, RemoteKeySet, SyncEvent, TickPlan,
-    Unavailable,
+use crate::core::keysource::full_sync::{
+    age_ms, FetchOutcome, RemoteKeySet, SyncEvent, TickPlan, Unavailable,
 };
+use crate::core::keysource::service::{FetchResponse, FullSync, KeyService};
 
 /// How often the main thread checks whether a fetch is due (the wasm filter's tick).
 const TICK: Duration = Duration::from_millis(250);

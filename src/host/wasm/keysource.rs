@@ -18,13 +18,15 @@ use super::{log, now_millis, settle, KeygateRequest, Runtime, Settled, Verdict};
 use crate::core::codes::ErrorCode;
 use crate::core::credential::Credential;
 use crate::core::decision::{begin, decide_for_key, lookup, Decision, Principal, Step};
-use crate::core::docparts::{PartStep, PartedFetch};
-use crate::core::keycache::{parse_answer, Answer, Cached, KeyCache, LookupKey};
 use crate::core::keyset::KeySet;
-use crate::core::keysource::{
-    age_ms, FetchOutcome, FetchResponse, KeyService, KeyServiceMode, OnUnavailable, RemoteKeySet,
-    SyncEvent, TickPlan, Unavailable, CHUNKS_PER_REQUEST, CHUNKS_PER_TICK,
+use crate::core::keysource::docparts::{PartStep, PartedFetch};
+use crate::core::keysource::full_sync::{
+    age_ms, FetchOutcome, RemoteKeySet, SyncEvent, TickPlan, Unavailable, CHUNKS_PER_REQUEST,
+    CHUNKS_PER_TICK,
 };
+use crate::core::keysource::lookup_on_miss::{parse_answer, Answer, Cached, KeyCache};
+use crate::core::keysource::paths::LookupKey;
+use crate::core::keysource::service::{FetchResponse, KeyService, KeyServiceMode, OnUnavailable};
 use crate::core::policy::Policy;
 use crate::core::request::RequestView;
 

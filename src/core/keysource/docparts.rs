@@ -6,7 +6,7 @@
 //! document that changes between parts (another ETag or size) fails this fetch, and the next
 //! period starts over.
 
-use super::keysource::FetchResponse;
+use super::service::FetchResponse;
 
 /// Bytes asked for per request: far below any callout limit, few enough requests for 1M keys.
 pub const PART_BYTES: u64 = 8 * 1024 * 1024;

@@ -14,8 +14,8 @@ use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 
-use super::keyset::{KeyProfile, KeyRecord, KeyRecordSpec, KeySet};
-use super::keysource::store::Reader;
+use super::store::Reader;
+use crate::core::keyset::{KeyProfile, KeyRecord, KeyRecordSpec, KeySet};
 
 /// Records per chunk: one chunk is copied in well under a millisecond.
 pub const CHUNK_RECORDS: usize = 4096;
