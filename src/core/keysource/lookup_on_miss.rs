@@ -110,10 +110,16 @@ pub fn parse_answer(status: Option<u32>, body: &[u8], key: &LookupKey) -> Result
     }
 }
 
-/// The same checks as inline keys and key-set documents.
+/// A record from the key service's answer, checked like inline keys.
 fn validate_record(candidate: Value) -> Result<KeyRecord, String> {
     let spec: KeyRecordSpec =
         serde_json::from_value(candidate).map_err(|e| format!("invalid key record: {e}"))?;
+    checked_record(spec)
+}
+
+/// The one way a looked-up record (answered or cached) becomes a `KeyRecord`: the same checks
+/// as inline keys and key-set documents, header safety included (its fields travel upstream).
+fn checked_record(spec: KeyRecordSpec) -> Result<KeyRecord, String> {
     let set = KeySet::from_specs(vec![spec], "record").map_err(|e| e.to_string())?;
     validate_header_safe_fields(&set).map_err(|e| e.to_string())?;
     set.records()
@@ -271,10 +277,11 @@ impl<'a> KeyCache<'a> {
             return Cached::Miss;
         }
         let answer = if entry.found {
-            // Validated before it was stored; a record that no longer parses is a miss.
+            // Checked again on the way out, as on the way in: a record that no longer passes
+            // (written by another version, or damaged) is a miss, never a header upstream.
             let Some(record) = serde_json::from_slice::<KeyRecordSpec>(&entry.record_json)
                 .ok()
-                .and_then(|spec| KeyRecord::from_spec(spec, "cache").ok())
+                .and_then(|spec| checked_record(spec).ok())
             else {
                 return Cached::Miss;
             };
@@ -547,6 +554,27 @@ mod tests {
         let nothing = parse_answer(Some(404), b"", &key).unwrap();
         assert!(!cache.put(&store, &key, &nothing, 0));
         assert_eq!(cache.get(&store, &key, 1), Cached::Miss);
+    }
+
+    #[test]
+    fn a_cached_record_that_is_not_header_safe_is_a_miss_not_an_answer() {
+        let svc = service(serde_json::json!({}));
+        let cache = KeyCache::of(&svc).unwrap();
+        let store = MemoryStore::new();
+        let key = LookupKey::Digest(sha256(b"cmp_a"));
+        let good = found(&key, &record("a", "cmp_a"));
+        assert!(cache.put(&store, &key, &good, 1_000));
+        assert!(matches!(cache.get(&store, &key, 1_000), Cached::Fresh(_)));
+        // The same entry as another writer could have stored it: a tenant that would inject a
+        // header upstream.
+        let mut unsafe_record = record("a", "cmp_a");
+        unsafe_record["tenant"] = serde_json::json!("acme\r\nx-evil: 1");
+        let poisoned = Fetched {
+            answer: good.answer.clone(),
+            record_json: serde_json::to_vec(&unsafe_record).unwrap(),
+        };
+        assert!(cache.put(&store, &key, &poisoned, 2_000));
+        assert_eq!(cache.get(&store, &key, 2_000), Cached::Miss);
     }
 
     #[test]
