@@ -631,46 +631,21 @@ fn update_meta<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::keysource::service::{KeyServiceMode, KeyServiceSpec};
+    use crate::core::keysource::service::KeyServiceMode;
+    use crate::core::keysource::test_host::{self, document as doc, ok};
     use crate::core::memory_store::MemoryStore;
 
     fn service(extra: serde_json::Value) -> KeyService {
-        let mut spec = serde_json::json!({"cluster": "keyservice", "refresh_seconds": 5,
-                                          "max_stale_seconds": 60});
-        if let (Some(obj), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
-            for (k, v) in extra {
-                obj.insert(k.clone(), v.clone());
-            }
-        }
-        let spec: KeyServiceSpec = serde_json::from_value(spec).unwrap();
-        KeyService::from_spec(spec, "test", true, true).unwrap()
+        let mut settings = serde_json::json!({"refresh_seconds": 5, "max_stale_seconds": 60});
+        let extra = extra.as_object().cloned().unwrap_or_default();
+        settings.as_object_mut().unwrap().extend(extra);
+        test_host::service(settings)
     }
 
     fn full(service: &KeyService) -> &FullSync {
         match &service.mode {
             KeyServiceMode::Full(f) => f,
             KeyServiceMode::Lookup(_) => panic!("not full"),
-        }
-    }
-
-    fn doc(ids: &[&str], serial: u64) -> Vec<u8> {
-        let keys: Vec<_> = ids
-            .iter()
-            .map(|id| {
-                serde_json::json!({"id": id,
-                    "secret_sha256": hex::encode(sha256(format!("secret-{id}").as_bytes()))})
-            })
-            .collect();
-        serde_json::json!({ "serial": serial, "keys": keys })
-            .to_string()
-            .into_bytes()
-    }
-
-    fn ok(body: Vec<u8>, etag: &str) -> FetchResponse {
-        FetchResponse {
-            status: Some(200),
-            etag: Some(etag.to_string()),
-            body,
         }
     }
 
@@ -827,8 +802,8 @@ mod tests {
         let f = full(&svc);
         let plain = |body| FetchResponse {
             status: Some(200),
-            etag: None,
             body,
+            ..Default::default()
         };
         assert!(matches!(
             f.finish(&svc, &store, 1, plain(doc(&["a"], 1))),

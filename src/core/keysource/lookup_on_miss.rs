@@ -366,21 +366,18 @@ impl<'a> KeyCache<'a> {
 mod tests {
     use super::*;
     use crate::core::digest::sha256;
-    use crate::core::keysource::service::KeyServiceSpec;
+    use crate::core::keysource::test_host;
     use crate::core::memory_store::MemoryStore;
 
+    /// A lookup-mode service with `extra` settings.
     fn service(extra: serde_json::Value) -> KeyService {
-        let mut spec = serde_json::json!({"cluster": "keyservice", "mode": "lookup_on_miss",
+        let mut settings = serde_json::json!({"mode": "lookup_on_miss",
             "by_digest_path": "/keys/by-digest/{digest:2}/{digest}.json",
             "by_id_path": "/keys/by-id/{id}.json",
             "positive_ttl_seconds": 60, "negative_ttl_seconds": 10, "max_stale_seconds": 30});
-        if let (Some(obj), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
-            for (k, v) in extra {
-                obj.insert(k.clone(), v.clone());
-            }
-        }
-        let spec: KeyServiceSpec = serde_json::from_value(spec).unwrap();
-        KeyService::from_spec(spec, "t", true, true).unwrap()
+        let extra = extra.as_object().cloned().unwrap_or_default();
+        settings.as_object_mut().unwrap().extend(extra);
+        test_host::service(settings)
     }
 
     fn record(id: &str, secret: &str) -> Value {

@@ -21,12 +21,17 @@
 //! The modules, from the leaves up: `store` (the shared store and its compare-and-swap loop),
 //! `paths` (request paths and the key a request is looked up by), `service` (the validated
 //! configuration), `docparts` and `setchunks` (a document fetched in parts, a parsed set in
-//! shared data), then the two flows: `full_sync` and `lookup_on_miss`.
+//! shared data), then the two flows: `full_sync` (+ `full_sync_flow`, the flow over the host traits of
+//! `host`) and `lookup_on_miss`. `test_host` runs the flows in memory.
 
 pub mod docparts;
 pub mod full_sync;
+pub mod full_sync_flow;
+pub mod host;
 pub mod lookup_on_miss;
 pub mod paths;
 pub mod service;
 pub mod setchunks;
 pub mod store;
+#[cfg(test)]
+pub(crate) mod test_host;

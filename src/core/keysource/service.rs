@@ -282,6 +282,8 @@ impl KeyService {
 pub struct FetchResponse {
     pub status: Option<u32>,
     pub etag: Option<String>,
+    /// `content-range` of a part (`docparts`).
+    pub content_range: Option<String>,
     pub body: Vec<u8>,
 }
 

@@ -447,14 +447,14 @@ fn resume_decided(
 /// Main thread: a tick the key-set ticker posted.
 fn on_config_scheduled(config: &FilterConfig, event_id: u64) {
     if let (Some(full), TICK_EVENT) = (&config.runtime.full, event_id) {
-        full.on_tick(now_millis());
+        full.on_tick();
     }
 }
 
 /// Main thread: the answer to a key-set fetch.
 fn on_fetch_done(config: &FilterConfig, callout_id: u64, response: FetchResponse) {
     if let Some(full) = &config.runtime.full {
-        full.on_fetch_done(callout_id, response, now_millis());
+        full.on_fetch_done(callout_id, response);
     }
 }
 

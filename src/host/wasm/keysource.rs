@@ -1,9 +1,9 @@
 //! The host side of keys from a key service: the fetch tick and its callout (full mode), the
 //! paused request and its callout (lookup on miss), shared data, gauges and counters. Every
-//! decision about leases, versions, staleness and caching is made by `core::keysource` and
-//! `core::keycache`.
+//! decision about leases, versions, staleness and caching is made by `core::keysource`; the full
+//! sync runs as the core's `FullSyncFlow` over this host's implementation of its traits.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
@@ -19,14 +19,15 @@ use crate::core::codes::ErrorCode;
 use crate::core::credential::Credential;
 use crate::core::decision::{begin, decide_for_key, lookup, Decision, Principal, Step};
 use crate::core::keyset::KeySet;
-use crate::core::keysource::docparts::{PartStep, PartedFetch};
 use crate::core::keysource::full_sync::{
-    age_ms, FetchOutcome, RemoteKeySet, SyncEvent, TickPlan, Unavailable, CHUNKS_PER_REQUEST,
-    CHUNKS_PER_TICK,
+    RemoteKeySet, Unavailable, CHUNKS_PER_REQUEST, CHUNKS_PER_TICK,
 };
+use crate::core::keysource::full_sync_flow::{Fetch, Fetchers, FullSyncFlow, IN_FLIGHT_GRACE_MS};
+use crate::core::keysource::host::{Callouts, Clock, Counter, Gauge, Level, Log, Metrics};
 use crate::core::keysource::lookup_on_miss::{parse_answer, Answer, Cached, KeyCache};
 use crate::core::keysource::paths::LookupKey;
 use crate::core::keysource::service::{FetchResponse, KeyService, KeyServiceMode, OnUnavailable};
+use crate::core::keysource::store::{SharedStore, StoreError};
 use crate::core::policy::Policy;
 use crate::core::request::RequestView;
 
@@ -34,60 +35,95 @@ use crate::core::request::RequestView;
 /// is kept to within a quarter second, cheap enough (two small shared-data reads).
 const FULL_MODE_TICK: Duration = Duration::from_millis(250);
 const LOOKUP_MODE_TICK: Duration = Duration::from_millis(500);
-/// A fetch whose callback never came is forgotten after its timeout plus this.
-const IN_FLIGHT_GRACE_MS: i64 = 5_000;
 
+/// The key source's metrics as defined in this VM (a metric the host refused is left out).
 struct SourceMetrics {
-    version: Option<u32>,
-    keys: Option<u32>,
-    age_seconds: Option<u32>,
-    fetches: Option<u32>,
-    fetch_failures: Option<u32>,
-    updates: Option<u32>,
-    rollbacks_refused: Option<u32>,
-    cache_hits: Option<u32>,
-    cache_misses: Option<u32>,
-    lookup_failures: Option<u32>,
-    misses_over_cap: Option<u32>,
-    coalesced: Option<u32>,
-    unverified_allowed: Option<u32>,
+    counters: Vec<(Counter, u32)>,
+    gauges: Vec<(Gauge, u32)>,
 }
 
 impl SourceMetrics {
     fn define(name: &str, full: bool) -> SourceMetrics {
-        let metric = |kind: MetricType, suffix: &str, wanted: bool| {
-            wanted
-                .then(|| hostcalls::define_metric(kind, &format!("keygate.{name}.{suffix}")).ok())
-                .flatten()
+        let define = |kind: MetricType, suffix: &str| {
+            hostcalls::define_metric(kind, &format!("keygate.{name}.{suffix}")).ok()
         };
-        let lookup = !full;
+        let of_mode: &[Counter] = if full {
+            &Counter::FULL_SYNC
+        } else {
+            &Counter::LOOKUP_ON_MISS
+        };
+        let counters = of_mode.iter().chain([&Counter::UnverifiedAllowed]);
+        let gauges: &[Gauge] = if full { &Gauge::ALL } else { &[] };
         SourceMetrics {
-            version: metric(MetricType::Gauge, "keyset.version", full),
-            keys: metric(MetricType::Gauge, "keyset.keys", full),
-            age_seconds: metric(MetricType::Gauge, "keyset.age_seconds", full),
-            fetches: metric(MetricType::Counter, "keyset.fetches", full),
-            fetch_failures: metric(MetricType::Counter, "keyset.fetch_failures", full),
-            updates: metric(MetricType::Counter, "keyset.updates", full),
-            rollbacks_refused: metric(MetricType::Counter, "keyset.rollbacks_refused", full),
-            cache_hits: metric(MetricType::Counter, "cache.hits", lookup),
-            cache_misses: metric(MetricType::Counter, "cache.misses", lookup),
-            lookup_failures: metric(MetricType::Counter, "cache.lookup_failures", lookup),
-            misses_over_cap: metric(MetricType::Counter, "cache.misses_over_cap", lookup),
-            coalesced: metric(MetricType::Counter, "cache.coalesced", lookup),
-            unverified_allowed: metric(MetricType::Counter, "unverified_allowed", true),
+            counters: counters
+                .filter_map(|c| Some((*c, define(MetricType::Counter, c.name())?)))
+                .collect(),
+            gauges: gauges
+                .iter()
+                .filter_map(|g| Some((*g, define(MetricType::Gauge, g.name())?)))
+                .collect(),
         }
     }
+}
 
-    fn bump(id: Option<u32>) {
-        if let Some(id) = id {
-            let _ = hostcalls::increment_metric(id, 1);
+/// The core's key-source host traits over proxy-wasm host calls.
+struct WasmHost<'a>(&'a SourceMetrics);
+
+impl SharedStore for WasmHost<'_> {
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        HostStore.get(key)
+    }
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
+        HostStore.set(key, value, cas)
+    }
+}
+
+impl Clock for WasmHost<'_> {
+    fn now_ms(&self) -> i64 {
+        now_millis()
+    }
+}
+
+impl Callouts for WasmHost<'_> {
+    fn dispatch(
+        &self,
+        cluster: &str,
+        headers: &[(&'static str, String)],
+        timeout_ms: u64,
+    ) -> Result<u64, String> {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        hostcalls::dispatch_http_call(
+            cluster,
+            headers,
+            None,
+            Vec::new(),
+            Duration::from_millis(timeout_ms),
+        )
+        .map(u64::from)
+        .map_err(|status| format!("cannot call cluster '{cluster}' ({status:?})"))
+    }
+}
+
+impl Metrics for WasmHost<'_> {
+    fn bump(&self, counter: Counter) {
+        if let Some((_, id)) = self.0.counters.iter().find(|(c, _)| *c == counter) {
+            let _ = hostcalls::increment_metric(*id, 1);
         }
     }
-
-    fn set(id: Option<u32>, value: u64) {
-        if let Some(id) = id {
-            let _ = hostcalls::record_metric(id, value);
+    fn record(&self, gauge: Gauge, value: u64) {
+        if let Some((_, id)) = self.0.gauges.iter().find(|(g, _)| *g == gauge) {
+            let _ = hostcalls::record_metric(*id, value);
         }
+    }
+}
+
+impl Log for WasmHost<'_> {
+    fn log(&self, level: Level, line: &str) {
+        let level = match level {
+            Level::Info => LogLevel::Info,
+            Level::Warn => LogLevel::Warn,
+        };
+        log(level, line);
     }
 }
 
@@ -95,15 +131,10 @@ impl SourceMetrics {
 pub struct KeySource {
     name: String,
     service: KeyService,
-    /// This VM's identity in the fetch lease (random: VMs share no counter they could trust).
-    worker: u64,
+    /// Full mode: the fetch flow, this VM's fetch and its copy of the shared set.
+    full: Option<FullSyncFlow>,
+    fetch: RefCell<Fetch>,
     remote: RefCell<RemoteKeySet>,
-    /// Token and start time of this VM's fetch in flight (of its current part).
-    in_flight: Cell<Option<(u32, i64)>>,
-    /// The parts of that fetch received so far.
-    parts: RefCell<PartedFetch>,
-    /// After a failed dispatch (this thread cannot call out), leave the lease to others until.
-    backoff_until_ms: Cell<i64>,
     metrics: SourceMetrics,
     /// Lookup mode: this VM's lookups in flight, by key: when each was sent, and the requests
     /// that wait for its answer instead of sending their own (one fetch per key per VM).
@@ -126,25 +157,32 @@ const MAX_SETTLED: usize = 4096;
 
 impl KeySource {
     pub fn new(name: &str, service: &KeyService) -> KeySource {
-        let mut hasher = RandomState::new().build_hasher();
-        hasher.write_i64(now_millis());
         let full = matches!(service.mode, KeyServiceMode::Full(_));
-        let source = KeySource {
+        let mut source = KeySource {
             name: name.to_string(),
             service: service.clone(),
-            worker: hasher.finish().max(1),
+            full: None,
+            fetch: RefCell::new(Fetch::default()),
             remote: RefCell::new(RemoteKeySet::default()),
-            in_flight: Cell::new(None),
-            parts: RefCell::new(PartedFetch::default()),
-            backoff_until_ms: Cell::new(0),
             metrics: SourceMetrics::define(name, full),
             lookups_in_flight: RefCell::new(HashMap::new()),
             settled: RefCell::new(HashMap::new()),
         };
-        if let KeyServiceMode::Full(sync) = &source.service.mode {
-            sync.ensure_lease(&source.service, &HostStore);
+        if let KeyServiceMode::Full(sync) = &service.mode {
+            // This VM's identity in the fetch lease (random: VMs share no counter they could
+            // trust).
+            let mut hasher = RandomState::new().build_hasher();
+            hasher.write_i64(now_millis());
+            let worker = hasher.finish().max(1);
+            let host = source.host();
+            let flow = FullSyncFlow::start(name, service, sync, worker, Fetchers::Many, &host);
+            source.full = Some(flow);
         }
         source
+    }
+
+    fn host(&self) -> WasmHost<'_> {
+        WasmHost(&self.metrics)
     }
 
     /// The tick this source needs: full mode fetches on it, lookup mode settles requests whose
@@ -163,160 +201,43 @@ impl KeySource {
     /// Full mode: catch up with the shared set, update the gauges, and fetch if this VM holds
     /// the lease and the period has passed.
     pub fn on_tick(&self) {
-        let KeyServiceMode::Full(sync) = &self.service.mode else {
+        let Some(flow) = &self.full else {
             return;
         };
-        let now = now_millis();
-        self.sync(CHUNKS_PER_TICK);
-        if let Some(age) = age_ms(&self.service, &HostStore, now) {
-            SourceMetrics::set(self.metrics.age_seconds, (age.max(0) / 1000) as u64);
-        }
-        if let Some((_, since)) = self.in_flight.get() {
-            if now - since > self.service.timeout_ms as i64 + IN_FLIGHT_GRACE_MS {
-                self.in_flight.set(None);
-                self.parts.borrow_mut().reset();
-            }
-        }
-        if now < self.backoff_until_ms.get() {
-            return;
-        }
-        let in_flight = self.in_flight.get().is_some();
-        let TickPlan::Fetch { headers } =
-            sync.plan(&self.service, &HostStore, self.worker, in_flight, now)
-        else {
-            return;
-        };
-        SourceMetrics::bump(self.metrics.fetches);
-        self.parts.borrow_mut().reset();
-        match dispatch(&self.service, &headers) {
-            Ok(token) => self.in_flight.set(Some((token, now))),
-            Err(reason) => {
-                SourceMetrics::bump(self.metrics.fetch_failures);
-                log(
-                    LogLevel::Warn,
-                    &format!(
-                        "keygate[{}]: key-set fetch not sent: {reason}; leaving the fetch to another worker",
-                        self.name
-                    ),
-                );
-                sync.release_lease(&self.service, &HostStore, self.worker);
-                self.backoff_until_ms
-                    .set(now + sync.lease_ms(&self.service));
-            }
-        }
+        let host = self.host();
+        flow.catch_up(&host, &mut self.remote.borrow_mut(), CHUNKS_PER_TICK);
+        flow.tick(&host, &mut self.fetch.borrow_mut());
     }
 
-    /// Full mode: the answer to this VM's fetch.
+    /// Full mode: the answer to this VM's fetch (or to one of its parts).
     pub fn on_fetch_response(&self, token: u32, body_size: usize) {
-        let KeyServiceMode::Full(sync) = &self.service.mode else {
+        let Some(flow) = &self.full else {
             return;
         };
-        if self.in_flight.get().map(|(t, _)| t) != Some(token) {
-            return;
-        }
-        self.in_flight.set(None);
-        let (response, content_range) = read_call_response(body_size);
-        let step = self
-            .parts
-            .borrow_mut()
-            .accept(response, content_range.as_deref());
-        let outcome = match step {
-            PartStep::Fetch { offset } => {
-                match dispatch(&self.service, &sync.part_headers(&self.service, offset)) {
-                    Ok(token) => {
-                        self.in_flight.set(Some((token, now_millis())));
-                        return;
-                    }
-                    Err(reason) => {
-                        self.parts.borrow_mut().reset();
-                        sync.failed(&self.service, &HostStore, reason)
-                    }
-                }
-            }
-            PartStep::Failed(reason) => sync.failed(&self.service, &HostStore, reason),
-            PartStep::Complete(response) => {
-                let now = now_millis();
-                sync.hold_lease_to_parse(
-                    &self.service,
-                    &HostStore,
-                    self.worker,
-                    now,
-                    response.body.len(),
-                );
-                sync.finish(&self.service, &HostStore, now, response)
-            }
-        };
-        match outcome {
-            FetchOutcome::Updated { version, keys } => {
-                SourceMetrics::bump(self.metrics.updates);
-                let event = self.remote.borrow_mut().install(version, keys);
-                self.report(event);
-            }
-            FetchOutcome::Unchanged { .. } => {}
-            FetchOutcome::RolledBack {
-                offered,
-                current,
-                failures,
-            } => {
-                SourceMetrics::bump(self.metrics.fetch_failures);
-                SourceMetrics::bump(self.metrics.rollbacks_refused);
-                log(
-                    LogLevel::Warn,
-                    &self
-                        .remote
-                        .borrow()
-                        .rollback_line(&self.name, offered, current, failures),
-                );
-            }
-            FetchOutcome::Failed { reason, failures } => {
-                SourceMetrics::bump(self.metrics.fetch_failures);
-                let line = self
-                    .remote
-                    .borrow()
-                    .fetch_failed_line(&self.name, failures, &reason);
-                log(LogLevel::Warn, &line);
-            }
+        let host = self.host();
+        let response = read_call_response(body_size);
+        let outcome = flow.on_response(&host, &mut self.fetch.borrow_mut(), token.into(), response);
+        if let Some(outcome) = outcome {
+            flow.apply(&host, &mut self.remote.borrow_mut(), outcome);
         }
     }
 
     /// The VM is going away: let another take over the fetch at once.
     pub fn on_done(&self) {
-        if let KeyServiceMode::Full(sync) = &self.service.mode {
-            sync.release_lease(&self.service, &HostStore, self.worker);
+        if let Some(flow) = &self.full {
+            flow.stop(&self.host());
         }
-    }
-
-    /// Catches up with the shared set, copying in at most `chunks` chunks of a new version.
-    fn sync(&self, chunks: u32) {
-        let event = self
-            .remote
-            .borrow_mut()
-            .sync(&self.service, &HostStore, chunks);
-        if let Some(event) = event {
-            self.report(event);
-        }
-    }
-
-    fn report(&self, event: SyncEvent) {
-        if let SyncEvent::Loaded { version, keys } = event {
-            SourceMetrics::set(self.metrics.version, version);
-            SourceMetrics::set(self.metrics.keys, keys as u64);
-        }
-        let (warning, line) = event.log_line(&self.name);
-        log(
-            if warning {
-                LogLevel::Warn
-            } else {
-                LogLevel::Info
-            },
-            &line,
-        );
     }
 
     /// Full mode: this VM's current set, after catching up with the shared version.
     fn keys(&self) -> Result<Arc<KeySet>, Unavailable> {
-        self.sync(CHUNKS_PER_REQUEST);
-        self.remote.borrow().current(&self.service, now_millis())
+        let Some(flow) = &self.full else {
+            return Err(Unavailable::NotLoaded);
+        };
+        let host = self.host();
+        let mut remote = self.remote.borrow_mut();
+        flow.catch_up(&host, &mut remote, CHUNKS_PER_REQUEST);
+        remote.current(&self.service, host.now_ms())
     }
 
     /// Keys cannot be verified: fail closed (503), or let the request through unauthenticated
@@ -328,9 +249,10 @@ impl KeySource {
                 key_id: None,
             },
             OnUnavailable::Allow => {
-                SourceMetrics::bump(self.metrics.unverified_allowed);
-                log(
-                    LogLevel::Warn,
+                let host = self.host();
+                host.bump(Counter::UnverifiedAllowed);
+                host.log(
+                    Level::Warn,
                     &format!(
                         "keygate[{}]: keys cannot be verified; request allowed unauthenticated (on_unavailable: allow)",
                         self.name
@@ -347,7 +269,7 @@ impl KeySource {
 
 /// A request paused while its key is looked up.
 pub struct PendingLookup {
-    token: u32,
+    token: u64,
     req: RequestView,
     key: LookupKey,
     /// An expired cached answer, served if the lookup fails.
@@ -378,16 +300,16 @@ impl KeygateRequest {
         let key = LookupKey::of(&credential);
         let stale = match cache.get(&HostStore, &key, now_millis()) {
             Cached::Fresh(answer) => {
-                SourceMetrics::bump(source.metrics.cache_hits);
+                source.host().bump(Counter::CacheHits);
                 let decision = decide_for_key(config, policy, &credential, answer.record(), &req);
                 return self.apply(runtime, &req, decision).action();
             }
             Cached::Stale(answer) => Some(answer),
             Cached::Miss => None,
         };
-        SourceMetrics::bump(source.metrics.cache_misses);
+        source.host().bump(Counter::CacheMisses);
         if let Some((_, waiters)) = source.lookups_in_flight.borrow_mut().get_mut(&key) {
-            SourceMetrics::bump(source.metrics.coalesced);
+            source.host().bump(Counter::Coalesced);
             waiters.push(Waiter {
                 context_id: self.context_id,
                 req,
@@ -401,7 +323,7 @@ impl KeygateRequest {
             // Past the process's lookups per second: no fetch. A key with an old answer is
             // decided with it; an unknown one cannot be verified now, whatever on_unavailable
             // says (unknown keys must not get through unauthenticated by flooding).
-            SourceMetrics::bump(source.metrics.misses_over_cap);
+            source.host().bump(Counter::MissesOverCap);
             let decision = match &stale {
                 Some(answer) => decide_for_key(config, policy, &credential, answer.record(), &req),
                 None => Decision::Deny {
@@ -414,7 +336,12 @@ impl KeygateRequest {
         let sent = cache
             .request_headers(&key)
             .ok_or_else(|| "no lookup path for this kind of key".to_string())
-            .and_then(|headers| dispatch(&source.service, &headers));
+            .and_then(|headers| {
+                let timeout_ms = source.service.timeout_ms;
+                source
+                    .host()
+                    .dispatch(&source.service.cluster, &headers, timeout_ms)
+            });
         match sent {
             Ok(token) => {
                 source
@@ -445,7 +372,7 @@ impl KeygateRequest {
     /// The key service answered (or failed) for the paused request: cache the answer, decide,
     /// and resume or reply.
     pub(super) fn on_lookup_response(&mut self, token: u32, body_size: usize) {
-        let Some(pending) = self.pending.take_if(|p| p.token == token) else {
+        let Some(pending) = self.pending.take_if(|p| p.token == u64::from(token)) else {
             return;
         };
         let Some(runtime) = self.runtime.clone() else {
@@ -458,7 +385,7 @@ impl KeygateRequest {
             return;
         };
         let config = &runtime.config;
-        let (response, _) = read_call_response(body_size);
+        let response = read_call_response(body_size);
         let fetched = match parse_answer(response.status, &response.body, &pending.key) {
             Ok(fetched) => {
                 cache.put(&HostStore, &pending.key, &fetched, now_millis());
@@ -552,30 +479,18 @@ pub(super) fn expire_waiters(runtime: &Runtime) {
 
 impl KeySource {
     fn lookup_failed(&self, reason: &str) {
-        SourceMetrics::bump(self.metrics.lookup_failures);
-        log(
-            LogLevel::Warn,
+        let host = self.host();
+        host.bump(Counter::LookupFailures);
+        host.log(
+            Level::Warn,
             &format!("keygate[{}]: key lookup failed: {reason}", self.name),
         );
     }
 }
 
-/// Sends a GET to the key service's cluster.
-fn dispatch(service: &KeyService, headers: &[(&'static str, String)]) -> Result<u32, String> {
-    let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
-    hostcalls::dispatch_http_call(
-        &service.cluster,
-        headers,
-        None,
-        Vec::new(),
-        Duration::from_millis(service.timeout_ms),
-    )
-    .map_err(|status| format!("cannot call cluster '{}' ({status:?})", service.cluster))
-}
-
-/// Status, ETag and body of the callout being answered (no status when there was no answer),
-/// and its `content-range`.
-fn read_call_response(body_size: usize) -> (FetchResponse, Option<String>) {
+/// Status, ETag, `content-range` and body of the callout being answered (no status when there
+/// was no answer).
+fn read_call_response(body_size: usize) -> FetchResponse {
     let headers = hostcalls::get_map_bytes(MapType::HttpCallResponseHeaders).unwrap_or_default();
     let text = |name: &str| {
         headers
@@ -591,10 +506,10 @@ fn read_call_response(body_size: usize) -> (FetchResponse, Option<String>) {
     } else {
         Vec::new()
     };
-    let response = FetchResponse {
+    FetchResponse {
         status: text(":status").and_then(|s| s.parse().ok()),
         etag: text("etag"),
+        content_range: text("content-range"),
         body,
-    };
-    (response, text("content-range"))
+    }
 }
