@@ -28,6 +28,7 @@ pub mod docparts;
 pub mod full_sync;
 pub mod full_sync_flow;
 pub mod host;
+pub mod lookup_flow;
 pub mod lookup_on_miss;
 pub mod paths;
 pub mod service;

@@ -15,18 +15,18 @@ use proxy_wasm::types::{Action, BufferType, LogLevel, MapType, MetricType};
 
 use super::shared_store::HostStore;
 use super::{log, now_millis, settle, KeygateRequest, Runtime, Settled, Verdict};
-use crate::core::codes::ErrorCode;
 use crate::core::credential::Credential;
-use crate::core::decision::{begin, decide_for_key, lookup, Decision, Principal, Step};
+use crate::core::decision::{begin, decide_for_key, lookup, Decision, Step};
 use crate::core::keyset::KeySet;
 use crate::core::keysource::full_sync::{
     RemoteKeySet, Unavailable, CHUNKS_PER_REQUEST, CHUNKS_PER_TICK,
 };
 use crate::core::keysource::full_sync_flow::{Fetch, Fetchers, FullSyncFlow, IN_FLIGHT_GRACE_MS};
 use crate::core::keysource::host::{Callouts, Clock, Counter, Gauge, Level, Log, Metrics};
-use crate::core::keysource::lookup_on_miss::{parse_answer, Answer, Cached, KeyCache};
+use crate::core::keysource::lookup_flow::{unavailable, LookupFlow, LookupOutcome};
+use crate::core::keysource::lookup_on_miss::Answer;
 use crate::core::keysource::paths::LookupKey;
-use crate::core::keysource::service::{FetchResponse, KeyService, KeyServiceMode, OnUnavailable};
+use crate::core::keysource::service::{FetchResponse, KeyService, KeyServiceMode};
 use crate::core::keysource::store::{SharedStore, StoreError};
 use crate::core::policy::Policy;
 use crate::core::request::RequestView;
@@ -240,30 +240,9 @@ impl KeySource {
         remote.current(&self.service, host.now_ms())
     }
 
-    /// Keys cannot be verified: fail closed (503), or let the request through unauthenticated
-    /// when the operator chose availability.
+    /// Keys cannot be verified (full mode): `on_unavailable` decides.
     fn unavailable<'a>(&self, policy: &'a Policy) -> Decision<'a> {
-        match self.service.on_unavailable {
-            OnUnavailable::Deny => Decision::Deny {
-                code: ErrorCode::KeysetUnavailable,
-                key_id: None,
-            },
-            OnUnavailable::Allow => {
-                let host = self.host();
-                host.bump(Counter::UnverifiedAllowed);
-                host.log(
-                    Level::Warn,
-                    &format!(
-                        "keygate[{}]: keys cannot be verified; request allowed unauthenticated (on_unavailable: allow)",
-                        self.name
-                    ),
-                );
-                Decision::Allow {
-                    principal: Principal::Anonymous,
-                    policy,
-                }
-            }
-        }
+        unavailable(&self.name, &self.service, &self.host(), policy)
     }
 }
 
@@ -287,7 +266,8 @@ impl KeygateRequest {
         policy: &Policy,
     ) -> Action {
         let config = &runtime.config;
-        let Some(cache) = KeyCache::of(&source.service) else {
+        let host = source.host();
+        let Some(flow) = LookupFlow::of(&source.name, &source.service) else {
             let keys = source.keys();
             let decision = match &keys {
                 Ok(keys) => {
@@ -298,18 +278,16 @@ impl KeygateRequest {
             return self.apply(runtime, &req, decision).action();
         };
         let key = LookupKey::of(&credential);
-        let stale = match cache.get(&HostStore, &key, now_millis()) {
-            Cached::Fresh(answer) => {
-                source.host().bump(Counter::CacheHits);
-                let decision = decide_for_key(config, policy, &credential, answer.record(), &req);
+        let stale = match flow.cached(&host, &key) {
+            Ok(answer) => {
+                let outcome = LookupOutcome::Answer(&answer);
+                let decision = flow.decide(&host, config, policy, &credential, &req, outcome);
                 return self.apply(runtime, &req, decision).action();
             }
-            Cached::Stale(answer) => Some(answer),
-            Cached::Miss => None,
+            Err(stale) => stale,
         };
-        source.host().bump(Counter::CacheMisses);
         if let Some((_, waiters)) = source.lookups_in_flight.borrow_mut().get_mut(&key) {
-            source.host().bump(Counter::Coalesced);
+            flow.coalesced(&host);
             waiters.push(Waiter {
                 context_id: self.context_id,
                 req,
@@ -319,35 +297,19 @@ impl KeygateRequest {
             self.waiting = true;
             return Action::Pause;
         }
-        if !cache.admit_miss(&HostStore, now_millis()) {
-            // Past the process's lookups per second: no fetch. A key with an old answer is
-            // decided with it; an unknown one cannot be verified now, whatever on_unavailable
-            // says (unknown keys must not get through unauthenticated by flooding).
-            source.host().bump(Counter::MissesOverCap);
-            let decision = match &stale {
-                Some(answer) => decide_for_key(config, policy, &credential, answer.record(), &req),
-                None => Decision::Deny {
-                    code: ErrorCode::KeysetUnavailable,
-                    key_id: None,
-                },
-            };
+        if !flow.admit(&host) {
+            let outcome = stale
+                .as_ref()
+                .map_or(LookupOutcome::OverCap, LookupOutcome::Answer);
+            let decision = flow.decide(&host, config, policy, &credential, &req, outcome);
             return self.apply(runtime, &req, decision).action();
         }
-        let sent = cache
-            .request_headers(&key)
-            .ok_or_else(|| "no lookup path for this kind of key".to_string())
-            .and_then(|headers| {
-                let timeout_ms = source.service.timeout_ms;
-                source
-                    .host()
-                    .dispatch(&source.service.cluster, &headers, timeout_ms)
-            });
-        match sent {
-            Ok(token) => {
+        match flow.send(&host, &key) {
+            Some(token) => {
                 source
                     .lookups_in_flight
                     .borrow_mut()
-                    .insert(key.clone(), (now_millis(), Vec::new()));
+                    .insert(key.clone(), (host.now_ms(), Vec::new()));
                 self.pending = Some(PendingLookup {
                     token,
                     req,
@@ -356,14 +318,11 @@ impl KeygateRequest {
                 });
                 Action::Pause
             }
-            Err(reason) => {
-                source.lookup_failed(&reason);
-                let decision = match &stale {
-                    Some(answer) => {
-                        decide_for_key(config, policy, &credential, answer.record(), &req)
-                    }
-                    None => source.unavailable(policy),
-                };
+            None => {
+                let outcome = stale
+                    .as_ref()
+                    .map_or(LookupOutcome::Unavailable, LookupOutcome::Answer);
+                let decision = flow.decide(&host, config, policy, &credential, &req, outcome);
                 self.apply(runtime, &req, decision).action()
             }
         }
@@ -381,32 +340,14 @@ impl KeygateRequest {
         let Some(source) = &runtime.source else {
             return;
         };
-        let Some(cache) = KeyCache::of(&source.service) else {
+        let Some(flow) = LookupFlow::of(&source.name, &source.service) else {
             return;
         };
-        let config = &runtime.config;
+        let host = source.host();
         let response = read_call_response(body_size);
-        let fetched = match parse_answer(response.status, &response.body, &pending.key) {
-            Ok(fetched) => {
-                cache.put(&HostStore, &pending.key, &fetched, now_millis());
-                Some(fetched.answer)
-            }
-            Err(reason) => {
-                source.lookup_failed(&reason);
-                None
-            }
-        };
+        let fetched = flow.answered(&host, &pending.key, &response);
         let answer = fetched.clone().or(pending.stale);
-        // The same request view gives the same credential and policy as before the pause.
-        let decision = match begin(config, &pending.req) {
-            Step::Decided(decision) => decision,
-            Step::Lookup { credential, policy } => match &answer {
-                Some(answer) => {
-                    decide_for_key(config, policy, &credential, answer.record(), &pending.req)
-                }
-                None => source.unavailable(policy),
-            },
-        };
+        let decision = decide_paused(&runtime, &flow, source, &pending.req, answer.as_ref());
         if let Verdict::Forwarded = self.apply(&runtime, &pending.req, decision) {
             let _ = hostcalls::resume_http_request();
         }
@@ -417,29 +358,46 @@ impl KeygateRequest {
             .map(|(_, waiters)| waiters)
             .unwrap_or_default();
         for waiter in waiters {
-            resolve_waiter(&runtime, source, waiter, fetched.as_ref());
+            resolve_waiter(&runtime, &flow, source, waiter, fetched.as_ref());
         }
         let _ = hostcalls::set_effective_context(self.context_id);
     }
 }
 
+/// Decides a request paused for its key's lookup with the answer it came to (`None`: keys
+/// cannot be verified now). The same request view gives the same credential and policy as
+/// before the pause.
+fn decide_paused<'a>(
+    runtime: &'a Runtime,
+    flow: &LookupFlow,
+    source: &KeySource,
+    req: &RequestView,
+    answer: Option<&'a Answer>,
+) -> Decision<'a> {
+    let config = &runtime.config;
+    match begin(config, req) {
+        Step::Decided(decision) => decision,
+        Step::Lookup { credential, policy } => {
+            let outcome = answer.map_or(LookupOutcome::Unavailable, LookupOutcome::Answer);
+            flow.decide(&source.host(), config, policy, &credential, req, outcome)
+        }
+    }
+}
+
 /// Decides a waiting request with the answer its key's lookup got (or its own old answer, if
 /// the lookup failed) and applies the decision in that request's context.
-fn resolve_waiter(runtime: &Runtime, source: &KeySource, waiter: Waiter, fetched: Option<&Answer>) {
+fn resolve_waiter(
+    runtime: &Runtime,
+    flow: &LookupFlow,
+    source: &KeySource,
+    waiter: Waiter,
+    fetched: Option<&Answer>,
+) {
     if hostcalls::set_effective_context(waiter.context_id).is_err() {
         return; // The request is gone.
     }
-    let config = &runtime.config;
     let answer = fetched.or(waiter.stale.as_ref());
-    let decision = match begin(config, &waiter.req) {
-        Step::Decided(decision) => decision,
-        Step::Lookup { credential, policy } => match answer {
-            Some(answer) => {
-                decide_for_key(config, policy, &credential, answer.record(), &waiter.req)
-            }
-            None => source.unavailable(policy),
-        },
-    };
+    let decision = decide_paused(runtime, flow, source, &waiter.req, answer);
     let (verdict, settled) = settle(runtime, &waiter.req, decision, waiter.request_ended);
     let mut all = source.settled.borrow_mut();
     if all.len() >= MAX_SETTLED {
@@ -458,6 +416,9 @@ pub(super) fn expire_waiters(runtime: &Runtime) {
     let Some(source) = &runtime.source else {
         return;
     };
+    let Some(flow) = LookupFlow::of(&source.name, &source.service) else {
+        return;
+    };
     let now = now_millis();
     let limit = source.service.timeout_ms as i64 + IN_FLIGHT_GRACE_MS;
     let expired: Vec<Waiter> = {
@@ -473,18 +434,7 @@ pub(super) fn expire_waiters(runtime: &Runtime) {
             .collect()
     };
     for waiter in expired {
-        resolve_waiter(runtime, source, waiter, None);
-    }
-}
-
-impl KeySource {
-    fn lookup_failed(&self, reason: &str) {
-        let host = self.host();
-        host.bump(Counter::LookupFailures);
-        host.log(
-            Level::Warn,
-            &format!("keygate[{}]: key lookup failed: {reason}", self.name),
-        );
+        resolve_waiter(runtime, &flow, source, waiter, None);
     }
 }
 
