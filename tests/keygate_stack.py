@@ -323,8 +323,14 @@ class Stack:
     def fire(self, count, headers, path="/orders", threads=10):
         """`count` requests at once from `threads` threads, each on its own connection, so the
         kernel spreads them over Envoy's workers."""
+        return self.in_parallel(lambda _: self.request("GET", path, headers), range(count), threads)
+
+    @staticmethod
+    def in_parallel(call, items, threads=8):
+        """[call(item) for item in items], from `threads` threads at once: concurrent requests
+        on their own connections (so Envoy's workers and shared state see them together)."""
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            return list(pool.map(lambda _: self.request("GET", path, headers), range(count)))
+            return list(pool.map(call, items))
 
     def connections_per_worker(self):
         """{worker: downstream connections so far}: shows which workers served a burst."""

@@ -1,7 +1,6 @@
 """abaco API (seed 002) reproduced by envoy/abaco.yaml: id:secret keys in Bearer or X-API-Key,
 session-cookie precedence (verified by Envoy's jwt_authn), Spanish JSON errors, forbidden
 DELETE / key management / web-session-only routes, company scope from the key, CORS preflight."""
-from concurrent.futures import ThreadPoolExecutor
 
 from conftest import abaco_session_token as session_token, assert_denied, assert_passed
 
@@ -149,8 +148,7 @@ def test_abaco_too_many_requests_with_one_key_is_429_rate_limit_exceeded_in_span
     def call(_):
         return stack.request("GET", "/business-partners", bearer(RATE_LIMITED_KEY))
 
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        responses = list(pool.map(call, range(20)))
+    responses = stack.in_parallel(call, range(20))
     passed = [r for r in responses if r.status == 200]
     assert len(passed) == 5
     for r in passed:

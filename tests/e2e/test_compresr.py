@@ -1,6 +1,5 @@
 """Compresr API (seed 001) reproduced by envoy/compresr.yaml: `X-API-Key: cmp_...`, any other
 prefix 401, expired keys 401 after their expiry time, 402 when the monthly budget is exhausted."""
-from concurrent.futures import ThreadPoolExecutor
 
 from conftest import assert_denied, assert_passed
 
@@ -48,8 +47,7 @@ def test_compresr_monthly_budget_of_five_lets_exactly_five_through_then_402(stac
     def compress(_):
         return stack.request("POST", "/api/compress", [("X-API-Key", BUDGET_FIVE)], body=b"{}")
 
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        responses = list(pool.map(compress, range(20)))
+    responses = stack.in_parallel(compress, range(20))
     passed = [r for r in responses if r.status == 200]
     assert len(passed) == 5
     for r in passed:

@@ -15,7 +15,6 @@ import secrets
 import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -315,8 +314,7 @@ def test_a_flood_of_unknown_keys_never_evicts_a_cached_key():
     stack, service = lookup_stack({'"cache_entries": 65536': '"cache_entries": 64'})
     with service, stack:
         assert_passed(stack.request("GET", "/orders", [("authorization", EPSILON)]))
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            answers = list(pool.map(lambda h: stack.request("GET", "/orders", h), random_keys(400)))
+        answers = stack.in_parallel(lambda h: stack.request("GET", "/orders", h), random_keys(400))
         assert all(r.status in (401, 503) for r in answers)
         service.stop()  # a key-service outage right after the flood
         for http2 in (False, True):
@@ -329,9 +327,8 @@ def test_lookups_beyond_the_cap_per_second_are_answered_without_a_fetch():
     with service, stack:
         before = len(service.requests())
         keys = random_keys(200)
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            answers = list(pool.map(lambda i: stack.request("GET", "/orders", keys[i], http2=i % 2 == 1),
-                                    range(len(keys))))
+        answers = stack.in_parallel(lambda i: stack.request("GET", "/orders", keys[i], http2=i % 2 == 1),
+                                    range(len(keys)))
         fetched = len(service.requests()) - before
         refused = [r for r in answers if r.status == 503]
         assert refused, "some unknown keys were answered without a fetch"
@@ -374,8 +371,8 @@ def test_concurrent_requests_for_one_uncached_key_share_one_lookup_per_worker():
     stack = Stack("keyservice-lookup.yaml", concurrency=2)
     with SlowKeyService(stack.ports["keys"]) as service, stack:
         key = random_keys(1)[0]
-        with ThreadPoolExecutor(max_workers=20) as pool:
-            answers = list(pool.map(lambda i: stack.request("GET", "/orders", key, http2=i % 2 == 1), range(20)))
+        answers = stack.in_parallel(lambda i: stack.request("GET", "/orders", key, http2=i % 2 == 1),
+                                    range(20), threads=20)
         for r in answers:
             assert_refused(r, 401, "INVALID_API_KEY")
         # One lookup per worker VM at most (wasm); one for the whole process (native).
