@@ -13,7 +13,7 @@ use keygate::core::checksum::Checksum;
 use keygate::core::config::Config;
 use keygate::core::decision::{decide, Decision};
 use keygate::core::digest::sha256;
-use keygate::core::keyset::KeySet;
+use keygate::core::keyset::{KeyRecordSpec, KeySet};
 use keygate::core::request::RequestView;
 use serde_json::Value;
 
@@ -414,6 +414,99 @@ fn a_key_made_and_added_by_the_tool_passes_the_filter_and_a_typo_is_refused_befo
         }
     );
     fs::remove_dir_all(dir).unwrap();
+}
+
+/// Every field of the key record format, in order, from the filter's parser itself (the list
+/// its unknown-field error names), so a field added to the format is seen here.
+fn record_format_fields() -> Vec<String> {
+    let err = serde_json::from_str::<KeyRecordSpec>(r#"{"?": 0}"#)
+        .unwrap_err()
+        .to_string();
+    // unknown field `?`, expected one of `id`, `secret_sha256`, ...
+    let fields: Vec<String> = err
+        .split('`')
+        .skip(3)
+        .step_by(2)
+        .map(String::from)
+        .collect();
+    assert_eq!(fields.first().map(String::as_str), Some("id"), "{err}");
+    fields
+}
+
+#[test]
+fn a_record_made_with_every_flag_round_trips_through_the_filters_parser_field_by_field() {
+    let key = key_new(&[
+        "--format",
+        "id-secret",
+        "--prefix",
+        "abk_",
+        "--id",
+        "abk_every7",
+        "--tenant",
+        "acct-42",
+        "--organization",
+        "org-1",
+        "--organization",
+        "org-2",
+        "--environment",
+        "live",
+        "--product",
+        "makepay",
+        "--permission",
+        "read",
+        "--permission",
+        "write",
+        "--origin",
+        "https://Merchant.example/",
+        "--user",
+        "owner@company-7",
+        "--expires-at",
+        "2030-01-01T00:00:00Z",
+        "--not-after",
+        "1900000000",
+        "--disabled",
+        "--rate-limit",
+        "600/60",
+        "--burst",
+        "120",
+        "--monthly-budget",
+        "100000",
+    ]);
+    // Every field of the format is written, in the format's order, but the one that billing
+    // sets and no flag does.
+    let without_a_flag = ["budget_exhausted"];
+    let written: Vec<&String> = key.record.as_object().unwrap().keys().collect();
+    let expected: Vec<String> = record_format_fields()
+        .into_iter()
+        .filter(|f| !without_a_flag.contains(&f.as_str()))
+        .collect();
+    assert_eq!(written, expected.iter().collect::<Vec<_>>());
+    // The parser reads every field back as written ...
+    let spec: KeyRecordSpec = serde_json::from_str(&key.stdout).unwrap();
+    assert_eq!(serde_json::to_value(&spec).unwrap(), key.record);
+    // ... and the filter's key set holds each one as the flag said.
+    let doc = serde_json::json!({ "keys": [key.record] }).to_string();
+    let set = KeySet::from_json(doc.as_bytes()).unwrap();
+    let record = set.by_id("abk_every7").unwrap();
+    let (_, secret) = key.value("key").split_once(':').unwrap();
+    assert_eq!(record.digest, sha256(secret.as_bytes()));
+    assert_eq!(record.tenant.as_deref(), Some("acct-42"));
+    assert_eq!(record.organizations, ["org-1", "org-2"]);
+    assert_eq!(record.environment.as_deref(), Some("live"));
+    assert_eq!(record.product.as_deref(), Some("makepay"));
+    assert_eq!(record.permissions, ["read", "write"]);
+    assert_eq!(record.origins, ["https://merchant.example"]);
+    assert_eq!(record.user.as_deref(), Some("owner@company-7"));
+    assert_eq!(record.expires_at, Some(1_893_456_000));
+    assert_eq!(record.not_after, Some(1_900_000_000));
+    assert!(!record.enabled);
+    let limit = record.rate_limit.unwrap();
+    assert_eq!(
+        (limit.requests, limit.per_seconds, limit.burst),
+        (600, 60, 120)
+    );
+    assert_eq!(record.monthly_budget, Some(100_000));
+    assert!(!record.budget_exhausted);
 }
 
 fn shipped_envoy_configs() -> Vec<PathBuf> {

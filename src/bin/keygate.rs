@@ -23,11 +23,13 @@ mod native {
     use keygate::cli::boundary_lint::lint_text;
     use keygate::cli::config_check::{shared_namespace_warnings, Outcome};
     use keygate::cli::envoy_config_sources::check_file;
-    use keygate::cli::keygen::{self, KeyFormat, RecordFields, Shape, PROFILES};
+    use keygate::cli::keygen::{self, KeyFormat, Shape, PROFILES};
     use keygate::cli::keyset_file::{self, Revoke};
     use keygate::cli::random::OsRandom;
     use keygate::core::checksum::Checksum;
     use keygate::core::credential::MAX_TOKEN_LEN;
+    use keygate::core::keyset::{Enabled, KeyRecordSpec};
+    use keygate::core::limits::RateLimitSpec;
 
     #[derive(Parser)]
     #[command(
@@ -142,7 +144,8 @@ mod native {
         fields: FieldArgs,
     }
 
-    /// Key record fields (see the README's key record table).
+    /// The flags for key record fields (see the README's key record table); `record` turns
+    /// them into the record itself.
     #[derive(Args)]
     struct FieldArgs {
         /// Owner: partner, company, team or merchant
@@ -184,6 +187,33 @@ mod native {
         /// Budget units the key may spend per calendar month (UTC)
         #[arg(long, value_name = "UNITS")]
         monthly_budget: Option<u64>,
+    }
+
+    impl FieldArgs {
+        /// The record these flags describe, without its id and digest (`new_key` sets them).
+        fn record(self) -> KeyRecordSpec {
+            KeyRecordSpec {
+                tenant: self.tenant,
+                organizations: self.organizations,
+                environment: self.environment,
+                product: self.product,
+                permissions: self.permissions,
+                origins: self.origins,
+                user: self.user,
+                expires_at: self.expires_at.as_deref().map(keygen::time_spec),
+                not_after: self.not_after.as_deref().map(keygen::time_spec),
+                enabled: Enabled(!self.disabled),
+                rate_limit: self
+                    .rate_limit
+                    .map(|(requests, per_seconds)| RateLimitSpec {
+                        requests,
+                        per_seconds,
+                        burst: self.burst,
+                    }),
+                monthly_budget: self.monthly_budget,
+                ..KeyRecordSpec::default()
+            }
+        }
     }
 
     fn parse_rate(text: &str) -> Result<(u64, u64), String> {
@@ -310,28 +340,12 @@ mod native {
     }
 
     fn key_new(args: NewArgs) -> CmdResult {
-        let f = args.fields;
-        let mut fields = RecordFields {
-            tenant: f.tenant,
-            organizations: f.organizations,
-            environment: f.environment,
-            product: f.product,
-            permissions: f.permissions,
-            origins: f.origins,
-            user: f.user,
-            expires_at: f.expires_at,
-            not_after: f.not_after,
-            disabled: f.disabled,
-            rate_limit: f
-                .rate_limit
-                .map(|(requests, seconds)| (requests, seconds, f.burst)),
-            monthly_budget: f.monthly_budget,
-        };
+        let mut record = args.fields.record();
         let checksum = args.checksum.map(Checksum::from);
         let format = match args.profile.as_deref().and_then(keygen::profile) {
             Some(p) => {
-                fields.environment = fields.environment.or(p.environment.map(str::to_string));
-                fields.product = fields.product.or(p.product.map(str::to_string));
+                record.environment = record.environment.or(p.environment.map(str::to_string));
+                record.product = record.product.or(p.product.map(str::to_string));
                 KeyFormat {
                     shape: p.shape,
                     prefix: p.prefix.into(),
@@ -347,7 +361,7 @@ mod native {
             },
         };
         let mut rng = OsRandom::open().map_err(|e| format!("opening the OS random source: {e}"))?;
-        let key = keygen::new_key(&format, args.id.as_deref(), &fields, &mut rng)
+        let key = keygen::new_key(&format, args.id.as_deref(), record, &mut rng)
             .map_err(|e| e.to_string())?;
 
         let mut shown = String::new();
@@ -360,7 +374,7 @@ mod native {
                 eprintln!(
                     "# keygate: new {} key '{}'. Store it now: it is shown only this once; keygate keeps only its digest.",
                     format.shape.name(),
-                    key.id
+                    key.record.id
                 );
                 eprint!("{shown}");
             }

@@ -3,15 +3,12 @@
 use std::fmt;
 use std::io;
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine as _;
-use serde_json::{Map, Value};
-
 use super::random::RandomSource;
 use crate::core::checksum::Checksum;
 use crate::core::digest::sha256;
-use crate::core::keyset::validate_header_safe_fields;
-use crate::core::keyset::{is_id_byte, KeySet};
+use crate::core::keyset::{is_id_byte, KeyRecordSpec, KeySet, TimeSpec};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
 
 const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 /// Random base62 characters in an opaque key or a split key's secret: 32 × log2(62) ≈ 190 bits.
@@ -120,33 +117,13 @@ pub struct KeyFormat {
     pub checksum: Option<Checksum>,
 }
 
-/// The optional fields of a key record, as given on the command line.
-#[derive(Debug, Clone, Default)]
-pub struct RecordFields {
-    pub tenant: Option<String>,
-    pub organizations: Vec<String>,
-    pub environment: Option<String>,
-    pub product: Option<String>,
-    pub permissions: Vec<String>,
-    pub origins: Vec<String>,
-    pub user: Option<String>,
-    /// RFC 3339 text or Unix seconds, as the record format takes them.
-    pub expires_at: Option<String>,
-    pub not_after: Option<String>,
-    pub disabled: bool,
-    /// (requests, per_seconds, burst) of the key's own rate limit.
-    pub rate_limit: Option<(u64, u64, u64)>,
-    pub monthly_budget: Option<u64>,
-}
-
 /// A freshly generated key: what the client sends (shown once) and the record the filter keeps.
 #[derive(Debug, Clone)]
 pub struct NewKey {
-    pub id: String,
     /// (label, value): `key` for one-token keys; `key id` and `key secret` for split keys.
     pub presented: Vec<(&'static str, String)>,
-    /// The key record as JSON, validated by the filter's key-set parser.
-    pub record: Value,
+    /// The key record, validated by the filter's key-set parser as the JSON it is written as.
+    pub record: KeyRecordSpec,
 }
 
 #[derive(Debug)]
@@ -241,12 +218,13 @@ fn random_bytes(rng: &mut dyn RandomSource, len: usize) -> Result<Vec<u8>, Keyge
     Ok(buf)
 }
 
-/// Generates a key in `format`. `id` is the record's id (for split keys, the id the client
-/// sends); without one, a random id is made.
+/// Generates a key in `format` and its record: `fields` as given, with the id and digest set
+/// here. `id` is the record's id (for split keys, the id the client sends); without one, a
+/// random id is made.
 pub fn new_key(
     format: &KeyFormat,
     id: Option<&str>,
-    fields: &RecordFields,
+    fields: KeyRecordSpec,
     rng: &mut dyn RandomSource,
 ) -> Result<NewKey, KeygenError> {
     format.validate()?;
@@ -307,82 +285,31 @@ pub fn new_key(
             )
         }
     };
-    let record = record_json(&id, &hex::encode(sha256(secret.as_bytes())), fields);
-    check_record(&record)?;
-    Ok(NewKey {
+    let record = KeyRecordSpec {
         id,
-        presented,
-        record,
-    })
+        secret_sha256: hex::encode(sha256(secret.as_bytes())),
+        ..fields
+    };
+    check_record(&record)?;
+    Ok(NewKey { presented, record })
 }
 
-/// A time flag as the record format takes it: digits are Unix seconds, anything else RFC 3339.
-fn time_value(text: &str) -> Value {
+/// A time flag as the record format takes it: digits are Unix seconds, anything else RFC 3339
+/// text (checked with the record).
+pub fn time_spec(text: &str) -> TimeSpec {
     match text.parse::<i64>() {
-        Ok(secs) => Value::from(secs),
-        Err(_) => Value::from(text),
+        Ok(secs) => TimeSpec::Unix(secs),
+        Err(_) => TimeSpec::Text(text.to_string()),
     }
 }
 
-/// The record, fields in the order of the README's table; unset fields are left out.
-pub fn record_json(id: &str, digest_hex: &str, fields: &RecordFields) -> Value {
-    fn put(record: &mut Map<String, Value>, name: &str, value: Option<Value>) {
-        if let Some(value) = value {
-            record.insert(name.into(), value);
-        }
-    }
-    fn text(value: &Option<String>) -> Option<Value> {
-        value.as_deref().map(Value::from)
-    }
-    fn list(values: &[String]) -> Option<Value> {
-        (!values.is_empty()).then(|| Value::from(values.to_vec()))
-    }
-    let mut record = Map::new();
-    put(&mut record, "id", Some(id.into()));
-    put(&mut record, "secret_sha256", Some(digest_hex.into()));
-    put(&mut record, "tenant", text(&fields.tenant));
-    put(&mut record, "organizations", list(&fields.organizations));
-    put(&mut record, "environment", text(&fields.environment));
-    put(&mut record, "product", text(&fields.product));
-    put(&mut record, "permissions", list(&fields.permissions));
-    put(&mut record, "origins", list(&fields.origins));
-    put(&mut record, "user", text(&fields.user));
-    put(
-        &mut record,
-        "expires_at",
-        fields.expires_at.as_deref().map(time_value),
-    );
-    put(
-        &mut record,
-        "not_after",
-        fields.not_after.as_deref().map(time_value),
-    );
-    put(
-        &mut record,
-        "enabled",
-        fields.disabled.then_some(Value::from(false)),
-    );
-    put(
-        &mut record,
-        "rate_limit",
-        fields.rate_limit.map(|(requests, per_seconds, burst)| {
-            serde_json::json!({"requests": requests, "per_seconds": per_seconds, "burst": burst})
-        }),
-    );
-    put(
-        &mut record,
-        "monthly_budget",
-        fields.monthly_budget.map(Value::from),
-    );
-    Value::Object(record)
-}
-
-/// Runs the record through the filter's key-set parser, so a record the filter would refuse is
-/// never printed.
-fn check_record(record: &Value) -> Result<(), KeygenError> {
-    let doc = serde_json::json!({ "keys": [record] }).to_string();
+/// Runs the record, as the JSON it is printed as, through the filter's key-set parser, so a
+/// record the filter would refuse is never printed.
+fn check_record(record: &KeyRecordSpec) -> Result<(), KeygenError> {
+    let text = serde_json::to_string(record).map_err(|e| invalid(e.to_string()))?;
+    let doc = format!("{{\"keys\": [{text}]}}");
     KeySet::from_json(doc.as_bytes())
-        .and_then(|keys| validate_header_safe_fields(&keys))
+        .map(|_| ())
         .map_err(|err| invalid(format!("the key record would be refused: {err}")))
 }
 
@@ -404,6 +331,8 @@ mod tests {
     use super::*;
     use crate::core::config::Config;
     use crate::core::decision::{decide, Decision};
+    use crate::core::keyset::Enabled;
+    use crate::core::limits::RateLimitSpec;
     use crate::core::request::RequestView;
 
     /// A deterministic source: 0, 1, 2, … so tests can see rejection sampling at work.
@@ -453,7 +382,7 @@ mod tests {
         let key = new_key(
             &format(Shape::Opaque, "cmp_", ""),
             None,
-            &RecordFields::default(),
+            KeyRecordSpec::default(),
             &mut Counter(0),
         )
         .unwrap();
@@ -461,9 +390,9 @@ mod tests {
         assert_eq!(token.len(), 4 + SECRET_CHARS + 6);
         assert!(token.starts_with("cmp_"));
         assert!(Checksum::Crc32.verify(token));
-        assert!(key.id.starts_with("key-"));
+        assert!(key.record.id.starts_with("key-"));
         assert_eq!(
-            key.record["secret_sha256"],
+            key.record.secret_sha256,
             hex::encode(sha256(token.as_bytes()))
         );
         let source = serde_json::json!({"in": "header", "prefixes": ["cmp_"], "checksum": "crc32"});
@@ -482,7 +411,7 @@ mod tests {
         let key = new_key(
             &format(Shape::IdSecret, "abk_", ""),
             Some("abk_partner7"),
-            &RecordFields::default(),
+            KeyRecordSpec::default(),
             &mut Counter(0),
         )
         .unwrap();
@@ -491,12 +420,12 @@ mod tests {
         assert_eq!(id, "abk_partner7");
         assert_eq!(secret.len(), 43 + 6);
         assert_eq!(
-            key.record["secret_sha256"],
+            key.record.secret_sha256,
             hex::encode(sha256(secret.as_bytes()))
         );
         assert_eq!(
             digest_of(Shape::IdSecret, token).unwrap(),
-            key.record["secret_sha256"]
+            key.record.secret_sha256
         );
         let source = serde_json::json!({"in": "bearer", "format": "id_secret",
             "prefixes": ["abk_"], "checksum": "crc32"});
@@ -510,7 +439,7 @@ mod tests {
     #[test]
     fn pair_key_has_an_id_and_a_checksummed_secret_the_filter_accepts() {
         let p = profile("makepay").unwrap();
-        let fields = RecordFields {
+        let fields = KeyRecordSpec {
             tenant: Some("team-3".into()),
             product: p.product.map(str::to_string),
             ..Default::default()
@@ -518,47 +447,54 @@ mod tests {
         let key = new_key(
             &format(p.shape, p.prefix, p.secret_prefix),
             None,
-            &fields,
+            fields,
             &mut Counter(7),
         )
         .unwrap();
-        assert_eq!(key.presented[0], ("key id", key.id.clone()));
+        assert_eq!(key.presented[0], ("key id", key.record.id.clone()));
         let secret = &key.presented[1].1;
-        assert!(key.id.starts_with("mk_makepay_") && secret.starts_with("mksec_"));
-        assert_eq!(key.record["product"], "makepay");
+        assert!(key.record.id.starts_with("mk_makepay_") && secret.starts_with("mksec_"));
+        assert_eq!(key.record.product.as_deref(), Some("makepay"));
         let source = serde_json::json!({"in": "header_pair", "id_header": "x-id",
             "secret_header": "x-secret", "prefixes": ["mk_makepay_"],
             "secret_prefixes": ["mksec_"], "checksum": "crc32"});
         assert!(decide_with(
             source,
             &key,
-            &[("x-id", key.id.clone()), ("x-secret", secret.clone())]
+            &[
+                ("x-id", key.record.id.clone()),
+                ("x-secret", secret.clone())
+            ]
         ));
     }
 
     #[test]
     fn record_carries_the_given_fields_in_order_and_never_the_secret() {
-        let fields = RecordFields {
+        let fields = KeyRecordSpec {
             tenant: Some("acme".into()),
             organizations: vec!["o1".into(), "o2".into()],
             permissions: vec!["compress".into()],
             origins: vec!["https://merchant.example".into()],
             user: Some("u1".into()),
-            expires_at: Some("2030-01-01T00:00:00Z".into()),
-            not_after: Some("1900000000".into()),
-            disabled: true,
-            rate_limit: Some((600, 60, 120)),
+            expires_at: Some(time_spec("2030-01-01T00:00:00Z")),
+            not_after: Some(time_spec("1900000000")),
+            enabled: Enabled(false),
+            rate_limit: Some(RateLimitSpec {
+                requests: 600,
+                per_seconds: 60,
+                burst: 120,
+            }),
             monthly_budget: Some(100_000),
             ..Default::default()
         };
         let key = new_key(
             &format(Shape::Opaque, "cmp_", ""),
             Some("cmp-prod"),
-            &fields,
+            fields,
             &mut Counter(0),
         )
         .unwrap();
-        let text = key.record.to_string();
+        let text = serde_json::to_string(&key.record).unwrap();
         assert!(
             text.starts_with(r#"{"id":"cmp-prod","secret_sha256":""#),
             "{text}"
@@ -579,43 +515,42 @@ mod tests {
 
     #[test]
     fn bad_ids_formats_and_fields_are_refused() {
-        let none = RecordFields::default();
         let abk = format(Shape::IdSecret, "abk_", "");
         for id in ["partner7", "abk_", "abk_a:b", "abk_ñ"] {
             assert!(
-                new_key(&abk, Some(id), &none, &mut Counter(0)).is_err(),
+                new_key(&abk, Some(id), KeyRecordSpec::default(), &mut Counter(0)).is_err(),
                 "{id}"
             );
         }
         assert!(new_key(
             &format(Shape::IdSecret, "abk_", "s+"),
             None,
-            &none,
+            KeyRecordSpec::default(),
             &mut Counter(0)
         )
         .is_err());
         assert!(new_key(
             &format(Shape::Opaque, "cmp_", "x"),
             None,
-            &none,
+            KeyRecordSpec::default(),
             &mut Counter(0)
         )
         .is_err());
         assert!(new_key(
             &format(Shape::Opaque, "a b", ""),
             None,
-            &none,
+            KeyRecordSpec::default(),
             &mut Counter(0)
         )
         .is_err());
-        let bad_origin = RecordFields {
+        let bad_origin = KeyRecordSpec {
             origins: vec!["merchant.example".into()],
             ..Default::default()
         };
         let err = new_key(
             &format(Shape::Opaque, "", ""),
             None,
-            &bad_origin,
+            bad_origin,
             &mut Counter(0),
         )
         .unwrap_err()

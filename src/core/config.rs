@@ -9,7 +9,7 @@ use super::codes::{ErrorCode, Language};
 use super::config_error::is_header_value;
 pub use super::config_error::ConfigError;
 use super::credential::{CredentialSource, CredentialSpec, Place, TokenFormat};
-use super::keyset::{validate_header_safe_fields, KeyRecordSpec, KeySet};
+use super::keyset::{KeyRecordSpec, KeySet};
 use super::keysource::service::{KeyService, KeyServiceSpec};
 use super::limits::{Limits, LimitsSpec};
 use super::policy::{
@@ -283,7 +283,6 @@ impl Config {
             .collect::<Result<Vec<_>, _>>()?;
 
         let keys = KeySet::from_specs(spec.keys, "keys")?;
-        validate_header_safe_fields(&keys)?;
 
         let mut headers_to_strip: Vec<String> = scope.all().iter().map(|s| s.to_string()).collect();
         if spec.strip_credentials {

@@ -11,7 +11,7 @@ use std::ops::Deref;
 use std::sync::Arc;
 
 use serde::de::{DeserializeSeed, Error as _, MapAccess, SeqAccess, Visitor};
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use super::config_error::{is_header_value, ConfigError};
 use super::digest::{parse_hex_digest, Digest};
@@ -19,57 +19,80 @@ use super::limits::{RateLimit, RateLimitSpec};
 use super::time::parse_rfc3339;
 
 /// A time given as RFC 3339 text or as Unix seconds.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum TimeSpec {
     Unix(i64),
     Text(String),
 }
 
-/// A key record as written in JSON. Holds the digest of the secret, never the secret.
-#[derive(Debug, Clone, Deserialize)]
+/// A key record as written in JSON, the one list of its fields: inline keys, key-service
+/// documents, the lookup cache and the shared form of a set read it, and `keygate key new`
+/// builds it and writes it with these same serde attributes. Written, a field at its default
+/// is left out, the rest come in this order (the README's table). A new field goes here and
+/// into its validated form (`KeyProfile`, `from_spec`, `to_spec`: the compiler points at
+/// each). Holds the digest of the secret, never the secret.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyRecordSpec {
     pub id: String,
     /// Hex SHA-256 of the secret: the whole key for opaque keys, the part after `:` for
     /// id:secret keys, the secret header's value for split keys.
     pub secret_sha256: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub organizations: Vec<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub environment: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub product: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub permissions: Vec<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub origins: Vec<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
     /// After this time the key answers `API_KEY_EXPIRED`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<TimeSpec>,
     /// After this time the key is simply no longer valid (`INVALID_API_KEY`): the end of a
     /// rotation grace period.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_after: Option<TimeSpec>,
-    #[serde(default = "default_true")]
-    pub enabled: bool,
+    #[serde(default, skip_serializing_if = "Enabled::is_default")]
+    pub enabled: Enabled,
     /// This key's rate limit (else the config's `limits.rate_limit`, if any).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitSpec>,
     /// Budget units this key may spend per calendar month (UTC); over it, `BUDGET_EXHAUSTED`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub monthly_budget: Option<u64>,
     /// Set by the billing side: the key's budget is spent, answer `BUDGET_EXHAUSTED`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_false")]
     pub budget_exhausted: bool,
 }
 
-fn default_true() -> bool {
-    true
+/// A record's `enabled`: true unless the record says otherwise. Its own type so that the
+/// record's `Default` is the default of every field, as serde reads a record that omits them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct Enabled(pub bool);
+
+impl Default for Enabled {
+    fn default() -> Enabled {
+        Enabled(true)
+    }
+}
+
+impl Enabled {
+    fn is_default(&self) -> bool {
+        *self == Enabled::default()
+    }
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 /// A validated key record: its own id and digest, and what it grants, shared with every other
@@ -80,7 +103,13 @@ pub struct KeyRecord {
     pub id: String,
     pub digest: Digest,
     pub profile: Arc<KeyProfile>,
+    checked: Checked,
 }
+
+/// A private field of `KeyRecord` and `KeyProfile`: only this module's constructors, which
+/// validate what they build, can make one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Checked;
 
 impl Deref for KeyRecord {
     type Target = KeyProfile;
@@ -106,6 +135,36 @@ pub struct KeyProfile {
     pub rate_limit: Option<RateLimit>,
     pub monthly_budget: Option<u64>,
     pub budget_exhausted: bool,
+    checked: Checked,
+}
+
+impl KeyProfile {
+    /// The profile as a record's JSON fields under `id` and `secret_sha256`: what
+    /// `KeyRecord::from_spec` reads back into an equal profile (times as Unix seconds, origins
+    /// as normalized). Every field is named, so a new one cannot be left out of a copy.
+    pub fn to_spec(&self, id: String, secret_sha256: String) -> KeyRecordSpec {
+        KeyRecordSpec {
+            id,
+            secret_sha256,
+            tenant: self.tenant.clone(),
+            organizations: self.organizations.clone(),
+            environment: self.environment.clone(),
+            product: self.product.clone(),
+            permissions: self.permissions.clone(),
+            origins: self.origins.clone(),
+            user: self.user.clone(),
+            expires_at: self.expires_at.map(TimeSpec::Unix),
+            not_after: self.not_after.map(TimeSpec::Unix),
+            enabled: Enabled(self.enabled),
+            rate_limit: self.rate_limit.map(|limit| RateLimitSpec {
+                requests: limit.requests,
+                per_seconds: limit.per_seconds,
+                burst: limit.burst,
+            }),
+            monthly_budget: self.monthly_budget,
+            budget_exhausted: self.budget_exhausted,
+        }
+    }
 }
 
 /// Records in document order plus the two indexes built once when the set is loaded: record
@@ -179,8 +238,26 @@ fn parse_time(spec: &TimeSpec, path: &str) -> Result<i64, ConfigError> {
 }
 
 impl KeyRecord {
+    /// A record from its JSON form. Every check a record must pass (id alphabet, digest,
+    /// times, origins, rate limit, header-safe fields) is made here, whoever read the record:
+    /// inline keys, key-set documents, lookups and the lookup cache.
     pub fn from_spec(spec: KeyRecordSpec, path: &str) -> Result<KeyRecord, ConfigError> {
         KeyRecord::from_spec_sharing(spec, path, &mut HashSet::new())
+    }
+
+    /// A record of a set's shared form (`setchunks`), whose profile was made by `from_spec`
+    /// when the header was read: only its id is left to check.
+    pub(crate) fn with_checked_profile(
+        id: String,
+        digest: Digest,
+        profile: Arc<KeyProfile>,
+    ) -> Option<KeyRecord> {
+        is_valid_id(&id).then_some(KeyRecord {
+            id,
+            digest,
+            profile,
+            checked: Checked,
+        })
     }
 
     /// Validates `spec`, taking its profile from `profiles` when an equal one is there.
@@ -189,7 +266,7 @@ impl KeyRecord {
         path: &str,
         profiles: &mut HashSet<Arc<KeyProfile>>,
     ) -> Result<KeyRecord, ConfigError> {
-        if spec.id.is_empty() || !spec.id.bytes().all(is_id_byte) {
+        if !is_valid_id(&spec.id) {
             return Err(ConfigError::new(
                 format!("{path}.id"),
                 "must be non-empty and use only letters, digits, '_', '-' and '.'",
@@ -238,14 +315,17 @@ impl KeyRecord {
             user: spec.user,
             expires_at,
             not_after,
-            enabled: spec.enabled,
+            enabled: spec.enabled.0,
             rate_limit,
             monthly_budget: spec.monthly_budget,
             budget_exhausted: spec.budget_exhausted,
+            checked: Checked,
         };
+        // A profile found in `profiles` was checked when it went in.
         let profile = match profiles.get(&profile) {
             Some(shared) => Arc::clone(shared),
             None => {
+                check_header_safe(&profile, path)?;
                 let shared = Arc::new(profile);
                 profiles.insert(Arc::clone(&shared));
                 shared
@@ -255,6 +335,7 @@ impl KeyRecord {
             id: spec.id,
             digest,
             profile,
+            checked: Checked,
         })
     }
 }
@@ -409,6 +490,10 @@ pub fn is_id_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')
 }
 
+fn is_valid_id(id: &str) -> bool {
+    !id.is_empty() && id.bytes().all(is_id_byte)
+}
+
 impl KeySet {
     /// Validates every record and builds the indexes. `path` prefixes error locations
     /// (e.g. `keys` gives `keys[3].secret_sha256`).
@@ -520,36 +605,35 @@ impl KeySet {
 }
 
 /// Record fields travel upstream in headers: refuse values that could not be sent safely.
-pub fn validate_header_safe_fields(keys: &KeySet) -> Result<(), ConfigError> {
-    for (i, r) in keys.records().iter().enumerate() {
-        let singles = [
-            ("tenant", &r.tenant),
-            ("environment", &r.environment),
-            ("product", &r.product),
-            ("user", &r.user),
-        ];
-        for (field, value) in singles {
-            if let Some(v) = value {
-                if !is_header_value(v) {
-                    return Err(ConfigError::new(
-                        format!("keys[{i}].{field}"),
-                        "must be printable ASCII",
-                    ));
-                }
+/// Part of every record's validation (`KeyRecord::from_spec`), so no reader can skip it.
+fn check_header_safe(profile: &KeyProfile, path: &str) -> Result<(), ConfigError> {
+    let singles = [
+        ("tenant", &profile.tenant),
+        ("environment", &profile.environment),
+        ("product", &profile.product),
+        ("user", &profile.user),
+    ];
+    for (field, value) in singles {
+        if let Some(v) = value {
+            if !is_header_value(v) {
+                return Err(ConfigError::new(
+                    format!("{path}.{field}"),
+                    "must be printable ASCII",
+                ));
             }
         }
-        let lists = [
-            ("organizations", &r.organizations),
-            ("permissions", &r.permissions),
-        ];
-        for (field, values) in lists {
-            for (j, v) in values.iter().enumerate() {
-                if v.is_empty() || !is_header_value(v) || v.contains(',') {
-                    return Err(ConfigError::new(
-                        format!("keys[{i}].{field}[{j}]"),
-                        "must be non-empty printable ASCII without ','",
-                    ));
-                }
+    }
+    let lists = [
+        ("organizations", &profile.organizations),
+        ("permissions", &profile.permissions),
+    ];
+    for (field, values) in lists {
+        for (j, v) in values.iter().enumerate() {
+            if v.is_empty() || !is_header_value(v) || v.contains(',') {
+                return Err(ConfigError::new(
+                    format!("{path}.{field}[{j}]"),
+                    "must be non-empty printable ASCII without ','",
+                ));
             }
         }
     }
@@ -651,6 +735,75 @@ mod tests {
         r["expires_at"] = serde_json::json!("next tuesday");
         let err = load(serde_json::json!([r])).unwrap_err();
         assert_eq!(err.path, "keys[0].expires_at");
+    }
+
+    #[test]
+    fn header_unsafe_fields_are_refused_by_the_record_constructor() {
+        let cases = [
+            (
+                "tenant",
+                serde_json::json!("a\r\nx-evil: 1"),
+                "record.tenant",
+            ),
+            ("user", serde_json::json!("ü"), "record.user"),
+            (
+                "organizations",
+                serde_json::json!(["o1", ""]),
+                "record.organizations[1]",
+            ),
+            (
+                "permissions",
+                serde_json::json!(["read,write"]),
+                "record.permissions[0]",
+            ),
+        ];
+        for (field, value, path) in cases {
+            let mut r = spec("a", "s");
+            r[field] = value;
+            let parsed: KeyRecordSpec = serde_json::from_value(r).unwrap();
+            let err = KeyRecord::from_spec(parsed, "record").unwrap_err();
+            assert_eq!(err.path, path);
+        }
+        // In a document, the path names the record (its profile differs from the one before).
+        let mut bad = spec("b", "s2");
+        bad["tenant"] = serde_json::json!("t\n");
+        let mut good = spec("a", "s1");
+        good["tenant"] = serde_json::json!("t");
+        let err = load(serde_json::json!([good, bad])).unwrap_err();
+        assert_eq!(err.path, "keys[1].tenant");
+    }
+
+    #[test]
+    fn a_profile_written_back_as_a_record_reads_back_equal() {
+        let mut r = spec("a", "s");
+        for (field, value) in [
+            ("tenant", serde_json::json!("acme")),
+            ("organizations", serde_json::json!(["o1", "o2"])),
+            ("environment", serde_json::json!("live")),
+            ("product", serde_json::json!("p")),
+            ("permissions", serde_json::json!(["read"])),
+            ("origins", serde_json::json!(["https://Shop.example/"])),
+            ("user", serde_json::json!("u1")),
+            ("expires_at", serde_json::json!("2030-01-01T00:00:00Z")),
+            ("not_after", serde_json::json!(1_900_000_000)),
+            ("enabled", serde_json::json!(false)),
+            (
+                "rate_limit",
+                serde_json::json!({"requests": 5, "per_seconds": 60, "burst": 2}),
+            ),
+            ("monthly_budget", serde_json::json!(100)),
+            ("budget_exhausted", serde_json::json!(true)),
+        ] {
+            r[field] = value;
+        }
+        let record = KeyRecord::from_spec(serde_json::from_value(r).unwrap(), "r").unwrap();
+        let written = record
+            .profile
+            .to_spec("b".into(), hex::encode(sha256(b"t")));
+        let text = serde_json::to_string(&written).unwrap();
+        let again = KeyRecord::from_spec(serde_json::from_str(&text).unwrap(), "r").unwrap();
+        assert_eq!(again.profile, record.profile, "{text}");
+        assert_eq!(again.id, "b");
     }
 
     #[test]

@@ -25,7 +25,7 @@
 //! sweep, so the table holds only keys active now or this month, and never more than `slots`
 //! entries.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use super::codes::ErrorCode;
@@ -35,7 +35,7 @@ use super::keysource::store::{cas_update, Change, SharedStore};
 use super::policy::Policy;
 use super::time::utc_year_month;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitSpec {
     pub requests: u64,

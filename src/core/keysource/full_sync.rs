@@ -10,7 +10,7 @@ use super::setchunks::{self, LoadError, Loading};
 use super::store::{cas_update, Change, Reader, SharedStore};
 use crate::core::config_error::ConfigError;
 use crate::core::digest::sha256;
-use crate::core::keyset::{validate_header_safe_fields, KeySet};
+use crate::core::keyset::KeySet;
 
 /// First byte of every value this module writes.
 const FORMAT: u8 = 1;
@@ -116,7 +116,6 @@ impl Lease {
 /// its `serial`, which a key service's document must carry (so a rollback can be recognized).
 pub fn parse_document(bytes: &[u8]) -> Result<(KeySet, u64), ConfigError> {
     let (keys, serial) = KeySet::from_document(bytes)?;
-    validate_header_safe_fields(&keys)?;
     let serial = serial.ok_or_else(|| {
         ConfigError::new(
             "serial",

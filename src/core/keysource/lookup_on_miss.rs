@@ -32,7 +32,7 @@ use serde_json::Value;
 use super::paths::{LookupKey, Tag, TAG_LEN};
 use super::service::{KeyService, KeyServiceMode, LookupPolicy, WAYS};
 use super::store::{cas_update, Change, Reader, SharedStore};
-use crate::core::keyset::{validate_header_safe_fields, KeyRecord, KeyRecordSpec, KeySet};
+use crate::core::keyset::{KeyRecord, KeyRecordSpec};
 
 /// Records bigger than this are answered but not cached, so a slot stays small.
 const MAX_CACHED_RECORD_BYTES: usize = 4096;
@@ -110,22 +110,11 @@ pub fn parse_answer(status: Option<u32>, body: &[u8], key: &LookupKey) -> Result
     }
 }
 
-/// A record from the key service's answer, checked like inline keys.
+/// The same checks as inline keys and key-set documents (the record's constructor makes them).
 fn validate_record(candidate: Value) -> Result<KeyRecord, String> {
     let spec: KeyRecordSpec =
         serde_json::from_value(candidate).map_err(|e| format!("invalid key record: {e}"))?;
-    checked_record(spec)
-}
-
-/// The one way a looked-up record (answered or cached) becomes a `KeyRecord`: the same checks
-/// as inline keys and key-set documents, header safety included (its fields travel upstream).
-fn checked_record(spec: KeyRecordSpec) -> Result<KeyRecord, String> {
-    let set = KeySet::from_specs(vec![spec], "record").map_err(|e| e.to_string())?;
-    validate_header_safe_fields(&set).map_err(|e| e.to_string())?;
-    set.records()
-        .first()
-        .cloned()
-        .ok_or_else(|| "empty record".to_string())
+    KeyRecord::from_spec(spec, "record").map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -277,11 +266,11 @@ impl<'a> KeyCache<'a> {
             return Cached::Miss;
         }
         let answer = if entry.found {
-            // Checked again on the way out, as on the way in: a record that no longer passes
-            // (written by another version, or damaged) is a miss, never a header upstream.
+            // Checked again as it is read, like every record (`KeyRecord::from_spec`): one
+            // that no longer passes is a miss.
             let Some(record) = serde_json::from_slice::<KeyRecordSpec>(&entry.record_json)
                 .ok()
-                .and_then(|spec| checked_record(spec).ok())
+                .and_then(|spec| KeyRecord::from_spec(spec, "cache").ok())
             else {
                 return Cached::Miss;
             };
@@ -554,27 +543,6 @@ mod tests {
     }
 
     #[test]
-    fn a_cached_record_that_is_not_header_safe_is_a_miss_not_an_answer() {
-        let svc = service(serde_json::json!({}));
-        let cache = KeyCache::of(&svc).unwrap();
-        let store = MemoryStore::new();
-        let key = LookupKey::Digest(sha256(b"cmp_a"));
-        let good = found(&key, &record("a", "cmp_a"));
-        assert!(cache.put(&store, &key, &good, 1_000));
-        assert!(matches!(cache.get(&store, &key, 1_000), Cached::Fresh(_)));
-        // The same entry as another writer could have stored it: a tenant that would inject a
-        // header upstream.
-        let mut unsafe_record = record("a", "cmp_a");
-        unsafe_record["tenant"] = serde_json::json!("acme\r\nx-evil: 1");
-        let poisoned = Fetched {
-            answer: good.answer.clone(),
-            record_json: serde_json::to_vec(&unsafe_record).unwrap(),
-        };
-        assert!(cache.put(&store, &key, &poisoned, 2_000));
-        assert_eq!(cache.get(&store, &key, 2_000), Cached::Miss);
-    }
-
-    #[test]
     fn a_looked_up_record_goes_through_the_same_checks_as_inline_keys() {
         use crate::core::codes::ErrorCode;
         use crate::core::config::Config;
@@ -635,6 +603,34 @@ mod tests {
             decide_with("kl_other", good),
             Some(ErrorCode::InvalidApiKey)
         );
+    }
+
+    #[test]
+    fn a_cached_record_with_a_header_unsafe_field_is_a_miss() {
+        let svc = service(serde_json::json!({}));
+        let cache = KeyCache::of(&svc).unwrap();
+        let store = MemoryStore::new();
+        let key = LookupKey::Id("a".into());
+        assert!(cache.put(&store, &key, &found(&key, &record("a", "s")), 0));
+        assert!(matches!(cache.get(&store, &key, 1), Cached::Fresh(_)));
+        // Written straight into the slot, past the checks `put`'s caller made.
+        let tag = key.tag(&svc.namespace);
+        let name = cache.slot_name(&tag, true);
+        for (field, value) in [
+            ("tenant", serde_json::json!("acme\r\nx-keygate-user: admin")),
+            ("permissions", serde_json::json!(["read,admin"])),
+        ] {
+            let mut unsafe_record = record("a", "s");
+            unsafe_record[field] = value;
+            let entry = Entry {
+                tag,
+                fetched_ms: 0,
+                found: true,
+                record_json: unsafe_record.to_string().into_bytes(),
+            };
+            store.set(&name, &encode(&[entry]), 0).unwrap();
+            assert_eq!(cache.get(&store, &key, 1), Cached::Miss, "{field}");
+        }
     }
 
     #[test]

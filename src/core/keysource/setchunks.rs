@@ -12,8 +12,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use serde_json::{json, Map, Value};
-
 use super::store::Reader;
 use crate::core::keyset::{KeyProfile, KeyRecord, KeyRecordSpec, KeySet};
 
@@ -23,35 +21,8 @@ const FORMAT: u8 = 1;
 const BLANK_DIGEST: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// A set's profile as a record without id or digest.
-fn profile_json(p: &KeyProfile) -> Value {
-    let mut out = Map::new();
-    out.insert("id".into(), json!("profile"));
-    out.insert("secret_sha256".into(), json!(BLANK_DIGEST));
-    let mut put = |name: &str, value: Value| {
-        if !value.is_null() {
-            out.insert(name.to_string(), value);
-        }
-    };
-    put("tenant", json!(p.tenant));
-    put("organizations", json!(p.organizations));
-    put("environment", json!(p.environment));
-    put("product", json!(p.product));
-    put("permissions", json!(p.permissions));
-    put("origins", json!(p.origins));
-    put("user", json!(p.user));
-    put("expires_at", json!(p.expires_at));
-    put("not_after", json!(p.not_after));
-    put("enabled", json!(p.enabled));
-    put(
-        "rate_limit",
-        p.rate_limit.map_or(
-            Value::Null,
-            |r| json!({"requests": r.requests, "per_seconds": r.per_seconds, "burst": r.burst}),
-        ),
-    );
-    put("monthly_budget", json!(p.monthly_budget));
-    put("budget_exhausted", json!(p.budget_exhausted));
-    Value::Object(out)
+fn profile_spec(p: &KeyProfile) -> KeyRecordSpec {
+    p.to_spec("profile".into(), BLANK_DIGEST.into())
 }
 
 /// Encodes `set` as `version` for shared data: hands each chunk to `put` as it is made (so only
@@ -92,7 +63,7 @@ pub fn encode(
             let profile = *profile_numbers
                 .entry(Arc::as_ptr(&record.profile))
                 .or_insert_with(|| {
-                    profiles.push(profile_json(&record.profile));
+                    profiles.push(profile_spec(&record.profile));
                     next
                 });
             chunk.extend_from_slice(&record.digest);
@@ -113,7 +84,7 @@ pub fn encode(
     header.extend_from_slice(&version.to_le_bytes());
     header.extend_from_slice(&(records.len() as u32).to_le_bytes());
     header.extend_from_slice(&(chunks as u32).to_le_bytes());
-    header.extend_from_slice(Value::Array(profiles).to_string().as_bytes());
+    header.extend_from_slice(&serde_json::to_vec(&profiles).ok()?);
     Some(header)
 }
 
@@ -193,11 +164,7 @@ impl Loading {
                 let profile = Arc::clone(self.profiles.get(r.u32()? as usize)?);
                 let id_len = usize::from(r.u16()?);
                 let id = String::from_utf8(r.take(id_len)?.to_vec()).ok()?;
-                Some(KeyRecord {
-                    id,
-                    digest,
-                    profile,
-                })
+                KeyRecord::with_checked_profile(id, digest, profile)
             })()
             .ok_or_else(|| invalid("bad record"))?;
             self.records.push(record);
@@ -228,6 +195,7 @@ impl Loading {
 mod tests {
     use super::*;
     use crate::core::digest::sha256;
+    use serde_json::{json, Value};
 
     fn set(count: usize) -> KeySet {
         let keys: Vec<Value> = (0..count)
@@ -302,6 +270,24 @@ mod tests {
             loading.add_chunk(&second.chunks[0]),
             Err(LoadError::Superseded)
         );
+    }
+
+    #[test]
+    fn a_stored_record_whose_id_is_not_header_safe_is_refused() {
+        let encoded = encoded(&set(1), 1);
+        let mut chunk = encoded.chunks[0].clone();
+        // The one record's id: its length (u16) then "k0".
+        let at = chunk
+            .windows(4)
+            .position(|w| w == [2, 0, b'k', b'0'])
+            .unwrap();
+        chunk[at + 3] = b'\n';
+        let mut loading = Loading::start(&encoded.header).unwrap();
+        assert!(matches!(
+            loading.add_chunk(&chunk),
+            Err(LoadError::Invalid(_))
+        ));
+        assert!(loading.add_chunk(&encoded.chunks[0]).is_ok());
     }
 
     #[test]
