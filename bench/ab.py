@@ -12,12 +12,27 @@ is the bench config's. Rounds are interleaved; the per-filter cost is the median
     python3 bench/ab.py before=build/keygate-before.wasm after=build/keygate.wasm \\
         empty=build/bench-empty.wasm --rounds 10
 
+A variant whose path ends in `.so` is keygate as an Envoy dynamic module: `build/lib<name>.so`
+(copy a build to build/libkeygate_before.so to compare it with build/libkeygate.so; Envoy loads
+each by its module name from build/). The variant path `api_key_auth` is Envoy's own
+`api_key_auth` filter, chained the same way, as the reference of issue 15's goal:
+
+    python3 bench/ab.py before=build/libkeygate_before.so after=build/libkeygate.so \\
+        api_key_auth=api_key_auth --rounds 10
+
+`--service` takes the keys from a key service in full mode (one set per process, shared by the
+chained copies) instead of the filter config; `name=path@N` gives a variant its own key count, so
+one run compares a key-set size with another (issue 15's flatness):
+
+    python3 bench/ab.py --service k1=build/libkeygate.so@1000 k300=build/libkeygate.so@300000
+
 `--unknown` measures the 401 path instead: well-formed unknown keys, one filter per listener
 (the first copy answers, so chaining would not amplify), against a floor listener whose route
 answers 401 itself; empty-filter variants are left out (they would pass the request upstream).
 """
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -27,32 +42,73 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))
 import bench_config  # noqa: E402
 import run  # noqa: E402
+from static_keyservice import StaticKeyService  # noqa: E402
 
 
-def chained_filters(name, wasm, chain, keys):
-    config = bench_config.keygate_config(keys)
-    if "empty" not in name:
+API_KEY_AUTH = "api_key_auth"
+
+
+def service_config(name, keys):
+    """keygate in full key-service mode, its set in /keys-N.json; one name per variant, so each
+    keeps its own process-wide set."""
+    return json.dumps({
+        "name": f"ab{name}", "strip_credentials": False,
+        "credentials": [{"in": "header", "name": "x-api-key", "prefixes": [bench_config.KEY_PREFIX]}],
+        "key_service": {"cluster": "keyservice", "authority": "keys.internal", "path": f"/keys-{keys}.json",
+                        "refresh_seconds": 86400, "timeout_ms": 60000, "on_unavailable": "deny"},
+    }, indent=2) + "\n"
+
+
+def chained_filters(name, wasm, chain, keys, service=False):
+    if wasm == API_KEY_AUTH:
+        return "".join(bench_config.native_filter(keys, strip=False, name=f"api_key_auth_{i}")
+                       for i in range(chain))
+    if service and "empty" not in name:
+        config = service_config(name, keys)
+    elif "empty" not in name:
+        config = bench_config.keygate_config(keys)
         config = config.replace('"name": "bench",', '"name": "bench", "strip_credentials": false,', 1)
     else:
         config = "{}\n"
-    one = bench_config.keygate_filter(f"ab-{name}", wasm, config)
+    if wasm.endswith(".so"):
+        module = Path(wasm).name.removeprefix("lib").removesuffix(".so")
+        one = bench_config.keygate_module_filter(config, module=module)
+    else:
+        one = bench_config.keygate_filter(f"ab-{name}", wasm, config)
     return "".join(one.replace("- name: keygate", f"- name: keygate_{i}", 1) for i in range(chain))
 
 
-def render(variants, chain, keys, ports, unknown=False):
+def render(variants, chain, keys, ports, unknown=False, service_port=None):
     floor_route = bench_config.DENY_ROUTE if unknown else None
     listeners = [bench_config.listener("floor", ports["floor"], bench_config.hcm("floor", "", route=floor_route))]
     for name, wasm in variants:
-        listeners.append(bench_config.listener(
-            name, ports[name], bench_config.hcm(name, chained_filters(name, wasm, chain, keys))))
+        filters = chained_filters(name, wasm, chain, keys[name], service_port is not None)
+        listeners.append(bench_config.listener(name, ports[name], bench_config.hcm(name, filters)))
     listeners.append(bench_config.listener(
         "upstream", ports["upstream"], bench_config.hcm("upstream", "", route=bench_config.UPSTREAM_ROUTE)))
     return ("admin:\n"
             f"  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {ports['admin']} }} }}\n"
             "static_resources:\n  listeners:\n" + "".join(listeners)
-            + "  clusters:\n" + bench_config.cluster("upstream", ports["upstream"]))
+            + "  clusters:\n" + bench_config.cluster("upstream", ports["upstream"])
+            + (bench_config.cluster("keyservice", service_port) if service_port else ""))
+
+
+def wait_for_keys(port, key, envoy, timeout=600):
+    """Until the listener passes `key` (its key set is loaded)."""
+    started = time.time()
+    while True:
+        if envoy.poll() is not None or time.time() - started > timeout:
+            sys.exit(f"port {port}: key set not loaded; see {run.WORK / 'ab-envoy.log'}")
+        try:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/", headers={"x-api-key": key})
+            with urllib.request.urlopen(req, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
 
 
 def main():
@@ -65,35 +121,50 @@ def main():
     parser.add_argument("--keys", type=int, default=1000)
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--unknown", action="store_true", help="unknown keys: the 401 path, one filter")
+    parser.add_argument("--service", action="store_true", help="keys from a key service (full mode)")
     args = parser.parse_args()
     variants = [tuple(v.split("=", 1)) for v in args.variants]
+    # name=path@N: N keys for that variant.
+    keys = {n: int(w.partition("@")[2] or args.keys) for n, w in variants}
+    keys["floor"] = args.keys
+    variants = [(n, w.partition("@")[0]) for n, w in variants]
     if args.unknown:
         args.chain = 1
         variants = [(n, w) for n, w in variants if "empty" not in n]
     for _, wasm in variants:
-        if not (ROOT / wasm).exists():
-            sys.exit(f"no such wasm: {wasm}")
+        if wasm != API_KEY_AUTH and not (ROOT / wasm).exists():
+            sys.exit(f"no such build: {wasm}")
+        if wasm.endswith(".so") and (ROOT / wasm).resolve().parent != ROOT / "build":
+            sys.exit(f"{wasm}: Envoy loads dynamic modules from build/ only here")
 
     run.WORK.mkdir(parents=True, exist_ok=True)
     names = ["floor"] + [n for n, _ in variants]
     ports = {n: run.free_port() for n in names + ["upstream", "admin"]}
+    service = None
+    if args.service:
+        service = StaticKeyService(run.WORK / "ab-docs", run.free_port(), run.WORK).start()
+        for n in sorted(set(keys.values())):
+            service.write(f"keys-{n}.json", bench_config.key_set_document(n))
     config = run.WORK / "ab.yaml"
-    config.write_text(render(variants, args.chain, args.keys, ports, args.unknown))
-    if args.unknown:
-        plain = [bench_config.KEY_PREFIX + f"{i:032x}" for i in range(args.keys)]
-    else:
-        plain = [bench_config.bench_key(i) for i in range(args.keys)]
-    keys = run.write_keys(run.WORK / "ab-keys.txt", plain)
+    config.write_text(render(variants, args.chain, keys, ports, args.unknown, service and service.port))
+    key_files = {}
+    for n in sorted(set(keys.values())):
+        if args.unknown:
+            plain = [bench_config.KEY_PREFIX + f"{i:032x}" for i in range(n)]
+        else:
+            plain = [bench_config.bench_key(i) for i in range(n)]
+        key_files[n] = run.write_keys(run.WORK / f"ab-keys-{n}.txt", plain)
     log = open(run.WORK / "ab-envoy.log", "wb")
     envoy = subprocess.Popen(["taskset", "-c", "0", run.ENVOY_BIN, "-c", str(config), "--concurrency", "1",
                               "--disable-hot-restart", "--log-level", "warn"],
-                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                             env=dict(os.environ, ENVOY_DYNAMIC_MODULES_SEARCH_PATH=str(ROOT / "build")))
 
     def once(name, seconds):
         before = run.cpu_seconds(envoy.pid)
         done = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{args.connections}", f"-d{seconds}s",
                                "-s", str(ROOT / "bench" / "wrk.lua"), f"http://127.0.0.1:{ports[name]}/",
-                               "--", str(keys)], capture_output=True, text=True)
+                               "--", str(key_files[keys[name]])], capture_output=True, text=True)
         cpu = run.cpu_seconds(envoy.pid) - before
         result = json.loads(next(l for l in done.stdout.splitlines() if l.startswith("{")))
         # wrk counts every non-2xx/3xx answer as a status error: on the 401 path all of them are.
@@ -108,6 +179,9 @@ def main():
                     break
             except OSError:
                 time.sleep(0.2)
+        if service:
+            for name in names:
+                wait_for_keys(ports[name], bench_config.bench_key(keys[name] - 1), envoy)
         load = Path("/proc/loadavg").read_text().split()[:3]
         for name in names:
             once(name, 2)
@@ -118,10 +192,14 @@ def main():
     finally:
         envoy.terminate()
         envoy.wait()
+        if service:
+            service.stop()
 
     traffic = "unknown keys (401 from the filter; floor: the route answers 401)" if args.unknown else "valid keys"
+    counts = ", ".join(sorted({f"{k:,}" for n, k in keys.items() if n != "floor"}))
+    source = "from a key service (full mode)" if args.service else "inline"
     print(f"\nA/B, keygate chained x{args.chain} per listener, {args.rounds} interleaved rounds of "
-          f"{args.seconds}s, {traffic}, {args.keys:,} keys; load average {' '.join(load)} / "
+          f"{args.seconds}s, {traffic}, {counts} keys {source}; load average {' '.join(load)} / "
           f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])}\n")
     # Interference from other processes only ever adds CPU time, so each listener's quieter
     # rounds give the second estimate: (lower quartile of its CPU - the floor's) / N.
@@ -132,7 +210,7 @@ def main():
     print(f"| no filter (floor) | {statistics.median(floor):.1f} ({min(floor):.1f}) | — | — |")
     for name, wasm in variants:
         per_filter = [(c - f) / args.chain for c, f in zip(cpu[name], floor)]
-        print(f"| {name} (`{wasm}`) | {statistics.median(cpu[name]):.1f} ({min(cpu[name]):.1f}) | "
+        print(f"| {name} (`{wasm}`, {keys[name]:,} keys) | {statistics.median(cpu[name]):.1f} ({min(cpu[name]):.1f}) | "
               f"{statistics.median(per_filter):.2f} ({min(per_filter):.2f}–{max(per_filter):.2f}) | "
               f"{(run.lower_quartile(cpu[name]) - run.lower_quartile(floor)) / args.chain:.2f} |")
 

@@ -57,13 +57,14 @@ def key_id(i):
     return f"bench-{i:07d}"
 
 
-def key_set_document(n):
-    """The key service's document for the key-service contender: `{"keys": [...]}`, digests only."""
+def key_set_document(n, serial=1):
+    """The key service's document for the key-service contender: `{"serial": S, "keys": [...]}`,
+    digests only (keygate refuses a document without a serial, or one not above the serial it holds)."""
     records = ",\n".join(
         json.dumps({"id": key_id(i), "tenant": f"tenant-{i % 50}",
                     "secret_sha256": hashlib.sha256(bench_key(i).encode()).hexdigest()})
         for i in range(n))
-    return '{"keys": [\n' + records + "\n]}\n"
+    return f'{{"serial": {serial}, "keys": [\n' + records + "\n]}\n"
 
 
 # keygate in full key-service mode: the whole set is fetched once (refresh at the maximum, so no
@@ -211,13 +212,14 @@ def keygate_filter(vm_id, wasm, config_json, name="keygate"):
 {indent(config_json, 20)}"""
 
 
-def keygate_module_filter(config_json, name="keygate"):
-    """keygate as the Envoy dynamic module build/libkeygate.so, the same JSON (`--extra native`;
-    Envoy needs ENVOY_DYNAMIC_MODULES_SEARCH_PATH=build)."""
+def keygate_module_filter(config_json, name="keygate", module="keygate"):
+    """keygate as the Envoy dynamic module build/lib<module>.so (build/libkeygate.so unless an A/B
+    names another copy), the same JSON (`--extra native`; Envoy needs
+    ENVOY_DYNAMIC_MODULES_SEARCH_PATH=build)."""
     return f"""          - name: {name}
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter
-              dynamic_module_config: {{ name: keygate }}
+              dynamic_module_config: {{ name: {module} }}
               filter_name: keygate
               filter_config:
                 "@type": type.googleapis.com/google.protobuf.StringValue

@@ -63,6 +63,18 @@ pub struct HttpHeader {
     value_length: usize,
 }
 
+impl HttpHeader {
+    const EMPTY: HttpHeader = HttpHeader {
+        key_ptr: std::ptr::null(),
+        key_length: 0,
+        value_ptr: std::ptr::null(),
+        value_length: 0,
+    };
+}
+
+/// Request headers read through a stack array (32 bytes each); more spill to the heap.
+const INLINE_HEADERS: usize = 32;
+
 /// `envoy_dynamic_module_type_http_header_type`.
 const REQUEST_HEADER: u32 = 0;
 const RESPONSE_HEADER: u32 = 2;
@@ -104,6 +116,12 @@ extern "C" {
         result_headers: *mut HttpHeader,
     ) -> bool;
     fn envoy_dynamic_module_callback_http_set_header(
+        filter: EnvoyFilterPtr,
+        header_type: u32,
+        key: Buffer,
+        value: Buffer,
+    ) -> bool;
+    fn envoy_dynamic_module_callback_http_add_header(
         filter: EnvoyFilterPtr,
         header_type: u32,
         key: Buffer,
@@ -407,7 +425,9 @@ impl ConfigHandle {
 pub struct FilterHandle(EnvoyFilterPtr);
 
 impl FilterHandle {
-    /// The request headers, copied into one buffer the core reads by ranges.
+    /// The request headers, copied into one buffer the core reads by ranges. Envoy's header
+    /// views go into a stack array when they fit (most requests), so reading costs one
+    /// allocation for the bytes and one for the core's ranges.
     pub fn request_headers(&self) -> Headers {
         // SAFETY: `self.0` is the filter pointer of the running hook.
         let count =
@@ -415,13 +435,15 @@ impl FilterHandle {
         if count == 0 {
             return Headers::default();
         }
-        let empty = HttpHeader {
-            key_ptr: std::ptr::null(),
-            key_length: 0,
-            value_ptr: std::ptr::null(),
-            value_length: 0,
+        let mut inline = [HttpHeader::EMPTY; INLINE_HEADERS];
+        let mut spilled = Vec::new();
+        let raw: &mut [HttpHeader] = match inline.get_mut(..count) {
+            Some(inline) => inline,
+            None => {
+                spilled.resize(count, HttpHeader::EMPTY);
+                &mut spilled
+            }
         };
-        let mut raw = vec![empty; count];
         // SAFETY: `raw` holds `count` entries, the number Envoy just reported for this map, and
         // nothing changes the map between the two calls (same hook, same thread).
         let ok = unsafe {
@@ -432,8 +454,7 @@ impl FilterHandle {
         }
         let total: usize = raw.iter().map(|h| h.key_length + h.value_length).sum();
         let mut bytes = Vec::with_capacity(total);
-        let mut ranges = Vec::with_capacity(count);
-        for header in &raw {
+        for header in raw.iter_mut() {
             // SAFETY: Envoy filled each entry with pointers into its header map, valid until
             // this hook returns or a header is set; both happen after this copy.
             let (name, value) = unsafe {
@@ -450,12 +471,20 @@ impl FilterHandle {
                     .bytes(),
                 )
             };
-            let name_start = bytes.len();
             bytes.extend_from_slice(name);
-            let value_start = bytes.len();
             bytes.extend_from_slice(value);
-            ranges.push([name_start, value_start, value_start, bytes.len()]);
+            // The ranges below are laid out from these lengths: make them the copied ones (a
+            // null pointer reads as empty).
+            header.key_length = name.len();
+            header.value_length = value.len();
         }
+        let mut end = 0;
+        let ranges = raw.iter().map(|header| {
+            let name_start = end;
+            let value_start = name_start + header.key_length;
+            end = value_start + header.value_length;
+            [name_start, value_start, value_start, end]
+        });
         Headers::from_buffer(bytes, ranges)
     }
 
@@ -476,6 +505,21 @@ impl FilterHandle {
     /// Sets a request header, or removes it when `value` is `None`.
     pub fn set_request_header(&self, name: &str, value: Option<&str>) {
         self.set_header(REQUEST_HEADER, name, value);
+    }
+
+    /// Adds a request header next to any of the same name. Cheaper than a set, which first
+    /// scans Envoy's header map to remove the old values: for a header the request lacks.
+    pub fn add_request_header(&self, name: &str, value: &str) {
+        // SAFETY: `self.0` is the filter pointer of the running hook; both buffers live for the
+        // call and Envoy copies them.
+        unsafe {
+            envoy_dynamic_module_callback_http_add_header(
+                self.0,
+                REQUEST_HEADER,
+                Buffer::of(name.as_bytes()),
+                Buffer::of(value.as_bytes()),
+            );
+        }
     }
 
     pub fn set_response_header(&self, name: &str, value: &str) {

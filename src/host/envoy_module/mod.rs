@@ -605,8 +605,18 @@ fn apply(filter: &FilterHandle, stream: &Stream, req: &RequestView, decision: De
             for name in edits.remove.iter().filter(|name| req.has_header(name)) {
                 filter.set_request_header(name, None);
             }
-            for (name, value) in &edits.set {
-                filter.set_request_header(name, Some(value));
+            // A set is a removal scan plus an add in Envoy: a header the request does not carry
+            // (and not set twice here) is only added.
+            for (at, (name, value)) in edits.set.iter().enumerate() {
+                let set_before = edits
+                    .set
+                    .get(..at)
+                    .is_some_and(|earlier| earlier.iter().any(|(n, _)| n == name));
+                if set_before || req.has_header(name) {
+                    filter.set_request_header(name, Some(value));
+                } else {
+                    filter.add_request_header(name, value);
+                }
             }
             if edits.clear_route_cache {
                 filter.clear_route_cache();
