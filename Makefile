@@ -93,8 +93,7 @@ cli:
 tracked-outputs:
 	@python3 tools/check_tracked_outputs.py
 
-# The core reads bottom-up: no import cycle between its modules (circles that another change is
-# removing may be listed in tools/core_cycles_allowed.txt meanwhile).
+# The core reads bottom-up: no import cycle between its modules.
 core-cycles:
 	@python3 tools/check_core_cycles.py src/core
 

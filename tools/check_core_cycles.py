@@ -8,18 +8,13 @@ code), builds the graph of files, and reports every strongly connected component
 set of modules that reach each other. Test code (`#[cfg(test)]` items) may use anything and is
 not read.
 
-A file listing known circles (one per line, module names separated by spaces; `#` comments) can
-let a circle pass while another change removes it: the circle is still printed, as allowed. By
-default tools/core_cycles_allowed.txt is read when it exists.
-
-Usage: check_core_cycles.py [ROOT] [--allow FILE]   (ROOT defaults to src/core)
+Usage: check_core_cycles.py [ROOT]   (ROOT defaults to src/core)
 """
 import re
 import sys
 from pathlib import Path
 
 DEFAULT_ROOT = "src/core"
-DEFAULT_ALLOW = "tools/core_cycles_allowed.txt"
 IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 # A path in code that names a core module: `super::x::`, `crate::core::x::`, `self::x::`.
 INLINE_PATH = re.compile(rf"(?<![\w:])((?:crate::core|super|self)(?:::{IDENT})+)")
@@ -233,40 +228,21 @@ def one_cycle(component, edges):
     return component + [start]
 
 
-def read_allowed(path):
-    if path is None or not Path(path).exists():
-        return []
-    allowed = []
-    for line in Path(path).read_text().splitlines():
-        names = line.split("#", 1)[0].split()
-        if names:
-            allowed.append({tuple(n.split("::")) for n in names})
-    return allowed
-
-
 def main(argv):
     args = list(argv)
-    allow_file = DEFAULT_ALLOW
-    if "--allow" in args:
-        k = args.index("--allow")
-        allow_file = args[k + 1] if k + 1 < len(args) else None
-        del args[k : k + 2]
     root = Path(args[0] if args else DEFAULT_ROOT)
     if not root.is_dir():
         print(f"check_core_cycles: {root} is not a directory", file=sys.stderr)
         return 2
     modules, edges = read_edges(root)
-    allowed = read_allowed(allow_file)
     name = lambda m: "::".join(m) or "mod"
     failed = 0
     components = strongly_connected(modules, edges)
     for component in components:
-        is_allowed = any(set(component) <= group for group in allowed)
-        failed += not is_allowed
-        label = "allowed: " if is_allowed else ""
-        out = sys.stdout if is_allowed else sys.stderr
+        failed += 1
+        out = sys.stderr
         walk = " -> ".join(name(m) for m in one_cycle(component, edges))
-        print(f"{label}import cycle in {root}: {walk}", file=out)
+        print(f"import cycle in {root}: {walk}", file=out)
         print(f"  modules: {', '.join(name(m) for m in component)}", file=out)
         for (a, b), refs in sorted(edges.items()):
             if a in component and b in component:
@@ -279,12 +255,7 @@ def main(argv):
         print(f"{failed} import cycle(s) in {root}: move what both sides need into a module "
               "below them (see issue 19)", file=sys.stderr)
         return 1
-    listed = len(components)
-    summary = f"{len(modules)} modules, {len(edges)} imports between them"
-    if listed:
-        print(f"no import cycle in {root} but the {listed} allowed in {allow_file} ({summary})")
-    else:
-        print(f"no import cycle in {root} ({summary})")
+    print(f"no import cycle in {root} ({len(modules)} modules, {len(edges)} imports between them)")
     return 0
 
 

@@ -10,7 +10,7 @@ use super::config_error::is_header_value;
 pub use super::config_error::ConfigError;
 use super::credential::{CredentialSource, CredentialSpec, Place, TokenFormat};
 use super::keyset::{KeyRecordSpec, KeySet};
-use super::keysource::{KeyService, KeyServiceSpec};
+use super::keysource::service::{KeyService, KeyServiceSpec};
 use super::limits::{Limits, LimitsSpec};
 use super::policy::{
     Policy, PolicySpec, RouteRule, RouteRuleSpec, TenantSelector, TenantSelectorSpec,

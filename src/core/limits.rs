@@ -31,25 +31,10 @@ use sha2::{Digest as _, Sha256};
 use super::codes::ErrorCode;
 use super::config_error::ConfigError;
 use super::keyset::KeyRecord;
+use super::keysource::store::{cas_update, Change, SharedStore};
 use super::policy::Policy;
 use super::rate_limit::{RateLimit, RateLimitSpec, MICROS_PER_SECOND};
 use super::time::utc_year_month;
-
-/// The shared store the counters live in: Envoy's shared data in the adapter, a map in tests.
-pub trait SharedStore {
-    /// The value and its compare-and-swap token, or `None` when the key is absent.
-    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)>;
-    /// Writes `value` if the stored token is still `cas` (`0` writes unconditionally).
-    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError>;
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StoreError {
-    /// Another writer got there first: read again and retry.
-    CasMismatch,
-    /// The store refused the write for another reason.
-    Unavailable,
-}
 
 /// What to do when the store cannot be updated (persistent CAS contention or a host error).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -409,28 +394,29 @@ pub fn apply_limits(
     let now_us = now_ms.saturating_mul(1000);
     let month = month_number(now_ms.div_euclid(1000));
 
-    for _ in 0..=limits.max_retries {
-        let Some((bytes, cas)) = store.get(&slot) else {
-            // Slots are created at configure time; recreate one that is missing and re-read.
-            if store.set(&slot, &[FORMAT], 0).is_err() {
-                break;
-            }
-            continue;
+    let attempts = (limits.max_retries as usize).saturating_add(1);
+    let recorded = cas_update(store, &slot, attempts, |bytes| {
+        // Slots are created at configure time; one that is missing is recreated.
+        let Some(bytes) = bytes else {
+            return Change::Create(vec![FORMAT]);
         };
-        let mut entries = decode(&bytes);
+        let mut entries = decode(bytes);
         let current = entries
             .iter()
             .find(|(t, _)| *t == tag)
             .map(|(_, c)| *c)
             .unwrap_or_default();
-        let (next, info) = evaluate(current, rate, budget, policy.cost, now_us, month)?;
-        entries.retain(|(t, c)| *t != tag && !c.is_idle(now_us, month));
-        entries.push((tag, next));
-        match store.set(&slot, &encode(&entries), cas) {
-            Ok(()) => return Ok(info),
-            Err(StoreError::CasMismatch) => continue,
-            Err(StoreError::Unavailable) => break,
+        match evaluate(current, rate, budget, policy.cost, now_us, month) {
+            Ok((next, info)) => {
+                entries.retain(|(t, c)| *t != tag && !c.is_idle(now_us, month));
+                entries.push((tag, next));
+                Change::Write(encode(&entries), Ok(info))
+            }
+            Err(denial) => Change::Keep(Err(denial)),
         }
+    });
+    if let Ok(decided) = recorded {
+        return decided;
     }
     match limits.on_store_failure {
         StoreFailurePolicy::Allow => Ok(LimitInfo::default()),
@@ -523,6 +509,7 @@ mod tests {
     use crate::core::config::Config;
     use crate::core::digest::sha256;
     use crate::core::keyset::KeySet;
+    use crate::core::keysource::store::StoreError;
     use crate::core::memory_store::MemoryStore;
     use crate::core::time::parse_rfc3339;
     use std::cell::Cell;

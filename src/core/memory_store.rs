@@ -5,7 +5,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
-use super::limits::{SharedStore, StoreError};
+use super::keysource::store::{SharedStore, StoreError};
 
 #[derive(Debug)]
 pub struct MemoryStore {

@@ -11,7 +11,7 @@
 use std::ffi::{c_char, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use crate::core::keysource::FetchResponse;
+use crate::core::keysource::service::FetchResponse;
 use crate::core::request::Headers;
 
 use super::{FilterConfig, Stream};
@@ -905,7 +905,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_local_reply(
     CONTINUE
 }
 
-/// Status, ETag and body of a callout's answer; no status when there was none.
+/// Status, ETag, `content-range` and body of a callout's answer; no status when there was none.
 ///
 /// # Safety
 /// `headers` and `body_chunks` must be null or point to `headers_size` headers and
@@ -917,11 +917,7 @@ unsafe fn fetch_response(
     body_chunks: *const Buffer,
     body_chunks_size: usize,
 ) -> FetchResponse {
-    let mut response = FetchResponse {
-        status: None,
-        etag: None,
-        body: Vec::new(),
-    };
+    let mut response = FetchResponse::default();
     if result != CALLOUT_SUCCESS {
         return response;
     }
@@ -941,6 +937,7 @@ unsafe fn fetch_response(
             match name {
                 b":status" => response.status = value.parse().ok(),
                 b"etag" => response.etag = Some(value.into_owned()),
+                b"content-range" => response.content_range = Some(value.into_owned()),
                 _ => {}
             }
         }

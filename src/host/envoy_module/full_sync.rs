@@ -3,20 +3,22 @@
 //!
 //! Envoy's dynamic-module ABI gives HTTP filters no timer. A small module thread wakes every
 //! 250 ms and posts a tick to Envoy's main thread (the config scheduler may be committed from
-//! any thread); the tick, the fetch and its answer all run there. The decisions (period, ETag,
-//! validation, versions, staleness) are `core::keysource`'s, over a process-wide store.
+//! any thread); the tick, the fetch (in ranged parts, like the wasm filter) and its answers all
+//! run there, as the core's `FullSyncFlow` over this module's implementation of its traits.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use super::ffi::{log, ConfigHandle, LogLevel, MainThread};
+use super::now_millis;
 use super::process_store::ProcessStore;
 use crate::core::keyset::KeySet;
-use crate::core::keysource::{
-    age_ms, FetchOutcome, FetchResponse, FullSync, KeyService, RemoteKeySet, SyncEvent, TickPlan,
-    Unavailable,
-};
+use crate::core::keysource::full_sync::{RemoteKeySet, Unavailable};
+use crate::core::keysource::full_sync_flow::{Fetch, Fetchers, FullSyncFlow};
+use crate::core::keysource::host::{Callouts, Clock, Counter, Gauge, Level, Log, Metrics};
+use crate::core::keysource::service::{FetchResponse, FullSync, KeyService};
+use crate::core::keysource::store::{SharedStore, StoreError};
 
 /// How often the main thread checks whether a fetch is due (the wasm filter's tick).
 const TICK: Duration = Duration::from_millis(250);
@@ -24,33 +26,82 @@ const TICK: Duration = Duration::from_millis(250);
 pub const TICK_EVENT: u64 = 1;
 /// The lease holder: the process is the only fetcher.
 const PROCESS: u64 = 1;
-/// A fetch whose answer never came is forgotten after its timeout plus this.
-const IN_FLIGHT_GRACE_MS: i64 = 5_000;
-
-struct Gauges {
-    version: Option<usize>,
-    keys: Option<usize>,
-    age_seconds: Option<usize>,
-    fetches: Option<usize>,
-    fetch_failures: Option<usize>,
-    rollbacks_refused: Option<usize>,
-    updates: Option<usize>,
-}
 
 /// Chunks to copy per sync: all of them. The process holds one set, loaded on the main thread,
 /// so no request waits behind the copy.
 const WHOLE_SET: u32 = u32::MAX;
 
+/// The full-mode metrics as defined on this config (a metric Envoy refused is left out).
+struct SourceMetrics {
+    counters: Vec<(Counter, usize)>,
+    gauges: Vec<(Gauge, usize)>,
+}
+
+/// The core's key-source host traits on the main thread: the process store, the config's
+/// callouts and metrics, Envoy's log.
+struct MainThreadHost<'a> {
+    store: &'a ProcessStore,
+    main: &'a MainThread,
+    metrics: &'a SourceMetrics,
+}
+
+impl SharedStore for MainThreadHost<'_> {
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.store.get(key)
+    }
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
+        self.store.set(key, value, cas)
+    }
+}
+
+impl Clock for MainThreadHost<'_> {
+    fn now_ms(&self) -> i64 {
+        now_millis()
+    }
+}
+
+impl Callouts for MainThreadHost<'_> {
+    fn dispatch(
+        &self,
+        cluster: &str,
+        headers: &[(&'static str, String)],
+        timeout_ms: u64,
+    ) -> Result<u64, String> {
+        let headers: Vec<(&str, String)> = headers.to_vec();
+        self.main.http_callout(cluster, &headers, timeout_ms)
+    }
+}
+
+impl Metrics for MainThreadHost<'_> {
+    fn bump(&self, counter: Counter) {
+        let id = self.metrics.counters.iter().find(|(c, _)| *c == counter);
+        self.main.increment_counter(id.map(|(_, id)| *id));
+    }
+    fn record(&self, gauge: Gauge, value: u64) {
+        let id = self.metrics.gauges.iter().find(|(g, _)| *g == gauge);
+        self.main.set_gauge(id.map(|(_, id)| *id), value);
+    }
+}
+
+impl Log for MainThreadHost<'_> {
+    fn log(&self, level: Level, line: &str) {
+        let level = match level {
+            Level::Info => LogLevel::Info,
+            Level::Warn => LogLevel::Warn,
+        };
+        log(level, line);
+    }
+}
+
 pub struct FullSource {
-    name: String,
+    flow: FullSyncFlow,
     service: KeyService,
-    sync: FullSync,
     store: Arc<ProcessStore>,
     remote: Mutex<RemoteKeySet>,
-    /// Id and start of the fetch in flight (main thread only; a lock for `Sync`).
-    in_flight: Mutex<Option<(u64, i64)>>,
+    /// The fetch in flight and its parts (main thread only; a lock for `Sync`).
+    fetch: Mutex<Fetch>,
     main: MainThread,
-    metrics: Gauges,
+    metrics: SourceMetrics,
     stopped: AtomicBool,
 }
 
@@ -64,24 +115,36 @@ impl FullSource {
         store: Arc<ProcessStore>,
     ) -> Arc<FullSource> {
         let metric = |suffix: &str| format!("keygate.{name}.{suffix}");
-        let metrics = Gauges {
-            version: handle.define_gauge(&metric("keyset.version")),
-            keys: handle.define_gauge(&metric("keyset.keys")),
-            age_seconds: handle.define_gauge(&metric("keyset.age_seconds")),
-            fetches: handle.define_counter(&metric("keyset.fetches")),
-            fetch_failures: handle.define_counter(&metric("keyset.fetch_failures")),
-            rollbacks_refused: handle.define_counter(&metric("keyset.rollbacks_refused")),
-            updates: handle.define_counter(&metric("keyset.updates")),
+        let metrics = SourceMetrics {
+            counters: Counter::FULL_SYNC
+                .iter()
+                .filter_map(|c| Some((*c, handle.define_counter(&metric(c.name()))?)))
+                .collect(),
+            gauges: Gauge::ALL
+                .iter()
+                .filter_map(|g| Some((*g, handle.define_gauge(&metric(g.name()))?)))
+                .collect(),
         };
-        sync.ensure_lease(service, &*store);
+        let main = handle.main_thread();
+        let flow = FullSyncFlow::start(
+            name,
+            service,
+            sync,
+            PROCESS,
+            Fetchers::One,
+            &MainThreadHost {
+                store: &store,
+                main: &main,
+                metrics: &metrics,
+            },
+        );
         let source = Arc::new(FullSource {
-            name: name.to_string(),
+            flow,
             service: service.clone(),
-            sync: sync.clone(),
             store,
             remote: Mutex::new(RemoteKeySet::default()),
-            in_flight: Mutex::new(None),
-            main: handle.main_thread(),
+            fetch: Mutex::new(Fetch::default()),
+            main,
             metrics,
             stopped: AtomicBool::new(false),
         });
@@ -107,6 +170,14 @@ impl FullSource {
         source
     }
 
+    fn host(&self) -> MainThreadHost<'_> {
+        MainThreadHost {
+            store: &self.store,
+            main: &self.main,
+            metrics: &self.metrics,
+        }
+    }
+
     /// The config is going away: the ticker posts nothing more.
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::Relaxed);
@@ -120,118 +191,33 @@ impl FullSource {
         }
     }
 
-    /// Main thread: fetch when the period has passed and no fetch is in flight.
-    pub fn on_tick(&self, now_ms: i64) {
-        // Loads a set stored before this config existed (a listener update keeps the store).
+    /// Main thread: catch up with the store (a listener update keeps it, with a set stored
+    /// before this config existed), then fetch when the period has passed.
+    pub fn on_tick(&self) {
+        let host = self.host();
         if let Ok(mut remote) = self.remote.lock() {
-            if let Some(event) = remote.sync(&self.service, &*self.store, WHOLE_SET) {
-                self.report(event);
-            }
+            self.flow.catch_up(&host, &mut remote, WHOLE_SET);
         }
-        if let Some(age) = age_ms(&self.service, &*self.store, now_ms) {
-            self.main
-                .set_gauge(self.metrics.age_seconds, (age.max(0) / 1000) as u64);
-        }
-        let Ok(mut in_flight) = self.in_flight.lock() else {
-            return;
-        };
-        if let Some((_, since)) = *in_flight {
-            if now_ms - since > self.service.timeout_ms as i64 + IN_FLIGHT_GRACE_MS {
-                *in_flight = None;
-            }
-        }
-        let plan = self.sync.plan(
-            &self.service,
-            &*self.store,
-            PROCESS,
-            in_flight.is_some(),
-            now_ms,
-        );
-        let TickPlan::Fetch { headers } = plan else {
-            return;
-        };
-        self.main.increment_counter(self.metrics.fetches);
-        // One request for the whole document: the module does not put ranged parts together
-        // yet (the wasm filter does), so a document is limited by Envoy's callout buffer.
-        let headers: Vec<(&str, String)> = headers
-            .into_iter()
-            .filter(|(name, _)| !name.eq_ignore_ascii_case("range"))
-            .collect();
-        match self
-            .main
-            .http_callout(&self.service.cluster, &headers, self.service.timeout_ms)
-        {
-            Ok(id) => *in_flight = Some((id, now_ms)),
-            Err(reason) => {
-                self.main.increment_counter(self.metrics.fetch_failures);
-                log(
-                    LogLevel::Warn,
-                    &format!("keygate[{}]: key-set fetch not sent: {reason}", self.name),
-                );
-            }
+        if let Ok(mut fetch) = self.fetch.lock() {
+            self.flow.tick(&host, &mut fetch);
         }
     }
 
-    /// Main thread: the answer to the fetch.
-    pub fn on_fetch_done(&self, callout_id: u64, response: FetchResponse, now_ms: i64) {
-        match self.in_flight.lock() {
-            Ok(mut in_flight) if in_flight.is_some_and(|(id, _)| id == callout_id) => {
-                *in_flight = None
-            }
-            _ => return,
-        }
-        let outcome = self
-            .sync
-            .finish(&self.service, &*self.store, now_ms, response);
-        let Ok(mut remote) = self.remote.lock() else {
+    /// Main thread: the answer to the fetch or to one of its parts. The document is parsed
+    /// before the set's lock is taken, so requests keep deciding with the current set meanwhile.
+    pub fn on_fetch_done(&self, callout_id: u64, response: FetchResponse) {
+        let host = self.host();
+        let outcome = match self.fetch.lock() {
+            Ok(mut fetch) => self
+                .flow
+                .on_response(&host, &mut fetch, callout_id, response),
+            Err(_) => return,
+        };
+        let (Some(outcome), Ok(mut remote)) = (outcome, self.remote.lock()) else {
             return;
         };
-        match outcome {
-            FetchOutcome::Updated { version, keys } => {
-                self.main.increment_counter(self.metrics.updates);
-                let event = remote.install(version, keys);
-                self.report(event);
-            }
-            FetchOutcome::Unchanged { .. } => {}
-            FetchOutcome::RolledBack {
-                offered,
-                current,
-                failures,
-            } => {
-                self.main.increment_counter(self.metrics.fetch_failures);
-                self.main.increment_counter(self.metrics.rollbacks_refused);
-                log(
-                    LogLevel::Warn,
-                    &remote.rollback_line(&self.name, offered, current, failures),
-                );
-            }
-            FetchOutcome::Failed { reason, failures } => {
-                self.main.increment_counter(self.metrics.fetch_failures);
-                log(
-                    LogLevel::Warn,
-                    &remote.fetch_failed_line(&self.name, failures, &reason),
-                );
-            }
-        }
+        self.flow.apply(&host, &mut remote, outcome);
         // Catch up with the stored meta (the time of the last success, after a 304 too).
-        if let Some(event) = remote.sync(&self.service, &*self.store, WHOLE_SET) {
-            self.report(event);
-        }
-    }
-
-    fn report(&self, event: SyncEvent) {
-        if let SyncEvent::Loaded { version, keys } = event {
-            self.main.set_gauge(self.metrics.version, version);
-            self.main.set_gauge(self.metrics.keys, keys as u64);
-        }
-        let (warning, line) = event.log_line(&self.name);
-        log(
-            if warning {
-                LogLevel::Warn
-            } else {
-                LogLevel::Info
-            },
-            &line,
-        );
+        self.flow.catch_up(&host, &mut remote, WHOLE_SET);
     }
 }

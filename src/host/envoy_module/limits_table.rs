@@ -10,7 +10,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::core::limits::{slot_index, sweep, sweep_batch, Limits, SharedStore, StoreError};
+use crate::core::keysource::store::{SharedStore, StoreError};
+use crate::core::limits::{slot_index, sweep, sweep_batch, Limits};
 
 /// Filter name and slot count to its table.
 type TablesByFilter = HashMap<(String, u32), Arc<LimitsTable>>;

@@ -5,7 +5,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::core::keycache::{Answer, LookupKey};
+use crate::core::keysource::lookup_on_miss::Answer;
+use crate::core::keysource::paths::LookupKey;
 
 use super::ffi::StreamWaker;
 

@@ -20,9 +20,15 @@ use crate::core::codes::ErrorCode;
 use crate::core::config::{Config, SessionConfig};
 use crate::core::credential::Credential;
 use crate::core::decision::{begin, decide_for_key, lookup, Decision, Principal, Step};
-use crate::core::keycache::{parse_answer, Answer, Cached, KeyCache, LookupKey};
 use crate::core::keyset::KeySet;
-use crate::core::keysource::{FetchResponse, KeyServiceMode, OnUnavailable};
+use crate::core::keysource::host::{Callouts, Clock, Counter, Gauge, Level, Log, Metrics};
+use crate::core::keysource::lookup_flow::{
+    unavailable as core_unavailable, LookupFlow, LookupOutcome,
+};
+use crate::core::keysource::lookup_on_miss::Answer;
+use crate::core::keysource::paths::LookupKey;
+use crate::core::keysource::service::{FetchResponse, KeyServiceMode};
+use crate::core::keysource::store::{SharedStore, StoreError};
 use crate::core::limits::apply_limits;
 use crate::core::policy::Policy;
 use crate::core::reply::{denial_log_line, preflight_reply, unconfigured_reply};
@@ -56,12 +62,12 @@ impl Counters {
         let counter = |suffix: &str| handle.define_counter(&format!("keygate.{name}.{suffix}"));
         let lookup_counter = |suffix: &str| lookup.then(|| counter(suffix)).flatten();
         Counters {
-            cache_hits: lookup_counter("cache.hits"),
-            cache_misses: lookup_counter("cache.misses"),
-            lookup_failures: lookup_counter("cache.lookup_failures"),
-            misses_over_cap: lookup_counter("cache.misses_over_cap"),
-            coalesced: lookup_counter("cache.coalesced"),
-            unverified_allowed: counter("unverified_allowed"),
+            cache_hits: lookup_counter(Counter::CacheHits.name()),
+            cache_misses: lookup_counter(Counter::CacheMisses.name()),
+            lookup_failures: lookup_counter(Counter::LookupFailures.name()),
+            misses_over_cap: lookup_counter(Counter::MissesOverCap.name()),
+            coalesced: lookup_counter(Counter::Coalesced.name()),
+            unverified_allowed: counter(Counter::UnverifiedAllowed.name()),
             allowed: counter("allowed"),
             denied: counter("denied"),
             denied_by_code: ErrorCode::ALL
@@ -85,6 +91,87 @@ impl Counters {
         if let Some((_, id)) = self.denied_by_code.iter().find(|(c, _)| *c == code) {
             Counters::bump(filter, *id);
         }
+    }
+}
+
+/// The core's key-source host traits on a worker, for one stream's hooks: the process store,
+/// the stream's callouts and counters, Envoy's log.
+struct StreamHost<'a> {
+    filter: &'a FilterHandle,
+    /// The lookup cache's store (`None`: not in lookup mode).
+    store: Option<&'a ProcessStore>,
+    counters: &'a Counters,
+}
+
+impl<'a> StreamHost<'a> {
+    fn of(filter: &'a FilterHandle, runtime: &'a Runtime) -> StreamHost<'a> {
+        StreamHost {
+            filter,
+            store: runtime.cache_store.as_deref(),
+            counters: &runtime.counters,
+        }
+    }
+}
+
+impl SharedStore for StreamHost<'_> {
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.store?.get(key)
+    }
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
+        self.store
+            .ok_or(StoreError::Unavailable)?
+            .set(key, value, cas)
+    }
+}
+
+impl Clock for StreamHost<'_> {
+    fn now_ms(&self) -> i64 {
+        now_millis()
+    }
+}
+
+impl Callouts for StreamHost<'_> {
+    fn dispatch(
+        &self,
+        cluster: &str,
+        headers: &[(&'static str, String)],
+        timeout_ms: u64,
+    ) -> Result<u64, String> {
+        let headers: Vec<(&str, String)> = headers.to_vec();
+        self.filter.http_callout(cluster, &headers, timeout_ms)
+    }
+}
+
+impl Metrics for StreamHost<'_> {
+    fn bump(&self, counter: Counter) {
+        let c = self.counters;
+        let id = match counter {
+            Counter::CacheHits => c.cache_hits,
+            Counter::CacheMisses => c.cache_misses,
+            Counter::LookupFailures => c.lookup_failures,
+            Counter::MissesOverCap => c.misses_over_cap,
+            Counter::Coalesced => c.coalesced,
+            Counter::UnverifiedAllowed => c.unverified_allowed,
+            // Full mode's are counted on the main thread (`full_sync`).
+            Counter::Fetches
+            | Counter::FetchFailures
+            | Counter::Updates
+            | Counter::RollbacksRefused => None,
+        };
+        Counters::bump(self.filter, id);
+    }
+    fn record(&self, _gauge: Gauge, _value: u64) {
+        // The gauges are full mode's, set on the main thread.
+    }
+}
+
+impl Log for StreamHost<'_> {
+    fn log(&self, level: Level, line: &str) {
+        let level = match level {
+            Level::Info => LogLevel::Info,
+            Level::Warn => LogLevel::Warn,
+        };
+        log(level, line);
     }
 }
 
@@ -242,8 +329,8 @@ fn on_request_headers(filter: &FilterHandle, stream: &Stream) -> bool {
     let decision = match begin(config, &req) {
         Step::Decided(decision) => decision,
         Step::Lookup { credential, policy } => {
-            if let Some(store) = &runtime.cache_store {
-                return decide_by_lookup(filter, stream, store, req, credential, policy);
+            if runtime.cache_store.is_some() {
+                return decide_by_lookup(filter, stream, req, credential, policy);
             }
             match &runtime.full {
                 Some(full) => match full.current(now_millis()) {
@@ -269,18 +356,13 @@ fn on_request_headers(filter: &FilterHandle, stream: &Stream) -> bool {
 fn decide_by_lookup(
     filter: &FilterHandle,
     stream: &Stream,
-    store: &ProcessStore,
     req: RequestView,
     credential: Credential,
     policy: &Policy,
 ) -> bool {
     let runtime = &*stream.runtime;
     let config = &runtime.config;
-    let Some((service, cache)) = config
-        .key_service
-        .as_ref()
-        .and_then(|service| Some((service, KeyCache::of(service)?)))
-    else {
+    let Some(flow) = lookup_flow(runtime) else {
         return apply(
             filter,
             stream,
@@ -291,25 +373,23 @@ fn decide_by_lookup(
             },
         );
     };
+    let host = StreamHost::of(filter, runtime);
     let key = LookupKey::of(&credential);
-    let stale = match cache.get(store, &key, now_millis()) {
-        Cached::Fresh(answer) => {
-            Counters::bump(filter, runtime.counters.cache_hits);
-            let decision = decide_for_key(config, policy, &credential, answer.record(), &req);
+    let stale = match flow.cached(&host, &key) {
+        Ok(answer) => {
+            let outcome = LookupOutcome::Answer(&answer);
+            let decision = flow.decide(&host, config, policy, &credential, &req, outcome);
             return apply(filter, stream, &req, decision);
         }
-        Cached::Stale(answer) => Some(answer),
-        Cached::Miss => None,
+        Err(stale) => stale,
     };
-    Counters::bump(filter, runtime.counters.cache_misses);
-    let now = now_millis();
     match runtime
         .lookups
-        .join_or_lead(&key, || filter.waker(), || cache.admit_miss(store, now))
+        .join_or_lead(&key, || filter.waker(), || flow.admit(&host))
     {
         Role::Lead => {}
         Role::Wait(outcome) => {
-            Counters::bump(filter, runtime.counters.coalesced);
+            flow.coalesced(&host);
             if let Ok(mut waiting) = stream.waiting.try_borrow_mut() {
                 *waiting = Some(WaitingLookup {
                     req,
@@ -320,29 +400,15 @@ fn decide_by_lookup(
             return false;
         }
         Role::OverCap => {
-            // No fetch. A key with an old answer is decided with it; an unknown one cannot be
-            // verified now, whatever on_unavailable says (unknown keys must not get through
-            // unauthenticated by flooding).
-            Counters::bump(filter, runtime.counters.misses_over_cap);
-            let decision = match &stale {
-                Some(answer) => decide_for_key(config, policy, &credential, answer.record(), &req),
-                None => Decision::Deny {
-                    code: ErrorCode::KeysetUnavailable,
-                    key_id: None,
-                },
-            };
+            let outcome = stale
+                .as_ref()
+                .map_or(LookupOutcome::OverCap, LookupOutcome::Answer);
+            let decision = flow.decide(&host, config, policy, &credential, &req, outcome);
             return apply(filter, stream, &req, decision);
         }
     }
-    let sent = cache
-        .request_headers(&key)
-        .ok_or_else(|| "no lookup path for this kind of key".to_string())
-        .and_then(|headers| {
-            let headers: Vec<(&str, String)> = headers.into_iter().collect();
-            filter.http_callout(&service.cluster, &headers, service.timeout_ms)
-        });
-    match sent {
-        Ok(callout_id) => {
+    match flow.send(&host, &key) {
+        Some(callout_id) => {
             if let Ok(mut pending) = stream.pending.try_borrow_mut() {
                 *pending = Some(PendingLookup {
                     callout_id,
@@ -353,16 +419,22 @@ fn decide_by_lookup(
             }
             false
         }
-        Err(reason) => {
+        None => {
             runtime.lookups.settle(&key, None);
-            lookup_failed(filter, runtime, &reason);
-            let decision = match &stale {
-                Some(answer) => decide_for_key(config, policy, &credential, answer.record(), &req),
-                None => unavailable(filter, runtime, policy),
-            };
+            let outcome = stale
+                .as_ref()
+                .map_or(LookupOutcome::Unavailable, LookupOutcome::Answer);
+            let decision = flow.decide(&host, config, policy, &credential, &req, outcome);
             apply(filter, stream, &req, decision)
         }
     }
+}
+
+/// The lookup flow of the filter's key service, in lookup mode.
+fn lookup_flow(runtime: &Runtime) -> Option<LookupFlow<'_>> {
+    let service = runtime.config.key_service.as_ref()?;
+    runtime.cache_store.as_ref()?;
+    LookupFlow::of(&runtime.config.name, service)
 }
 
 /// The key service answered (or failed) for the paused request: cache the answer, decide, and
@@ -383,23 +455,10 @@ fn on_callout_done(
         return;
     };
     let runtime = &*stream.runtime;
-    let config = &runtime.config;
-    let (Some(service), Some(store)) = (&config.key_service, &runtime.cache_store) else {
+    let Some(flow) = lookup_flow(runtime) else {
         return;
     };
-    let Some(cache) = KeyCache::of(service) else {
-        return;
-    };
-    let fetched = match parse_answer(response.status, &response.body, &pending.key) {
-        Ok(fetched) => {
-            cache.put(&**store, &pending.key, &fetched, now_millis());
-            Some(fetched.answer)
-        }
-        Err(reason) => {
-            lookup_failed(filter, runtime, &reason);
-            None
-        }
-    };
+    let fetched = flow.answered(&StreamHost::of(filter, runtime), &pending.key, &response);
     runtime.lookups.settle(&pending.key, fetched.clone());
     resume_decided(filter, stream, &pending.req, fetched.or(pending.stale));
 }
@@ -434,9 +493,18 @@ fn resume_decided(
     // The same request view gives the same credential and policy as before the pause.
     let decision = match begin(config, req) {
         Step::Decided(decision) => decision,
-        Step::Lookup { credential, policy } => match &answer {
-            Some(answer) => decide_for_key(config, policy, &credential, answer.record(), req),
-            None => unavailable(filter, runtime, policy),
+        Step::Lookup { credential, policy } => match lookup_flow(runtime) {
+            Some(flow) => {
+                let host = StreamHost::of(filter, runtime);
+                let outcome = answer
+                    .as_ref()
+                    .map_or(LookupOutcome::Unavailable, LookupOutcome::Answer);
+                flow.decide(&host, config, policy, &credential, req, outcome)
+            }
+            None => Decision::Deny {
+                code: ErrorCode::KeysetUnavailable,
+                key_id: None,
+            },
         },
     };
     if apply(filter, stream, req, decision) {
@@ -447,55 +515,30 @@ fn resume_decided(
 /// Main thread: a tick the key-set ticker posted.
 fn on_config_scheduled(config: &FilterConfig, event_id: u64) {
     if let (Some(full), TICK_EVENT) = (&config.runtime.full, event_id) {
-        full.on_tick(now_millis());
+        full.on_tick();
     }
 }
 
 /// Main thread: the answer to a key-set fetch.
 fn on_fetch_done(config: &FilterConfig, callout_id: u64, response: FetchResponse) {
     if let Some(full) = &config.runtime.full {
-        full.on_fetch_done(callout_id, response, now_millis());
+        full.on_fetch_done(callout_id, response);
     }
 }
 
-fn lookup_failed(filter: &FilterHandle, runtime: &Runtime, reason: &str) {
-    Counters::bump(filter, runtime.counters.lookup_failures);
-    log(
-        LogLevel::Warn,
-        &format!(
-            "keygate[{}]: key lookup failed: {reason}",
-            runtime.config.name
-        ),
-    );
-}
-
-/// Keys cannot be verified: fail closed (503), or let the request through unauthenticated when
-/// the operator chose availability.
+/// Keys cannot be verified (full mode): `on_unavailable` decides.
 fn unavailable<'a>(filter: &FilterHandle, runtime: &Runtime, policy: &'a Policy) -> Decision<'a> {
-    let on_unavailable = runtime
-        .config
-        .key_service
-        .as_ref()
-        .map_or(OnUnavailable::Deny, |s| s.on_unavailable);
-    match on_unavailable {
-        OnUnavailable::Deny => Decision::Deny {
+    match &runtime.config.key_service {
+        Some(service) => core_unavailable(
+            &runtime.config.name,
+            service,
+            &StreamHost::of(filter, runtime),
+            policy,
+        ),
+        None => Decision::Deny {
             code: ErrorCode::KeysetUnavailable,
             key_id: None,
         },
-        OnUnavailable::Allow => {
-            Counters::bump(filter, runtime.counters.unverified_allowed);
-            log(
-                LogLevel::Warn,
-                &format!(
-                    "keygate[{}]: keys cannot be verified; request allowed unauthenticated (on_unavailable: allow)",
-                    runtime.config.name
-                ),
-            );
-            Decision::Allow {
-                principal: Principal::Anonymous,
-                policy,
-            }
-        }
     }
 }
 

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::core::limits::{SharedStore, StoreError};
+use crate::core::keysource::store::{SharedStore, StoreError};
 
 #[derive(Default)]
 pub struct ProcessStore {

@@ -1,9 +1,9 @@
 //! The host side of keys from a key service: the fetch tick and its callout (full mode), the
 //! paused request and its callout (lookup on miss), shared data, gauges and counters. Every
-//! decision about leases, versions, staleness and caching is made by `core::keysource` and
-//! `core::keycache`.
+//! decision about leases, versions, staleness and caching is made by `core::keysource`; the full
+//! sync runs as the core's `FullSyncFlow` over this host's implementation of its traits.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
@@ -15,17 +15,19 @@ use proxy_wasm::types::{Action, BufferType, LogLevel, MapType, MetricType};
 
 use super::shared_store::HostStore;
 use super::{log, now_millis, settle, KeygateRequest, Runtime, Settled, Verdict};
-use crate::core::codes::ErrorCode;
 use crate::core::credential::Credential;
-use crate::core::decision::{begin, decide_for_key, lookup, Decision, Principal, Step};
-use crate::core::docparts::{PartStep, PartedFetch};
-use crate::core::fetch_handover::leaves_fetch_to_idle_vm;
-use crate::core::keycache::{parse_answer, Answer, Cached, KeyCache, LookupKey};
+use crate::core::decision::{begin, decide_for_key, lookup, Decision, Step};
 use crate::core::keyset::KeySet;
-use crate::core::keysource::{
-    age_ms, FetchOutcome, FetchResponse, KeyService, KeyServiceMode, OnUnavailable, RemoteKeySet,
-    SyncEvent, TickPlan, Unavailable, CHUNKS_PER_REQUEST, CHUNKS_PER_TICK,
+use crate::core::keysource::full_sync::{
+    RemoteKeySet, Unavailable, CHUNKS_PER_REQUEST, CHUNKS_PER_TICK,
 };
+use crate::core::keysource::full_sync_flow::{Fetch, Fetchers, FullSyncFlow, IN_FLIGHT_GRACE_MS};
+use crate::core::keysource::host::{Callouts, Clock, Counter, Gauge, Level, Log, Metrics};
+use crate::core::keysource::lookup_flow::{unavailable, LookupFlow, LookupOutcome};
+use crate::core::keysource::lookup_on_miss::Answer;
+use crate::core::keysource::paths::LookupKey;
+use crate::core::keysource::service::{FetchResponse, KeyService, KeyServiceMode};
+use crate::core::keysource::store::{SharedStore, StoreError};
 use crate::core::policy::Policy;
 use crate::core::request::RequestView;
 
@@ -33,60 +35,95 @@ use crate::core::request::RequestView;
 /// is kept to within a quarter second, cheap enough (two small shared-data reads).
 const FULL_MODE_TICK: Duration = Duration::from_millis(250);
 const LOOKUP_MODE_TICK: Duration = Duration::from_millis(500);
-/// A fetch whose callback never came is forgotten after its timeout plus this.
-const IN_FLIGHT_GRACE_MS: i64 = 5_000;
 
+/// The key source's metrics as defined in this VM (a metric the host refused is left out).
 struct SourceMetrics {
-    version: Option<u32>,
-    keys: Option<u32>,
-    age_seconds: Option<u32>,
-    fetches: Option<u32>,
-    fetch_failures: Option<u32>,
-    updates: Option<u32>,
-    rollbacks_refused: Option<u32>,
-    cache_hits: Option<u32>,
-    cache_misses: Option<u32>,
-    lookup_failures: Option<u32>,
-    misses_over_cap: Option<u32>,
-    coalesced: Option<u32>,
-    unverified_allowed: Option<u32>,
+    counters: Vec<(Counter, u32)>,
+    gauges: Vec<(Gauge, u32)>,
 }
 
 impl SourceMetrics {
     fn define(name: &str, full: bool) -> SourceMetrics {
-        let metric = |kind: MetricType, suffix: &str, wanted: bool| {
-            wanted
-                .then(|| hostcalls::define_metric(kind, &format!("keygate.{name}.{suffix}")).ok())
-                .flatten()
+        let define = |kind: MetricType, suffix: &str| {
+            hostcalls::define_metric(kind, &format!("keygate.{name}.{suffix}")).ok()
         };
-        let lookup = !full;
+        let of_mode: &[Counter] = if full {
+            &Counter::FULL_SYNC
+        } else {
+            &Counter::LOOKUP_ON_MISS
+        };
+        let counters = of_mode.iter().chain([&Counter::UnverifiedAllowed]);
+        let gauges: &[Gauge] = if full { &Gauge::ALL } else { &[] };
         SourceMetrics {
-            version: metric(MetricType::Gauge, "keyset.version", full),
-            keys: metric(MetricType::Gauge, "keyset.keys", full),
-            age_seconds: metric(MetricType::Gauge, "keyset.age_seconds", full),
-            fetches: metric(MetricType::Counter, "keyset.fetches", full),
-            fetch_failures: metric(MetricType::Counter, "keyset.fetch_failures", full),
-            updates: metric(MetricType::Counter, "keyset.updates", full),
-            rollbacks_refused: metric(MetricType::Counter, "keyset.rollbacks_refused", full),
-            cache_hits: metric(MetricType::Counter, "cache.hits", lookup),
-            cache_misses: metric(MetricType::Counter, "cache.misses", lookup),
-            lookup_failures: metric(MetricType::Counter, "cache.lookup_failures", lookup),
-            misses_over_cap: metric(MetricType::Counter, "cache.misses_over_cap", lookup),
-            coalesced: metric(MetricType::Counter, "cache.coalesced", lookup),
-            unverified_allowed: metric(MetricType::Counter, "unverified_allowed", true),
+            counters: counters
+                .filter_map(|c| Some((*c, define(MetricType::Counter, c.name())?)))
+                .collect(),
+            gauges: gauges
+                .iter()
+                .filter_map(|g| Some((*g, define(MetricType::Gauge, g.name())?)))
+                .collect(),
         }
     }
+}
 
-    fn bump(id: Option<u32>) {
-        if let Some(id) = id {
-            let _ = hostcalls::increment_metric(id, 1);
+/// The core's key-source host traits over proxy-wasm host calls.
+struct WasmHost<'a>(&'a SourceMetrics);
+
+impl SharedStore for WasmHost<'_> {
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        HostStore.get(key)
+    }
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
+        HostStore.set(key, value, cas)
+    }
+}
+
+impl Clock for WasmHost<'_> {
+    fn now_ms(&self) -> i64 {
+        now_millis()
+    }
+}
+
+impl Callouts for WasmHost<'_> {
+    fn dispatch(
+        &self,
+        cluster: &str,
+        headers: &[(&'static str, String)],
+        timeout_ms: u64,
+    ) -> Result<u64, String> {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        hostcalls::dispatch_http_call(
+            cluster,
+            headers,
+            None,
+            Vec::new(),
+            Duration::from_millis(timeout_ms),
+        )
+        .map(u64::from)
+        .map_err(|status| format!("cannot call cluster '{cluster}' ({status:?})"))
+    }
+}
+
+impl Metrics for WasmHost<'_> {
+    fn bump(&self, counter: Counter) {
+        if let Some((_, id)) = self.0.counters.iter().find(|(c, _)| *c == counter) {
+            let _ = hostcalls::increment_metric(*id, 1);
         }
     }
-
-    fn set(id: Option<u32>, value: u64) {
-        if let Some(id) = id {
-            let _ = hostcalls::record_metric(id, value);
+    fn record(&self, gauge: Gauge, value: u64) {
+        if let Some((_, id)) = self.0.gauges.iter().find(|(g, _)| *g == gauge) {
+            let _ = hostcalls::record_metric(*id, value);
         }
+    }
+}
+
+impl Log for WasmHost<'_> {
+    fn log(&self, level: Level, line: &str) {
+        let level = match level {
+            Level::Info => LogLevel::Info,
+            Level::Warn => LogLevel::Warn,
+        };
+        log(level, line);
     }
 }
 
@@ -94,18 +131,10 @@ impl SourceMetrics {
 pub struct KeySource {
     name: String,
     service: KeyService,
-    /// This VM's identity in the fetch lease (random: VMs share no counter they could trust).
-    worker: u64,
+    /// Full mode: the fetch flow, this VM's fetch and its copy of the shared set.
+    full: Option<FullSyncFlow>,
+    fetch: RefCell<Fetch>,
     remote: RefCell<RemoteKeySet>,
-    /// Token and start time of this VM's fetch in flight (of its current part).
-    in_flight: Cell<Option<(u32, i64)>>,
-    /// The parts of that fetch received so far.
-    parts: RefCell<PartedFetch>,
-    /// After a failed dispatch (this thread cannot call out), leave the lease to others until.
-    backoff_until_ms: Cell<i64>,
-    /// When this VM last decided a request in full mode: a busy VM leaves fetching (and the
-    /// parse that comes with it) to an idle one, see `core::fetch_handover`.
-    last_request_ms: Cell<Option<i64>>,
     metrics: SourceMetrics,
     /// Lookup mode: this VM's lookups in flight, by key: when each was sent, and the requests
     /// that wait for its answer instead of sending their own (one fetch per key per VM).
@@ -128,26 +157,32 @@ const MAX_SETTLED: usize = 4096;
 
 impl KeySource {
     pub fn new(name: &str, service: &KeyService) -> KeySource {
-        let mut hasher = RandomState::new().build_hasher();
-        hasher.write_i64(now_millis());
         let full = matches!(service.mode, KeyServiceMode::Full(_));
-        let source = KeySource {
+        let mut source = KeySource {
             name: name.to_string(),
             service: service.clone(),
-            worker: hasher.finish().max(1),
+            full: None,
+            fetch: RefCell::new(Fetch::default()),
             remote: RefCell::new(RemoteKeySet::default()),
-            in_flight: Cell::new(None),
-            parts: RefCell::new(PartedFetch::default()),
-            backoff_until_ms: Cell::new(0),
-            last_request_ms: Cell::new(None),
             metrics: SourceMetrics::define(name, full),
             lookups_in_flight: RefCell::new(HashMap::new()),
             settled: RefCell::new(HashMap::new()),
         };
-        if let KeyServiceMode::Full(sync) = &source.service.mode {
-            sync.ensure_lease(&source.service, &HostStore);
+        if let KeyServiceMode::Full(sync) = &service.mode {
+            // This VM's identity in the fetch lease (random: VMs share no counter they could
+            // trust).
+            let mut hasher = RandomState::new().build_hasher();
+            hasher.write_i64(now_millis());
+            let worker = hasher.finish().max(1);
+            let host = source.host();
+            let flow = FullSyncFlow::start(name, service, sync, worker, Fetchers::Many, &host);
+            source.full = Some(flow);
         }
         source
+    }
+
+    fn host(&self) -> WasmHost<'_> {
+        WasmHost(&self.metrics)
     }
 
     /// The tick this source needs: full mode fetches on it, lookup mode settles requests whose
@@ -166,205 +201,58 @@ impl KeySource {
     /// Full mode: catch up with the shared set, update the gauges, and fetch if this VM holds
     /// the lease and the period has passed.
     pub fn on_tick(&self) {
-        let KeyServiceMode::Full(sync) = &self.service.mode else {
+        let Some(flow) = &self.full else {
             return;
         };
-        let now = now_millis();
-        self.sync(CHUNKS_PER_TICK);
-        if let Some(age) = age_ms(&self.service, &HostStore, now) {
-            SourceMetrics::set(self.metrics.age_seconds, (age.max(0) / 1000) as u64);
-        }
-        if let Some((_, since)) = self.in_flight.get() {
-            if now - since > self.service.timeout_ms as i64 + IN_FLIGHT_GRACE_MS {
-                self.in_flight.set(None);
-                self.parts.borrow_mut().reset();
-            }
-        }
-        if now < self.backoff_until_ms.get() {
-            return;
-        }
-        let in_flight = self.in_flight.get().is_some();
-        let last_request_ms = self.last_request_ms.get();
-        if leaves_fetch_to_idle_vm(
-            sync,
-            &self.service,
-            &HostStore,
-            self.worker,
-            now,
-            last_request_ms,
-            in_flight,
-        ) {
-            return;
-        }
-        let TickPlan::Fetch { headers } =
-            sync.plan(&self.service, &HostStore, self.worker, in_flight, now)
-        else {
-            return;
-        };
-        SourceMetrics::bump(self.metrics.fetches);
-        self.parts.borrow_mut().reset();
-        match dispatch(&self.service, &headers) {
-            Ok(token) => self.in_flight.set(Some((token, now))),
-            Err(reason) => {
-                SourceMetrics::bump(self.metrics.fetch_failures);
-                log(
-                    LogLevel::Warn,
-                    &format!(
-                        "keygate[{}]: key-set fetch not sent: {reason}; leaving the fetch to another worker",
-                        self.name
-                    ),
-                );
-                sync.release_lease(&self.service, &HostStore, self.worker);
-                self.backoff_until_ms
-                    .set(now + sync.lease_ms(&self.service));
-            }
-        }
+        let host = self.host();
+        flow.catch_up(&host, &mut self.remote.borrow_mut(), CHUNKS_PER_TICK);
+        flow.tick(&host, &mut self.fetch.borrow_mut());
     }
 
-    /// Full mode: the answer to this VM's fetch.
+    /// Full mode: the answer to this VM's fetch (or to one of its parts).
     pub fn on_fetch_response(&self, token: u32, body_size: usize) {
-        let KeyServiceMode::Full(sync) = &self.service.mode else {
+        let Some(flow) = &self.full else {
             return;
         };
-        if self.in_flight.get().map(|(t, _)| t) != Some(token) {
-            return;
-        }
-        self.in_flight.set(None);
-        let (response, content_range) = read_call_response(body_size);
-        let step = self
-            .parts
-            .borrow_mut()
-            .accept(response, content_range.as_deref());
-        let outcome = match step {
-            PartStep::Fetch { offset } => {
-                match dispatch(&self.service, &sync.part_headers(&self.service, offset)) {
-                    Ok(token) => {
-                        self.in_flight.set(Some((token, now_millis())));
-                        return;
-                    }
-                    Err(reason) => {
-                        self.parts.borrow_mut().reset();
-                        sync.failed(&self.service, &HostStore, reason)
-                    }
-                }
-            }
-            PartStep::Failed(reason) => sync.failed(&self.service, &HostStore, reason),
-            PartStep::Complete(response) => {
-                let now = now_millis();
-                sync.hold_lease_to_parse(
-                    &self.service,
-                    &HostStore,
-                    self.worker,
-                    now,
-                    response.body.len(),
-                );
-                sync.finish(&self.service, &HostStore, now, response)
-            }
-        };
-        match outcome {
-            FetchOutcome::Updated { version, keys } => {
-                SourceMetrics::bump(self.metrics.updates);
-                let event = self.remote.borrow_mut().install(version, keys);
-                self.report(event);
-            }
-            FetchOutcome::Unchanged { .. } => {}
-            FetchOutcome::RolledBack {
-                offered,
-                current,
-                failures,
-            } => {
-                SourceMetrics::bump(self.metrics.fetch_failures);
-                SourceMetrics::bump(self.metrics.rollbacks_refused);
-                log(
-                    LogLevel::Warn,
-                    &self
-                        .remote
-                        .borrow()
-                        .rollback_line(&self.name, offered, current, failures),
-                );
-            }
-            FetchOutcome::Failed { reason, failures } => {
-                SourceMetrics::bump(self.metrics.fetch_failures);
-                let line = self
-                    .remote
-                    .borrow()
-                    .fetch_failed_line(&self.name, failures, &reason);
-                log(LogLevel::Warn, &line);
-            }
+        let host = self.host();
+        let response = read_call_response(body_size);
+        let outcome = flow.on_response(&host, &mut self.fetch.borrow_mut(), token.into(), response);
+        if let Some(outcome) = outcome {
+            flow.apply(&host, &mut self.remote.borrow_mut(), outcome);
         }
     }
 
     /// The VM is going away: let another take over the fetch at once.
     pub fn on_done(&self) {
-        if let KeyServiceMode::Full(sync) = &self.service.mode {
-            sync.release_lease(&self.service, &HostStore, self.worker);
+        if let Some(flow) = &self.full {
+            flow.stop(&self.host());
         }
-    }
-
-    /// Catches up with the shared set, copying in at most `chunks` chunks of a new version.
-    fn sync(&self, chunks: u32) {
-        let event = self
-            .remote
-            .borrow_mut()
-            .sync(&self.service, &HostStore, chunks);
-        if let Some(event) = event {
-            self.report(event);
-        }
-    }
-
-    fn report(&self, event: SyncEvent) {
-        if let SyncEvent::Loaded { version, keys } = event {
-            SourceMetrics::set(self.metrics.version, version);
-            SourceMetrics::set(self.metrics.keys, keys as u64);
-        }
-        let (warning, line) = event.log_line(&self.name);
-        log(
-            if warning {
-                LogLevel::Warn
-            } else {
-                LogLevel::Info
-            },
-            &line,
-        );
     }
 
     /// Full mode: this VM's current set, after catching up with the shared version.
     fn keys(&self) -> Result<Arc<KeySet>, Unavailable> {
-        self.sync(CHUNKS_PER_REQUEST);
-        let now = now_millis();
-        self.last_request_ms.set(Some(now));
-        self.remote.borrow().current(&self.service, now)
+        let Some(flow) = &self.full else {
+            return Err(Unavailable::NotLoaded);
+        };
+        let host = self.host();
+        let now = host.now_ms();
+        if let Ok(mut fetch) = self.fetch.try_borrow_mut() {
+            fetch.served_request(now);
+        }
+        let mut remote = self.remote.borrow_mut();
+        flow.catch_up(&host, &mut remote, CHUNKS_PER_REQUEST);
+        remote.current(&self.service, now)
     }
 
-    /// Keys cannot be verified: fail closed (503), or let the request through unauthenticated
-    /// when the operator chose availability.
+    /// Keys cannot be verified (full mode): `on_unavailable` decides.
     fn unavailable<'a>(&self, policy: &'a Policy) -> Decision<'a> {
-        match self.service.on_unavailable {
-            OnUnavailable::Deny => Decision::Deny {
-                code: ErrorCode::KeysetUnavailable,
-                key_id: None,
-            },
-            OnUnavailable::Allow => {
-                SourceMetrics::bump(self.metrics.unverified_allowed);
-                log(
-                    LogLevel::Warn,
-                    &format!(
-                        "keygate[{}]: keys cannot be verified; request allowed unauthenticated (on_unavailable: allow)",
-                        self.name
-                    ),
-                );
-                Decision::Allow {
-                    principal: Principal::Anonymous,
-                    policy,
-                }
-            }
-        }
+        unavailable(&self.name, &self.service, &self.host(), policy)
     }
 }
 
 /// A request paused while its key is looked up.
 pub struct PendingLookup {
-    token: u32,
+    token: u64,
     req: RequestView,
     key: LookupKey,
     /// An expired cached answer, served if the lookup fails.
@@ -382,7 +270,8 @@ impl KeygateRequest {
         policy: &Policy,
     ) -> Action {
         let config = &runtime.config;
-        let Some(cache) = KeyCache::of(&source.service) else {
+        let host = source.host();
+        let Some(flow) = LookupFlow::of(&source.name, &source.service) else {
             let keys = source.keys();
             let decision = match &keys {
                 Ok(keys) => {
@@ -393,18 +282,16 @@ impl KeygateRequest {
             return self.apply(runtime, &req, decision).action();
         };
         let key = LookupKey::of(&credential);
-        let stale = match cache.get(&HostStore, &key, now_millis()) {
-            Cached::Fresh(answer) => {
-                SourceMetrics::bump(source.metrics.cache_hits);
-                let decision = decide_for_key(config, policy, &credential, answer.record(), &req);
+        let stale = match flow.cached(&host, &key) {
+            Ok(answer) => {
+                let outcome = LookupOutcome::Answer(&answer);
+                let decision = flow.decide(&host, config, policy, &credential, &req, outcome);
                 return self.apply(runtime, &req, decision).action();
             }
-            Cached::Stale(answer) => Some(answer),
-            Cached::Miss => None,
+            Err(stale) => stale,
         };
-        SourceMetrics::bump(source.metrics.cache_misses);
         if let Some((_, waiters)) = source.lookups_in_flight.borrow_mut().get_mut(&key) {
-            SourceMetrics::bump(source.metrics.coalesced);
+            flow.coalesced(&host);
             waiters.push(Waiter {
                 context_id: self.context_id,
                 req,
@@ -414,30 +301,19 @@ impl KeygateRequest {
             self.waiting = true;
             return Action::Pause;
         }
-        if !cache.admit_miss(&HostStore, now_millis()) {
-            // Past the process's lookups per second: no fetch. A key with an old answer is
-            // decided with it; an unknown one cannot be verified now, whatever on_unavailable
-            // says (unknown keys must not get through unauthenticated by flooding).
-            SourceMetrics::bump(source.metrics.misses_over_cap);
-            let decision = match &stale {
-                Some(answer) => decide_for_key(config, policy, &credential, answer.record(), &req),
-                None => Decision::Deny {
-                    code: ErrorCode::KeysetUnavailable,
-                    key_id: None,
-                },
-            };
+        if !flow.admit(&host) {
+            let outcome = stale
+                .as_ref()
+                .map_or(LookupOutcome::OverCap, LookupOutcome::Answer);
+            let decision = flow.decide(&host, config, policy, &credential, &req, outcome);
             return self.apply(runtime, &req, decision).action();
         }
-        let sent = cache
-            .request_headers(&key)
-            .ok_or_else(|| "no lookup path for this kind of key".to_string())
-            .and_then(|headers| dispatch(&source.service, &headers));
-        match sent {
-            Ok(token) => {
+        match flow.send(&host, &key) {
+            Some(token) => {
                 source
                     .lookups_in_flight
                     .borrow_mut()
-                    .insert(key.clone(), (now_millis(), Vec::new()));
+                    .insert(key.clone(), (host.now_ms(), Vec::new()));
                 self.pending = Some(PendingLookup {
                     token,
                     req,
@@ -446,14 +322,11 @@ impl KeygateRequest {
                 });
                 Action::Pause
             }
-            Err(reason) => {
-                source.lookup_failed(&reason);
-                let decision = match &stale {
-                    Some(answer) => {
-                        decide_for_key(config, policy, &credential, answer.record(), &req)
-                    }
-                    None => source.unavailable(policy),
-                };
+            None => {
+                let outcome = stale
+                    .as_ref()
+                    .map_or(LookupOutcome::Unavailable, LookupOutcome::Answer);
+                let decision = flow.decide(&host, config, policy, &credential, &req, outcome);
                 self.apply(runtime, &req, decision).action()
             }
         }
@@ -462,7 +335,7 @@ impl KeygateRequest {
     /// The key service answered (or failed) for the paused request: cache the answer, decide,
     /// and resume or reply.
     pub(super) fn on_lookup_response(&mut self, token: u32, body_size: usize) {
-        let Some(pending) = self.pending.take_if(|p| p.token == token) else {
+        let Some(pending) = self.pending.take_if(|p| p.token == u64::from(token)) else {
             return;
         };
         let Some(runtime) = self.runtime.clone() else {
@@ -471,32 +344,14 @@ impl KeygateRequest {
         let Some(source) = &runtime.source else {
             return;
         };
-        let Some(cache) = KeyCache::of(&source.service) else {
+        let Some(flow) = LookupFlow::of(&source.name, &source.service) else {
             return;
         };
-        let config = &runtime.config;
-        let (response, _) = read_call_response(body_size);
-        let fetched = match parse_answer(response.status, &response.body, &pending.key) {
-            Ok(fetched) => {
-                cache.put(&HostStore, &pending.key, &fetched, now_millis());
-                Some(fetched.answer)
-            }
-            Err(reason) => {
-                source.lookup_failed(&reason);
-                None
-            }
-        };
+        let host = source.host();
+        let response = read_call_response(body_size);
+        let fetched = flow.answered(&host, &pending.key, &response);
         let answer = fetched.clone().or(pending.stale);
-        // The same request view gives the same credential and policy as before the pause.
-        let decision = match begin(config, &pending.req) {
-            Step::Decided(decision) => decision,
-            Step::Lookup { credential, policy } => match &answer {
-                Some(answer) => {
-                    decide_for_key(config, policy, &credential, answer.record(), &pending.req)
-                }
-                None => source.unavailable(policy),
-            },
-        };
+        let decision = decide_paused(&runtime, &flow, source, &pending.req, answer.as_ref());
         if let Verdict::Forwarded = self.apply(&runtime, &pending.req, decision) {
             let _ = hostcalls::resume_http_request();
         }
@@ -507,29 +362,46 @@ impl KeygateRequest {
             .map(|(_, waiters)| waiters)
             .unwrap_or_default();
         for waiter in waiters {
-            resolve_waiter(&runtime, source, waiter, fetched.as_ref());
+            resolve_waiter(&runtime, &flow, source, waiter, fetched.as_ref());
         }
         let _ = hostcalls::set_effective_context(self.context_id);
     }
 }
 
+/// Decides a request paused for its key's lookup with the answer it came to (`None`: keys
+/// cannot be verified now). The same request view gives the same credential and policy as
+/// before the pause.
+fn decide_paused<'a>(
+    runtime: &'a Runtime,
+    flow: &LookupFlow,
+    source: &KeySource,
+    req: &RequestView,
+    answer: Option<&'a Answer>,
+) -> Decision<'a> {
+    let config = &runtime.config;
+    match begin(config, req) {
+        Step::Decided(decision) => decision,
+        Step::Lookup { credential, policy } => {
+            let outcome = answer.map_or(LookupOutcome::Unavailable, LookupOutcome::Answer);
+            flow.decide(&source.host(), config, policy, &credential, req, outcome)
+        }
+    }
+}
+
 /// Decides a waiting request with the answer its key's lookup got (or its own old answer, if
 /// the lookup failed) and applies the decision in that request's context.
-fn resolve_waiter(runtime: &Runtime, source: &KeySource, waiter: Waiter, fetched: Option<&Answer>) {
+fn resolve_waiter(
+    runtime: &Runtime,
+    flow: &LookupFlow,
+    source: &KeySource,
+    waiter: Waiter,
+    fetched: Option<&Answer>,
+) {
     if hostcalls::set_effective_context(waiter.context_id).is_err() {
         return; // The request is gone.
     }
-    let config = &runtime.config;
     let answer = fetched.or(waiter.stale.as_ref());
-    let decision = match begin(config, &waiter.req) {
-        Step::Decided(decision) => decision,
-        Step::Lookup { credential, policy } => match answer {
-            Some(answer) => {
-                decide_for_key(config, policy, &credential, answer.record(), &waiter.req)
-            }
-            None => source.unavailable(policy),
-        },
-    };
+    let decision = decide_paused(runtime, flow, source, &waiter.req, answer);
     let (verdict, settled) = settle(runtime, &waiter.req, decision, waiter.request_ended);
     let mut all = source.settled.borrow_mut();
     if all.len() >= MAX_SETTLED {
@@ -548,6 +420,9 @@ pub(super) fn expire_waiters(runtime: &Runtime) {
     let Some(source) = &runtime.source else {
         return;
     };
+    let Some(flow) = LookupFlow::of(&source.name, &source.service) else {
+        return;
+    };
     let now = now_millis();
     let limit = source.service.timeout_ms as i64 + IN_FLIGHT_GRACE_MS;
     let expired: Vec<Waiter> = {
@@ -563,36 +438,13 @@ pub(super) fn expire_waiters(runtime: &Runtime) {
             .collect()
     };
     for waiter in expired {
-        resolve_waiter(runtime, source, waiter, None);
+        resolve_waiter(runtime, &flow, source, waiter, None);
     }
 }
 
-impl KeySource {
-    fn lookup_failed(&self, reason: &str) {
-        SourceMetrics::bump(self.metrics.lookup_failures);
-        log(
-            LogLevel::Warn,
-            &format!("keygate[{}]: key lookup failed: {reason}", self.name),
-        );
-    }
-}
-
-/// Sends a GET to the key service's cluster.
-fn dispatch(service: &KeyService, headers: &[(&'static str, String)]) -> Result<u32, String> {
-    let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
-    hostcalls::dispatch_http_call(
-        &service.cluster,
-        headers,
-        None,
-        Vec::new(),
-        Duration::from_millis(service.timeout_ms),
-    )
-    .map_err(|status| format!("cannot call cluster '{}' ({status:?})", service.cluster))
-}
-
-/// Status, ETag and body of the callout being answered (no status when there was no answer),
-/// and its `content-range`.
-fn read_call_response(body_size: usize) -> (FetchResponse, Option<String>) {
+/// Status, ETag, `content-range` and body of the callout being answered (no status when there
+/// was no answer).
+fn read_call_response(body_size: usize) -> FetchResponse {
     let headers = hostcalls::get_map_bytes(MapType::HttpCallResponseHeaders).unwrap_or_default();
     let text = |name: &str| {
         headers
@@ -608,10 +460,10 @@ fn read_call_response(body_size: usize) -> (FetchResponse, Option<String>) {
     } else {
         Vec::new()
     };
-    let response = FetchResponse {
+    FetchResponse {
         status: text(":status").and_then(|s| s.parse().ok()),
         etag: text("etag"),
+        content_range: text("content-range"),
         body,
-    };
-    (response, text("content-range"))
+    }
 }

@@ -5,7 +5,7 @@
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::Status;
 
-use crate::core::limits::{SharedStore, StoreError};
+use crate::core::keysource::store::{SharedStore, StoreError};
 
 pub struct HostStore;
 

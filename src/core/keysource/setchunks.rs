@@ -12,8 +12,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::keyset::{digest_prefix, KeyProfile, KeyRecord, KeyRecordSpec, KeySet};
-use super::keysource::Reader;
+use super::store::Reader;
+use crate::core::keyset::{digest_prefix, KeyProfile, KeyRecord, KeyRecordSpec, KeySet};
 
 /// Records per chunk: one chunk is copied in well under a millisecond.
 pub const CHUNK_RECORDS: usize = 4096;

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use super::keyset::{KeyRecord, KeySet};
+use crate::core::keyset::{KeyRecord, KeySet};
 
 /// Records dropped per slice: well under a millisecond.
 pub const RECORDS_PER_SLICE: usize = 8192;

@@ -6,7 +6,7 @@
 //! document that changes between parts (another ETag or size) fails this fetch, and the next
 //! period starts over.
 
-use super::keysource::FetchResponse;
+use super::service::FetchResponse;
 
 /// Bytes asked for per request: far below any callout limit, few enough requests for 1M keys.
 pub const PART_BYTES: u64 = 8 * 1024 * 1024;
@@ -158,6 +158,7 @@ impl PartedFetch {
                 Some(a) => PartStep::Complete(FetchResponse {
                     status: Some(200),
                     etag: a.etag,
+                    content_range: None,
                     body: a.body,
                 }),
                 None => PartStep::Failed("no part received".to_string()),
@@ -176,6 +177,7 @@ mod tests {
             FetchResponse {
                 status: Some(206),
                 etag: Some(etag.to_string()),
+                content_range: None,
                 body: doc[start..=end].to_vec(),
             },
             format!("bytes {start}-{end}/{}", doc.len()),
@@ -224,6 +226,7 @@ mod tests {
             let response = FetchResponse {
                 status,
                 etag: None,
+                content_range: None,
                 body: b"{}".to_vec(),
             };
             let PartStep::Complete(same) = PartedFetch::default().accept(response, None) else {
@@ -271,6 +274,7 @@ mod tests {
             let response = FetchResponse {
                 status: Some(206),
                 etag: None,
+                content_range: None,
                 body: vec![0; 10],
             };
             let step = PartedFetch::default().accept(response, range);

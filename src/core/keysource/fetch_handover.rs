@@ -5,8 +5,9 @@
 //! lately: a busy VM gives the lease up and fetches only when the fetch is overdue (no idle VM
 //! is there to take it, or it cannot call out).
 
-use super::keysource::{read_meta, FullSync, KeyService};
-use super::limits::SharedStore;
+use super::full_sync::read_meta;
+use super::service::{FullSync, KeyService};
+use super::store::SharedStore;
 
 /// A VM that decided a request within this long is busy.
 pub const BUSY_MS: i64 = 10_000;
@@ -45,7 +46,8 @@ pub fn leaves_fetch_to_idle_vm(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::keysource::{KeyServiceMode, KeyServiceSpec, TickPlan};
+    use crate::core::keysource::full_sync::TickPlan;
+    use crate::core::keysource::service::{KeyServiceMode, KeyServiceSpec};
     use crate::core::memory_store::MemoryStore;
 
     const BUSY: u64 = 1;

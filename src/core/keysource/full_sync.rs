@@ -1,343 +1,17 @@
-//! Key sets that change without restarts: keys fetched from a key service.
-//!
-//! **The key service** is anything that serves static JSON over HTTP (nginx, S3, a CDN): an Envoy
-//! cluster plus paths in the filter config. Two modes:
-//!
-//! - **`full`**: the whole key set is one document, `{"keys": [records]}`, fetched every
-//!   `refresh_seconds` with `If-None-Match`. One fetch per period per Envoy process: every VM's
-//!   root context ticks, and only the holder of a compare-and-swap lease in shared data fetches.
-//!   The holder fetches the document in ranges (`docparts`), validates it, and stores the parsed
-//!   set as binary chunks with a new version number (`setchunks`); every other VM notices the
-//!   version on its next request or tick and copies the chunks into its own `KeySet`, a few per
-//!   tick, without parsing JSON. A failed fetch (no answer, timeout, 5xx, malformed or truncated JSON,
-//!   an invalid record) changes nothing but the failure count: a good set is never replaced by a
-//!   broken one. With no set yet, or a set older than `max_stale_seconds`, keys cannot be
-//!   verified and `on_unavailable` decides (503 `KEYSET_UNAVAILABLE` by default).
-//! - **`lookup_on_miss`**: for sets too big to copy into every VM; see `keycache`.
-//!
-//! Shared data lives under a namespace derived from the config's name and the service's
-//! cluster and paths, so two filters sharing a `vm_id` keep separate sets.
+//! Full mode: the whole key set is one document, fetched every `refresh_seconds` by the holder
+//! of a lease in the shared store, validated, and stored as chunks with a new version that
+//! every worker copies in (see the module docs of `keysource`).
 
 use std::sync::Arc;
 
-use serde::Deserialize;
-
-use super::config_error::{is_header_value, ConfigError};
-use super::digest::sha256;
 use super::docparts::range_header;
-use super::keycache::{CacheBudgets, LookupPolicy, PathTemplate, TemplateKind};
-use super::keyset::KeySet;
-use super::limits::{SharedStore, StoreError};
 use super::retire::Retiring;
+use super::service::{FetchResponse, FullSync, KeyService};
 use super::setchunks::{self, LoadError, Loading};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SourceMode {
-    #[default]
-    Full,
-    LookupOnMiss,
-}
-
-/// What happens to a request whose key cannot be verified because the key service gave no
-/// usable answer (no set yet, set too stale, lookup failed).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OnUnavailable {
-    /// 503 `KEYSET_UNAVAILABLE` (fail closed).
-    #[default]
-    Deny,
-    /// Pass the request upstream unauthenticated (`x-keygate-auth: none`, no key scope).
-    Allow,
-}
-
-/// The `key_service` object of the filter configuration.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KeyServiceSpec {
-    /// The Envoy cluster serving the documents.
-    pub cluster: String,
-    /// `:authority` of the requests (default: the cluster name).
-    #[serde(default)]
-    pub authority: Option<String>,
-    #[serde(default)]
-    pub mode: SourceMode,
-    #[serde(default)]
-    pub timeout_ms: Option<u64>,
-    /// Serve the last good answer at most this long after the last successful fetch (`0`: no
-    /// limit).
-    #[serde(default)]
-    pub max_stale_seconds: Option<u64>,
-    #[serde(default)]
-    pub on_unavailable: OnUnavailable,
-    /// `full`: the key-set document.
-    #[serde(default)]
-    pub path: Option<String>,
-    #[serde(default)]
-    pub refresh_seconds: Option<u64>,
-    /// `lookup_on_miss`: where one key is found by the digest of its secret (opaque keys).
-    #[serde(default)]
-    pub by_digest_path: Option<String>,
-    /// `lookup_on_miss`: where one key is found by its id (id:secret and split keys).
-    #[serde(default)]
-    pub by_id_path: Option<String>,
-    #[serde(default)]
-    pub positive_ttl_seconds: Option<u64>,
-    #[serde(default)]
-    pub negative_ttl_seconds: Option<u64>,
-    /// Bound of the shared lookup cache for keys found, in entries.
-    #[serde(default)]
-    pub cache_entries: Option<u32>,
-    /// Bound of the shared lookup cache for keys not found, in entries: a separate budget, so
-    /// unknown keys never evict known ones.
-    #[serde(default)]
-    pub negative_cache_entries: Option<u32>,
-    /// Lookups per second per Envoy process (0: no cap); beyond it, uncached keys are answered
-    /// `KEYSET_UNAVAILABLE` without a fetch.
-    #[serde(default)]
-    pub max_misses_per_second: Option<u32>,
-}
-
-const DEFAULT_TIMEOUT_MS: u64 = 1000;
-const MAX_TIMEOUT_MS: u64 = 60_000;
-const DEFAULT_REFRESH_SECONDS: u64 = 10;
-const MAX_REFRESH_SECONDS: u64 = 86_400;
-const DEFAULT_MAX_STALE_SECONDS: u64 = 300;
-const MAX_SECONDS: u64 = 366 * 86_400;
-
-/// The validated key service.
-#[derive(Debug, Clone)]
-pub struct KeyService {
-    pub cluster: String,
-    pub authority: String,
-    pub timeout_ms: u64,
-    /// `None`: an old answer is served for as long as the service fails.
-    pub max_stale_ms: Option<i64>,
-    pub on_unavailable: OnUnavailable,
-    pub mode: KeyServiceMode,
-    /// Prefix of every shared-data key this source uses.
-    pub namespace: String,
-}
-
-#[derive(Debug, Clone)]
-pub enum KeyServiceMode {
-    Full(FullSync),
-    Lookup(LookupPolicy),
-}
-
-/// `full` mode: the document and how often to fetch it.
-#[derive(Debug, Clone)]
-pub struct FullSync {
-    pub path: String,
-    pub refresh_ms: i64,
-}
-
-/// A request path for the key service: printable ASCII, no spaces, starting with `/`.
-pub fn is_request_path(path: &str) -> bool {
-    path.starts_with('/') && path.bytes().all(|b| b.is_ascii_graphic())
-}
-
-impl KeyService {
-    /// `opaque_keys` / `pair_keys`: whether the enabled credential schemes produce keys found by
-    /// digest / by id, so lookup mode can insist on the paths it will need.
-    pub fn from_spec(
-        spec: KeyServiceSpec,
-        name: &str,
-        opaque_keys: bool,
-        pair_keys: bool,
-    ) -> Result<KeyService, ConfigError> {
-        let at = |field: &str| format!("key_service.{field}");
-        if spec.cluster.is_empty() || !spec.cluster.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(ConfigError::new(
-                at("cluster"),
-                "must name an Envoy cluster (printable ASCII, no spaces)",
-            ));
-        }
-        let authority = spec.authority.unwrap_or_else(|| spec.cluster.clone());
-        if authority.is_empty() || !authority.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(ConfigError::new(
-                at("authority"),
-                "must be a host name (printable ASCII, no spaces)",
-            ));
-        }
-        let timeout_ms = spec.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
-        if timeout_ms == 0 || timeout_ms > MAX_TIMEOUT_MS {
-            return Err(ConfigError::new(
-                at("timeout_ms"),
-                format!("must be between 1 and {MAX_TIMEOUT_MS}"),
-            ));
-        }
-        let max_stale = spec.max_stale_seconds.unwrap_or(DEFAULT_MAX_STALE_SECONDS);
-        if max_stale > MAX_SECONDS {
-            return Err(ConfigError::new(
-                at("max_stale_seconds"),
-                format!("must be at most {MAX_SECONDS} (0: no limit)"),
-            ));
-        }
-        let max_stale_ms = (max_stale > 0).then_some(max_stale as i64 * 1000);
-
-        let (mode, identity) = match spec.mode {
-            SourceMode::Full => {
-                for (field, present) in [
-                    ("by_digest_path", spec.by_digest_path.is_some()),
-                    ("by_id_path", spec.by_id_path.is_some()),
-                    ("positive_ttl_seconds", spec.positive_ttl_seconds.is_some()),
-                    ("negative_ttl_seconds", spec.negative_ttl_seconds.is_some()),
-                    ("cache_entries", spec.cache_entries.is_some()),
-                    (
-                        "negative_cache_entries",
-                        spec.negative_cache_entries.is_some(),
-                    ),
-                    (
-                        "max_misses_per_second",
-                        spec.max_misses_per_second.is_some(),
-                    ),
-                ] {
-                    if present {
-                        return Err(ConfigError::new(
-                            at(field),
-                            "only for \"mode\": \"lookup_on_miss\"",
-                        ));
-                    }
-                }
-                let path = spec.path.unwrap_or_else(|| "/keys.json".to_string());
-                if !is_request_path(&path) {
-                    return Err(ConfigError::new(
-                        at("path"),
-                        "must start with '/' and be printable ASCII without spaces",
-                    ));
-                }
-                let refresh = spec.refresh_seconds.unwrap_or(DEFAULT_REFRESH_SECONDS);
-                if refresh == 0 || refresh > MAX_REFRESH_SECONDS {
-                    return Err(ConfigError::new(
-                        at("refresh_seconds"),
-                        format!("must be between 1 and {MAX_REFRESH_SECONDS}"),
-                    ));
-                }
-                let identity = format!("full\0{path}");
-                (
-                    KeyServiceMode::Full(FullSync {
-                        path,
-                        refresh_ms: refresh as i64 * 1000,
-                    }),
-                    identity,
-                )
-            }
-            SourceMode::LookupOnMiss => {
-                for (field, present) in [
-                    ("path", spec.path.is_some()),
-                    ("refresh_seconds", spec.refresh_seconds.is_some()),
-                ] {
-                    if present {
-                        return Err(ConfigError::new(at(field), "only for \"mode\": \"full\""));
-                    }
-                }
-                let template = |field: &str, text: Option<String>, kind, needed: bool| match text {
-                    Some(t) => PathTemplate::parse(&t, kind)
-                        .map(Some)
-                        .map_err(|why| ConfigError::new(at(field), why)),
-                    None if needed => Err(ConfigError::new(
-                        at(field),
-                        "required: an enabled credential scheme looks keys up this way",
-                    )),
-                    None => Ok(None),
-                };
-                let by_digest = template(
-                    "by_digest_path",
-                    spec.by_digest_path,
-                    TemplateKind::Digest,
-                    opaque_keys,
-                )?;
-                let by_id = template("by_id_path", spec.by_id_path, TemplateKind::Id, pair_keys)?;
-                let policy = LookupPolicy::new(
-                    by_digest,
-                    by_id,
-                    spec.positive_ttl_seconds,
-                    spec.negative_ttl_seconds,
-                    CacheBudgets {
-                        cache_entries: spec.cache_entries,
-                        negative_cache_entries: spec.negative_cache_entries,
-                        max_misses_per_second: spec.max_misses_per_second,
-                    },
-                )
-                .map_err(|(field, why)| ConfigError::new(at(field), why))?;
-                let identity = format!("lookup\0{}", policy.identity());
-                (KeyServiceMode::Lookup(policy), identity)
-            }
-        };
-        if !is_header_value(name) {
-            return Err(ConfigError::new("name", "must be printable ASCII"));
-        }
-        let tag = sha256(format!("{}\0{authority}\0{identity}", spec.cluster).as_bytes());
-        let namespace = format!(
-            "keygate.keys.{name}.{}",
-            hex::encode(tag.get(..4).unwrap_or_default())
-        );
-        Ok(KeyService {
-            cluster: spec.cluster,
-            authority,
-            timeout_ms,
-            max_stale_ms,
-            on_unavailable: spec.on_unavailable,
-            mode,
-            namespace,
-        })
-    }
-
-    /// Request headers of a GET on the key service.
-    pub fn request_headers(&self, path: &str, etag: Option<&str>) -> Vec<(&'static str, String)> {
-        let mut headers = vec![
-            (":method", "GET".to_string()),
-            (":path", path.to_string()),
-            (":authority", self.authority.clone()),
-            ("accept", "application/json".to_string()),
-        ];
-        if let Some(etag) = etag {
-            headers.push(("if-none-match", etag.to_string()));
-        }
-        headers
-    }
-
-    fn key(&self, what: &str) -> String {
-        format!("{}.{what}", self.namespace)
-    }
-}
-
-/// Reads little-endian fields from a shared-data value without indexing (values may be
-/// truncated or written by another version).
-pub(crate) struct Reader<'a>(pub(crate) &'a [u8]);
-
-impl<'a> Reader<'a> {
-    pub(crate) fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let (head, rest) = self.0.split_at_checked(n)?;
-        self.0 = rest;
-        Some(head)
-    }
-
-    pub(crate) fn u8(&mut self) -> Option<u8> {
-        self.take(1)?.first().copied()
-    }
-
-    pub(crate) fn u16(&mut self) -> Option<u16> {
-        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
-    }
-
-    pub(crate) fn u32(&mut self) -> Option<u32> {
-        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
-    }
-
-    pub(crate) fn u64(&mut self) -> Option<u64> {
-        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
-    }
-
-    pub(crate) fn i64(&mut self) -> Option<i64> {
-        Some(i64::from_le_bytes(self.take(8)?.try_into().ok()?))
-    }
-
-    pub(crate) fn rest(self) -> &'a [u8] {
-        self.0
-    }
-}
+use super::store::{cas_update, Change, Reader, SharedStore};
+use crate::core::config_error::ConfigError;
+use crate::core::digest::sha256;
+use crate::core::keyset::KeySet;
 
 /// First byte of every value this module writes.
 const FORMAT: u8 = 1;
@@ -682,15 +356,6 @@ pub enum TickPlan {
     },
 }
 
-/// The answer of the key service to one fetch. `status` is `None` when there was no answer
-/// (connection refused, reset, or timeout).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct FetchResponse {
-    pub status: Option<u32>,
-    pub etag: Option<String>,
-    pub body: Vec<u8>,
-}
-
 #[derive(Debug)]
 pub enum FetchOutcome {
     /// A new, valid document is stored under `version`; `keys` is its parsed set.
@@ -898,13 +563,13 @@ impl FullSync {
                     };
                 }
                 drop(response.body);
-                for _ in 0..META_RETRIES {
-                    let (mut meta, cas) = read_meta(service, store).unwrap_or_default();
+                let stored_as = cas_update(store, &service.key("meta"), META_RETRIES, |bytes| {
+                    let mut meta = bytes.and_then(Meta::decode).unwrap_or_default();
                     let version = meta.version + 1;
                     // The set first, parsed once for the whole process, then the meta that
                     // announces it.
                     if !store_set(service, store, &keys, version) {
-                        break;
+                        return Change::Keep(None);
                     }
                     meta.version = version;
                     meta.doc_sha256 = digest;
@@ -912,13 +577,12 @@ impl FullSync {
                     meta.etag = response.etag.clone();
                     meta.last_success_ms = now_ms;
                     meta.failures = 0;
-                    match store.set(&service.key("meta"), &meta.encode(), cas) {
-                        Ok(()) => return FetchOutcome::Updated { version, keys },
-                        Err(StoreError::CasMismatch) => continue,
-                        Err(StoreError::Unavailable) => break,
-                    }
+                    Change::Write(meta.encode(), Some(version))
+                });
+                match stored_as {
+                    Ok(Some(version)) => FetchOutcome::Updated { version, keys },
+                    _ => failure("the shared key-set entry could not be written".to_string()),
                 }
-                failure("the shared key-set entry could not be written".to_string())
             }
             other => failure(format!("status {other} for {}", self.path)),
         }
@@ -974,60 +638,32 @@ fn update_meta<T>(
     store: &dyn SharedStore,
     mut change: impl FnMut(&mut Meta) -> T,
 ) -> Option<T> {
-    for _ in 0..META_RETRIES {
-        let (mut meta, cas) = read_meta(service, store).unwrap_or_default();
+    cas_update(store, &service.key("meta"), META_RETRIES, |bytes| {
+        let mut meta = bytes.and_then(Meta::decode).unwrap_or_default();
         let result = change(&mut meta);
-        match store.set(&service.key("meta"), &meta.encode(), cas) {
-            Ok(()) => return Some(result),
-            Err(StoreError::CasMismatch) => continue,
-            Err(StoreError::Unavailable) => return None,
-        }
-    }
-    None
+        Change::Write(meta.encode(), result)
+    })
+    .ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::keysource::service::KeyServiceMode;
+    use crate::core::keysource::test_host::{self, document as doc, ok};
     use crate::core::memory_store::MemoryStore;
 
     fn service(extra: serde_json::Value) -> KeyService {
-        let mut spec = serde_json::json!({"cluster": "keyservice", "refresh_seconds": 5,
-                                          "max_stale_seconds": 60});
-        if let (Some(obj), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
-            for (k, v) in extra {
-                obj.insert(k.clone(), v.clone());
-            }
-        }
-        let spec: KeyServiceSpec = serde_json::from_value(spec).unwrap();
-        KeyService::from_spec(spec, "test", true, true).unwrap()
+        let mut settings = serde_json::json!({"refresh_seconds": 5, "max_stale_seconds": 60});
+        let extra = extra.as_object().cloned().unwrap_or_default();
+        settings.as_object_mut().unwrap().extend(extra);
+        test_host::service(settings)
     }
 
     fn full(service: &KeyService) -> &FullSync {
         match &service.mode {
             KeyServiceMode::Full(f) => f,
             KeyServiceMode::Lookup(_) => panic!("not full"),
-        }
-    }
-
-    fn doc(ids: &[&str], serial: u64) -> Vec<u8> {
-        let keys: Vec<_> = ids
-            .iter()
-            .map(|id| {
-                serde_json::json!({"id": id,
-                    "secret_sha256": hex::encode(sha256(format!("secret-{id}").as_bytes()))})
-            })
-            .collect();
-        serde_json::json!({ "serial": serial, "keys": keys })
-            .to_string()
-            .into_bytes()
-    }
-
-    fn ok(body: Vec<u8>, etag: &str) -> FetchResponse {
-        FetchResponse {
-            status: Some(200),
-            etag: Some(etag.to_string()),
-            body,
         }
     }
 
@@ -1184,8 +820,8 @@ mod tests {
         let f = full(&svc);
         let plain = |body| FetchResponse {
             status: Some(200),
-            etag: None,
             body,
+            ..Default::default()
         };
         assert!(matches!(
             f.finish(&svc, &store, 1, plain(doc(&["a"], 1))),
@@ -1350,91 +986,5 @@ mod tests {
         for cut in 0..bytes.len() {
             assert_eq!(Meta::decode(bytes.get(..cut).unwrap()), None);
         }
-    }
-
-    fn spec_error(extra: serde_json::Value) -> ConfigError {
-        let mut spec = serde_json::json!({"cluster": "keyservice"});
-        if let (Some(obj), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
-            for (k, v) in extra {
-                obj.insert(k.clone(), v.clone());
-            }
-        }
-        let spec: KeyServiceSpec = serde_json::from_value(spec).unwrap();
-        KeyService::from_spec(spec, "t", true, true).unwrap_err()
-    }
-
-    #[test]
-    fn invalid_settings_are_refused_with_their_path() {
-        let cases = [
-            (serde_json::json!({"cluster": ""}), "key_service.cluster"),
-            (serde_json::json!({"path": "keys.json"}), "key_service.path"),
-            (
-                serde_json::json!({"refresh_seconds": 0}),
-                "key_service.refresh_seconds",
-            ),
-            (
-                serde_json::json!({"timeout_ms": 0}),
-                "key_service.timeout_ms",
-            ),
-            (
-                serde_json::json!({"by_id_path": "/k/{id}"}),
-                "key_service.by_id_path",
-            ),
-            (
-                serde_json::json!({"mode": "lookup_on_miss", "path": "/k.json"}),
-                "key_service.path",
-            ),
-            (
-                serde_json::json!({"mode": "lookup_on_miss", "by_id_path": "/k/{id}"}),
-                "key_service.by_digest_path",
-            ),
-        ];
-        for (extra, path) in cases {
-            assert_eq!(spec_error(extra.clone()).path, path, "{extra}");
-        }
-    }
-
-    fn filter_config(extra: serde_json::Value) -> Result<crate::core::config::Config, ConfigError> {
-        let mut cfg = serde_json::json!({
-            "credentials": [{"in": "header", "prefixes": ["ks_"]},
-                            {"in": "bearer", "format": "id_secret"}],
-            "key_service": {"cluster": "keyservice"}});
-        if let (Some(obj), Some(extra)) = (cfg.as_object_mut(), extra.as_object()) {
-            for (k, v) in extra {
-                obj.insert(k.clone(), v.clone());
-            }
-        }
-        crate::core::config::Config::parse(cfg.to_string().as_bytes()).map(|(c, _)| c)
-    }
-
-    #[test]
-    fn the_filter_config_takes_a_key_service_instead_of_inline_keys() {
-        let config = filter_config(serde_json::json!({})).unwrap();
-        assert!(config.key_service.is_some());
-        // Fetched records may carry limits: the shared counter table is prepared.
-        assert!(config.limits.enabled);
-        let err = filter_config(serde_json::json!({"keys": [
-            {"id": "a", "secret_sha256": "00".repeat(32)}]}))
-        .unwrap_err();
-        assert_eq!(err.path, "keys");
-        let err = filter_config(serde_json::json!({"key_service": {"cluster": "k",
-            "mode": "lookup_on_miss", "by_digest_path": "/d/{digest}.json"}}))
-        .unwrap_err();
-        assert_eq!(err.path, "key_service.by_id_path");
-        let err = filter_config(serde_json::json!({"key_service": {"cluster": "k",
-            "refersh_seconds": 5}}))
-        .unwrap_err();
-        assert!(
-            err.message.contains("unknown field `refersh_seconds`"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn namespaces_differ_per_document() {
-        let a = service(serde_json::json!({"path": "/a.json"}));
-        let b = service(serde_json::json!({"path": "/b.json"}));
-        assert_ne!(a.namespace, b.namespace);
-        assert!(a.namespace.starts_with("keygate.keys.test."));
     }
 }

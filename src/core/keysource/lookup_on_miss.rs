@@ -28,270 +28,15 @@
 //! fails.
 
 use serde_json::Value;
-use sha2::{Digest as _, Sha256};
 
-use super::credential::Credential;
-use super::digest::{parse_hex_digest, Digest};
-use super::keyset::{KeyRecord, KeyRecordSpec};
-use super::keysource::{is_request_path, KeyService, KeyServiceMode, Reader};
-use super::limits::{SharedStore, StoreError};
+use super::paths::{LookupKey, Tag, TAG_LEN};
+use super::service::{KeyService, KeyServiceMode, LookupPolicy, WAYS};
+use super::store::{cas_update, Change, Reader, SharedStore};
+use crate::core::keyset::{KeyRecord, KeyRecordSpec};
 
-/// Entries per slot.
-pub const WAYS: usize = 4;
-const DEFAULT_CACHE_ENTRIES: u32 = 16_384;
-const DEFAULT_NEGATIVE_CACHE_ENTRIES: u32 = 4_096;
-const DEFAULT_MAX_MISSES_PER_SECOND: u32 = 500;
-const MAX_CACHE_ENTRIES: u32 = 1 << 22;
-const DEFAULT_POSITIVE_TTL_SECONDS: u64 = 60;
-const DEFAULT_NEGATIVE_TTL_SECONDS: u64 = 10;
-const MAX_TTL_SECONDS: u64 = 86_400;
 /// Records bigger than this are answered but not cached, so a slot stays small.
 const MAX_CACHED_RECORD_BYTES: usize = 4096;
 const FORMAT: u8 = 1;
-const TAG_LEN: usize = 16;
-type Tag = [u8; TAG_LEN];
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TemplateKind {
-    /// Opaque keys, found by the digest of the whole key.
-    Digest,
-    /// id:secret and split keys, found by their id.
-    Id,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Segment {
-    Text(String),
-    /// The first `n` hex characters of the digest (64: all of it).
-    Digest(usize),
-    Id,
-}
-
-/// A request path with placeholders, validated at configure time.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PathTemplate {
-    text: String,
-    segments: Vec<Segment>,
-}
-
-impl PathTemplate {
-    pub fn parse(text: &str, kind: TemplateKind) -> Result<PathTemplate, String> {
-        if !is_request_path(text) {
-            return Err("must start with '/' and be printable ASCII without spaces".into());
-        }
-        let mut segments = Vec::new();
-        let mut rest = text;
-        while let Some((before, after)) = rest.split_once('{') {
-            let (name, tail) = after
-                .split_once('}')
-                .ok_or_else(|| "an unclosed '{'".to_string())?;
-            if before.contains('}') {
-                return Err("a '}' without '{'".into());
-            }
-            if !before.is_empty() {
-                segments.push(Segment::Text(before.to_string()));
-            }
-            segments.push(match (kind, name) {
-                (TemplateKind::Digest, "digest") => Segment::Digest(64),
-                (TemplateKind::Digest, _) if name.starts_with("digest:") => {
-                    let n = name
-                        .strip_prefix("digest:")
-                        .and_then(|n| n.parse::<usize>().ok())
-                        .filter(|n| (1..=64).contains(n))
-                        .ok_or_else(|| format!("'{{{name}}}': N of {{digest:N}} is 1 to 64"))?;
-                    Segment::Digest(n)
-                }
-                (TemplateKind::Id, "id") => Segment::Id,
-                (TemplateKind::Digest, _) => {
-                    return Err(format!(
-                        "unknown placeholder '{{{name}}}' (use {{digest}} or {{digest:N}})"
-                    ))
-                }
-                (TemplateKind::Id, _) => {
-                    return Err(format!("unknown placeholder '{{{name}}}' (use {{id}})"))
-                }
-            });
-            rest = tail;
-        }
-        if rest.contains('}') {
-            return Err("a '}' without '{'".into());
-        }
-        if !rest.is_empty() {
-            segments.push(Segment::Text(rest.to_string()));
-        }
-        let placeholders = segments
-            .iter()
-            .filter(|s| !matches!(s, Segment::Text(_)))
-            .count();
-        if placeholders == 0 {
-            return Err(match kind {
-                TemplateKind::Digest => "needs a {digest} or {digest:N} placeholder".into(),
-                TemplateKind::Id => "needs an {id} placeholder".into(),
-            });
-        }
-        // A shard path ({digest:N} alone) is fine: the file is then a key-set document.
-        Ok(PathTemplate {
-            text: text.to_string(),
-            segments,
-        })
-    }
-
-    fn render(&self, key: &LookupKey) -> String {
-        let digest_hex = match key {
-            LookupKey::Digest(d) => hex::encode(d),
-            LookupKey::Id(_) => String::new(),
-        };
-        let mut out = String::with_capacity(self.text.len() + 64);
-        for segment in &self.segments {
-            match (segment, key) {
-                (Segment::Text(t), _) => out.push_str(t),
-                (Segment::Digest(n), LookupKey::Digest(_)) => {
-                    out.push_str(digest_hex.get(..*n).unwrap_or(&digest_hex))
-                }
-                (Segment::Id, LookupKey::Id(id)) => out.push_str(id),
-                // Templates are parsed for one kind of key; nothing else reaches here.
-                _ => {}
-            }
-        }
-        out
-    }
-}
-
-/// The lookup-on-miss settings.
-#[derive(Debug, Clone)]
-pub struct LookupPolicy {
-    pub by_digest: Option<PathTemplate>,
-    pub by_id: Option<PathTemplate>,
-    pub positive_ttl_ms: i64,
-    pub negative_ttl_ms: i64,
-    /// Slots of the table of keys found.
-    pub slots: u32,
-    /// Slots of the table of keys not found.
-    pub negative_slots: u32,
-    /// Lookups per second per process; 0: no cap.
-    pub max_misses_per_second: u32,
-}
-
-/// The cache budgets of `key_service` (lookup mode), as written in the filter config.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct CacheBudgets {
-    pub cache_entries: Option<u32>,
-    pub negative_cache_entries: Option<u32>,
-    pub max_misses_per_second: Option<u32>,
-}
-
-impl LookupPolicy {
-    /// Errors name the offending field of `key_service`.
-    pub fn new(
-        by_digest: Option<PathTemplate>,
-        by_id: Option<PathTemplate>,
-        positive_ttl_seconds: Option<u64>,
-        negative_ttl_seconds: Option<u64>,
-        budgets: CacheBudgets,
-    ) -> Result<LookupPolicy, (&'static str, String)> {
-        let positive = positive_ttl_seconds.unwrap_or(DEFAULT_POSITIVE_TTL_SECONDS);
-        if positive == 0 || positive > MAX_TTL_SECONDS {
-            return Err((
-                "positive_ttl_seconds",
-                format!("must be between 1 and {MAX_TTL_SECONDS}"),
-            ));
-        }
-        let negative = negative_ttl_seconds.unwrap_or(DEFAULT_NEGATIVE_TTL_SECONDS);
-        if negative > MAX_TTL_SECONDS {
-            return Err((
-                "negative_ttl_seconds",
-                format!("must be at most {MAX_TTL_SECONDS} (0: do not cache unknown keys)"),
-            ));
-        }
-        let slots = |field: &'static str, entries: Option<u32>, default: u32| {
-            let entries = entries.unwrap_or(default);
-            if (WAYS as u32..=MAX_CACHE_ENTRIES).contains(&entries) {
-                Ok(entries.div_ceil(WAYS as u32))
-            } else {
-                Err((
-                    field,
-                    format!("must be between {WAYS} and {MAX_CACHE_ENTRIES}"),
-                ))
-            }
-        };
-        Ok(LookupPolicy {
-            by_digest,
-            by_id,
-            positive_ttl_ms: positive as i64 * 1000,
-            negative_ttl_ms: negative as i64 * 1000,
-            slots: slots(
-                "cache_entries",
-                budgets.cache_entries,
-                DEFAULT_CACHE_ENTRIES,
-            )?,
-            negative_slots: slots(
-                "negative_cache_entries",
-                budgets.negative_cache_entries,
-                DEFAULT_NEGATIVE_CACHE_ENTRIES,
-            )?,
-            max_misses_per_second: budgets
-                .max_misses_per_second
-                .unwrap_or(DEFAULT_MAX_MISSES_PER_SECOND),
-        })
-    }
-
-    /// What distinguishes one key store from another (for the shared-data namespace).
-    pub fn identity(&self) -> String {
-        let text =
-            |t: &Option<PathTemplate>| t.as_ref().map_or("", |t| t.text.as_str()).to_string();
-        format!("{}\0{}", text(&self.by_digest), text(&self.by_id))
-    }
-
-    /// The most answers the cache holds: keys found, keys not found.
-    pub fn capacity(&self) -> (usize, usize) {
-        (
-            self.slots as usize * WAYS,
-            self.negative_slots as usize * WAYS,
-        )
-    }
-}
-
-/// What a request's key is looked up by.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum LookupKey {
-    Digest(Digest),
-    Id(String),
-}
-
-impl LookupKey {
-    pub fn of(credential: &Credential) -> LookupKey {
-        match credential {
-            Credential::Opaque { digest, .. } => LookupKey::Digest(*digest),
-            Credential::Pair { id, .. } => LookupKey::Id(id.clone()),
-        }
-    }
-
-    fn tag(&self, namespace: &str) -> Tag {
-        let mut hasher = Sha256::new().chain_update(namespace.as_bytes());
-        hasher = match self {
-            LookupKey::Digest(d) => hasher.chain_update(b"\0d\0").chain_update(d),
-            LookupKey::Id(id) => hasher.chain_update(b"\0i\0").chain_update(id.as_bytes()),
-        };
-        let digest = hasher.finalize();
-        let mut tag = [0u8; TAG_LEN];
-        for (t, d) in tag.iter_mut().zip(digest.iter()) {
-            *t = *d;
-        }
-        tag
-    }
-
-    fn matches(&self, candidate: &Value) -> bool {
-        match self {
-            LookupKey::Digest(d) => candidate
-                .get("secret_sha256")
-                .and_then(Value::as_str)
-                .and_then(parse_hex_digest)
-                .is_some_and(|found| found == *d),
-            LookupKey::Id(id) => candidate.get("id").and_then(Value::as_str) == Some(id.as_str()),
-        }
-    }
-}
-
 /// What the key service said about one key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
@@ -469,26 +214,21 @@ impl<'a> KeyCache<'a> {
         }
         let name = format!("{}.misses", self.service.namespace);
         let second = now_ms.div_euclid(1000);
-        for _ in 0..CAS_RETRIES {
-            let (bytes, cas) = store.get(&name).unwrap_or_default();
-            let mut r = Reader(&bytes);
+        let admitted = cas_update(store, &name, CAS_RETRIES, |bytes| {
+            let mut r = Reader(bytes.unwrap_or_default());
             let counted = match (r.u8(), r.i64(), r.u32()) {
                 (Some(FORMAT), Some(at), Some(count)) if at == second => count,
                 _ => 0,
             };
             if counted >= cap {
-                return false;
+                return Change::Keep(false);
             }
             let mut value = vec![FORMAT];
             value.extend_from_slice(&second.to_le_bytes());
             value.extend_from_slice(&(counted + 1).to_le_bytes());
-            match store.set(&name, &value, cas) {
-                Ok(()) => return true,
-                Err(StoreError::CasMismatch) => continue,
-                Err(StoreError::Unavailable) => return true,
-            }
-        }
-        true
+            Change::Write(value, true)
+        });
+        admitted.unwrap_or(true)
     }
 
     fn ttl_ms(&self, found: bool) -> i64 {
@@ -548,21 +288,18 @@ impl<'a> KeyCache<'a> {
     /// Drops `tag` from one table, if it is there.
     fn forget(&self, store: &dyn SharedStore, tag: &Tag, found: bool) {
         let name = self.slot_name(tag, found);
-        for _ in 0..CAS_RETRIES {
-            let Some((bytes, cas)) = store.get(&name) else {
-                return;
+        let _ = cas_update(store, &name, CAS_RETRIES, |bytes| {
+            let Some(bytes) = bytes else {
+                return Change::Keep(());
             };
-            let mut entries = decode(&bytes);
+            let mut entries = decode(bytes);
             let before = entries.len();
             entries.retain(|e| e.tag != *tag);
             if entries.len() == before {
-                return;
+                return Change::Keep(());
             }
-            match store.set(&name, &encode(&entries), cas) {
-                Err(StoreError::CasMismatch) => continue,
-                Ok(()) | Err(StoreError::Unavailable) => return,
-            }
-        }
+            Change::Write(encode(&entries), ())
+        });
     }
 
     /// Remembers an answer. False when it was not stored (not cacheable, or the slot stayed
@@ -586,9 +323,8 @@ impl<'a> KeyCache<'a> {
             self.forget(store, &tag, true);
         }
         let name = self.slot_name(&tag, found);
-        for _ in 0..CAS_RETRIES {
-            let (bytes, cas) = store.get(&name).unwrap_or_default();
-            let mut entries = decode(&bytes);
+        let stored = cas_update(store, &name, CAS_RETRIES, |bytes| {
+            let mut entries = decode(bytes.unwrap_or_default());
             entries.retain(|e| e.tag != tag && !self.is_dead(e, now_ms));
             while entries.len() >= WAYS {
                 let oldest = entries
@@ -609,13 +345,9 @@ impl<'a> KeyCache<'a> {
                 found,
                 record_json: fetched.record_json.clone(),
             });
-            match store.set(&name, &encode(&entries), cas) {
-                Ok(()) => return true,
-                Err(StoreError::CasMismatch) => continue,
-                Err(StoreError::Unavailable) => return false,
-            }
-        }
-        false
+            Change::Write(encode(&entries), ())
+        });
+        stored.is_ok()
     }
 }
 
@@ -623,21 +355,18 @@ impl<'a> KeyCache<'a> {
 mod tests {
     use super::*;
     use crate::core::digest::sha256;
-    use crate::core::keysource::KeyServiceSpec;
+    use crate::core::keysource::test_host;
     use crate::core::memory_store::MemoryStore;
 
+    /// A lookup-mode service with `extra` settings.
     fn service(extra: serde_json::Value) -> KeyService {
-        let mut spec = serde_json::json!({"cluster": "keyservice", "mode": "lookup_on_miss",
+        let mut settings = serde_json::json!({"mode": "lookup_on_miss",
             "by_digest_path": "/keys/by-digest/{digest:2}/{digest}.json",
             "by_id_path": "/keys/by-id/{id}.json",
             "positive_ttl_seconds": 60, "negative_ttl_seconds": 10, "max_stale_seconds": 30});
-        if let (Some(obj), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
-            for (k, v) in extra {
-                obj.insert(k.clone(), v.clone());
-            }
-        }
-        let spec: KeyServiceSpec = serde_json::from_value(spec).unwrap();
-        KeyService::from_spec(spec, "t", true, true).unwrap()
+        let extra = extra.as_object().cloned().unwrap_or_default();
+        settings.as_object_mut().unwrap().extend(extra);
+        test_host::service(settings)
     }
 
     fn record(id: &str, secret: &str) -> Value {
@@ -662,24 +391,6 @@ mod tests {
             .request_headers(&LookupKey::Id("abk_7".into()))
             .unwrap();
         assert!(headers.contains(&(":path", "/keys/by-id/abk_7.json".to_string())));
-    }
-
-    #[test]
-    fn bad_templates_are_refused() {
-        for (text, kind) in [
-            ("/keys/{digest", TemplateKind::Digest),
-            ("/keys/{id}.json", TemplateKind::Digest),
-            ("/keys/{digest:0}.json", TemplateKind::Digest),
-            ("/keys/{digest:65}.json", TemplateKind::Digest),
-            ("/keys/static.json", TemplateKind::Digest),
-            ("keys/{id}", TemplateKind::Id),
-            ("/keys/{id}}", TemplateKind::Id),
-            ("/keys/{digest}", TemplateKind::Id),
-            ("/keys/ {id}", TemplateKind::Id),
-        ] {
-            assert!(PathTemplate::parse(text, kind).is_err(), "{text}");
-        }
-        assert!(PathTemplate::parse("/shards/{digest:3}.json", TemplateKind::Digest).is_ok());
     }
 
     #[test]

@@ -1,0 +1,41 @@
+//! Key sets that change without restarts: keys fetched from a key service.
+//!
+//! **The key service** is anything that serves static JSON over HTTP (nginx, S3, a CDN): an Envoy
+//! cluster plus paths in the filter config. Two modes:
+//!
+//! - **`full`**: the whole key set is one document, `{"keys": [records]}`, fetched every
+//!   `refresh_seconds` with `If-None-Match`. One fetch per period per Envoy process: every VM's
+//!   root context ticks, and only the holder of a compare-and-swap lease in shared data fetches.
+//!   The holder fetches the document in ranges (`docparts`), validates it, and stores the parsed
+//!   set as binary chunks with a new version number (`setchunks`); every other VM notices the
+//!   version on its next request or tick and copies the chunks into its own `KeySet`, a few per
+//!   tick, without parsing JSON. A failed fetch (no answer, timeout, 5xx, malformed or truncated JSON,
+//!   an invalid record) changes nothing but the failure count: a good set is never replaced by a
+//!   broken one. With no set yet, or a set older than `max_stale_seconds`, keys cannot be
+//!   verified and `on_unavailable` decides (503 `KEYSET_UNAVAILABLE` by default).
+//! - **`lookup_on_miss`**: for sets too big to copy into every VM; see `lookup_on_miss`.
+//!
+//! Shared data lives under a namespace derived from the config's name and the service's
+//! cluster and paths, so two filters sharing a `vm_id` keep separate sets.
+//!
+//! The modules, from the leaves up: `store` (the shared store and its compare-and-swap loop),
+//! `paths` (request paths and the key a request is looked up by), `service` (the validated
+//! configuration), `docparts` and `setchunks` (a document fetched in parts, a parsed set in
+//! shared data), then the two flows: `full_sync` (+ `full_sync_flow`, the flow over the host traits of
+//! `host`; `fetch_handover` picks which VM fetches, `retire` frees a replaced set in slices)
+//! and `lookup_on_miss`. `test_host` runs the flows in memory.
+
+pub mod docparts;
+pub mod fetch_handover;
+pub mod full_sync;
+pub mod full_sync_flow;
+pub mod host;
+pub mod lookup_flow;
+pub mod lookup_on_miss;
+pub mod paths;
+pub mod retire;
+pub mod service;
+pub mod setchunks;
+pub mod store;
+#[cfg(test)]
+pub(crate) mod test_host;
