@@ -294,11 +294,18 @@ impl RemoteKeySet {
     /// The set to decide with, unless there is none yet or it is too old.
     pub fn current(&self, service: &KeyService, now_ms: i64) -> Result<Arc<KeySet>, Unavailable> {
         let keys = self.keys.as_ref().ok_or(Unavailable::NotLoaded)?;
-        let age_ms = now_ms.saturating_sub(self.last_success_ms);
-        if service.max_stale_ms.is_some_and(|max| age_ms > max) {
-            return Err(Unavailable::Stale { age_ms });
-        }
+        check_age(service, self.last_success_ms, now_ms)?;
         Ok(Arc::clone(keys))
+    }
+
+    /// What a host that shares this set among threads may keep per thread until the set
+    /// changes, to decide without taking the set's lock.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            version: self.version,
+            last_success_ms: self.last_success_ms,
+            keys: self.keys.clone(),
+        }
     }
 
     /// The warning for a fetch that failed while this set keeps serving.
@@ -333,6 +340,37 @@ impl RemoteKeySet {
     }
 }
 
+/// A copy of a `RemoteKeySet`'s state at one moment: its version, the time of its last
+/// confirmed fetch, and its set.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    version: u64,
+    last_success_ms: i64,
+    keys: Option<Arc<KeySet>>,
+}
+
+impl Snapshot {
+    /// The set to decide with, by the same rule as `RemoteKeySet::current`.
+    pub fn current(&self, service: &KeyService, now_ms: i64) -> Result<&Arc<KeySet>, Unavailable> {
+        let keys = self.keys.as_ref().ok_or(Unavailable::NotLoaded)?;
+        check_age(service, self.last_success_ms, now_ms)?;
+        Ok(keys)
+    }
+
+    /// Whether `other` decides as this one does: the same version, confirmed at the same time.
+    pub fn same_as(&self, other: &Snapshot) -> bool {
+        self.version == other.version && self.last_success_ms == other.last_success_ms
+    }
+}
+
+/// A set last confirmed at `last_success_ms` is too old past `max_stale_seconds`.
+fn check_age(service: &KeyService, last_success_ms: i64, now_ms: i64) -> Result<(), Unavailable> {
+    let age_ms = now_ms.saturating_sub(last_success_ms);
+    if service.max_stale_ms.is_some_and(|max| age_ms > max) {
+        return Err(Unavailable::Stale { age_ms });
+    }
+    Ok(())
+}
 /// The shared meta and its compare-and-swap token.
 pub fn read_meta(service: &KeyService, store: &dyn SharedStore) -> Option<(Meta, u32)> {
     let (bytes, cas) = store.get(&service.key("meta"))?;
@@ -354,6 +392,16 @@ pub enum TickPlan {
     Fetch {
         headers: Vec<(&'static str, String)>,
     },
+}
+
+/// Where the fetcher puts a new set for the other workers, besides announcing it in the meta.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Publish {
+    /// As chunks in the shared store, which every other VM copies in (`RemoteKeySet::sync`).
+    Chunks,
+    /// Nowhere: the fetcher's copy is the process's only one, shared by its threads (the
+    /// native module), so chunks would be a second copy that nothing reads.
+    MetaOnly,
 }
 
 #[derive(Debug)]
@@ -518,13 +566,26 @@ impl FullSync {
         }
     }
 
-    /// Applies the answer of a fetch to the shared state.
+    /// Applies the answer of a fetch to the shared state, a new set stored as chunks.
     pub fn finish(
         &self,
         service: &KeyService,
         store: &dyn SharedStore,
         now_ms: i64,
         response: FetchResponse,
+    ) -> FetchOutcome {
+        self.finish_publishing(service, store, now_ms, response, Publish::Chunks)
+    }
+
+    /// Applies the answer of a fetch to the shared state; a new set is published as `publish`
+    /// says (its meta always).
+    pub fn finish_publishing(
+        &self,
+        service: &KeyService,
+        store: &dyn SharedStore,
+        now_ms: i64,
+        response: FetchResponse,
+        publish: Publish,
     ) -> FetchOutcome {
         let failure = |reason: String| FetchOutcome::Failed {
             reason,
@@ -568,7 +629,7 @@ impl FullSync {
                     let version = meta.version + 1;
                     // The set first, parsed once for the whole process, then the meta that
                     // announces it.
-                    if !store_set(service, store, &keys, version) {
+                    if publish == Publish::Chunks && !store_set(service, store, &keys, version) {
                         return Change::Keep(None);
                     }
                     meta.version = version;

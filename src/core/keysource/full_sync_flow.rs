@@ -6,7 +6,7 @@
 
 use super::docparts::{PartStep, PartedFetch};
 use super::fetch_handover::leaves_fetch_to_idle_vm;
-use super::full_sync::{age_ms, FetchOutcome, RemoteKeySet, SyncEvent, TickPlan};
+use super::full_sync::{age_ms, FetchOutcome, Publish, RemoteKeySet, SyncEvent, TickPlan};
 use super::host::{Counter, Gauge, KeySourceHost, Level};
 use super::service::{FetchResponse, FullSync, KeyService};
 
@@ -19,8 +19,18 @@ pub enum Fetchers {
     /// Every VM of the process competes for the lease (wasm): one that cannot call out
     /// releases it and stays away for a lease period.
     Many,
-    /// The worker is the process's only fetcher (the native module): it tries again next period.
+    /// The worker is the process's only fetcher and its set the process's only copy, shared by
+    /// every thread (the native module): it tries again next period, and stores no chunks.
     One,
+}
+
+impl Fetchers {
+    fn publish(self) -> Publish {
+        match self {
+            Fetchers::Many => Publish::Chunks,
+            Fetchers::One => Publish::MetaOnly,
+        }
+    }
 }
 
 /// One worker's fetch: the call in flight (token, sent at) and the parts received so far.
@@ -184,7 +194,13 @@ impl FullSyncFlow {
                     now,
                     response.body.len(),
                 );
-                self.sync.finish(&self.service, host, now, response)
+                self.sync.finish_publishing(
+                    &self.service,
+                    host,
+                    now,
+                    response,
+                    self.fetchers.publish(),
+                )
             }
         };
         Some(outcome)
@@ -248,6 +264,7 @@ mod tests {
     use crate::core::keysource::full_sync::Unavailable;
     use crate::core::keysource::host::Clock;
     use crate::core::keysource::service::KeyServiceMode;
+    use crate::core::keysource::store::SharedStore;
     use crate::core::keysource::test_host::{document, ok, service, Call, TestHost};
 
     const PERIOD_MS: i64 = 5_000;
@@ -432,6 +449,60 @@ mod tests {
         let digest = sha256(b"secret-b");
         let keys = worker.remote.current(worker.flow.service(), 1_000).unwrap();
         assert!(keys.by_digest(&digest).is_some());
+    }
+
+    #[test]
+    fn a_process_with_one_shared_set_stores_its_meta_but_no_chunks() {
+        let host = TestHost::at(1_000);
+        let mut only_copy = Worker::new(&host, 1, Fetchers::One);
+        let call = only(only_copy.tick(&host));
+        only_copy.answer(&host, &call, ok(document(&["a", "b"], 1), "\"e1\""));
+        assert!(only_copy.has(&host, "a") && only_copy.has(&host, "b"));
+        let service = only_copy.flow.service();
+        assert_eq!(host.store.get(&service.key("set")), None);
+        assert_eq!(host.store.get(&service.key("set.0")), None);
+        assert!(host.store.get(&service.key("meta")).is_some());
+        // A 304 confirms the set it holds, and the set keeps serving.
+        host.now_ms.set(1_000 + PERIOD_MS);
+        let call = only(only_copy.tick(&host));
+        assert_eq!(call.header("if-none-match"), Some("\"e1\""));
+        let not_modified = FetchResponse {
+            status: Some(304),
+            ..Default::default()
+        };
+        only_copy.answer(&host, &call, not_modified);
+        only_copy.tick(&host);
+        assert!(only_copy.has(&host, "a"));
+        assert_eq!(host.gauge(Gauge::Version), Some(1));
+        assert!(host.warnings().is_empty(), "{:?}", host.warnings());
+    }
+
+    #[test]
+    fn a_snapshot_decides_like_its_set_until_the_set_is_too_old() {
+        let host = TestHost::at(1_000);
+        let mut worker = Worker::new(&host, 1, Fetchers::One);
+        let empty = worker.remote.snapshot();
+        assert_eq!(
+            empty.current(worker.flow.service(), 1_000).unwrap_err(),
+            Unavailable::NotLoaded
+        );
+        let call = only(worker.tick(&host));
+        worker.answer(&host, &call, ok(document(&["a"], 1), "\"e1\""));
+        worker.tick(&host);
+        let loaded = worker.remote.snapshot();
+        assert!(!loaded.same_as(&empty));
+        assert!(loaded.same_as(&worker.remote.snapshot()));
+        let service = worker.flow.service();
+        assert!(loaded.current(service, 1_000).unwrap().by_id("a").is_some());
+        // max_stale_seconds is 60.
+        assert!(matches!(
+            loaded.current(service, 1_000 + 60_001),
+            Err(Unavailable::Stale { age_ms: 60_001 })
+        ));
+        assert!(matches!(
+            worker.remote.current(service, 1_000 + 60_001),
+            Err(Unavailable::Stale { age_ms: 60_001 })
+        ));
     }
 
     #[test]

@@ -1,24 +1,27 @@
 //! The key service in full mode for the native module: one fetcher and one parsed key set for
-//! the whole process, swapped under a lock when a new version arrives.
+//! the whole process, swapped under a lock when a new version arrives. The set is the only copy:
+//! the flow stores no chunks for it (`Fetchers::One`), and it outlives a listener update the way
+//! the process store does. Requests read it without the lock: each worker thread keeps the
+//! current set until a generation counter says it changed.
 //!
 //! Envoy's dynamic-module ABI gives HTTP filters no timer. A small module thread wakes every
 //! 250 ms and posts a tick to Envoy's main thread (the config scheduler may be committed from
 //! any thread); the tick, the fetch (in ranged parts, like the wasm filter) and its answers all
 //! run there, as the core's `FullSyncFlow` over this module's implementation of its traits.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use super::ffi::{log, ConfigHandle, LogLevel, MainThread};
-use super::now_millis;
-use super::process_store::ProcessStore;
+use super::process_store::{ProcessSide, ProcessStore};
 use crate::core::keyset::KeySet;
-use crate::core::keysource::full_sync::{RemoteKeySet, Unavailable};
+use crate::core::keysource::full_sync::{RemoteKeySet, Snapshot, Unavailable};
 use crate::core::keysource::full_sync_flow::{Fetch, Fetchers, FullSyncFlow};
-use crate::core::keysource::host::{Callouts, Clock, Counter, Gauge, Level, Log, Metrics};
+use crate::core::keysource::host::{Callouts, Counter, Gauge, Metrics};
 use crate::core::keysource::service::{FetchResponse, FullSync, KeyService};
-use crate::core::keysource::store::{SharedStore, StoreError};
 
 /// How often the main thread checks whether a fetch is due (the wasm filter's tick).
 const TICK: Duration = Duration::from_millis(250);
@@ -45,18 +48,9 @@ struct MainThreadHost<'a> {
     metrics: &'a SourceMetrics,
 }
 
-impl SharedStore for MainThreadHost<'_> {
-    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
-        self.store.get(key)
-    }
-    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
-        self.store.set(key, value, cas)
-    }
-}
-
-impl Clock for MainThreadHost<'_> {
-    fn now_ms(&self) -> i64 {
-        now_millis()
+impl ProcessSide for MainThreadHost<'_> {
+    fn process_store(&self) -> Option<&ProcessStore> {
+        Some(self.store)
     }
 }
 
@@ -83,13 +77,82 @@ impl Metrics for MainThreadHost<'_> {
     }
 }
 
-impl Log for MainThreadHost<'_> {
-    fn log(&self, level: Level, line: &str) {
-        let level = match level {
-            Level::Info => LogLevel::Info,
-            Level::Warn => LogLevel::Warn,
+/// The process's copy of one key service's set: one per filter name and service, kept across
+/// listener updates like the process store, so a new config serves the set at once.
+struct ProcessSet {
+    /// Tells this set's entry in a thread's cache from another's.
+    id: u64,
+    /// Written on the main thread only; a lock for `Sync` and for a thread refreshing its cache.
+    remote: Mutex<RemoteKeySet>,
+    /// Moves whenever `remote`'s version or freshness did: a thread's cached copy of an older
+    /// generation is refreshed under the lock, else read without it.
+    generation: AtomicU64,
+}
+
+/// Filter name and service namespace to the process's set.
+type SetsByService = HashMap<String, Arc<ProcessSet>>;
+
+impl ProcessSet {
+    fn for_service(name: &str, service: &KeyService) -> Arc<ProcessSet> {
+        static SETS: OnceLock<Mutex<SetsByService>> = OnceLock::new();
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let sets = SETS.get_or_init(Default::default);
+        let mut sets = sets.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let key = format!("{name}\n{}", service.key("set"));
+        sets.entry(key)
+            .or_insert_with(|| {
+                Arc::new(ProcessSet {
+                    id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+                    remote: Mutex::new(RemoteKeySet::default()),
+                    generation: AtomicU64::new(0),
+                })
+            })
+            .clone()
+    }
+
+    /// Main thread: changes the set, and tells the workers when what they decide with moved.
+    fn change(&self, change: impl FnOnce(&mut RemoteKeySet)) {
+        let Ok(mut remote) = self.remote.lock() else {
+            return;
         };
-        log(level, line);
+        let before = remote.snapshot();
+        change(&mut remote);
+        if !remote.snapshot().same_as(&before) {
+            // Release: a thread that sees the new generation then reads the new set.
+            self.generation.fetch_add(1, Ordering::Release);
+        }
+    }
+
+    /// The set to decide with, as this thread last saw it: read without the lock unless its
+    /// generation moved since.
+    fn current(&self, service: &KeyService, now_ms: i64) -> Result<Arc<KeySet>, Unavailable> {
+        thread_local! {
+            /// Per set id: the generation and the snapshot this thread decides with.
+            static CACHED: RefCell<Vec<(u64, u64, Snapshot)>> = const { RefCell::new(Vec::new()) };
+        }
+        let generation = self.generation.load(Ordering::Acquire);
+        let cached = CACHED.with(|cached| {
+            let cached = cached.try_borrow().ok()?;
+            let (_, seen, snapshot) = cached.iter().find(|(id, _, _)| *id == self.id)?;
+            (*seen == generation).then(|| snapshot.current(service, now_ms).map(Arc::clone))
+        });
+        if let Some(current) = cached {
+            return current;
+        }
+        let snapshot = match self.remote.lock() {
+            Ok(remote) => remote.snapshot(),
+            Err(_) => Snapshot::default(),
+        };
+        let current = snapshot.current(service, now_ms).map(Arc::clone);
+        CACHED.with(|cached| {
+            if let Ok(mut cached) = cached.try_borrow_mut() {
+                match cached.iter_mut().find(|(id, _, _)| *id == self.id) {
+                    Some(entry) => *entry = (self.id, generation, snapshot),
+                    None => cached.push((self.id, generation, snapshot)),
+                }
+            }
+        });
+        current
     }
 }
 
@@ -97,7 +160,7 @@ pub struct FullSource {
     flow: FullSyncFlow,
     service: KeyService,
     store: Arc<ProcessStore>,
-    remote: Mutex<RemoteKeySet>,
+    set: Arc<ProcessSet>,
     /// The fetch in flight and its parts (main thread only; a lock for `Sync`).
     fetch: Mutex<Fetch>,
     main: MainThread,
@@ -142,7 +205,7 @@ impl FullSource {
             flow,
             service: service.clone(),
             store,
-            remote: Mutex::new(RemoteKeySet::default()),
+            set: ProcessSet::for_service(name, service),
             fetch: Mutex::new(Fetch::default()),
             main,
             metrics,
@@ -183,21 +246,18 @@ impl FullSource {
         self.stopped.store(true, Ordering::Relaxed);
     }
 
-    /// The set to decide with, unless there is none yet or it is too old.
+    /// The set to decide with, unless there is none yet or it is too old. Takes no lock while
+    /// the set is unchanged since this thread's last request.
     pub fn current(&self, now_ms: i64) -> Result<Arc<KeySet>, Unavailable> {
-        match self.remote.lock() {
-            Ok(remote) => remote.current(&self.service, now_ms),
-            Err(_) => Err(Unavailable::NotLoaded),
-        }
+        self.set.current(&self.service, now_ms)
     }
 
-    /// Main thread: catch up with the store (a listener update keeps it, with a set stored
-    /// before this config existed), then fetch when the period has passed.
+    /// Main thread: catch up with the store (the time of the last success, after a 304 too),
+    /// then fetch when the period has passed.
     pub fn on_tick(&self) {
         let host = self.host();
-        if let Ok(mut remote) = self.remote.lock() {
-            self.flow.catch_up(&host, &mut remote, WHOLE_SET);
-        }
+        self.set
+            .change(|remote| self.flow.catch_up(&host, remote, WHOLE_SET));
         if let Ok(mut fetch) = self.fetch.lock() {
             self.flow.tick(&host, &mut fetch);
         }
@@ -213,11 +273,13 @@ impl FullSource {
                 .on_response(&host, &mut fetch, callout_id, response),
             Err(_) => return,
         };
-        let (Some(outcome), Ok(mut remote)) = (outcome, self.remote.lock()) else {
+        let Some(outcome) = outcome else {
             return;
         };
-        self.flow.apply(&host, &mut remote, outcome);
-        // Catch up with the stored meta (the time of the last success, after a 304 too).
-        self.flow.catch_up(&host, &mut remote, WHOLE_SET);
+        self.set.change(|remote| {
+            self.flow.apply(&host, remote, outcome);
+            // Catch up with the stored meta (the time of the last success, after a 304 too).
+            self.flow.catch_up(&host, remote, WHOLE_SET);
+        });
     }
 }

@@ -21,14 +21,13 @@ use crate::core::config::{Config, SessionConfig};
 use crate::core::credential::Credential;
 use crate::core::decision::{begin, decide_for_key, lookup, Decision, Principal, Step};
 use crate::core::keyset::KeySet;
-use crate::core::keysource::host::{Callouts, Clock, Counter, Gauge, Level, Log, Metrics};
+use crate::core::keysource::host::{Callouts, Counter, Gauge, Metrics};
 use crate::core::keysource::lookup_flow::{
     unavailable as core_unavailable, LookupFlow, LookupOutcome,
 };
 use crate::core::keysource::lookup_on_miss::Answer;
 use crate::core::keysource::paths::LookupKey;
 use crate::core::keysource::service::{FetchResponse, KeyServiceMode};
-use crate::core::keysource::store::{SharedStore, StoreError};
 use crate::core::limits::apply_limits;
 use crate::core::policy::Policy;
 use crate::core::reply::{denial_log_line, preflight_reply, unconfigured_reply};
@@ -40,7 +39,7 @@ use ffi::{log, log_enabled, ConfigHandle, FilterHandle, LogLevel};
 use full_sync::{FullSource, TICK_EVENT};
 use limits_table::LimitsTable;
 use lookups_in_flight::{LookupsInFlight, Outcome, Role, LOOKUP_ANSWERED};
-use process_store::ProcessStore;
+use process_store::{ProcessSide, ProcessStore};
 
 /// Envoy stats counters; Envoy prefixes their names with the module metrics namespace
 /// (`dynamicmodulescustom.` by default).
@@ -113,20 +112,9 @@ impl<'a> StreamHost<'a> {
     }
 }
 
-impl SharedStore for StreamHost<'_> {
-    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
-        self.store?.get(key)
-    }
-    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
+impl ProcessSide for StreamHost<'_> {
+    fn process_store(&self) -> Option<&ProcessStore> {
         self.store
-            .ok_or(StoreError::Unavailable)?
-            .set(key, value, cas)
-    }
-}
-
-impl Clock for StreamHost<'_> {
-    fn now_ms(&self) -> i64 {
-        now_millis()
     }
 }
 
@@ -162,16 +150,6 @@ impl Metrics for StreamHost<'_> {
     }
     fn record(&self, _gauge: Gauge, _value: u64) {
         // The gauges are full mode's, set on the main thread.
-    }
-}
-
-impl Log for StreamHost<'_> {
-    fn log(&self, level: Level, line: &str) {
-        let level = match level {
-            Level::Info => LogLevel::Info,
-            Level::Warn => LogLevel::Warn,
-        };
-        log(level, line);
     }
 }
 

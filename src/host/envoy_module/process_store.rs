@@ -7,6 +7,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use super::ffi::{log, LogLevel};
+use super::now_millis;
+use crate::core::keysource::host::{Clock, Level, Log};
 use crate::core::keysource::store::{SharedStore, StoreError};
 
 #[derive(Default)]
@@ -49,5 +52,39 @@ impl SharedStore for ProcessStore {
             .max(1);
         values.insert(key.to_string(), (value.to_vec(), token));
         Ok(())
+    }
+}
+
+/// A host of the key-source flows in this process (main thread or stream): its store, clock
+/// and log are the process's, written once here for both.
+pub trait ProcessSide {
+    /// The store the flow reads and writes (`None`: this host keeps nothing).
+    fn process_store(&self) -> Option<&ProcessStore>;
+}
+
+impl<T: ProcessSide> SharedStore for T {
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.process_store()?.get(key)
+    }
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
+        self.process_store()
+            .ok_or(StoreError::Unavailable)?
+            .set(key, value, cas)
+    }
+}
+
+impl<T: ProcessSide> Clock for T {
+    fn now_ms(&self) -> i64 {
+        now_millis()
+    }
+}
+
+impl<T: ProcessSide> Log for T {
+    fn log(&self, level: Level, line: &str) {
+        let level = match level {
+            Level::Info => LogLevel::Info,
+            Level::Warn => LogLevel::Warn,
+        };
+        log(level, line);
     }
 }
