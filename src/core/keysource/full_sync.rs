@@ -2,7 +2,7 @@
 //! of a lease in the shared store, validated, and stored as chunks with a new version that
 //! every worker copies in (see the module docs of `keysource`).
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use super::docparts::range_header;
 use super::retire::Retiring;
@@ -304,7 +304,7 @@ impl RemoteKeySet {
         Snapshot {
             version: self.version,
             last_success_ms: self.last_success_ms,
-            keys: self.keys.clone(),
+            keys: self.keys.as_ref().map(Arc::downgrade),
         }
     }
 
@@ -340,21 +340,29 @@ impl RemoteKeySet {
     }
 }
 
-/// A copy of a `RemoteKeySet`'s state at one moment: its version, the time of its last
-/// confirmed fetch, and its set.
+/// What a `RemoteKeySet` decided with at one moment: its version, the time of its last
+/// confirmed fetch, and its set, held weakly so a host that keeps a snapshot per thread never
+/// keeps a replaced set alive.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     version: u64,
     last_success_ms: i64,
-    keys: Option<Arc<KeySet>>,
+    keys: Option<Weak<KeySet>>,
 }
 
 impl Snapshot {
-    /// The set to decide with, by the same rule as `RemoteKeySet::current`.
-    pub fn current(&self, service: &KeyService, now_ms: i64) -> Result<&Arc<KeySet>, Unavailable> {
-        let keys = self.keys.as_ref().ok_or(Unavailable::NotLoaded)?;
-        check_age(service, self.last_success_ms, now_ms)?;
-        Ok(keys)
+    /// The set to decide with, by the same rule as `RemoteKeySet::current`; `None` when the
+    /// set was replaced since (take a new snapshot).
+    pub fn current(
+        &self,
+        service: &KeyService,
+        now_ms: i64,
+    ) -> Option<Result<Arc<KeySet>, Unavailable>> {
+        let Some(keys) = &self.keys else {
+            return Some(Err(Unavailable::NotLoaded));
+        };
+        let keys = keys.upgrade()?;
+        Some(check_age(service, self.last_success_ms, now_ms).map(|()| keys))
     }
 
     /// Whether `other` decides as this one does: the same version, confirmed at the same time.

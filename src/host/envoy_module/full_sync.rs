@@ -124,7 +124,7 @@ impl ProcessSet {
     }
 
     /// The set to decide with, as this thread last saw it: read without the lock unless its
-    /// generation moved since.
+    /// generation moved since (or the set it saw was replaced: the snapshot holds it weakly).
     fn current(&self, service: &KeyService, now_ms: i64) -> Result<Arc<KeySet>, Unavailable> {
         thread_local! {
             /// Per set id: the generation and the snapshot this thread decides with.
@@ -134,16 +134,18 @@ impl ProcessSet {
         let cached = CACHED.with(|cached| {
             let cached = cached.try_borrow().ok()?;
             let (_, seen, snapshot) = cached.iter().find(|(id, _, _)| *id == self.id)?;
-            (*seen == generation).then(|| snapshot.current(service, now_ms).map(Arc::clone))
+            if *seen != generation {
+                return None;
+            }
+            snapshot.current(service, now_ms)
         });
         if let Some(current) = cached {
             return current;
         }
-        let snapshot = match self.remote.lock() {
-            Ok(remote) => remote.snapshot(),
-            Err(_) => Snapshot::default(),
+        let (current, snapshot) = match self.remote.lock() {
+            Ok(remote) => (remote.current(service, now_ms), remote.snapshot()),
+            Err(_) => (Err(Unavailable::NotLoaded), Snapshot::default()),
         };
-        let current = snapshot.current(service, now_ms).map(Arc::clone);
         CACHED.with(|cached| {
             if let Ok(mut cached) = cached.try_borrow_mut() {
                 match cached.iter_mut().find(|(id, _, _)| *id == self.id) {
