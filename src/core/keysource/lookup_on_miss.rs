@@ -357,16 +357,15 @@ mod tests {
     use crate::core::digest::sha256;
     use crate::core::keysource::test_host;
     use crate::core::memory_store::MemoryStore;
+    use crate::core::test_support::{deny_code, merged, RequestBuilder};
 
     /// A lookup-mode service with `extra` settings.
     fn service(extra: serde_json::Value) -> KeyService {
-        let mut settings = serde_json::json!({"mode": "lookup_on_miss",
+        let settings = serde_json::json!({"mode": "lookup_on_miss",
             "by_digest_path": "/keys/by-digest/{digest:2}/{digest}.json",
             "by_id_path": "/keys/by-id/{id}.json",
             "positive_ttl_seconds": 60, "negative_ttl_seconds": 10, "max_stale_seconds": 30});
-        let extra = extra.as_object().cloned().unwrap_or_default();
-        settings.as_object_mut().unwrap().extend(extra);
-        test_host::service(settings)
+        test_host::service(merged(settings, extra))
     }
 
     fn record(id: &str, secret: &str) -> Value {
@@ -546,8 +545,7 @@ mod tests {
     fn a_looked_up_record_goes_through_the_same_checks_as_inline_keys() {
         use crate::core::codes::ErrorCode;
         use crate::core::config::Config;
-        use crate::core::decision::{begin, decide_for_key, Decision, Step};
-        use crate::core::request::RequestView;
+        use crate::core::decision::{begin, decide_for_key, Step};
         let (config, _) = Config::parse(
             serde_json::json!({"credentials": [{"in": "header", "prefixes": ["kl_"]}],
                 "require_user": true,
@@ -559,25 +557,22 @@ mod tests {
         .unwrap();
         let decide_with = |secret: &str, mut body: Value| {
             body["secret_sha256"] = serde_json::json!(hex::encode(sha256(b"kl_key")));
-            let req = RequestView {
-                headers: vec![
-                    (":method", b"GET".as_slice()),
-                    (":path", b"/".as_slice()),
-                    ("x-api-key", secret.as_bytes()),
-                ]
-                .into(),
-                now: 2_000_000_000,
-                ..Default::default()
-            };
+            let req = RequestBuilder::to("GET", "/")
+                .header("x-api-key", secret)
+                .now(2_000_000_000)
+                .build();
             let Step::Lookup { credential, policy } = begin(&config, &req) else {
                 panic!("expected a lookup")
             };
             let key = LookupKey::of(&credential);
             let fetched = parse_answer(Some(200), body.to_string().as_bytes(), &key).unwrap();
-            match decide_for_key(&config, policy, &credential, fetched.answer.record(), &req) {
-                Decision::Allow { .. } | Decision::Preflight => None,
-                Decision::Deny { code, .. } => Some(code),
-            }
+            deny_code(decide_for_key(
+                &config,
+                policy,
+                &credential,
+                fetched.answer.record(),
+                &req,
+            ))
         };
         let good = serde_json::json!({"id": "a", "user": "u"});
         assert_eq!(decide_with("kl_key", good.clone()), None);

@@ -393,15 +393,11 @@ impl LookupPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::test_support::merged;
 
     fn spec_error(extra: serde_json::Value) -> ConfigError {
-        let mut spec = serde_json::json!({"cluster": "keyservice"});
-        if let (Some(obj), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
-            for (k, v) in extra {
-                obj.insert(k.clone(), v.clone());
-            }
-        }
-        let spec: KeyServiceSpec = serde_json::from_value(spec).unwrap();
+        let spec = serde_json::json!({"cluster": "keyservice"});
+        let spec: KeyServiceSpec = serde_json::from_value(merged(spec, extra)).unwrap();
         KeyService::from_spec(spec, "t", true, true).unwrap_err()
     }
 
@@ -437,16 +433,12 @@ mod tests {
     }
 
     fn filter_config(extra: serde_json::Value) -> Result<crate::core::config::Config, ConfigError> {
-        let mut cfg = serde_json::json!({
+        let cfg = serde_json::json!({
             "credentials": [{"in": "header", "prefixes": ["ks_"]},
                             {"in": "bearer", "format": "id_secret"}],
             "key_service": {"cluster": "keyservice"}});
-        if let (Some(obj), Some(extra)) = (cfg.as_object_mut(), extra.as_object()) {
-            for (k, v) in extra {
-                obj.insert(k.clone(), v.clone());
-            }
-        }
-        crate::core::config::Config::parse(cfg.to_string().as_bytes()).map(|(c, _)| c)
+        crate::core::config::Config::parse(merged(cfg, extra).to_string().as_bytes())
+            .map(|(c, _)| c)
     }
 
     #[test]
