@@ -120,7 +120,7 @@ impl<'a> LookupFlow<'a> {
     }
 
     /// A lookup whose answer never came (its request went away) or could not be sent.
-    pub fn failed(&self, host: &impl KeySourceHost, reason: &str) {
+    pub fn failed(&self, host: &impl KeySourceHost, reason: impl std::fmt::Display) {
         host.bump(Counter::LookupFailures);
         host.log(
             Level::Warn,
