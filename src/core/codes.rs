@@ -247,6 +247,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn docs_error_codes_lists_every_code_with_its_status_and_nothing_else() {
+        let doc = include_str!("../../docs/error-codes.md");
+        let rows: Vec<(&str, &str)> = doc
+            .lines()
+            .filter_map(|line| {
+                let mut cells = line.strip_prefix("| `")?.split(" | ");
+                let code = cells.next()?.strip_suffix('`')?;
+                Some((code, cells.next()?))
+            })
+            .filter(|(code, _)| code.bytes().all(|b| b.is_ascii_uppercase() || b == b'_'))
+            .collect();
+        for code in ErrorCode::ALL {
+            let status = code.status().to_string();
+            assert!(
+                rows.contains(&(code.as_str(), status.as_str())),
+                "docs/error-codes.md has no row `{}` | {status}",
+                code.as_str()
+            );
+        }
+        for (name, _) in &rows {
+            assert!(
+                ErrorCode::from_name(name).is_some(),
+                "docs/error-codes.md lists {name}, which is not a code"
+            );
+        }
+    }
+
+    #[test]
     fn every_code_round_trips_through_its_name() {
         for code in ErrorCode::ALL {
             assert_eq!(ErrorCode::from_name(code.as_str()), Some(code));
