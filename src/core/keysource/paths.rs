@@ -222,35 +222,39 @@ mod tests {
 
     #[test]
     fn a_refused_template_says_what_is_wrong_with_it() {
-        let why = |text: &str, kind| PathTemplate::parse(text, kind).unwrap_err().to_string();
-        assert_eq!(
-            why("keys/{id}", TemplateKind::Id),
-            "must start with '/' and be printable ASCII without spaces"
-        );
-        assert_eq!(
-            why("/keys/{digest", TemplateKind::Digest),
-            "an unclosed '{'"
-        );
-        assert_eq!(why("/keys/{id}}", TemplateKind::Id), "a '}' without '{'");
-        assert_eq!(
-            why("/keys/{digest:65}", TemplateKind::Digest),
-            "'{digest:65}': N of {digest:N} is 1 to 64"
-        );
-        assert_eq!(
-            why("/keys/{id}", TemplateKind::Digest),
-            "unknown placeholder '{id}' (use {digest} or {digest:N})"
-        );
-        assert_eq!(
-            why("/keys/{digest}", TemplateKind::Id),
-            "unknown placeholder '{digest}' (use {id})"
-        );
-        assert_eq!(
-            why("/keys/static.json", TemplateKind::Digest),
-            "needs a {digest} or {digest:N} placeholder"
-        );
-        assert_eq!(
-            why("/keys/x", TemplateKind::Id),
-            "needs an {id} placeholder"
-        );
+        use TemplateKind::{Digest, Id};
+        for (text, kind, message) in [
+            (
+                "keys/{id}",
+                Id,
+                "must start with '/' and be printable ASCII without spaces",
+            ),
+            ("/keys/{digest", Digest, "an unclosed '{'"),
+            ("/keys/{id}}", Id, "a '}' without '{'"),
+            (
+                "/keys/{digest:65}",
+                Digest,
+                "'{digest:65}': N of {digest:N} is 1 to 64",
+            ),
+            (
+                "/keys/{id}",
+                Digest,
+                "unknown placeholder '{id}' (use {digest} or {digest:N})",
+            ),
+            (
+                "/keys/{digest}",
+                Id,
+                "unknown placeholder '{digest}' (use {id})",
+            ),
+            (
+                "/keys/static.json",
+                Digest,
+                "needs a {digest} or {digest:N} placeholder",
+            ),
+            ("/keys/x", Id, "needs an {id} placeholder"),
+        ] {
+            let refused = PathTemplate::parse(text, kind).unwrap_err();
+            assert_eq!(refused.to_string(), message, "{text}");
+        }
     }
 }
