@@ -283,7 +283,8 @@ bench-before:
 	# target/ too: the build writes its stripped module there, and the scratch tree has none.
 	rm -rf .tmp/before && mkdir -p .tmp/before/target && git archive $(BEFORE) | tar -x -C .tmp/before
 	CARGO_TARGET_DIR=$(CURDIR)/target/before $(MAKE) -C .tmp/before --no-print-directory build \
-	  WASM_OUT=$(CURDIR)/target/before/$(WASM_TARGET)/release/keygate.wasm
+	  WASM_OUT=$(CURDIR)/target/before/$(WASM_TARGET)/release/keygate.wasm \
+	  NATIVE_OUT=$(CURDIR)/target/before/native/libkeygate.so
 	cp .tmp/before/build/keygate.wasm build/keygate-before.wasm
 
 bench-envoy: build build/bench-empty.wasm bench-tools $(VENV)/.installed $(if $(BEFORE),bench-before)

@@ -244,7 +244,7 @@ fn check_key(
 mod tests {
     use super::*;
     use crate::core::digest::sha256;
-    use crate::core::test_support::{merged, RequestBuilder};
+    use crate::core::test_support::{deny_code, merged, RequestBuilder};
 
     const NOW: i64 = 1_800_000_000;
 
@@ -286,13 +286,6 @@ mod tests {
             .build()
     }
 
-    fn code(d: Decision) -> Option<ErrorCode> {
-        match d {
-            Decision::Deny { code, .. } => Some(code),
-            Decision::Allow { .. } | Decision::Preflight => None,
-        }
-    }
-
     #[test]
     fn valid_key_is_allowed_as_its_record() {
         let (c, k) = setup(serde_json::json!({}));
@@ -330,13 +323,16 @@ mod tests {
         let (c, k) = setup(serde_json::json!({}));
         let mut r = req("GET", "/x", &[("cookie", "accessToken=t")]);
         r.session = SessionEvidence::Failed { expired: true };
-        assert_eq!(code(decide(&c, &k, &r)), Some(ErrorCode::TokenExpired));
+        assert_eq!(deny_code(decide(&c, &k, &r)), Some(ErrorCode::TokenExpired));
         r.session = SessionEvidence::Failed { expired: false };
-        assert_eq!(code(decide(&c, &k, &r)), Some(ErrorCode::InvalidToken));
+        assert_eq!(deny_code(decide(&c, &k, &r)), Some(ErrorCode::InvalidToken));
         r.session = SessionEvidence::Absent;
-        assert_eq!(code(decide(&c, &k, &r)), Some(ErrorCode::InvalidToken));
+        assert_eq!(deny_code(decide(&c, &k, &r)), Some(ErrorCode::InvalidToken));
         let none = req("GET", "/x", &[]);
-        assert_eq!(code(decide(&c, &k, &none)), Some(ErrorCode::TokenMissing));
+        assert_eq!(
+            deny_code(decide(&c, &k, &none)),
+            Some(ErrorCode::TokenMissing)
+        );
     }
 
     #[test]
@@ -348,7 +344,7 @@ mod tests {
             &[("x-api-key", "cmp_one"), ("cookie", "accessToken=t")],
         );
         r.session = SessionEvidence::Failed { expired: true };
-        assert_eq!(code(decide(&c, &k, &r)), None);
+        assert_eq!(deny_code(decide(&c, &k, &r)), None);
     }
 
     #[test]
@@ -357,20 +353,23 @@ mod tests {
         let mut r = req("GET", "/company/switch", &[("x-api-key", "cmp_one")]);
         r.route_policy = Some("session-only".into());
         assert_eq!(
-            code(decide(&c, &k, &r)),
+            deny_code(decide(&c, &k, &r)),
             Some(ErrorCode::WebSessionRequired)
         );
         let del = req("DELETE", "/products/1", &[("x-api-key", "cmp_one")]);
         assert_eq!(
-            code(decide(&c, &k, &del)),
+            deny_code(decide(&c, &k, &del)),
             Some(ErrorCode::ApiKeyDeleteForbidden)
         );
         let mut health = req("GET", "/health", &[]);
         health.route_policy = Some("health".into());
-        assert_eq!(code(decide(&c, &k, &health)), None);
+        assert_eq!(deny_code(decide(&c, &k, &health)), None);
         let mut unknown = req("GET", "/x", &[("x-api-key", "cmp_one")]);
         unknown.route_policy = Some("typo".into());
-        assert_eq!(code(decide(&c, &k, &unknown)), Some(ErrorCode::Forbidden));
+        assert_eq!(
+            deny_code(decide(&c, &k, &unknown)),
+            Some(ErrorCode::Forbidden)
+        );
     }
 
     #[test]
@@ -378,14 +377,14 @@ mod tests {
         let (c, k) = setup(serde_json::json!({}));
         let mut r = req("GET", "/reports", &[("x-api-key", "cmp_one")]);
         r.route_policy = Some("reports".into());
-        assert_eq!(code(decide(&c, &k, &r)), Some(ErrorCode::Forbidden));
+        assert_eq!(deny_code(decide(&c, &k, &r)), Some(ErrorCode::Forbidden));
         let mut ok = req(
             "GET",
             "/reports",
             &[("authorization", "Bearer abk_2:c2VjcmV0")],
         );
         ok.route_policy = Some("reports".into());
-        assert_eq!(code(decide(&c, &k, &ok)), None);
+        assert_eq!(deny_code(decide(&c, &k, &ok)), None);
     }
 
     #[test]
@@ -393,15 +392,15 @@ mod tests {
         let (c, k) = setup(serde_json::json!({}));
         let key = [("x-api-key", "cmp_one")];
         assert_eq!(
-            code(decide(&c, &k, &req("GET", "/p?organizationId=o2", &key))),
+            deny_code(decide(&c, &k, &req("GET", "/p?organizationId=o2", &key))),
             None
         );
         assert_eq!(
-            code(decide(&c, &k, &req("GET", "/p?organizationId=o3", &key))),
+            deny_code(decide(&c, &k, &req("GET", "/p?organizationId=o3", &key))),
             Some(ErrorCode::TenantForbidden)
         );
         assert_eq!(
-            code(decide(
+            deny_code(decide(
                 &c,
                 &k,
                 &req("GET", "/p?organizationId=o1&organizationId=o3", &key)
@@ -409,11 +408,11 @@ mod tests {
             Some(ErrorCode::TenantForbidden)
         );
         assert_eq!(
-            code(decide(&c, &k, &req("GET", "/p?companyId=c1", &key))),
+            deny_code(decide(&c, &k, &req("GET", "/p?companyId=c1", &key))),
             None
         );
         assert_eq!(
-            code(decide(&c, &k, &req("GET", "/p?companyId=c2", &key))),
+            deny_code(decide(&c, &k, &req("GET", "/p?companyId=c2", &key))),
             Some(ErrorCode::TenantForbidden)
         );
     }
@@ -421,7 +420,7 @@ mod tests {
     #[test]
     fn key_validity_window_and_environment() {
         let (c, k) = setup(serde_json::json!({}));
-        let get = |key: &str| code(decide(&c, &k, &req("GET", "/", &[("x-api-key", key)])));
+        let get = |key: &str| deny_code(decide(&c, &k, &req("GET", "/", &[("x-api-key", key)])));
         assert_eq!(get("cmp_old"), Some(ErrorCode::InvalidApiKey));
         assert_eq!(get("cmp_exp"), Some(ErrorCode::ApiKeyExpired));
         assert_eq!(get("caibo_test_sk_1"), Some(ErrorCode::InvalidApiKey));
@@ -432,10 +431,13 @@ mod tests {
     fn product_scope_and_required_user() {
         let (c, k) = setup(serde_json::json!({"product": "makepay"}));
         let r = req("GET", "/", &[("x-api-key", "cmp_one")]);
-        assert_eq!(code(decide(&c, &k, &r)), Some(ErrorCode::InvalidApiKey));
+        assert_eq!(
+            deny_code(decide(&c, &k, &r)),
+            Some(ErrorCode::InvalidApiKey)
+        );
         let (c, k) = setup(serde_json::json!({"require_user": true}));
         let r = req("GET", "/", &[("authorization", "Bearer abk_2:c2VjcmV0")]);
-        assert_eq!(code(decide(&c, &k, &r)), Some(ErrorCode::ApiKeyNoUser));
+        assert_eq!(deny_code(decide(&c, &k, &r)), Some(ErrorCode::ApiKeyNoUser));
     }
 
     #[test]
@@ -466,10 +468,10 @@ mod tests {
         let (c, k) = setup(serde_json::json!({}));
         let spelled = req("GET", "/p?organizationId[]=o3", &key);
         assert_eq!(
-            code(decide(&c, &k, &spelled)),
+            deny_code(decide(&c, &k, &spelled)),
             Some(ErrorCode::TenantForbidden)
         );
         let (c, k) = setup(serde_json::json!({"strict_selectors": false}));
-        assert_eq!(code(decide(&c, &k, &spelled)), None);
+        assert_eq!(deny_code(decide(&c, &k, &spelled)), None);
     }
 }

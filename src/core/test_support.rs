@@ -1,9 +1,11 @@
 //! Builders the core's unit tests share: a request as the host would hand it over, a credential
-//! source, and a JSON configuration with some top-level fields replaced.
+//! source, a JSON configuration with some top-level fields replaced, and a decision's deny code.
 
 use serde_json::Value;
 
+use super::codes::ErrorCode;
 use super::credential::CredentialSource;
+use super::decision::Decision;
 use super::request::{RequestView, SessionEvidence};
 
 /// A request built header by header, in the order given (a test may depend on it).
@@ -63,6 +65,14 @@ pub fn request_with<V: AsRef<[u8]>>(headers: &[(&str, V)]) -> RequestView {
 /// The credential source of one `credentials` entry, which the test expects to be valid.
 pub fn credential_source(spec: Value) -> CredentialSource {
     CredentialSource::from_spec(serde_json::from_value(spec).unwrap(), "credentials[0]").unwrap()
+}
+
+/// The code a decision denies with, or `None` when it lets the request through.
+pub fn deny_code(decision: Decision) -> Option<ErrorCode> {
+    match decision {
+        Decision::Deny { code, .. } => Some(code),
+        Decision::Allow { .. } | Decision::Preflight => None,
+    }
 }
 
 /// `base` with each top-level field of `extra` set (replacing, not merging into, a field that

@@ -73,16 +73,24 @@ def keygate_cli(*args, stdin=""):
 ABACO_SESSION_SIGNING_KEY = b"abaco-demo-session-signing-key-32b!"  # demo only, also in envoy/abaco.yaml
 
 
+def api_key_header(secret):
+    """The request headers of a test that sends its key the default way."""
+    return [("x-api-key", secret)]
+
+
 def b64url(data):
     return base64.urlsafe_b64encode(data).decode().rstrip("=")
 
 
-def abaco_session_token(sub="web-user-1", exp_in=3600, key=ABACO_SESSION_SIGNING_KEY):
-    """An `accessToken` session cookie value that envoy/abaco.yaml's jwt_authn accepts."""
-    header = {"alg": "HS256", "typ": "JWT", "kid": "abaco-demo"}
+def abaco_session_token(sub="web-user-1", exp_in=3600, key=ABACO_SESSION_SIGNING_KEY, alg="HS256"):
+    """An `accessToken` session cookie value that envoy/abaco.yaml's jwt_authn accepts (unless a
+    test changes `key`, or `alg` to "none": then unsigned)."""
+    header = {"alg": alg, "typ": "JWT", "kid": "abaco-demo"}
     now = int(time.time())
     payload = {"iss": "https://abaco.example/session", "sub": sub, "iat": now - 10, "exp": now + exp_in}
     signing_input = b64url(json.dumps(header).encode()) + "." + b64url(json.dumps(payload).encode())
+    if alg == "none":
+        return signing_input + "."
     sig = hmac.new(key, signing_input.encode(), hashlib.sha256).digest()
     return signing_input + "." + b64url(sig)
 

@@ -9,17 +9,14 @@ the identity keygate derived. Whatever answers, for every row:
 - no response echoes a secret.
 """
 import base64
-import hashlib
-import hmac
 import http.client
-import json
 import socket
-import time
 import urllib.parse
 from dataclasses import dataclass
 
 import pytest
 
+from conftest import abaco_session_token as session_token, b64url
 from keygate_stack import Response, Stack  # noqa: E402
 
 CONFIG = "demo.yaml"
@@ -293,31 +290,16 @@ def test_every_keygate_row_is_counted_as_one_denial_and_none_as_5xx(stack):
 # --- forged sessions against envoy/abaco.yaml (jwt_authn runs before keygate) ---------------
 
 ABACO_KEY_ID, ABACO_SECRET = "abk_k7Qm2Xw9", "c2VjcmV0LWFiYWNvLWRlbW8tMQ"
-ABACO_SIGNING_KEY = b"abaco-demo-session-signing-key-32b!"  # demo only, also in envoy/abaco.yaml
 ABACO_USER = {"x-keygate-auth": "api_key", "x-keygate-key-id": ABACO_KEY_ID, "x-keygate-tenant": "company-314",
               "x-keygate-user": "owner@company-314",
               "x-keygate-permissions": "business-partners:read,documents:write"}
 
 
-def b64url(data):
-    return base64.urlsafe_b64encode(data).decode().rstrip("=")
-
-
-def jwt(alg="HS256", key=ABACO_SIGNING_KEY, sub="web-user-1"):
-    header = {"alg": alg, "typ": "JWT", "kid": "abaco-demo"}
-    now = int(time.time())
-    payload = {"iss": "https://abaco.example/session", "sub": sub, "iat": now - 10, "exp": now + 3600}
-    signing_input = b64url(json.dumps(header).encode()) + "." + b64url(json.dumps(payload).encode())
-    if alg == "none":
-        return signing_input + "."
-    return signing_input + "." + b64url(hmac.new(key, signing_input.encode(), hashlib.sha256).digest())
-
-
 ABACO_HOSTILE = [
-    Row("unsigned-alg-none-session-cookie-is-an-invalid-token", [f"cookie: accessToken={jwt(alg='none')}"],
+    Row("unsigned-alg-none-session-cookie-is-an-invalid-token", [f"cookie: accessToken={session_token(alg='none')}"],
         Keygate(401, "INVALID_TOKEN"), path="/business-partners"),
     Row("session-cookie-signed-with-another-key-is-an-invalid-token",
-        [f"cookie: accessToken={jwt(key=b'attacker-chosen-signing-key-32b!!')}"],
+        [f"cookie: accessToken={session_token(key=b'attacker-chosen-signing-key-32b!!')}"],
         Keygate(401, "INVALID_TOKEN"), path="/business-partners"),
     Row("forged-jwt-payload-header-without-a-cookie-is-token-missing",
         ["x-jwt-payload: " + b64url(b'{"sub":"admin"}'), "x-keygate-auth: session"],
@@ -330,7 +312,7 @@ ABACO_HOSTILE = [
          "x-jwt-payload: " + b64url(b'{"sub":"admin"}')], Keygate(403, "WEB_SESSION_REQUIRED"),
         path="/company/switch", method="POST"),
     Row("valid-session-with-forged-scope-headers-keeps-only-the-session-identity",
-        [f"cookie: accessToken={jwt(sub='web-user-9')}"] + FORGED_SCOPE,
+        [f"cookie: accessToken={session_token(sub='web-user-9')}"] + FORGED_SCOPE,
         Upstream({"x-keygate-auth": "session", "x-keygate-user": "web-user-9"}), path="/business-partners"),
     Row("delete-with-a-key-is-forbidden", [f"x-api-key: {ABACO_KEY_ID}:{ABACO_SECRET}"],
         Keygate(403, "API_KEY_DELETE_FORBIDDEN"), path="/products/12", method="DELETE"),

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import assert_denied, assert_passed
+from conftest import api_key_header, assert_denied, assert_passed
 from keygate_stack import ROOT, Stack, for_host, wait_for
 
 CONFIG = "hot-reload.yaml"
@@ -42,10 +42,6 @@ def replace_atomically(path, text):
     os.replace(tmp, path)
 
 
-def key(k):
-    return [("x-api-key", k)]
-
-
 def reloads(stack):
     for line in stack.admin("/stats").splitlines():
         if line.startswith("extension_config_discovery.http_filter.keygate.config_reload:"):
@@ -57,14 +53,14 @@ def reloads(stack):
 def test_replacing_the_config_file_under_steady_traffic_fails_no_request(hot):
     stack, filter_file = hot
     pid = stack.envoy.pid
-    assert_passed(stack.request("GET", "/x", key(TWO)))
-    assert_denied(stack.request("GET", "/x", key(THREE)), 401, "INVALID_API_KEY")
+    assert_passed(stack.request("GET", "/x", api_key_header(TWO)))
+    assert_denied(stack.request("GET", "/x", api_key_header(THREE)), 401, "INVALID_API_KEY")
     results = []
     stop = threading.Event()
 
     def traffic():
         while not stop.is_set():
-            results.append(stack.request("GET", "/x", key(ONE)))
+            results.append(stack.request("GET", "/x", api_key_header(ONE)))
 
     threads = [threading.Thread(target=traffic) for _ in range(4)]
     for t in threads:
@@ -76,9 +72,9 @@ def test_replacing_the_config_file_under_steady_traffic_fails_no_request(hot):
             replace_atomically(filter_file, version)
             swaps += 1
             assert wait_for(lambda: reloads(stack) > before), "Envoy did not reload the file"
-            assert wait_for(lambda: stack.request("GET", "/x", key(present)).status == 200)
+            assert wait_for(lambda: stack.request("GET", "/x", api_key_header(present)).status == 200)
             for _ in range(5):
-                assert_denied(stack.request("GET", "/x", key(absent)), 401, "INVALID_API_KEY")
+                assert_denied(stack.request("GET", "/x", api_key_header(absent)), 401, "INVALID_API_KEY")
             time.sleep(0.3)
     finally:
         stop.set()
@@ -96,7 +92,7 @@ def test_replacing_the_config_file_under_steady_traffic_fails_no_request(hot):
 
 def test_a_broken_replacement_is_refused_and_the_running_key_set_stays(hot):
     stack, filter_file = hot
-    assert_passed(stack.request("GET", "/x", key(TWO)))
+    assert_passed(stack.request("GET", "/x", api_key_header(TWO)))
     failures_before = [line for line in stack.admin("/stats").splitlines()
                        if line.startswith("extension_config_discovery.http_filter.keygate.config_fail:")]
     broken = SHIPPED.replace('"secret_sha256": "7891', '"secret_sha256": "zz91')
@@ -106,6 +102,6 @@ def test_a_broken_replacement_is_refused_and_the_running_key_set_stays(hot):
                     != failures_before)
     assert "keys[0].secret_sha256: expected 64 hex characters" in stack.log_text()
     for _ in range(10):
-        assert_passed(stack.request("GET", "/x", key(ONE)))
-        assert_passed(stack.request("GET", "/x", key(TWO)))
+        assert_passed(stack.request("GET", "/x", api_key_header(ONE)))
+        assert_passed(stack.request("GET", "/x", api_key_header(TWO)))
     replace_atomically(filter_file, SHIPPED)

@@ -4,7 +4,7 @@ itself; `on_unavailable: allow` lets requests through unauthenticated instead of
 import hashlib
 import time
 
-from conftest import assert_denied, assert_passed
+from conftest import api_key_header, assert_denied, assert_passed
 from keygate_stack import Stack, wait_for
 from static_keyservice import StaticKeyService
 
@@ -22,37 +22,33 @@ def running(substitutions):
 
 
 
-def key(k):
-    return [("x-api-key", k)]
-
-
 def test_past_max_stale_keys_are_503_until_the_service_answers_again():
     stack, service = running({'"max_stale_seconds": 300': '"max_stale_seconds": 4'})
     service.write("keys.json", DOCUMENT)
     with service, stack:
-        assert wait_for(lambda: stack.request("GET", "/x", key(ALPHA)).status == 200, REFRESH + 2)
+        assert wait_for(lambda: stack.request("GET", "/x", api_key_header(ALPHA)).status == 200, REFRESH + 2)
         service.stop()
         stopped = time.time()
         # Served stale while the last success is at most 4 s old...
         while time.time() - stopped < 1.5:
-            assert_passed(stack.request("GET", "/x", key(ALPHA)))
+            assert_passed(stack.request("GET", "/x", api_key_header(ALPHA)))
             time.sleep(0.1)
         # ...then fail closed: at the latest 4 s after the last success (one period before the stop).
-        took = wait_for(lambda: stack.request("GET", "/x", key(ALPHA)).status == 503, 6)
+        took = wait_for(lambda: stack.request("GET", "/x", api_key_header(ALPHA)).status == 503, 6)
         assert took is not None
         assert time.time() - stopped <= 4 + 0.5 + 1.5
         for _ in range(10):
-            assert_denied(stack.request("GET", "/x", key(ALPHA)), 503, "KEYSET_UNAVAILABLE")
+            assert_denied(stack.request("GET", "/x", api_key_header(ALPHA)), 503, "KEYSET_UNAVAILABLE")
         service.start()
-        assert wait_for(lambda: stack.request("GET", "/x", key(ALPHA)).status == 200, REFRESH + 1) is not None
-        seen = assert_passed(stack.request("GET", "/x", key(ALPHA)))
+        assert wait_for(lambda: stack.request("GET", "/x", api_key_header(ALPHA)).status == 200, REFRESH + 1) is not None
+        seen = assert_passed(stack.request("GET", "/x", api_key_header(ALPHA)))
         assert seen["x-keygate-key-id"] == ["ks-alpha"]
 
 
 def test_on_unavailable_allow_passes_requests_unauthenticated_without_key_scope():
     stack, service = running({'"on_unavailable": "deny"': '"on_unavailable": "allow"'})
     with service, stack:  # the service has no keys.json: no set can load
-        resp = stack.request("GET", "/x", key(ALPHA) + [("x-keygate-tenant", "forged")])
+        resp = stack.request("GET", "/x", api_key_header(ALPHA) + [("x-keygate-tenant", "forged")])
         seen = assert_passed(resp)
         assert seen["x-keygate-auth"] == ["none"]
         assert "x-keygate-key-id" not in seen and "x-keygate-tenant" not in seen
@@ -61,5 +57,5 @@ def test_on_unavailable_allow_passes_requests_unauthenticated_without_key_scope(
         assert "request allowed unauthenticated (on_unavailable: allow)" in stack.log_text()
         # Once a set is there, keys are checked again.
         service.write("keys.json", DOCUMENT)
-        assert wait_for(lambda: stack.request("GET", "/x", key("ks_unknown_123")).status == 401, REFRESH + 2)
-        assert assert_passed(stack.request("GET", "/x", key(ALPHA)))["x-keygate-key-id"] == ["ks-alpha"]
+        assert wait_for(lambda: stack.request("GET", "/x", api_key_header("ks_unknown_123")).status == 401, REFRESH + 2)
+        assert assert_passed(stack.request("GET", "/x", api_key_header(ALPHA)))["x-keygate-key-id"] == ["ks-alpha"]

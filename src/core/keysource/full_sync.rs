@@ -721,12 +721,11 @@ mod tests {
     use crate::core::keysource::service::KeyServiceMode;
     use crate::core::keysource::test_host::{self, document as doc, ok};
     use crate::core::memory_store::MemoryStore;
+    use crate::core::test_support::merged;
 
     fn service(extra: serde_json::Value) -> KeyService {
-        let mut settings = serde_json::json!({"refresh_seconds": 5, "max_stale_seconds": 60});
-        let extra = extra.as_object().cloned().unwrap_or_default();
-        settings.as_object_mut().unwrap().extend(extra);
-        test_host::service(settings)
+        let settings = serde_json::json!({"refresh_seconds": 5, "max_stale_seconds": 60});
+        test_host::service(merged(settings, extra))
     }
 
     fn full(service: &KeyService) -> &FullSync {

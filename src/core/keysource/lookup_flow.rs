@@ -120,7 +120,7 @@ impl<'a> LookupFlow<'a> {
     }
 
     /// A lookup whose answer never came (its request went away) or could not be sent.
-    pub fn failed(&self, host: &impl KeySourceHost, reason: &str) {
+    pub fn failed(&self, host: &impl KeySourceHost, reason: impl std::fmt::Display) {
         host.bump(Counter::LookupFailures);
         host.log(
             Level::Warn,
@@ -187,6 +187,7 @@ mod tests {
     use crate::core::digest::sha256;
     use crate::core::keysource::host::Clock;
     use crate::core::keysource::test_host::{Call, TestHost};
+    use crate::core::test_support::{deny_code, RequestBuilder};
 
     const SECRET: &str = "kl_key";
 
@@ -206,16 +207,10 @@ mod tests {
     }
 
     fn request(secret: &str) -> RequestView {
-        RequestView {
-            headers: vec![
-                (":method", b"GET".as_slice()),
-                (":path", b"/".as_slice()),
-                ("x-api-key", secret.as_bytes()),
-            ]
-            .into(),
-            now: 2_000_000_000,
-            ..Default::default()
-        }
+        RequestBuilder::to("GET", "/")
+            .header("x-api-key", secret)
+            .now(2_000_000_000)
+            .build()
     }
 
     fn found(secret: &str) -> FetchResponse {
@@ -257,7 +252,7 @@ mod tests {
                     .as_ref()
                     .map_or(LookupOutcome::OverCap, LookupOutcome::Answer);
                 let decision = flow.decide(host, config, policy, &credential, &req, outcome);
-                return (code(decision), host.take_calls());
+                return (deny_code(decision), host.take_calls());
             }
             Err(stale) => {
                 let fetched = match (flow.send(host, &key), respond) {
@@ -272,14 +267,7 @@ mod tests {
             .as_ref()
             .map_or(LookupOutcome::Unavailable, LookupOutcome::Answer);
         let decision = flow.decide(host, config, policy, &credential, &req, outcome);
-        (code(decision), host.take_calls())
-    }
-
-    fn code(decision: Decision) -> Option<ErrorCode> {
-        match decision {
-            Decision::Deny { code, .. } => Some(code),
-            Decision::Allow { .. } | Decision::Preflight => None,
-        }
+        (deny_code(decision), host.take_calls())
     }
 
     #[test]

@@ -70,51 +70,91 @@ pub enum Cached {
     Miss,
 }
 
+/// Why the key service's answer was not usable: the lookup failed and nothing is cached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AnswerError {
+    /// The call got no response: the connection failed or timed out.
+    NoAnswer,
+    /// A status other than 200, 404 or 410.
+    Status(u32),
+    InvalidJson(String),
+    /// A `{"keys": …}` document with fields besides `serial` and `keys`.
+    ExtraDocumentFields,
+    KeysNotAList,
+    /// Neither a record nor a key-set document.
+    NotARecord,
+    /// The record fails the checks every record passes (its message says which).
+    InvalidRecord(String),
+}
+
+impl std::fmt::Display for AnswerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AnswerError::NoAnswer => f.write_str("no answer (connection failure or timeout)"),
+            AnswerError::Status(status) => write!(f, "status {status}"),
+            AnswerError::InvalidJson(why) => write!(f, "invalid JSON: {why}"),
+            AnswerError::ExtraDocumentFields => {
+                f.write_str("a key-set document has only \"serial\" and \"keys\"")
+            }
+            AnswerError::KeysNotAList => f.write_str("\"keys\" must be a list"),
+            AnswerError::NotARecord => f.write_str("expected a key record or {\"keys\": [...]}"),
+            AnswerError::InvalidRecord(why) => f.write_str(why),
+        }
+    }
+}
+
+impl std::error::Error for AnswerError {}
+
 /// Validates the key service's answer for `key`. `Err` is a failed lookup (nothing cached).
-pub fn parse_answer(status: Option<u32>, body: &[u8], key: &LookupKey) -> Result<Fetched, String> {
+pub fn parse_answer(
+    status: Option<u32>,
+    body: &[u8],
+    key: &LookupKey,
+) -> Result<Fetched, AnswerError> {
     let not_found = Fetched {
         answer: Answer::NotFound,
         record_json: Vec::new(),
     };
     match status {
-        None => Err("no answer (connection failure or timeout)".into()),
+        None => Err(AnswerError::NoAnswer),
         Some(404 | 410) => Ok(not_found),
         Some(200) => {
-            let value: Value =
-                serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
+            let value: Value = serde_json::from_slice(body)
+                .map_err(|e| AnswerError::InvalidJson(e.to_string()))?;
             let candidates: Vec<&Value> = match &value {
                 Value::Object(map) if map.contains_key("keys") => {
                     if map.len() != 1 + usize::from(map.contains_key("serial")) {
-                        return Err("a key-set document has only \"serial\" and \"keys\"".into());
+                        return Err(AnswerError::ExtraDocumentFields);
                     }
                     map.get("keys")
                         .and_then(Value::as_array)
-                        .ok_or_else(|| "\"keys\" must be a list".to_string())?
+                        .ok_or(AnswerError::KeysNotAList)?
                         .iter()
                         .collect()
                 }
                 Value::Object(_) => vec![&value],
-                _ => return Err("expected a key record or {\"keys\": [...]}".into()),
+                _ => return Err(AnswerError::NotARecord),
             };
             let Some(candidate) = candidates.into_iter().find(|c| key.matches(c)) else {
                 return Ok(not_found);
             };
             let record = validate_record(candidate.clone())?;
-            let record_json = serde_json::to_vec(candidate).map_err(|e| e.to_string())?;
+            let record_json = serde_json::to_vec(candidate)
+                .map_err(|e| AnswerError::InvalidRecord(e.to_string()))?;
             Ok(Fetched {
                 answer: Answer::Found(Box::new(record)),
                 record_json,
             })
         }
-        Some(other) => Err(format!("status {other}")),
+        Some(other) => Err(AnswerError::Status(other)),
     }
 }
 
 /// The same checks as inline keys and key-set documents (the record's constructor makes them).
-fn validate_record(candidate: Value) -> Result<KeyRecord, String> {
-    let spec: KeyRecordSpec =
-        serde_json::from_value(candidate).map_err(|e| format!("invalid key record: {e}"))?;
-    KeyRecord::from_spec(spec, "record").map_err(|e| e.to_string())
+fn validate_record(candidate: Value) -> Result<KeyRecord, AnswerError> {
+    let spec: KeyRecordSpec = serde_json::from_value(candidate)
+        .map_err(|e| AnswerError::InvalidRecord(format!("invalid key record: {e}")))?;
+    KeyRecord::from_spec(spec, "record").map_err(|e| AnswerError::InvalidRecord(e.to_string()))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -357,16 +397,15 @@ mod tests {
     use crate::core::digest::sha256;
     use crate::core::keysource::test_host;
     use crate::core::memory_store::MemoryStore;
+    use crate::core::test_support::{deny_code, merged, RequestBuilder};
 
     /// A lookup-mode service with `extra` settings.
     fn service(extra: serde_json::Value) -> KeyService {
-        let mut settings = serde_json::json!({"mode": "lookup_on_miss",
+        let settings = serde_json::json!({"mode": "lookup_on_miss",
             "by_digest_path": "/keys/by-digest/{digest:2}/{digest}.json",
             "by_id_path": "/keys/by-id/{id}.json",
             "positive_ttl_seconds": 60, "negative_ttl_seconds": 10, "max_stale_seconds": 30});
-        let extra = extra.as_object().cloned().unwrap_or_default();
-        settings.as_object_mut().unwrap().extend(extra);
-        test_host::service(settings)
+        test_host::service(merged(settings, extra))
     }
 
     fn record(id: &str, secret: &str) -> Value {
@@ -423,6 +462,30 @@ mod tests {
         let mut unknown = record("a", "s");
         unknown["secret"] = serde_json::json!("plaintext");
         assert!(parse_answer(Some(200), unknown.to_string().as_bytes(), &key).is_err());
+    }
+
+    #[test]
+    fn a_failed_answer_says_why_in_the_log_line_words() {
+        let key = LookupKey::Id("a".into());
+        let why = |status, body: &str| {
+            parse_answer(status, body.as_bytes(), &key)
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(why(None, ""), "no answer (connection failure or timeout)");
+        assert_eq!(why(Some(503), ""), "status 503");
+        assert!(why(Some(200), "{").starts_with("invalid JSON: "));
+        assert_eq!(
+            why(Some(200), r#"{"keys": [], "extra": 1}"#),
+            "a key-set document has only \"serial\" and \"keys\""
+        );
+        assert_eq!(why(Some(200), r#"{"keys": 1}"#), "\"keys\" must be a list");
+        assert_eq!(
+            why(Some(200), "[]"),
+            "expected a key record or {\"keys\": [...]}"
+        );
+        let plaintext = serde_json::json!({"id": "a", "secret": "plaintext"});
+        assert!(why(Some(200), &plaintext.to_string()).starts_with("invalid key record: "));
     }
 
     #[test]
@@ -546,8 +609,7 @@ mod tests {
     fn a_looked_up_record_goes_through_the_same_checks_as_inline_keys() {
         use crate::core::codes::ErrorCode;
         use crate::core::config::Config;
-        use crate::core::decision::{begin, decide_for_key, Decision, Step};
-        use crate::core::request::RequestView;
+        use crate::core::decision::{begin, decide_for_key, Step};
         let (config, _) = Config::parse(
             serde_json::json!({"credentials": [{"in": "header", "prefixes": ["kl_"]}],
                 "require_user": true,
@@ -559,25 +621,22 @@ mod tests {
         .unwrap();
         let decide_with = |secret: &str, mut body: Value| {
             body["secret_sha256"] = serde_json::json!(hex::encode(sha256(b"kl_key")));
-            let req = RequestView {
-                headers: vec![
-                    (":method", b"GET".as_slice()),
-                    (":path", b"/".as_slice()),
-                    ("x-api-key", secret.as_bytes()),
-                ]
-                .into(),
-                now: 2_000_000_000,
-                ..Default::default()
-            };
+            let req = RequestBuilder::to("GET", "/")
+                .header("x-api-key", secret)
+                .now(2_000_000_000)
+                .build();
             let Step::Lookup { credential, policy } = begin(&config, &req) else {
                 panic!("expected a lookup")
             };
             let key = LookupKey::of(&credential);
             let fetched = parse_answer(Some(200), body.to_string().as_bytes(), &key).unwrap();
-            match decide_for_key(&config, policy, &credential, fetched.answer.record(), &req) {
-                Decision::Allow { .. } | Decision::Preflight => None,
-                Decision::Deny { code, .. } => Some(code),
-            }
+            deny_code(decide_for_key(
+                &config,
+                policy,
+                &credential,
+                fetched.answer.record(),
+                &req,
+            ))
         };
         let good = serde_json::json!({"id": "a", "user": "u"});
         assert_eq!(decide_with("kl_key", good.clone()), None);

@@ -31,6 +31,49 @@ enum Segment {
     Id,
 }
 
+/// Why a path template was refused (the configuration names the field it came from).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TemplateError {
+    NotARequestPath,
+    UnclosedBrace,
+    StrayClosingBrace,
+    /// `{digest:N}` with `N` outside 1 to 64 (the placeholder as written).
+    DigestLength(String),
+    /// A placeholder this kind of template does not know (its name as written).
+    UnknownPlaceholder(TemplateKind, String),
+    NoPlaceholder(TemplateKind),
+}
+
+impl std::fmt::Display for TemplateError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TemplateError::NotARequestPath => {
+                f.write_str("must start with '/' and be printable ASCII without spaces")
+            }
+            TemplateError::UnclosedBrace => f.write_str("an unclosed '{'"),
+            TemplateError::StrayClosingBrace => f.write_str("a '}' without '{'"),
+            TemplateError::DigestLength(name) => {
+                write!(f, "'{{{name}}}': N of {{digest:N}} is 1 to 64")
+            }
+            TemplateError::UnknownPlaceholder(TemplateKind::Digest, name) => write!(
+                f,
+                "unknown placeholder '{{{name}}}' (use {{digest}} or {{digest:N}})"
+            ),
+            TemplateError::UnknownPlaceholder(TemplateKind::Id, name) => {
+                write!(f, "unknown placeholder '{{{name}}}' (use {{id}})")
+            }
+            TemplateError::NoPlaceholder(TemplateKind::Digest) => {
+                f.write_str("needs a {digest} or {digest:N} placeholder")
+            }
+            TemplateError::NoPlaceholder(TemplateKind::Id) => {
+                f.write_str("needs an {id} placeholder")
+            }
+        }
+    }
+}
+
+impl std::error::Error for TemplateError {}
+
 /// A request path with placeholders, validated at configure time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PathTemplate {
@@ -39,18 +82,16 @@ pub struct PathTemplate {
 }
 
 impl PathTemplate {
-    pub fn parse(text: &str, kind: TemplateKind) -> Result<PathTemplate, String> {
+    pub fn parse(text: &str, kind: TemplateKind) -> Result<PathTemplate, TemplateError> {
         if !is_request_path(text) {
-            return Err("must start with '/' and be printable ASCII without spaces".into());
+            return Err(TemplateError::NotARequestPath);
         }
         let mut segments = Vec::new();
         let mut rest = text;
         while let Some((before, after)) = rest.split_once('{') {
-            let (name, tail) = after
-                .split_once('}')
-                .ok_or_else(|| "an unclosed '{'".to_string())?;
+            let (name, tail) = after.split_once('}').ok_or(TemplateError::UnclosedBrace)?;
             if before.contains('}') {
-                return Err("a '}' without '{'".into());
+                return Err(TemplateError::StrayClosingBrace);
             }
             if !before.is_empty() {
                 segments.push(Segment::Text(before.to_string()));
@@ -62,23 +103,16 @@ impl PathTemplate {
                         .strip_prefix("digest:")
                         .and_then(|n| n.parse::<usize>().ok())
                         .filter(|n| (1..=64).contains(n))
-                        .ok_or_else(|| format!("'{{{name}}}': N of {{digest:N}} is 1 to 64"))?;
+                        .ok_or_else(|| TemplateError::DigestLength(name.to_string()))?;
                     Segment::Digest(n)
                 }
                 (TemplateKind::Id, "id") => Segment::Id,
-                (TemplateKind::Digest, _) => {
-                    return Err(format!(
-                        "unknown placeholder '{{{name}}}' (use {{digest}} or {{digest:N}})"
-                    ))
-                }
-                (TemplateKind::Id, _) => {
-                    return Err(format!("unknown placeholder '{{{name}}}' (use {{id}})"))
-                }
+                (kind, _) => return Err(TemplateError::UnknownPlaceholder(kind, name.to_string())),
             });
             rest = tail;
         }
         if rest.contains('}') {
-            return Err("a '}' without '{'".into());
+            return Err(TemplateError::StrayClosingBrace);
         }
         if !rest.is_empty() {
             segments.push(Segment::Text(rest.to_string()));
@@ -88,10 +122,7 @@ impl PathTemplate {
             .filter(|s| !matches!(s, Segment::Text(_)))
             .count();
         if placeholders == 0 {
-            return Err(match kind {
-                TemplateKind::Digest => "needs a {digest} or {digest:N} placeholder".into(),
-                TemplateKind::Id => "needs an {id} placeholder".into(),
-            });
+            return Err(TemplateError::NoPlaceholder(kind));
         }
         // A shard path ({digest:N} alone) is fine: the file is then a key-set document.
         Ok(PathTemplate {
@@ -187,5 +218,43 @@ mod tests {
             assert!(PathTemplate::parse(text, kind).is_err(), "{text}");
         }
         assert!(PathTemplate::parse("/shards/{digest:3}.json", TemplateKind::Digest).is_ok());
+    }
+
+    #[test]
+    fn a_refused_template_says_what_is_wrong_with_it() {
+        use TemplateKind::{Digest, Id};
+        for (text, kind, message) in [
+            (
+                "keys/{id}",
+                Id,
+                "must start with '/' and be printable ASCII without spaces",
+            ),
+            ("/keys/{digest", Digest, "an unclosed '{'"),
+            ("/keys/{id}}", Id, "a '}' without '{'"),
+            (
+                "/keys/{digest:65}",
+                Digest,
+                "'{digest:65}': N of {digest:N} is 1 to 64",
+            ),
+            (
+                "/keys/{id}",
+                Digest,
+                "unknown placeholder '{id}' (use {digest} or {digest:N})",
+            ),
+            (
+                "/keys/{digest}",
+                Id,
+                "unknown placeholder '{digest}' (use {id})",
+            ),
+            (
+                "/keys/static.json",
+                Digest,
+                "needs a {digest} or {digest:N} placeholder",
+            ),
+            ("/keys/x", Id, "needs an {id} placeholder"),
+        ] {
+            let refused = PathTemplate::parse(text, kind).unwrap_err();
+            assert_eq!(refused.to_string(), message, "{text}");
+        }
     }
 }

@@ -207,7 +207,7 @@ impl KeyService {
                 let template = |field: &str, text: Option<String>, kind, needed: bool| match text {
                     Some(t) => PathTemplate::parse(&t, kind)
                         .map(Some)
-                        .map_err(|why| ConfigError::new(at(field), why)),
+                        .map_err(|why| ConfigError::new(at(field), why.to_string())),
                     None if needed => Err(ConfigError::new(
                         at(field),
                         "required: an enabled credential scheme looks keys up this way",
@@ -232,7 +232,7 @@ impl KeyService {
                         max_misses_per_second: spec.max_misses_per_second,
                     },
                 )
-                .map_err(|(field, why)| ConfigError::new(at(field), why))?;
+                .map_err(|why| ConfigError::new(at(why.field), why.message))?;
                 let identity = format!("lookup\0{}", policy.identity());
                 (KeyServiceMode::Lookup(policy), identity)
             }
@@ -320,6 +320,21 @@ pub struct CacheBudgets {
     pub max_misses_per_second: Option<u32>,
 }
 
+/// A `key_service` setting out of range: the field and what it must be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl std::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for FieldError {}
+
 impl LookupPolicy {
     /// Errors name the offending field of `key_service`.
     pub fn new(
@@ -328,30 +343,32 @@ impl LookupPolicy {
         positive_ttl_seconds: Option<u64>,
         negative_ttl_seconds: Option<u64>,
         budgets: CacheBudgets,
-    ) -> Result<LookupPolicy, (&'static str, String)> {
+    ) -> Result<LookupPolicy, FieldError> {
         let positive = positive_ttl_seconds.unwrap_or(DEFAULT_POSITIVE_TTL_SECONDS);
         if positive == 0 || positive > MAX_TTL_SECONDS {
-            return Err((
-                "positive_ttl_seconds",
-                format!("must be between 1 and {MAX_TTL_SECONDS}"),
-            ));
+            return Err(FieldError {
+                field: "positive_ttl_seconds",
+                message: format!("must be between 1 and {MAX_TTL_SECONDS}"),
+            });
         }
         let negative = negative_ttl_seconds.unwrap_or(DEFAULT_NEGATIVE_TTL_SECONDS);
         if negative > MAX_TTL_SECONDS {
-            return Err((
-                "negative_ttl_seconds",
-                format!("must be at most {MAX_TTL_SECONDS} (0: do not cache unknown keys)"),
-            ));
+            return Err(FieldError {
+                field: "negative_ttl_seconds",
+                message: format!(
+                    "must be at most {MAX_TTL_SECONDS} (0: do not cache unknown keys)"
+                ),
+            });
         }
         let slots = |field: &'static str, entries: Option<u32>, default: u32| {
             let entries = entries.unwrap_or(default);
             if (WAYS as u32..=MAX_CACHE_ENTRIES).contains(&entries) {
                 Ok(entries.div_ceil(WAYS as u32))
             } else {
-                Err((
+                Err(FieldError {
                     field,
-                    format!("must be between {WAYS} and {MAX_CACHE_ENTRIES}"),
-                ))
+                    message: format!("must be between {WAYS} and {MAX_CACHE_ENTRIES}"),
+                })
             }
         };
         Ok(LookupPolicy {
@@ -393,15 +410,11 @@ impl LookupPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::test_support::merged;
 
     fn spec_error(extra: serde_json::Value) -> ConfigError {
-        let mut spec = serde_json::json!({"cluster": "keyservice"});
-        if let (Some(obj), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
-            for (k, v) in extra {
-                obj.insert(k.clone(), v.clone());
-            }
-        }
-        let spec: KeyServiceSpec = serde_json::from_value(spec).unwrap();
+        let spec = serde_json::json!({"cluster": "keyservice"});
+        let spec: KeyServiceSpec = serde_json::from_value(merged(spec, extra)).unwrap();
         KeyService::from_spec(spec, "t", true, true).unwrap_err()
     }
 
@@ -437,16 +450,12 @@ mod tests {
     }
 
     fn filter_config(extra: serde_json::Value) -> Result<crate::core::config::Config, ConfigError> {
-        let mut cfg = serde_json::json!({
+        let cfg = serde_json::json!({
             "credentials": [{"in": "header", "prefixes": ["ks_"]},
                             {"in": "bearer", "format": "id_secret"}],
             "key_service": {"cluster": "keyservice"}});
-        if let (Some(obj), Some(extra)) = (cfg.as_object_mut(), extra.as_object()) {
-            for (k, v) in extra {
-                obj.insert(k.clone(), v.clone());
-            }
-        }
-        crate::core::config::Config::parse(cfg.to_string().as_bytes()).map(|(c, _)| c)
+        crate::core::config::Config::parse(merged(cfg, extra).to_string().as_bytes())
+            .map(|(c, _)| c)
     }
 
     #[test]

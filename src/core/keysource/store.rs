@@ -18,6 +18,17 @@ pub enum StoreError {
     Unavailable,
 }
 
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StoreError::CasMismatch => "another writer changed the value since it was read",
+            StoreError::Unavailable => "the shared store refused the write",
+        })
+    }
+}
+
+impl std::error::Error for StoreError {}
+
 /// What a read-modify-write makes of the value it read.
 pub enum Change<T> {
     /// Write this value (if nobody wrote since the read), then return `T`.

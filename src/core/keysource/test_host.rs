@@ -8,6 +8,7 @@ use super::host::{Callouts, Clock, Counter, Gauge, Level, Log, Metrics};
 use super::service::{FetchResponse, KeyService, KeyServiceSpec};
 use super::store::{SharedStore, StoreError};
 use crate::core::memory_store::MemoryStore;
+use crate::core::test_support::merged;
 
 /// One call the flow sent: its token and request headers.
 #[derive(Debug, Clone)]
@@ -124,13 +125,8 @@ impl Log for TestHost {
 
 /// A key service from the spec `{"cluster": "keyservice"}` plus `extra`.
 pub fn service(extra: serde_json::Value) -> KeyService {
-    let mut spec = serde_json::json!({"cluster": "keyservice"});
-    if let (Some(obj), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
-        for (k, v) in extra {
-            obj.insert(k.clone(), v.clone());
-        }
-    }
-    let spec: KeyServiceSpec = serde_json::from_value(spec).unwrap();
+    let spec = serde_json::json!({"cluster": "keyservice"});
+    let spec: KeyServiceSpec = serde_json::from_value(merged(spec, extra)).unwrap();
     KeyService::from_spec(spec, "test", true, true).unwrap()
 }
 

@@ -2,14 +2,17 @@
 //! `RequestView`, asks the core for a decision, and applies the answer.
 
 mod filter_state;
+mod host_calls;
 mod keysource;
 mod local_reply;
 mod raw;
 mod request_headers;
 mod shared_store;
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -18,15 +21,22 @@ use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, Metr
 use crate::core::access_log::AccessLogEntry;
 use crate::core::codes::ErrorCode;
 use crate::core::config::Config;
+use crate::core::credential::Credential;
 use crate::core::decision::{begin, decide_for_key, lookup, Decision, Principal, Step};
 use crate::core::keyset::KeyRecord;
 use crate::core::keyset::KeySet;
+use crate::core::keysource::host::Clock;
+use crate::core::keysource::lookup_flow::{LookupFlow, LookupOutcome};
+use crate::core::keysource::lookup_on_miss::Answer;
+use crate::core::keysource::paths::LookupKey;
 use crate::core::limits::{apply_limits, ensure_slots, sweep, sweep_batch};
+use crate::core::policy::Policy;
 use crate::core::reply::{preflight_reply, unconfigured_reply, LocalReply};
 use crate::core::request::{RequestView, SessionEvidence};
 use crate::core::selectors::{check_form_body, form_body_kind};
 use crate::core::upstream::upstream_edits;
-use keysource::{KeySource, PendingLookup};
+use host_calls::{bump, log, now_millis};
+use keysource::{read_call_response, KeySource};
 use local_reply::PreparedHeaders;
 use shared_store::HostStore;
 
@@ -62,16 +72,10 @@ impl Metrics {
         }
     }
 
-    fn bump(id: Option<u32>) {
-        if let Some(id) = id {
-            let _ = hostcalls::increment_metric(id, 1);
-        }
-    }
-
     fn count_denial(&self, code: ErrorCode) {
-        Metrics::bump(self.denied);
+        bump(self.denied);
         if let Some((_, id)) = self.denied_by_code.iter().find(|(c, _)| *c == code) {
-            Metrics::bump(*id);
+            bump(*id);
         }
     }
 }
@@ -84,6 +88,8 @@ struct Runtime {
     /// Each code's reply headers, serialized for the host once.
     reply_headers: PreparedHeaders,
     source: Option<KeySource>,
+    /// Lookup mode: the requests of this VM paused for a key lookup.
+    lookups: Lookups,
     /// Whether a request's time matters: some key has a validity window, or keys come from a
     /// key service whose records may. The clock is the only per-request host call it saves, and
     /// the first call of a host function in a request is the expensive one.
@@ -171,6 +177,7 @@ impl RootContext for KeygateRoot {
                     keys,
                     metrics,
                     source,
+                    lookups: Lookups::default(),
                     reads_clock,
                 }));
                 true
@@ -191,7 +198,7 @@ impl RootContext for KeygateRoot {
         };
         if let Some(source) = &runtime.source {
             source.on_tick();
-            keysource::expire_waiters(&runtime);
+            expire_waiters(&runtime);
         }
         let limits = &runtime.config.limits;
         if !limits.enabled || now_millis() - self.last_sweep_ms < SWEEP_PERIOD.as_millis() as i64 {
@@ -226,7 +233,7 @@ const SWEEP_PERIOD: Duration = Duration::from_secs(1);
 struct KeygateRequest {
     context_id: u32,
     /// Paused for a lookup another request of this VM sent for the same key; that request
-    /// settles this one (`keysource::resolve_waiter`).
+    /// settles this one (`resolve_waiter`).
     waiting: bool,
     runtime: Option<Rc<Runtime>>,
     /// `RateLimit-*` headers for the response of an allowed request, when configured.
@@ -358,12 +365,225 @@ impl KeygateRequest {
         let settled = self
             .runtime
             .as_ref()
-            .and_then(|r| r.source.as_ref())
-            .and_then(|source| source.take_settled(self.context_id));
+            .and_then(|r| r.lookups.settled.borrow_mut().remove(&self.context_id));
         if let Some(settled) = settled {
             self.waiting = false;
             self.adopt(settled);
         }
+    }
+
+    /// Decides a request whose key must come from the key service.
+    fn decide_remote(
+        &mut self,
+        runtime: &Runtime,
+        source: &KeySource,
+        req: RequestView,
+        credential: Credential,
+        policy: &Policy,
+    ) -> Action {
+        let config = &runtime.config;
+        let host = source.host();
+        let Some(flow) = source.lookup_flow() else {
+            let keys = source.keys();
+            let decision = match &keys {
+                Ok(keys) => {
+                    decide_for_key(config, policy, &credential, lookup(keys, &credential), &req)
+                }
+                Err(_) => source.unavailable(policy),
+            };
+            return self.apply(runtime, &req, decision).action();
+        };
+        let key = LookupKey::of(&credential);
+        let stale = match flow.cached(&host, &key) {
+            Ok(answer) => {
+                let outcome = LookupOutcome::Answer(&answer);
+                let decision = flow.decide(&host, config, policy, &credential, &req, outcome);
+                return self.apply(runtime, &req, decision).action();
+            }
+            Err(stale) => stale,
+        };
+        if let Some((_, waiters)) = runtime.lookups.in_flight.borrow_mut().get_mut(&key) {
+            flow.coalesced(&host);
+            waiters.push(Waiter {
+                context_id: self.context_id,
+                req,
+                stale,
+                request_ended: self.request_ended,
+            });
+            self.waiting = true;
+            return Action::Pause;
+        }
+        if !flow.admit(&host) {
+            let outcome = stale
+                .as_ref()
+                .map_or(LookupOutcome::OverCap, LookupOutcome::Answer);
+            let decision = flow.decide(&host, config, policy, &credential, &req, outcome);
+            return self.apply(runtime, &req, decision).action();
+        }
+        match flow.send(&host, &key) {
+            Some(token) => {
+                runtime
+                    .lookups
+                    .in_flight
+                    .borrow_mut()
+                    .insert(key.clone(), (host.now_ms(), Vec::new()));
+                self.pending = Some(PendingLookup {
+                    token,
+                    req,
+                    key,
+                    stale,
+                });
+                Action::Pause
+            }
+            None => {
+                let outcome = stale
+                    .as_ref()
+                    .map_or(LookupOutcome::Unavailable, LookupOutcome::Answer);
+                let decision = flow.decide(&host, config, policy, &credential, &req, outcome);
+                self.apply(runtime, &req, decision).action()
+            }
+        }
+    }
+
+    /// The key service answered (or failed) for the paused request: cache the answer, decide,
+    /// and resume or reply.
+    fn on_lookup_response(&mut self, token: u32, body_size: usize) {
+        let Some(pending) = self.pending.take_if(|p| p.token == u64::from(token)) else {
+            return;
+        };
+        let Some(runtime) = self.runtime.clone() else {
+            return;
+        };
+        let Some(source) = &runtime.source else {
+            return;
+        };
+        let Some(flow) = source.lookup_flow() else {
+            return;
+        };
+        let host = source.host();
+        let response = read_call_response(body_size);
+        let fetched = flow.answered(&host, &pending.key, &response);
+        let answer = fetched.clone().or(pending.stale);
+        let decision = decide_paused(&runtime, &flow, source, &pending.req, answer.as_ref());
+        if let Verdict::Forwarded = self.apply(&runtime, &pending.req, decision) {
+            let _ = hostcalls::resume_http_request();
+        }
+        let waiters = runtime
+            .lookups
+            .in_flight
+            .borrow_mut()
+            .remove(&pending.key)
+            .map(|(_, waiters)| waiters)
+            .unwrap_or_default();
+        for waiter in waiters {
+            resolve_waiter(&runtime, &flow, source, waiter, fetched.as_ref());
+        }
+        let _ = hostcalls::set_effective_context(self.context_id);
+    }
+}
+
+/// A request paused while its key is looked up.
+struct PendingLookup {
+    token: u64,
+    req: RequestView,
+    key: LookupKey,
+    /// An expired cached answer, served if the lookup fails.
+    stale: Option<Answer>,
+}
+
+/// This VM's lookups in flight and the requests waiting on them (lookup on miss).
+#[derive(Default)]
+struct Lookups {
+    /// By key: when each lookup was sent, and the requests that wait for its answer instead of
+    /// sending their own (one fetch per key per VM).
+    in_flight: RefCell<HashMap<LookupKey, (i64, Vec<Waiter>)>>,
+    /// What a waiting request was settled with, until its own callbacks take it over.
+    settled: RefCell<HashMap<u32, Settled>>,
+}
+
+/// A request of this VM paused until another request's lookup of the same key is answered.
+struct Waiter {
+    context_id: u32,
+    req: RequestView,
+    stale: Option<Answer>,
+    request_ended: bool,
+}
+
+/// Settled waiters whose callbacks never came to take their state (the client went away) are
+/// forgotten beyond this many.
+const MAX_SETTLED: usize = 4096;
+
+/// Decides a request paused for its key's lookup with the answer it came to (`None`: keys
+/// cannot be verified now). The same request view gives the same credential and policy as
+/// before the pause.
+fn decide_paused<'a>(
+    runtime: &'a Runtime,
+    flow: &LookupFlow,
+    source: &KeySource,
+    req: &RequestView,
+    answer: Option<&'a Answer>,
+) -> Decision<'a> {
+    let config = &runtime.config;
+    match begin(config, req) {
+        Step::Decided(decision) => decision,
+        Step::Lookup { credential, policy } => {
+            let outcome = answer.map_or(LookupOutcome::Unavailable, LookupOutcome::Answer);
+            flow.decide(&source.host(), config, policy, &credential, req, outcome)
+        }
+    }
+}
+
+/// Decides a waiting request with the answer its key's lookup got (or its own old answer, if
+/// the lookup failed) and applies the decision in that request's context.
+fn resolve_waiter(
+    runtime: &Runtime,
+    flow: &LookupFlow,
+    source: &KeySource,
+    waiter: Waiter,
+    fetched: Option<&Answer>,
+) {
+    if hostcalls::set_effective_context(waiter.context_id).is_err() {
+        return; // The request is gone.
+    }
+    let answer = fetched.or(waiter.stale.as_ref());
+    let decision = decide_paused(runtime, flow, source, &waiter.req, answer);
+    let (verdict, settled) = settle(runtime, &waiter.req, decision, waiter.request_ended);
+    let mut all = runtime.lookups.settled.borrow_mut();
+    if all.len() >= MAX_SETTLED {
+        all.clear();
+    }
+    all.insert(waiter.context_id, settled);
+    drop(all);
+    if let Verdict::Forwarded = verdict {
+        let _ = hostcalls::resume_http_request();
+    }
+}
+
+/// Lookups whose answer never came (the request that sent one went away, which cancels its
+/// call): their waiters are settled as a failed lookup.
+fn expire_waiters(runtime: &Runtime) {
+    let Some(source) = &runtime.source else {
+        return;
+    };
+    let Some(flow) = source.lookup_flow() else {
+        return;
+    };
+    let now = now_millis();
+    let limit = source.in_flight_limit_ms();
+    let expired: Vec<Waiter> = {
+        let mut in_flight = runtime.lookups.in_flight.borrow_mut();
+        let keys: Vec<LookupKey> = in_flight
+            .iter()
+            .filter(|(_, (sent, _))| now - sent > limit)
+            .map(|(key, _)| key.clone())
+            .collect();
+        keys.iter()
+            .filter_map(|key| in_flight.remove(key))
+            .flat_map(|(_, waiters)| waiters)
+            .collect()
+    };
+    for waiter in expired {
+        resolve_waiter(runtime, &flow, source, waiter, None);
     }
 }
 
@@ -415,7 +635,7 @@ fn settle(
                     }
                 }
             }
-            Metrics::bump(runtime.metrics.allowed);
+            bump(runtime.metrics.allowed);
             filter_state::publish(config, &AccessLogEntry::allowed(&principal));
             let edits = upstream_edits(config, req, &principal);
             for name in &edits.remove {
@@ -467,17 +687,6 @@ fn deny(
     }
 }
 
-fn now_millis() -> i64 {
-    hostcalls::get_current_time()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
-fn log(level: LogLevel, message: &str) {
-    let _ = hostcalls::log(level, message);
-}
-
 /// Not configured: fail closed. Out of line and cold, so rendering this reply does not sit in the
 /// request path's code.
 #[cold]
@@ -502,14 +711,8 @@ fn property_text(path: Vec<&str>) -> Option<String> {
 /// Gathers everything the core needs with as few host calls as the config allows.
 fn read_request(config: &Config, reads_clock: bool) -> RequestView {
     let headers = request_headers::read();
-    let now = if reads_clock {
-        hostcalls::get_current_time()
-            .ok()
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_secs() as i64)
-    } else {
-        0
-    };
+    // Whole seconds, as the core's validity windows count them.
+    let now = if reads_clock { now_millis() / 1000 } else { 0 };
     let mut req = RequestView {
         headers,
         now,
