@@ -2,7 +2,7 @@
 //! of a lease in the shared store, validated, and stored as chunks with a new version that
 //! every worker copies in (see the module docs of `keysource`).
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use super::docparts::range_header;
 use super::retire::Retiring;
@@ -298,16 +298,6 @@ impl RemoteKeySet {
         Ok(Arc::clone(keys))
     }
 
-    /// What a host that shares this set among threads may keep per thread until the set
-    /// changes, to decide without taking the set's lock.
-    pub fn snapshot(&self) -> Snapshot {
-        Snapshot {
-            version: self.version,
-            last_success_ms: self.last_success_ms,
-            keys: self.keys.as_ref().map(Arc::downgrade),
-        }
-    }
-
     /// The warning for a fetch that failed while this set keeps serving.
     pub fn fetch_failed_line(&self, name: &str, failures: u32, reason: &str) -> String {
         format!(
@@ -337,37 +327,6 @@ impl RemoteKeySet {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-}
-
-/// What a `RemoteKeySet` decided with at one moment: its version, the time of its last
-/// confirmed fetch, and its set, held weakly so a host that keeps a snapshot per thread never
-/// keeps a replaced set alive.
-#[derive(Debug, Clone, Default)]
-pub struct Snapshot {
-    version: u64,
-    last_success_ms: i64,
-    keys: Option<Weak<KeySet>>,
-}
-
-impl Snapshot {
-    /// The set to decide with, by the same rule as `RemoteKeySet::current`; `None` when the
-    /// set was replaced since (take a new snapshot).
-    pub fn current(
-        &self,
-        service: &KeyService,
-        now_ms: i64,
-    ) -> Option<Result<Arc<KeySet>, Unavailable>> {
-        let Some(keys) = &self.keys else {
-            return Some(Err(Unavailable::NotLoaded));
-        };
-        let keys = keys.upgrade()?;
-        Some(check_age(service, self.last_success_ms, now_ms).map(|()| keys))
-    }
-
-    /// Whether `other` decides as this one does: the same version, confirmed at the same time.
-    pub fn same_as(&self, other: &Snapshot) -> bool {
-        self.version == other.version && self.last_success_ms == other.last_success_ms
     }
 }
 

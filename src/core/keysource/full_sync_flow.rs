@@ -478,42 +478,6 @@ mod tests {
     }
 
     #[test]
-    fn a_snapshot_decides_like_its_set_until_the_set_is_too_old() {
-        let host = TestHost::at(1_000);
-        let mut worker = Worker::new(&host, 1, Fetchers::One);
-        let empty = worker.remote.snapshot();
-        assert!(matches!(
-            empty.current(worker.flow.service(), 1_000),
-            Some(Err(Unavailable::NotLoaded))
-        ));
-        let call = only(worker.tick(&host));
-        worker.answer(&host, &call, ok(document(&["a"], 1), "\"e1\""));
-        worker.tick(&host);
-        let loaded = worker.remote.snapshot();
-        assert!(!loaded.same_as(&empty));
-        assert!(loaded.same_as(&worker.remote.snapshot()));
-        let service = worker.flow.service().clone();
-        let keys = loaded.current(&service, 1_000).unwrap().unwrap();
-        assert!(keys.by_id("a").is_some());
-        drop(keys);
-        // max_stale_seconds is 60.
-        assert!(matches!(
-            loaded.current(&service, 1_000 + 60_001),
-            Some(Err(Unavailable::Stale { age_ms: 60_001 }))
-        ));
-        assert!(matches!(
-            worker.remote.current(&service, 1_000 + 60_001),
-            Err(Unavailable::Stale { age_ms: 60_001 })
-        ));
-        // A new version replaces the set: the old snapshot keeps nothing alive.
-        host.now_ms.set(1_000 + PERIOD_MS);
-        let call = only(worker.tick(&host));
-        worker.answer(&host, &call, ok(document(&["b"], 2), "\"e2\""));
-        assert!(loaded.current(&service, 1_000 + PERIOD_MS).is_none());
-        assert!(!worker.remote.snapshot().same_as(&loaded));
-    }
-
-    #[test]
     fn a_worker_that_cannot_call_out_hands_the_fetch_to_another() {
         let host = TestHost::at(1_000);
         let mut stuck = Worker::new(&host, 1, Fetchers::Many);

@@ -1,24 +1,22 @@
 //! The key service in full mode for the native module: one fetcher and one parsed key set for
 //! the whole process, swapped under a lock when a new version arrives. The set is the only copy:
 //! the flow stores no chunks for it (`Fetchers::One`), and it outlives a listener update the way
-//! the process store does. Requests read it without the lock: each worker thread keeps the
-//! current set until a generation counter says it changed.
+//! the process store does. Requests read it under a lock held only to clone an `Arc`.
 //!
 //! Envoy's dynamic-module ABI gives HTTP filters no timer. A small module thread wakes every
 //! 250 ms and posts a tick to Envoy's main thread (the config scheduler may be committed from
 //! any thread); the tick, the fetch (in ranged parts, like the wasm filter) and its answers all
 //! run there, as the core's `FullSyncFlow` over this module's implementation of its traits.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use super::ffi::{log, ConfigHandle, LogLevel, MainThread};
 use super::process_store::{ProcessSide, ProcessStore};
 use crate::core::keyset::KeySet;
-use crate::core::keysource::full_sync::{RemoteKeySet, Snapshot, Unavailable};
+use crate::core::keysource::full_sync::{RemoteKeySet, Unavailable};
 use crate::core::keysource::full_sync_flow::{Fetch, Fetchers, FullSyncFlow};
 use crate::core::keysource::host::{Callouts, Counter, Gauge, Metrics};
 use crate::core::keysource::service::{FetchResponse, FullSync, KeyService};
@@ -80,13 +78,8 @@ impl Metrics for MainThreadHost<'_> {
 /// The process's copy of one key service's set: one per filter name and service, kept across
 /// listener updates like the process store, so a new config serves the set at once.
 struct ProcessSet {
-    /// Tells this set's entry in a thread's cache from another's.
-    id: u64,
-    /// Written on the main thread only; a lock for `Sync` and for a thread refreshing its cache.
+    /// Written on the main thread only; requests lock it to clone the current set's `Arc`.
     remote: Mutex<RemoteKeySet>,
-    /// Moves whenever `remote`'s version or freshness did: a thread's cached copy of an older
-    /// generation is refreshed under the lock, else read without it.
-    generation: AtomicU64,
 }
 
 /// Filter name and service namespace to the process's set.
@@ -95,66 +88,31 @@ type SetsByService = HashMap<String, Arc<ProcessSet>>;
 impl ProcessSet {
     fn for_service(name: &str, service: &KeyService) -> Arc<ProcessSet> {
         static SETS: OnceLock<Mutex<SetsByService>> = OnceLock::new();
-        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let sets = SETS.get_or_init(Default::default);
         let mut sets = sets.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let key = format!("{name}\n{}", service.key("set"));
         sets.entry(key)
             .or_insert_with(|| {
                 Arc::new(ProcessSet {
-                    id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
                     remote: Mutex::new(RemoteKeySet::default()),
-                    generation: AtomicU64::new(0),
                 })
             })
             .clone()
     }
 
-    /// Main thread: changes the set, and tells the workers when what they decide with moved.
+    /// Main thread: changes the set.
     fn change(&self, change: impl FnOnce(&mut RemoteKeySet)) {
-        let Ok(mut remote) = self.remote.lock() else {
-            return;
-        };
-        let before = remote.snapshot();
-        change(&mut remote);
-        if !remote.snapshot().same_as(&before) {
-            // Release: a thread that sees the new generation then reads the new set.
-            self.generation.fetch_add(1, Ordering::Release);
+        if let Ok(mut remote) = self.remote.lock() {
+            change(&mut remote);
         }
     }
 
-    /// The set to decide with, as this thread last saw it: read without the lock unless its
-    /// generation moved since (or the set it saw was replaced: the snapshot holds it weakly).
+    /// The set to decide with.
     fn current(&self, service: &KeyService, now_ms: i64) -> Result<Arc<KeySet>, Unavailable> {
-        thread_local! {
-            /// Per set id: the generation and the snapshot this thread decides with.
-            static CACHED: RefCell<Vec<(u64, u64, Snapshot)>> = const { RefCell::new(Vec::new()) };
+        match self.remote.lock() {
+            Ok(remote) => remote.current(service, now_ms),
+            Err(_) => Err(Unavailable::NotLoaded),
         }
-        let generation = self.generation.load(Ordering::Acquire);
-        let cached = CACHED.with(|cached| {
-            let cached = cached.try_borrow().ok()?;
-            let (_, seen, snapshot) = cached.iter().find(|(id, _, _)| *id == self.id)?;
-            if *seen != generation {
-                return None;
-            }
-            snapshot.current(service, now_ms)
-        });
-        if let Some(current) = cached {
-            return current;
-        }
-        let (current, snapshot) = match self.remote.lock() {
-            Ok(remote) => (remote.current(service, now_ms), remote.snapshot()),
-            Err(_) => (Err(Unavailable::NotLoaded), Snapshot::default()),
-        };
-        CACHED.with(|cached| {
-            if let Ok(mut cached) = cached.try_borrow_mut() {
-                match cached.iter_mut().find(|(id, _, _)| *id == self.id) {
-                    Some(entry) => *entry = (self.id, generation, snapshot),
-                    None => cached.push((self.id, generation, snapshot)),
-                }
-            }
-        });
-        current
     }
 }
 
