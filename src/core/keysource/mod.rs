@@ -23,7 +23,8 @@
 //! configuration), `docparts` and `setchunks` (a document fetched in parts, a parsed set in
 //! shared data), then the two flows: `full_sync` (+ `full_sync_flow`, the flow over the host traits of
 //! `host`; `fetch_handover` picks which VM fetches, `retire` frees a replaced set in slices)
-//! and `lookup_on_miss`. `test_host` runs the flows in memory.
+//! and `lookup_on_miss` (+ `lookup_flow`, and `lookup_waiters`: the requests waiting on one
+//! lookup, for both hosts). `test_host` runs the flows in memory.
 
 pub mod docparts;
 pub mod fetch_handover;
@@ -32,6 +33,7 @@ pub mod full_sync_flow;
 pub mod host;
 pub mod lookup_flow;
 pub mod lookup_on_miss;
+pub mod lookup_waiters;
 pub mod paths;
 pub mod retire;
 pub mod service;

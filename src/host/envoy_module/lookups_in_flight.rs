@@ -2,10 +2,10 @@
 //! looked up (on any worker) waits for that answer instead of sending its own. The wasm filter
 //! does this per VM; the module is one process, so one map serves every worker.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::core::keysource::lookup_on_miss::Answer;
+use crate::core::keysource::lookup_waiters;
 use crate::core::keysource::paths::LookupKey;
 
 use super::ffi::StreamWaker;
@@ -17,9 +17,12 @@ pub type Outcome = Arc<OnceLock<Option<Answer>>>;
 /// The `on_http_filter_scheduled` event that tells a waiting stream its lookup answered.
 pub const LOOKUP_ANSWERED: u64 = 1;
 
+/// A waiting stream: how to wake it, and where it reads the outcome when woken.
+type Waiter = (StreamWaker, Outcome);
+
 #[derive(Default)]
 pub struct LookupsInFlight {
-    by_key: Mutex<HashMap<LookupKey, (Outcome, Vec<StreamWaker>)>>,
+    by_key: Mutex<lookup_waiters::LookupsInFlight<Waiter>>,
 }
 
 /// What `join_or_lead` decided for a request whose key is not cached.
@@ -45,10 +48,12 @@ impl LookupsInFlight {
         let Ok(mut by_key) = self.by_key.lock() else {
             return if admit() { Role::Lead } else { Role::OverCap };
         };
-        if let Some((outcome, waiters)) = by_key.get_mut(key) {
+        if by_key.is_in_flight(key) {
             if let Some(waker) = waker() {
-                waiters.push(waker);
-                return Role::Wait(Arc::clone(outcome));
+                let outcome = Outcome::default();
+                if by_key.wait(key, (waker, Arc::clone(&outcome))).is_ok() {
+                    return Role::Wait(outcome);
+                }
             }
             // Sends its own lookup; the waiters keep the first one's entry.
             return if admit() { Role::Lead } else { Role::OverCap };
@@ -57,22 +62,21 @@ impl LookupsInFlight {
         if !admit() {
             return Role::OverCap;
         }
-        by_key.insert(key.clone(), (Arc::new(OnceLock::new()), Vec::new()));
+        // The module never expires a lookup (the leader's stream always settles it), so the
+        // sent time goes unread.
+        by_key.sent(key, 0);
         Role::Lead
     }
 
     /// The leader's lookup of `key` ended (`None`: it failed, or was never sent): its waiters
     /// get the outcome and are woken.
     pub fn settle(&self, key: &LookupKey, answer: Option<Answer>) {
-        let entry = match self.by_key.lock() {
-            Ok(mut by_key) => by_key.remove(key),
-            Err(_) => None,
+        let waiters = match self.by_key.lock() {
+            Ok(mut by_key) => by_key.settle(key),
+            Err(_) => Vec::new(),
         };
-        let Some((outcome, waiters)) = entry else {
-            return;
-        };
-        let _ = outcome.set(answer);
-        for waker in waiters {
+        for (waker, outcome) in waiters {
+            let _ = outcome.set(answer.clone());
             waker.wake(LOOKUP_ANSWERED);
         }
     }

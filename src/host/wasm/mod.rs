@@ -28,6 +28,7 @@ use crate::core::keyset::KeySet;
 use crate::core::keysource::host::Clock;
 use crate::core::keysource::lookup_flow::{LookupFlow, LookupOutcome};
 use crate::core::keysource::lookup_on_miss::Answer;
+use crate::core::keysource::lookup_waiters::LookupsInFlight;
 use crate::core::keysource::paths::LookupKey;
 use crate::core::limits::{apply_limits, ensure_slots, sweep, sweep_batch};
 use crate::core::policy::Policy;
@@ -402,17 +403,21 @@ impl KeygateRequest {
             }
             Err(stale) => stale,
         };
-        if let Some((_, waiters)) = runtime.lookups.in_flight.borrow_mut().get_mut(&key) {
-            flow.coalesced(&host);
-            waiters.push(Waiter {
-                context_id: self.context_id,
-                req,
-                stale,
-                request_ended: self.request_ended,
-            });
-            self.waiting = true;
-            return Action::Pause;
-        }
+        let waiter = Waiter {
+            context_id: self.context_id,
+            req,
+            stale,
+            request_ended: self.request_ended,
+        };
+        let joined = runtime.lookups.in_flight.borrow_mut().wait(&key, waiter);
+        let Waiter { req, stale, .. } = match joined {
+            Ok(()) => {
+                flow.coalesced(&host);
+                self.waiting = true;
+                return Action::Pause;
+            }
+            Err(waiter) => waiter,
+        };
         if !flow.admit(&host) {
             let outcome = stale
                 .as_ref()
@@ -426,7 +431,7 @@ impl KeygateRequest {
                     .lookups
                     .in_flight
                     .borrow_mut()
-                    .insert(key.clone(), (host.now_ms(), Vec::new()));
+                    .sent(&key, host.now_ms());
                 self.pending = Some(PendingLookup {
                     token,
                     req,
@@ -468,13 +473,7 @@ impl KeygateRequest {
         if let Verdict::Forwarded = self.apply(&runtime, &pending.req, decision) {
             let _ = hostcalls::resume_http_request();
         }
-        let waiters = runtime
-            .lookups
-            .in_flight
-            .borrow_mut()
-            .remove(&pending.key)
-            .map(|(_, waiters)| waiters)
-            .unwrap_or_default();
+        let waiters = runtime.lookups.in_flight.borrow_mut().settle(&pending.key);
         for waiter in waiters {
             resolve_waiter(&runtime, &flow, source, waiter, fetched.as_ref());
         }
@@ -494,9 +493,9 @@ struct PendingLookup {
 /// This VM's lookups in flight and the requests waiting on them (lookup on miss).
 #[derive(Default)]
 struct Lookups {
-    /// By key: when each lookup was sent, and the requests that wait for its answer instead of
-    /// sending their own (one fetch per key per VM).
-    in_flight: RefCell<HashMap<LookupKey, (i64, Vec<Waiter>)>>,
+    /// One fetch per key per VM: the requests that wait for a lookup's answer instead of
+    /// sending their own.
+    in_flight: RefCell<LookupsInFlight<Waiter>>,
     /// What a waiting request was settled with, until its own callbacks take it over.
     settled: RefCell<HashMap<u32, Settled>>,
 }
@@ -570,18 +569,7 @@ fn expire_waiters(runtime: &Runtime) {
     };
     let now = now_millis();
     let limit = source.in_flight_limit_ms();
-    let expired: Vec<Waiter> = {
-        let mut in_flight = runtime.lookups.in_flight.borrow_mut();
-        let keys: Vec<LookupKey> = in_flight
-            .iter()
-            .filter(|(_, (sent, _))| now - sent > limit)
-            .map(|(key, _)| key.clone())
-            .collect();
-        keys.iter()
-            .filter_map(|key| in_flight.remove(key))
-            .flat_map(|(_, waiters)| waiters)
-            .collect()
-    };
+    let expired = runtime.lookups.in_flight.borrow_mut().expire(now, limit);
     for waiter in expired {
         resolve_waiter(runtime, &flow, source, waiter, None);
     }
