@@ -27,6 +27,7 @@
 //! lookup, for both hosts). `test_host` runs the flows in memory.
 
 pub mod docparts;
+pub mod docstream;
 pub mod fetch_handover;
 pub mod full_sync;
 pub mod full_sync_flow;
