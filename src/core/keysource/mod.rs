@@ -38,6 +38,7 @@ pub mod lookup_waiters;
 pub mod paths;
 pub mod retire;
 pub mod service;
+pub mod setbuckets;
 pub mod setchunks;
 pub mod store;
 #[cfg(test)]
