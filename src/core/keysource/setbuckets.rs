@@ -379,6 +379,15 @@ impl SharedSet {
         self.records
     }
 
+    /// What empties this version's slot once a newer one is announced.
+    pub fn clearing(&self) -> Clearing {
+        Clearing {
+            slot: self.slot,
+            buckets: self.buckets,
+            next: 0,
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.records == 0
     }
