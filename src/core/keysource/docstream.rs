@@ -307,8 +307,10 @@ mod tests {
     #[test]
     fn a_document_that_is_cut_short_or_malformed_is_refused_naming_the_problem() {
         let refused = |doc: &str| read(doc, 4).unwrap_err().to_string();
-        assert!(refused(r#"{"serial":1,"keys":[{"id":"a","secret_sha256":"x"}"#)
-            .contains("ends before its closing brace"));
+        assert!(
+            refused(r#"{"serial":1,"keys":[{"id":"a","secret_sha256":"x"}"#)
+                .contains("ends before its closing brace")
+        );
         assert!(refused(r#"{"serial":1}"#).contains("missing field `keys`"));
         assert!(refused(r#"{"keys":[],"keys":[]}"#).contains("duplicate field `keys`"));
         assert!(refused(r#"{"keyz":[]}"#).contains("unknown field `keyz`"));
@@ -316,7 +318,10 @@ mod tests {
         assert!(refused(r#"{"keys":["a"]}"#).contains("keys[0]"));
         assert!(refused(r#"{"serial":"1","keys":[]}"#).contains("serial"));
         let unknown = refused(r#"{"keys":[{"id":"a","secret_sha256":"x"},{"id":"b","nope":1}]}"#);
-        assert!(unknown.contains("keys[1]") && unknown.contains("nope"), "{unknown}");
+        assert!(
+            unknown.contains("keys[1]") && unknown.contains("nope"),
+            "{unknown}"
+        );
     }
 
     #[test]

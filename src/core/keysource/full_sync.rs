@@ -5,9 +5,9 @@
 use std::sync::Arc;
 
 use super::docparts::range_header;
+use super::docstream::DocumentStream;
 use super::retire::Retiring;
 use super::service::{FetchResponse, FullSync, KeyService};
-use super::docstream::DocumentStream;
 use super::setbuckets::{slot_of, BuildError, Clearing, SetWriter, SharedSet};
 use super::setchunks::{self, LoadError, Loading};
 use super::store::{cas_update, Change, Reader, SharedStore};
@@ -325,7 +325,13 @@ impl RemoteKeySet {
 }
 
 /// The warning for a fetch that failed while version `version` (`keys` keys) keeps serving.
-pub fn fetch_failed_line(name: &str, failures: u32, reason: &str, version: u64, keys: usize) -> String {
+pub fn fetch_failed_line(
+    name: &str,
+    failures: u32,
+    reason: &str,
+    version: u64,
+    keys: usize,
+) -> String {
     format!(
         "keygate[{name}]: key-set fetch failed ({failures} in a row): {reason}; \
          keeping version {version} ({keys} keys)"
@@ -333,7 +339,13 @@ pub fn fetch_failed_line(name: &str, failures: u32, reason: &str, version: u64, 
 }
 
 /// The warning for a refused rollback (`FetchOutcome::RolledBack`) while `version` serves.
-pub fn rollback_line(name: &str, offered: u64, current: u64, failures: u32, version: u64) -> String {
+pub fn rollback_line(
+    name: &str,
+    offered: u64,
+    current: u64,
+    failures: u32,
+    version: u64,
+) -> String {
     format!(
         "keygate[{name}]: key-set document refused ({failures} failed fetches in a row): \
          serial {offered} is not above serial {current} of version {version}"
@@ -804,7 +816,9 @@ impl FullSync {
             };
             return (outcome, unused);
         }
-        let old = SharedSet::load(service, store, stored.version).ok().flatten();
+        let old = SharedSet::load(service, store, stored.version)
+            .ok()
+            .flatten();
         let stored_as = cas_update(store, &service.key("meta"), META_RETRIES, |bytes| {
             let mut meta = bytes.and_then(Meta::decode).unwrap_or_default();
             let version = meta.version + 1;

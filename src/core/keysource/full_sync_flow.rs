@@ -10,9 +10,9 @@ use super::full_sync::{
     age_ms, fetch_failed_line, rollback_line, Build, FetchOutcome, Publish, RemoteKeySet,
     SharedKeys, SyncEvent, TickPlan,
 };
-use super::setbuckets::Clearing;
 use super::host::{Counter, Gauge, KeySourceHost, Level};
 use super::service::{FetchResponse, FullSync, KeyService};
+use super::setbuckets::Clearing;
 
 /// A fetch whose answer never came is forgotten after its timeout plus this.
 pub const IN_FLIGHT_GRACE_MS: i64 = 5_000;
@@ -275,9 +275,13 @@ impl FullSyncFlow {
                     return failed(fetch, reason);
                 }
                 let build = fetch.build.take()?;
-                let (outcome, clearing) =
-                    self.sync
-                        .publish_built(&self.service, host, host.now_ms(), response.etag, build);
+                let (outcome, clearing) = self.sync.publish_built(
+                    &self.service,
+                    host,
+                    host.now_ms(),
+                    response.etag,
+                    build,
+                );
                 self.clear(host, fetch, clearing);
                 Some(outcome)
             }
@@ -353,7 +357,12 @@ impl FullSyncFlow {
 
     /// Applies a fetch's outcome (`Fetchers::Many`): the counters and log lines; the set itself
     /// is in shared data already.
-    pub fn apply_shared(&self, host: &impl KeySourceHost, keys: &mut SharedKeys, outcome: FetchOutcome) {
+    pub fn apply_shared(
+        &self,
+        host: &impl KeySourceHost,
+        keys: &mut SharedKeys,
+        outcome: FetchOutcome,
+    ) {
         match outcome {
             FetchOutcome::Published { .. } => {
                 host.bump(Counter::Updates);
@@ -750,7 +759,10 @@ mod tests {
         worker.answer(&host, &call, ok(document(&["a", "b"], 1), "\"e1\""));
         host.now_ms.set(1_000 + PERIOD_MS);
         let call = only(worker.tick(&host));
-        let ids: Vec<String> = (0..50).map(|i| format!("n{i}")).chain(["n3".into()]).collect();
+        let ids: Vec<String> = (0..50)
+            .map(|i| format!("n{i}"))
+            .chain(["n3".into()])
+            .collect();
         let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
         answer_in_parts(&mut worker, &host, call, &document(&ids, 2), 500);
         let warnings = host.warnings();

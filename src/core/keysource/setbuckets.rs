@@ -202,7 +202,11 @@ impl SetWriter {
     /// Writes the records added since the last flush into their buckets: one read and one write
     /// per bucket they touch. Refuses the first duplicate id or digest of the document (its id
     /// before its digest), as `KeySet::from_document` does.
-    pub fn flush(&mut self, service: &KeyService, store: &dyn SharedStore) -> Result<(), BuildError> {
+    pub fn flush(
+        &mut self,
+        service: &KeyService,
+        store: &dyn SharedStore,
+    ) -> Result<(), BuildError> {
         let mut pending = std::mem::take(&mut self.pending);
         self.records = self.records.saturating_add(pending.len() as u32);
         let buckets = self.buckets;
@@ -283,7 +287,13 @@ impl SetWriter {
     }
 
     /// A bucket's value so far in this build: its tag alone on the build's first write to it.
-    fn existing(&mut self, store: &dyn SharedStore, key: &str, bucket: u32, digest: bool) -> Vec<u8> {
+    fn existing(
+        &mut self,
+        store: &dyn SharedStore,
+        key: &str,
+        bucket: u32,
+        digest: bool,
+    ) -> Vec<u8> {
         let written = if digest {
             &mut self.written_digest
         } else {
@@ -291,7 +301,7 @@ impl SetWriter {
         };
         let first = written
             .get_mut(bucket as usize)
-            .map_or(true, |w| !std::mem::replace(w, true));
+            .is_none_or(|w| !std::mem::replace(w, true));
         match store.get(key) {
             Some((bytes, _)) if !first && tagged(&bytes, self.tag).is_some() => bytes,
             _ => self.tag.to_le_bytes().to_vec(),
@@ -406,7 +416,12 @@ impl SharedSet {
     }
 
     /// The record with this id: its id bucket gives its digest bucket.
-    pub fn by_id(&self, service: &KeyService, store: &dyn SharedStore, id: &str) -> Option<KeyRecord> {
+    pub fn by_id(
+        &self,
+        service: &KeyService,
+        store: &dyn SharedStore,
+        id: &str,
+    ) -> Option<KeyRecord> {
         let bucket = id_bucket(id.as_bytes(), self.buckets);
         let (bytes, _) = store.get(&id_key(service, self.slot, bucket))?;
         let prefix = id_entries(tagged(&bytes, self.tag)?)
@@ -438,7 +453,10 @@ impl Clearing {
     /// Empties up to `BUCKETS_PER_SLICE` more buckets of both indexes, the header last. True
     /// once the slot is empty.
     pub fn step(&mut self, service: &KeyService, store: &dyn SharedStore) -> bool {
-        let end = self.next.saturating_add(BUCKETS_PER_SLICE).min(self.buckets);
+        let end = self
+            .next
+            .saturating_add(BUCKETS_PER_SLICE)
+            .min(self.buckets);
         for bucket in self.next..end {
             let _ = store.set(&digest_key(service, self.slot, bucket), &[], 0);
             let _ = store.set(&id_key(service, self.slot, bucket), &[], 0);
@@ -506,8 +524,14 @@ mod tests {
             let digest = sha256(format!("s{i}").as_bytes());
             let found = set.by_digest(&service, &store, &digest).unwrap();
             assert_eq!(found.id, format!("k{i}"));
-            assert_eq!(found.tenant.as_deref(), Some(format!("t{}", i % 3).as_str()));
-            assert_eq!(set.by_id(&service, &store, &format!("k{i}")).unwrap(), found);
+            assert_eq!(
+                found.tenant.as_deref(),
+                Some(format!("t{}", i % 3).as_str())
+            );
+            assert_eq!(
+                set.by_id(&service, &store, &format!("k{i}")).unwrap(),
+                found
+            );
         }
         assert!(set.by_digest(&service, &store, &sha256(b"nope")).is_none());
         assert!(set.by_id(&service, &store, "nope").is_none());
@@ -530,7 +554,9 @@ mod tests {
         // Both in one record: the id is named, as in a whole-document parse.
         specs[120].id = "k3".into();
         let refused = build(&store, &specs, 1000, 1, 2).unwrap_err();
-        assert!(matches!(refused, BuildError::Invalid(e) if e.to_string().starts_with("keys[120].id")));
+        assert!(
+            matches!(refused, BuildError::Invalid(e) if e.to_string().starts_with("keys[120].id"))
+        );
     }
 
     #[test]
@@ -564,7 +590,11 @@ mod tests {
         };
         while !clearing.step(&service, &store) {}
         assert!(SharedSet::load(&service, &store, 2).unwrap().is_none());
-        let key = digest_key(&service, 0, digest_bucket(digest_prefix(&sha256(b"s1")), buckets));
+        let key = digest_key(
+            &service,
+            0,
+            digest_bucket(digest_prefix(&sha256(b"s1")), buckets),
+        );
         assert_eq!(store.get(&key).map(|(v, _)| v.len()), Some(0));
     }
 

@@ -6,7 +6,6 @@
 use std::cell::RefCell;
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::Arc;
 use std::time::Duration;
 
 use proxy_wasm::hostcalls;
@@ -14,11 +13,10 @@ use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType};
 
 use super::host_calls::{bump, log, now_millis};
 use super::shared_store::HostStore;
+use crate::core::credential::Credential;
 use crate::core::decision::Decision;
-use crate::core::keyset::KeySet;
-use crate::core::keysource::full_sync::{
-    RemoteKeySet, Unavailable, CHUNKS_PER_REQUEST, CHUNKS_PER_TICK,
-};
+use crate::core::keyset::KeyRecord;
+use crate::core::keysource::full_sync::{SharedKeys, Unavailable};
 use crate::core::keysource::full_sync_flow::{Fetch, Fetchers, FullSyncFlow, IN_FLIGHT_GRACE_MS};
 use crate::core::keysource::host::{Callouts, Clock, Counter, Gauge, Level, Log, Metrics};
 use crate::core::keysource::lookup_flow::{unavailable, LookupFlow};
@@ -126,14 +124,14 @@ impl Log for WasmHost<'_> {
     }
 }
 
-/// One VM's side of a key source: its copy of the shared set, its fetch, its counters.
+/// One VM's side of a key source: its view of the shared set, its fetch, its counters.
 pub struct KeySource {
     name: String,
     service: KeyService,
-    /// Full mode: the fetch flow, this VM's fetch and its copy of the shared set.
+    /// Full mode: the fetch flow, this VM's fetch and its view of the set in shared data.
     full: Option<FullSyncFlow>,
     fetch: RefCell<Fetch>,
-    remote: RefCell<RemoteKeySet>,
+    shared: RefCell<SharedKeys>,
     metrics: SourceMetrics,
 }
 
@@ -145,7 +143,7 @@ impl KeySource {
             service: service.clone(),
             full: None,
             fetch: RefCell::new(Fetch::default()),
-            remote: RefCell::new(RemoteKeySet::default()),
+            shared: RefCell::new(SharedKeys::default()),
             metrics: SourceMetrics::define(name, full),
         };
         if let KeyServiceMode::Full(sync) = &service.mode {
@@ -191,7 +189,7 @@ impl KeySource {
             return;
         };
         let host = self.host();
-        flow.catch_up(&host, &mut self.remote.borrow_mut(), CHUNKS_PER_TICK);
+        flow.catch_up_shared(&host, &mut self.shared.borrow_mut());
         flow.tick(&host, &mut self.fetch.borrow_mut());
     }
 
@@ -204,7 +202,7 @@ impl KeySource {
         let response = read_call_response(body_size);
         let outcome = flow.on_response(&host, &mut self.fetch.borrow_mut(), token.into(), response);
         if let Some(outcome) = outcome {
-            flow.apply(&host, &mut self.remote.borrow_mut(), outcome);
+            flow.apply_shared(&host, &mut self.shared.borrow_mut(), outcome);
         }
     }
 
@@ -215,8 +213,9 @@ impl KeySource {
         }
     }
 
-    /// Full mode: this VM's current set, after catching up with the shared version.
-    pub(super) fn keys(&self) -> Result<Arc<KeySet>, Unavailable> {
+    /// Full mode: the record `credential` names in the current shared version (`Ok(None)`:
+    /// no such key).
+    pub(super) fn find(&self, credential: &Credential) -> Result<Option<KeyRecord>, Unavailable> {
         let Some(flow) = &self.full else {
             return Err(Unavailable::NotLoaded);
         };
@@ -225,9 +224,9 @@ impl KeySource {
         if let Ok(mut fetch) = self.fetch.try_borrow_mut() {
             fetch.served_request(now);
         }
-        let mut remote = self.remote.borrow_mut();
-        flow.catch_up(&host, &mut remote, CHUNKS_PER_REQUEST);
-        remote.current(&self.service, now)
+        let mut shared = self.shared.borrow_mut();
+        flow.catch_up_shared(&host, &mut shared);
+        shared.find(&self.service, &host, credential, now)
     }
 
     /// Keys cannot be verified (full mode): `on_unavailable` decides.
