@@ -446,7 +446,7 @@ impl Build {
         self.writer.slot()
     }
 
-    /// Reads one part of the document and writes its records into their buckets.
+    /// Reads the next bytes of the document and writes their records into their buckets.
     pub fn feed(
         &mut self,
         service: &KeyService,

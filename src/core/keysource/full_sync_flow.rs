@@ -17,6 +17,21 @@ use super::setbuckets::Clearing;
 /// A fetch whose answer never came is forgotten after its timeout plus this.
 pub const IN_FLIGHT_GRACE_MS: i64 = 5_000;
 
+/// Document bytes read per `work` call (`Fetchers::Many`): a few thousand records, parsed and
+/// written into their buckets in a few milliseconds, so no request of the worker waits long.
+pub const SLICE_BYTES: usize = 128 * 1024;
+
+/// A part received and not yet read, read a slice per `work` call.
+#[derive(Debug)]
+struct Queued {
+    body: Vec<u8>,
+    read: usize,
+    total: u64,
+    /// The next part to ask for once this one is read; `None`: this is the last part.
+    next: Option<u64>,
+    etag: Option<String>,
+}
+
 /// Who else can fetch when this worker cannot send its call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fetchers {
@@ -52,6 +67,20 @@ pub struct Fetch {
     /// `Fetchers::Many`: the slot of a replaced (or unpublished) version, emptied a slice per
     /// tick.
     clearing: Option<Clearing>,
+    /// `Fetchers::Many`: the part being read.
+    queued: Option<Queued>,
+}
+
+impl Fetch {
+    /// A part is being read: the host calls `FullSyncFlow::work` often until it is done.
+    pub fn is_working(&self) -> bool {
+        self.queued.is_some()
+    }
+
+    /// A fetch is under way: sent, or its parts being read.
+    fn busy(&self) -> bool {
+        self.in_flight.is_some() || self.queued.is_some() || self.build.is_some()
+    }
 }
 
 impl Fetch {
@@ -126,7 +155,7 @@ impl FullSyncFlow {
         if now < fetch.backoff_until_ms {
             return;
         }
-        let in_flight = fetch.in_flight.is_some();
+        let in_flight = fetch.busy();
         if leaves_fetch_to_idle_vm(
             &self.sync,
             &self.service,
@@ -149,6 +178,7 @@ impl FullSyncFlow {
             Fetchers::Many => PartedFetch::streamed(),
             Fetchers::One => PartedFetch::default(),
         };
+        fetch.queued = None;
         self.abandon_build(fetch);
         match host.dispatch(&self.service.cluster, &headers, self.service.timeout_ms) {
             Ok(token) => fetch.in_flight = Some((token, now)),
@@ -229,7 +259,8 @@ impl FullSyncFlow {
         Some(outcome)
     }
 
-    /// `on_response` of a fetch whose parts are written into shared data as they come.
+    /// `on_response` of a fetch whose parts are written into shared data as they come: a part
+    /// is queued, to be read a slice per `work` call.
     fn on_streamed_response(
         &self,
         host: &impl KeySourceHost,
@@ -239,64 +270,100 @@ impl FullSyncFlow {
     ) -> Option<FetchOutcome> {
         let step = fetch.parts.accept(response, content_range);
         let part = fetch.parts.take_part();
-        let failed = |fetch: &mut Fetch, reason: String| {
-            fetch.parts.reset();
-            self.abandon_build(fetch);
-            Some(self.sync.failed(&self.service, host, reason))
-        };
-        match step {
-            PartStep::Fetch { offset } => {
-                if let Some((total, body)) = part {
-                    if let Err(reason) = self.feed_part(host, fetch, total, &body) {
-                        return failed(fetch, reason);
-                    }
+        let queued = match step {
+            PartStep::Fetch { offset } => part.map(|(total, body)| Queued {
+                body,
+                read: 0,
+                total,
+                next: Some(offset),
+                etag: None,
+            }),
+            PartStep::Complete(response) if response.status == Some(200) => match part {
+                // The last of the parts.
+                Some((total, body)) => Some(Queued {
+                    body,
+                    read: 0,
+                    total,
+                    next: None,
+                    etag: response.etag,
+                }),
+                // The whole document in one answer (the server ignored the range).
+                None => {
+                    self.abandon_build(fetch);
+                    Some(Queued {
+                        total: response.body.len() as u64,
+                        body: response.body,
+                        read: 0,
+                        next: None,
+                        etag: response.etag,
+                    })
                 }
-                let headers = self.sync.part_headers(&self.service, offset);
-                match host.dispatch(&self.service.cluster, &headers, self.service.timeout_ms) {
-                    Ok(token) => {
-                        fetch.in_flight = Some((token, host.now_ms()));
-                        None
-                    }
-                    Err(reason) => failed(fetch, reason),
-                }
-            }
-            PartStep::Complete(response) if response.status == Some(200) => {
-                let fed = match part {
-                    // The last of the parts.
-                    Some((total, body)) => self.feed_part(host, fetch, total, &body),
-                    // The whole document in one answer (the server ignored the range).
-                    None => {
-                        self.abandon_build(fetch);
-                        let total = response.body.len() as u64;
-                        self.feed_part(host, fetch, total, &response.body)
-                    }
-                };
-                if let Err(reason) = fed {
-                    return failed(fetch, reason);
-                }
-                let build = fetch.build.take()?;
-                let (outcome, clearing) = self.sync.publish_built(
-                    &self.service,
-                    host,
-                    host.now_ms(),
-                    response.etag,
-                    build,
-                );
-                self.clear(host, fetch, clearing);
-                Some(outcome)
-            }
+            },
             PartStep::Complete(response) => {
                 self.abandon_build(fetch);
-                Some(self.sync.finish_publishing(
+                return Some(self.sync.finish_publishing(
                     &self.service,
                     host,
                     host.now_ms(),
                     response,
                     Publish::MetaOnly,
-                ))
+                ));
             }
-            PartStep::Failed(reason) => failed(fetch, reason),
+            PartStep::Failed(reason) => return Some(self.fail_build(host, fetch, reason)),
+        };
+        fetch.queued = queued;
+        None
+    }
+
+    /// Reads the next slice of the queued part (`Fetchers::Many`); once the part is read, asks
+    /// for the next one, or publishes the document after its last. The outcome is for
+    /// `apply_shared`.
+    pub fn work(&self, host: &impl KeySourceHost, fetch: &mut Fetch) -> Option<FetchOutcome> {
+        let mut queued = fetch.queued.take()?;
+        let end = queued
+            .read
+            .saturating_add(SLICE_BYTES)
+            .min(queued.body.len());
+        let done = end == queued.body.len();
+        let slice = queued.body.get(queued.read..end).unwrap_or_default();
+        if let Err(reason) = self.feed_part(host, fetch, queued.total, slice) {
+            return Some(self.fail_build(host, fetch, reason));
         }
+        queued.read = end;
+        if !done {
+            fetch.queued = Some(queued);
+            return None;
+        }
+        if let Some(offset) = queued.next {
+            let headers = self.sync.part_headers(&self.service, offset);
+            return match host.dispatch(&self.service.cluster, &headers, self.service.timeout_ms) {
+                Ok(token) => {
+                    fetch.in_flight = Some((token, host.now_ms()));
+                    None
+                }
+                Err(reason) => Some(self.fail_build(host, fetch, reason)),
+            };
+        }
+        let build = fetch.build.take()?;
+        let (outcome, clearing) =
+            self.sync
+                .publish_built(&self.service, host, host.now_ms(), queued.etag, build);
+        self.clear(host, fetch, clearing);
+        Some(outcome)
+    }
+
+    /// The fetch failed: its parts and build are forgotten.
+    fn fail_build(
+        &self,
+        host: &impl KeySourceHost,
+        fetch: &mut Fetch,
+        reason: String,
+    ) -> FetchOutcome {
+        fetch.parts.reset();
+        fetch.queued = None;
+        fetch.in_flight = None;
+        self.abandon_build(fetch);
+        self.sync.failed(&self.service, host, reason)
     }
 
     /// Writes one part's records into shared data, starting the build on the first part.
@@ -308,8 +375,7 @@ impl FullSyncFlow {
         part: &[u8],
     ) -> Result<(), String> {
         let now = host.now_ms();
-        self.sync
-            .hold_lease_to_parse(&self.service, host, self.worker, now, part.len());
+        self.sync.hold_lease(&self.service, host, self.worker, now);
         if fetch.build.is_none() {
             let build = Build::start(&self.service, host, now, total);
             // A slot still being cleared is the one this build writes: finish clearing first.
@@ -494,10 +560,13 @@ mod tests {
 
         /// Answers `call`; the calls the answer made the flow send.
         fn answer(&mut self, host: &TestHost, call: &Call, response: FetchResponse) -> Vec<Call> {
-            if let Some(outcome) =
-                self.flow
-                    .on_response(host, &mut self.fetch, call.token, response)
-            {
+            let mut outcome = self
+                .flow
+                .on_response(host, &mut self.fetch, call.token, response);
+            while outcome.is_none() && self.fetch.is_working() {
+                outcome = self.flow.work(host, &mut self.fetch);
+            }
+            if let Some(outcome) = outcome {
                 if self.many() {
                     self.flow.apply_shared(host, &mut self.shared, outcome);
                 } else {

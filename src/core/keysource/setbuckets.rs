@@ -605,3 +605,49 @@ mod tests {
         assert_eq!(bucket_count(12_000_000), 8192);
     }
 }
+#[cfg(test)]
+mod timing_probe {
+    use super::*;
+    use crate::core::digest::sha256;
+    use crate::core::keysource::docstream::DocumentStream;
+    use crate::core::keysource::test_host::service;
+    use crate::core::memory_store::MemoryStore;
+    #[test]
+    #[ignore]
+    fn probe() {
+        let n = 1_000_000;
+        let mut doc = String::from("{\"serial\":1,\"keys\":[");
+        for i in 0..n {
+            if i > 0 {
+                doc.push(',');
+            }
+            doc.push_str(&format!(
+                "{{\"id\":\"scale-{i:07}\",\"secret_sha256\":\"{}\",\"tenant\":\"tenant-{}\"}}",
+                hex::encode(sha256(format!("s{i}").as_bytes())),
+                i % 1000
+            ));
+        }
+        doc.push_str("]}");
+        let store = MemoryStore::default();
+        let service = service(serde_json::json!({}));
+        let mut w = SetWriter::start(1, 1, doc.len() as u64);
+        let mut s = DocumentStream::default();
+        let t = std::time::Instant::now();
+        let (mut parse, mut flush) = (0f64, 0f64);
+        for (k, part) in doc.as_bytes().chunks(8 << 20).enumerate() {
+            let a = std::time::Instant::now();
+            s.feed(part, |p, spec| w.add(p, spec)).unwrap();
+            let b = std::time::Instant::now();
+            if k % 4 == 3 || k == 15 {
+                w.flush(&service, &store).unwrap();
+            }
+            parse += (b - a).as_secs_f64();
+            flush += b.elapsed().as_secs_f64();
+        }
+        eprintln!(
+            "total {:?} parse {parse:.3} flush {flush:.3} buckets {}",
+            t.elapsed(),
+            w.buckets()
+        );
+    }
+}
