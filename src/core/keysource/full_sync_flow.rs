@@ -7,8 +7,8 @@
 use super::docparts::{PartStep, PartedFetch};
 use super::fetch_handover::leaves_fetch_to_idle_vm;
 use super::full_sync::{
-    age_ms, fetch_failed_line, rollback_line, Build, FetchOutcome, Publish, RemoteKeySet,
-    SharedKeys, SyncEvent, TickPlan,
+    age_ms, fetch_failed_line, rollback_line, Build, FetchError, FetchOutcome, Publish,
+    RemoteKeySet, SharedKeys, SyncEvent, TickPlan,
 };
 use super::host::{Counter, Gauge, KeySourceHost, Level};
 use super::service::{FetchResponse, FullSync, KeyService};
@@ -231,13 +231,16 @@ impl FullSyncFlow {
                         fetch.in_flight = Some((token, host.now_ms()));
                         return None;
                     }
-                    Err(reason) => {
+                    Err(err) => {
                         fetch.parts.reset();
-                        self.sync.failed(&self.service, host, reason)
+                        self.sync
+                            .failed(&self.service, host, FetchError::NotSent(err))
                     }
                 }
             }
-            PartStep::Failed(reason) => self.sync.failed(&self.service, host, reason),
+            PartStep::Failed(err) => self
+                .sync
+                .failed(&self.service, host, FetchError::Parts(err)),
             PartStep::Complete(response) => {
                 let now = host.now_ms();
                 self.sync.hold_lease_to_parse(
@@ -309,7 +312,9 @@ impl FullSyncFlow {
                     Publish::MetaOnly,
                 ));
             }
-            PartStep::Failed(reason) => return Some(self.fail_build(host, fetch, reason)),
+            PartStep::Failed(reason) => {
+                return Some(self.fail_build(host, fetch, FetchError::Parts(reason)))
+            }
         };
         fetch.queued = queued;
         None
@@ -341,7 +346,7 @@ impl FullSyncFlow {
                     fetch.in_flight = Some((token, host.now_ms()));
                     None
                 }
-                Err(reason) => Some(self.fail_build(host, fetch, reason)),
+                Err(reason) => Some(self.fail_build(host, fetch, FetchError::NotSent(reason))),
             };
         }
         let build = fetch.build.take()?;
@@ -357,7 +362,7 @@ impl FullSyncFlow {
         &self,
         host: &impl KeySourceHost,
         fetch: &mut Fetch,
-        reason: String,
+        reason: FetchError,
     ) -> FetchOutcome {
         fetch.parts.reset();
         fetch.queued = None;
@@ -373,7 +378,7 @@ impl FullSyncFlow {
         fetch: &mut Fetch,
         total: u64,
         part: &[u8],
-    ) -> Result<(), String> {
+    ) -> Result<(), FetchError> {
         let now = host.now_ms();
         self.sync.hold_lease(&self.service, host, self.worker, now);
         if fetch.build.is_none() {
@@ -755,7 +760,7 @@ mod tests {
         let host = TestHost::at(1_000);
         let mut stuck = Worker::new(&host, 1, Fetchers::Many);
         let mut other = Worker::new(&host, 2, Fetchers::Many);
-        *host.refuse_calls.borrow_mut() = Some("no calls from this thread".into());
+        *host.refuse_calls.borrow_mut() = Some("no calls from this thread");
         assert!(stuck.tick(&host).is_empty());
         assert_eq!(host.counter(Counter::FetchFailures), 1);
         assert!(host.warnings()[0].contains("leaving the fetch to another worker"));

@@ -18,7 +18,9 @@ use crate::core::decision::Decision;
 use crate::core::keyset::KeyRecord;
 use crate::core::keysource::full_sync::{SharedKeys, Unavailable};
 use crate::core::keysource::full_sync_flow::{Fetch, Fetchers, FullSyncFlow, IN_FLIGHT_GRACE_MS};
-use crate::core::keysource::host::{Callouts, Clock, Counter, Gauge, Level, Log, Metrics};
+use crate::core::keysource::host::{
+    CalloutError, Callouts, Clock, Counter, Gauge, Level, Log, Metrics,
+};
 use crate::core::keysource::lookup_flow::{unavailable, LookupFlow};
 use crate::core::keysource::service::{FetchResponse, KeyService, KeyServiceMode};
 use crate::core::keysource::store::{SharedStore, StoreError};
@@ -86,7 +88,7 @@ impl Callouts for WasmHost<'_> {
         cluster: &str,
         headers: &[(&'static str, String)],
         timeout_ms: u64,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, CalloutError> {
         let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
         hostcalls::dispatch_http_call(
             cluster,
@@ -96,7 +98,10 @@ impl Callouts for WasmHost<'_> {
             Duration::from_millis(timeout_ms),
         )
         .map(u64::from)
-        .map_err(|status| format!("cannot call cluster '{cluster}' ({status:?})"))
+        .map_err(|status| CalloutError {
+            cluster: cluster.to_string(),
+            why: format!("{status:?}"),
+        })
     }
 }
 
