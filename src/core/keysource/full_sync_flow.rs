@@ -353,7 +353,7 @@ impl FullSyncFlow {
         let (outcome, clearing) =
             self.sync
                 .publish_built(&self.service, host, host.now_ms(), queued.etag, build);
-        self.clear(host, fetch, clearing);
+        self.clear(fetch, clearing);
         Some(outcome)
     }
 
@@ -383,13 +383,10 @@ impl FullSyncFlow {
         self.sync.hold_lease(&self.service, host, self.worker, now);
         if fetch.build.is_none() {
             let build = Build::start(&self.service, host, now, total);
-            // A slot still being cleared is the one this build writes: finish clearing first.
-            if let Some(mut clearing) = fetch.clearing.take() {
-                if clearing.slot == build.slot() {
-                    while !clearing.step(&self.service, host) {}
-                } else {
-                    fetch.clearing = Some(clearing);
-                }
+            // A slot still being cleared is the one this build writes: the build replaces each
+            // bucket it touches, and what it does not touch is tagged as another build's.
+            if fetch.clearing.is_some_and(|c| c.slot == build.slot()) {
+                fetch.clearing = None;
             }
             fetch.build = Some(build);
         }
@@ -406,16 +403,12 @@ impl FullSyncFlow {
         }
     }
 
-    /// Schedules `clearing`, finishing at once one already under way (a rare second reload
-    /// within the seconds a clear takes).
-    fn clear(&self, host: &impl KeySourceHost, fetch: &mut Fetch, clearing: Option<Clearing>) {
-        let Some(clearing) = clearing else {
-            return;
-        };
-        if let Some(mut previous) = fetch.clearing.replace(clearing) {
-            if previous.slot != clearing.slot {
-                while !previous.step(&self.service, host) {}
-            }
+    /// Schedules `clearing`. One still under way (a second reload within the seconds a clear
+    /// takes) is left: its buckets are tagged as an old build's and the next build into that
+    /// slot replaces them; clearing it at once would stall this VM's requests.
+    fn clear(&self, fetch: &mut Fetch, clearing: Option<Clearing>) {
+        if clearing.is_some() {
+            fetch.clearing = clearing;
         }
     }
 

@@ -34,8 +34,9 @@ const RECORDS_PER_BUCKET: u64 = 32;
 const MIN_RECORD_BYTES: u64 = 80;
 const MIN_BUCKETS: u64 = 64;
 const MAX_BUCKETS: u64 = 1 << 16;
-/// Buckets emptied per slice when an old slot is cleared: a few milliseconds of host calls.
-pub const BUCKETS_PER_SLICE: u32 = 4096;
+/// Buckets emptied per slice (per tick) when an old slot is cleared: 2,048 host calls, a
+/// couple of milliseconds; 64K buckets are cleared in 16 s of 250 ms ticks.
+pub const BUCKETS_PER_SLICE: u32 = 1024;
 
 /// Buckets (a power of two) for a document of `document_bytes`: at most `RECORDS_PER_BUCKET`
 /// records each whatever the records' size.
