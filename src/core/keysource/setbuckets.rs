@@ -142,9 +142,10 @@ pub struct SetWriter {
     slot: u64,
     tag: u64,
     buckets: u32,
-    /// Distinct profiles, each validated once; numbered in `numbers` in order of appearance.
+    /// Distinct profiles, each validated once; numbered in `numbers` (by address: each lives
+    /// in `profiles` until the build ends) in order of appearance.
     profiles: HashSet<Arc<KeyProfile>>,
-    numbers: HashMap<*const KeyProfile, u32>,
+    numbers: HashMap<usize, u32>,
     specs: Vec<KeyRecordSpec>,
     /// Buckets this build wrote: the first write of one replaces what an older build left.
     written_digest: Vec<bool>,
@@ -191,7 +192,7 @@ impl SetWriter {
         let next = self.numbers.len() as u32;
         let specs = &mut self.specs;
         self.numbers
-            .entry(Arc::as_ptr(&record.profile))
+            .entry(Arc::as_ptr(&record.profile) as usize)
             .or_insert_with(|| {
                 specs.push(profile_spec(&record.profile));
                 next
@@ -240,7 +241,7 @@ impl SetWriter {
                 }
                 let profile = self
                     .numbers
-                    .get(&Arc::as_ptr(&record.profile))
+                    .get(&(Arc::as_ptr(&record.profile) as usize))
                     .copied()
                     .unwrap_or(0);
                 value.extend_from_slice(&record.digest);
