@@ -169,6 +169,7 @@ pub fn decide_for_key<'a>(
         return deny(code);
     }
     let environment = record
+        .fields
         .environment
         .clone()
         .or_else(|| credential.environment().map(str::to_string));
@@ -221,20 +222,22 @@ fn check_key(
     if record.not_after.is_some_and(|t| now >= t) {
         return Err(ErrorCode::InvalidApiKey);
     }
-    if let (Some(presented), Some(recorded)) = (credential.environment(), &record.environment) {
+    if let (Some(presented), Some(recorded)) =
+        (credential.environment(), &record.fields.environment)
+    {
         if presented != recorded {
             return Err(ErrorCode::InvalidApiKey);
         }
     }
     if let Some(product) = &config.product {
-        if record.product.as_ref() != Some(product) {
+        if record.fields.product.as_ref() != Some(product) {
             return Err(ErrorCode::InvalidApiKey);
         }
     }
     if record.expires_at.is_some_and(|t| now >= t) {
         return Err(ErrorCode::ApiKeyExpired);
     }
-    if config.require_user && record.user.is_none() {
+    if config.require_user && record.fields.user.is_none() {
         return Err(ErrorCode::ApiKeyNoUser);
     }
     Ok(())

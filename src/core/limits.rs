@@ -381,11 +381,11 @@ pub fn apply_limits(
     store: &dyn SharedStore,
     now_ms: i64,
 ) -> Result<LimitInfo, LimitDenial> {
-    if record.budget_exhausted {
+    if record.fields.budget_exhausted {
         return Err(LimitDenial::budget_exhausted());
     }
     let rate = record.rate_limit.or(limits.default_rate);
-    let budget = record.monthly_budget.or(limits.default_budget);
+    let budget = record.fields.monthly_budget.or(limits.default_budget);
     if rate.is_none() && budget.is_none() {
         return Ok(LimitInfo::default());
     }

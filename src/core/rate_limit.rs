@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::config_error::ConfigError;
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitSpec {
     pub requests: u64,

@@ -558,7 +558,7 @@ fn apply(filter: &FilterHandle, stream: &Stream, req: &RequestView, decision: De
                     deny(filter, stream, code, &entry, Vec::new());
                     return false;
                 }
-                if config.limits.enabled || record.budget_exhausted {
+                if config.limits.enabled || record.fields.budget_exhausted {
                     let now = now_millis();
                     let table = &*runtime.limits;
                     let outcome = apply_limits(&config.limits, record, policy, table, now);

@@ -606,7 +606,7 @@ fn settle(
         }
         Decision::Allow { principal, policy } => {
             if let Principal::ApiKey { record, .. } = &principal {
-                if config.limits.enabled || record.budget_exhausted {
+                if config.limits.enabled || record.fields.budget_exhausted {
                     let outcome =
                         apply_limits(&config.limits, record, policy, &HostStore, now_millis());
                     match outcome {
