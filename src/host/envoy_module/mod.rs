@@ -21,7 +21,7 @@ use crate::core::config::{Config, SessionConfig};
 use crate::core::credential::Credential;
 use crate::core::decision::{begin, decide_for_key, lookup, Decision, Principal, Step};
 use crate::core::keyset::KeySet;
-use crate::core::keysource::host::{CalloutError, Callouts, Counter, Gauge, Metrics};
+use crate::core::keysource::host::{Counter, Gauge, Metrics};
 use crate::core::keysource::lookup_flow::{
     unavailable as core_unavailable, LookupFlow, LookupOutcome,
 };
@@ -35,7 +35,7 @@ use crate::core::request::{RequestView, SessionEvidence};
 use crate::core::selectors::form_body_kind;
 use crate::core::session_token;
 use crate::core::upstream::upstream_edits;
-use ffi::{log, log_enabled, ConfigHandle, FilterHandle, LogLevel};
+use ffi::{log, log_enabled, CalloutOrigin, ConfigHandle, FilterHandle, LogLevel};
 use full_sync::{FullSource, TICK_EVENT};
 use limits_table::LimitsTable;
 use lookups_in_flight::{LookupsInFlight, Outcome, Role, LOOKUP_ANSWERED};
@@ -116,17 +116,8 @@ impl ProcessSide for StreamHost<'_> {
     fn process_store(&self) -> Option<&ProcessStore> {
         self.store
     }
-}
-
-impl Callouts for StreamHost<'_> {
-    fn dispatch(
-        &self,
-        cluster: &str,
-        headers: &[(&'static str, String)],
-        timeout_ms: u64,
-    ) -> Result<u64, CalloutError> {
-        let headers: Vec<(&str, String)> = headers.to_vec();
-        self.filter.http_callout(cluster, &headers, timeout_ms)
+    fn callout_origin(&self) -> CalloutOrigin<'_> {
+        CalloutOrigin::Stream(self.filter)
     }
 }
 
