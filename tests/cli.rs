@@ -332,8 +332,8 @@ fn keyset_build_add_and_revoke_maintain_a_document_the_filter_parses() {
     let out = run(&["keyset", "revoke", path, "cmp-a"], "");
     assert!(out.status.success(), "{}", text(&out.stderr));
     let keys = KeySet::from_json(&fs::read(&keyset).unwrap()).unwrap();
-    assert!(!keys.by_id("cmp-a").unwrap().enabled);
-    assert!(keys.by_id("cmp-b").unwrap().enabled);
+    assert!(!keys.by_id("cmp-a").unwrap().enabled());
+    assert!(keys.by_id("cmp-b").unwrap().enabled());
 
     let out = run(&["keyset", "revoke", path, "cmp-b", "--remove"], "");
     assert!(out.status.success());
@@ -497,10 +497,10 @@ fn a_record_made_with_every_flag_round_trips_through_the_filters_parser_field_by
     assert_eq!(record.fields.permissions, ["read", "write"]);
     assert_eq!(record.fields.origins, ["https://merchant.example"]);
     assert_eq!(record.fields.user.as_deref(), Some("owner@company-7"));
-    assert_eq!(record.expires_at, Some(1_893_456_000));
-    assert_eq!(record.not_after, Some(1_900_000_000));
-    assert!(!record.enabled);
-    let limit = record.rate_limit.unwrap();
+    assert_eq!(record.expires_at(), Some(1_893_456_000));
+    assert_eq!(record.not_after(), Some(1_900_000_000));
+    assert!(!record.enabled());
+    let limit = record.rate_limit().unwrap();
     assert_eq!(
         (limit.requests, limit.per_seconds, limit.burst),
         (600, 60, 120)

@@ -206,7 +206,7 @@ pub fn reads_clock(config: &Config, keys: &KeySet) -> bool {
         || keys
             .records()
             .iter()
-            .any(|r| r.expires_at.is_some() || r.not_after.is_some())
+            .any(|r| r.fields.expires_at.is_some() || r.fields.not_after.is_some())
 }
 
 /// Opaque keys are found by digest; id:secret keys by id (`decide_for_key` then compares the
@@ -226,10 +226,10 @@ fn check_key(
     credential: &Credential,
     now: i64,
 ) -> Result<(), ErrorCode> {
-    if !record.enabled {
+    if !record.enabled() {
         return Err(ErrorCode::InvalidApiKey);
     }
-    if record.not_after.is_some_and(|t| now >= t) {
+    if record.not_after().is_some_and(|t| now >= t) {
         return Err(ErrorCode::InvalidApiKey);
     }
     if let (Some(presented), Some(recorded)) =
@@ -244,7 +244,7 @@ fn check_key(
             return Err(ErrorCode::InvalidApiKey);
         }
     }
-    if record.expires_at.is_some_and(|t| now >= t) {
+    if record.expires_at().is_some_and(|t| now >= t) {
         return Err(ErrorCode::ApiKeyExpired);
     }
     if config.require_user && record.fields.user.is_none() {

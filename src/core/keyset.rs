@@ -128,18 +128,32 @@ pub struct KeyProfile {
     /// The record as read, with `id` and `secret_sha256` left empty (they are the record's
     /// own), times as Unix seconds, origins lowercased without a trailing `/`.
     pub fields: KeyRecordSpec,
-    /// `fields.expires_at` in Unix seconds.
-    pub expires_at: Option<i64>,
-    /// `fields.not_after` in Unix seconds.
-    pub not_after: Option<i64>,
-    /// `fields.enabled`.
-    pub enabled: bool,
-    /// `fields.rate_limit`, validated.
-    pub rate_limit: Option<RateLimit>,
     checked: Checked,
 }
 
+/// The parsed forms are read off the normalized fields rather than kept beside them: a set
+/// whose keys each grant something different holds one profile per key, and each copy kept
+/// would cost every such key its size.
 impl KeyProfile {
+    /// `fields.expires_at` in Unix seconds.
+    pub fn expires_at(&self) -> Option<i64> {
+        unix_seconds(&self.fields.expires_at)
+    }
+
+    /// `fields.not_after` in Unix seconds.
+    pub fn not_after(&self) -> Option<i64> {
+        unix_seconds(&self.fields.not_after)
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.fields.enabled.0
+    }
+
+    /// `fields.rate_limit`, checked by `KeyRecord::from_spec`.
+    pub fn rate_limit(&self) -> Option<RateLimit> {
+        self.fields.rate_limit.as_ref().map(RateLimit::from_checked)
+    }
+
     /// The profile as a record's JSON under `id` and `secret_sha256`: what
     /// `KeyRecord::from_spec` reads back into an equal profile.
     pub fn to_spec(&self, id: String, secret_sha256: String) -> KeyRecordSpec {
@@ -221,9 +235,17 @@ fn prefixes_in_order(records: &[KeyRecord], by_digest: &[u32]) -> Vec<u64> {
 
 /// The time in Unix seconds, written back as such (an RFC 3339 text and its Unix seconds make
 /// equal profiles).
-fn normalize_time(time: &mut Option<TimeSpec>, path: &str) -> Result<Option<i64>, ConfigError> {
+/// A normalized time (`normalize_time` left only Unix seconds).
+fn unix_seconds(time: &Option<TimeSpec>) -> Option<i64> {
+    match time {
+        Some(TimeSpec::Unix(secs)) => Some(*secs),
+        Some(TimeSpec::Text(_)) | None => None,
+    }
+}
+
+fn normalize_time(time: &mut Option<TimeSpec>, path: &str) -> Result<(), ConfigError> {
     let secs = match time {
-        None => return Ok(None),
+        None => return Ok(()),
         Some(TimeSpec::Unix(secs)) => *secs,
         Some(TimeSpec::Text(text)) => parse_rfc3339(text).ok_or_else(|| {
             ConfigError::new(
@@ -233,7 +255,7 @@ fn normalize_time(time: &mut Option<TimeSpec>, path: &str) -> Result<Option<i64>
         })?,
     };
     *time = Some(TimeSpec::Unix(secs));
-    Ok(Some(secs))
+    Ok(())
 }
 
 impl KeyRecord {
@@ -279,8 +301,8 @@ impl KeyRecord {
                     "expected 64 hex characters (the SHA-256 of the secret)",
                 )
             })?;
-        let expires_at = normalize_time(&mut spec.expires_at, &format!("{path}.expires_at"))?;
-        let not_after = normalize_time(&mut spec.not_after, &format!("{path}.not_after"))?;
+        normalize_time(&mut spec.expires_at, &format!("{path}.expires_at"))?;
+        normalize_time(&mut spec.not_after, &format!("{path}.not_after"))?;
         for (i, origin) in spec.origins.iter_mut().enumerate() {
             if !(origin.starts_with("https://") || origin.starts_with("http://")) {
                 return Err(ConfigError::new(
@@ -291,16 +313,10 @@ impl KeyRecord {
             origin.truncate(origin.trim_end_matches('/').len());
             origin.make_ascii_lowercase();
         }
-        let rate_limit = spec
-            .rate_limit
-            .as_ref()
-            .map(|r| RateLimit::from_spec(r, &format!("{path}.rate_limit")))
-            .transpose()?;
+        if let Some(rate_limit) = &spec.rate_limit {
+            RateLimit::from_spec(rate_limit, &format!("{path}.rate_limit"))?;
+        }
         let profile = KeyProfile {
-            expires_at,
-            not_after,
-            enabled: spec.enabled.0,
-            rate_limit,
             fields: spec,
             checked: Checked,
         };
@@ -589,7 +605,7 @@ impl KeySet {
     pub fn has_limits(&self) -> bool {
         self.records
             .iter()
-            .any(|r| r.rate_limit.is_some() || r.fields.monthly_budget.is_some())
+            .any(|r| r.fields.rate_limit.is_some() || r.fields.monthly_budget.is_some())
     }
 }
 
@@ -795,10 +811,10 @@ mod tests {
         assert_eq!(written, spec);
         assert_eq!(serde_json::to_string(&written).unwrap(), text);
         assert_eq!(
-            (record.expires_at, record.not_after, record.enabled),
+            (record.expires_at(), record.not_after(), record.enabled()),
             (Some(1_893_456_000), Some(1_900_000_000), false)
         );
-        assert_eq!(record.rate_limit.map(|r| r.capacity()), Some(7));
+        assert_eq!(record.rate_limit().map(|r| r.capacity()), Some(7));
     }
 
     #[test]
@@ -812,7 +828,7 @@ mod tests {
         let set = load(serde_json::json!([as_text, as_written])).unwrap();
         let (a, b) = (set.by_id("a").unwrap(), set.by_id("b").unwrap());
         assert!(Arc::ptr_eq(&a.profile, &b.profile));
-        assert_eq!(a.expires_at, Some(1_893_456_000));
+        assert_eq!(a.expires_at(), Some(1_893_456_000));
         assert_eq!(a.fields.origins, ["https://shop.example"]);
         let written = serde_json::to_value(a.profile.to_spec(a.id.clone(), "d".into())).unwrap();
         assert_eq!(written["expires_at"], 1_893_456_000);

@@ -391,7 +391,7 @@ pub fn apply_limits(
     if record.fields.budget_exhausted {
         return Err(LimitDenial::budget_exhausted());
     }
-    let rate = record.rate_limit.or(limits.default_rate);
+    let rate = record.rate_limit().or(limits.default_rate);
     let budget = record.fields.monthly_budget.or(limits.default_budget);
     if rate.is_none() && budget.is_none() {
         return Ok(LimitInfo::default());
