@@ -527,7 +527,7 @@ mod tests {
             let found = set.by_digest(&service, &store, &digest).unwrap();
             assert_eq!(found.id, format!("k{i}"));
             assert_eq!(
-                found.tenant.as_deref(),
+                found.fields.tenant.as_deref(),
                 Some(format!("t{}", i % 3).as_str())
             );
             assert_eq!(
