@@ -302,6 +302,8 @@ impl FullSyncFlow {
                     })
                 }
             },
+            // A 304 or an error: judged as before (no 200 reaches this arm, so nothing is
+            // parsed or published here).
             PartStep::Complete(response) => {
                 self.abandon_build(fetch);
                 return Some(self.sync.finish_publishing(
