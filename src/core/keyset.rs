@@ -266,7 +266,7 @@ impl KeyRecord {
         KeyRecord::from_spec_sharing(spec, path, &mut HashSet::new())
     }
 
-    /// A record of a set's shared form (`setchunks`), whose profile was made by `from_spec`
+    /// A record of a set in shared data (`setbuckets`), whose profile was made by `from_spec`
     /// when the header was read: only its id is left to check.
     pub(crate) fn with_checked_profile(
         id: String,
@@ -531,45 +531,6 @@ impl KeySet {
 
     pub fn is_empty(&self) -> bool {
         self.records.is_empty()
-    }
-
-    /// A set whose records are already sorted by digest, with its by-id order and the records'
-    /// `digest_prefix`es (the shared form of `setchunks`, which checks the digest order chunk by
-    /// chunk as it copies them in); `None` when the orders do not fit the records.
-    pub(crate) fn from_digest_order(
-        records: Vec<KeyRecord>,
-        by_id: Vec<u32>,
-        digest_prefixes: Vec<u64>,
-    ) -> Option<KeySet> {
-        let count = u32::try_from(records.len()).ok()?;
-        if by_id.len() != records.len()
-            || digest_prefixes.len() != records.len()
-            || by_id.iter().any(|i| *i >= count)
-        {
-            return None;
-        }
-        let by_digest: Vec<u32> = (0..count).collect();
-        Some(KeySet {
-            records,
-            by_id,
-            by_digest,
-            digest_prefixes,
-        })
-    }
-
-    /// The records alone, to be dropped a slice at a time (`core::retire`).
-    pub(crate) fn into_records(self) -> Vec<KeyRecord> {
-        self.records
-    }
-
-    /// Record numbers in digest order.
-    pub(crate) fn digest_order(&self) -> &[u32] {
-        &self.by_digest
-    }
-
-    /// Record numbers in id order.
-    pub(crate) fn id_order(&self) -> &[u32] {
-        &self.by_id
     }
 
     fn record(&self, number: u32) -> Option<&KeyRecord> {

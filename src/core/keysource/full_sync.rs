@@ -1,16 +1,14 @@
 //! Full mode: the whole key set is one document, fetched every `refresh_seconds` by the holder
-//! of a lease in the shared store, validated, and stored as chunks with a new version that
-//! every worker copies in (see the module docs of `keysource`).
+//! of a lease in the shared store, validated, and announced with a new version in the shared
+//! meta (see the module docs of `keysource`).
 
 use std::sync::Arc;
 
 use super::docparts::{range_header, PartError};
 use super::docstream::DocumentStream;
 use super::host::CalloutError;
-use super::retire::Retiring;
 use super::service::{FetchResponse, FullSync, KeyService};
 use super::setbuckets::{slot_of, BuildError, Clearing, SetWriter, SharedSet};
-use super::setchunks::{self, LoadError, Loading};
 use super::store::{cas_update, Change, Reader, SharedStore};
 use crate::core::config_error::ConfigError;
 use crate::core::credential::Credential;
@@ -170,129 +168,35 @@ impl SyncEvent {
     }
 }
 
-/// Chunks of a new version a VM copies in per tick, and per request while it has a set to
-/// serve (a VM with no set yet loads the whole set at once: it has nothing else to decide with).
-pub const CHUNKS_PER_TICK: u32 = 4;
-pub const CHUNKS_PER_REQUEST: u32 = 1;
-
-/// One VM's copy of the shared key set, copied in once per version from the fetcher's chunks.
+/// The process's one parsed key set (the native module): the fetcher parses each new version
+/// itself (`install`); other threads share it through an `Arc`.
 #[derive(Debug, Default)]
 pub struct RemoteKeySet {
     version: u64,
-    /// `Arc`: the native module shares one set among its workers; each wasm VM has its own.
     keys: Option<Arc<KeySet>>,
-    refused_version: u64,
     last_success_ms: i64,
-    /// A newer version being copied in while `keys` still serves.
-    loading: Option<Loading>,
-    /// The set a copied-in version replaced, dropped as many slices per sync as chunks it may
-    /// copy in.
-    retiring: Retiring,
 }
 
 impl RemoteKeySet {
-    /// Reads the shared version (one small value) and, when it moved, copies in up to `budget`
-    /// chunks of the new set (all of them while this VM has no set).
-    pub fn sync(
-        &mut self,
-        service: &KeyService,
-        store: &dyn SharedStore,
-        budget: u32,
-    ) -> Option<SyncEvent> {
-        self.retiring.step(budget);
-        let meta = read_meta(service, store)?.0;
-        self.last_success_ms = meta.last_success_ms;
-        if meta.version == 0 || meta.version <= self.version || meta.version == self.refused_version
-        {
-            self.loading = None;
-            return None;
-        }
-        let budget = if self.keys.is_none() {
-            u32::MAX
-        } else {
-            budget
-        };
-        let mut loading = match self.loading.take() {
-            Some(loading) if loading.version >= meta.version => loading,
-            _ => {
-                let (header, _) = store.get(&service.key("set"))?;
-                let loading = match Loading::start(&header) {
-                    Ok(loading) => loading,
-                    Err(error) => return Some(self.refuse(meta.version, error)),
-                };
-                // The writer stores the set before its meta: a header behind the meta is
-                // being replaced right now.
-                if loading.version < meta.version || loading.version == self.refused_version {
-                    return None;
-                }
-                loading
-            }
-        };
-        for _ in 0..budget {
-            if loading.is_complete() {
-                break;
-            }
-            let name = service.key(&format!("set.{}", loading.next_chunk));
-            let added = match store.get(&name) {
-                Some((chunk, _)) => loading.add_chunk(&chunk),
-                None => Err(LoadError::Invalid(format!(
-                    "stored chunk {name} is missing"
-                ))),
-            };
-            match added {
-                Ok(()) => {}
-                Err(LoadError::Superseded) => return None,
-                Err(error) => return Some(self.refuse(loading.version, error)),
-            }
-        }
-        if !loading.is_complete() {
-            self.loading = Some(loading);
-            return None;
-        }
-        let version = loading.version;
-        match loading.finish() {
-            Ok(keys) => {
-                let (replaced, event) = self.adopt(version, keys);
-                if let Some(replaced) = replaced {
-                    self.retiring.add(replaced);
-                }
-                Some(event)
-            }
-            Err(error) => Some(self.refuse(version, error)),
+    /// Reads the shared meta (one small value) for the staleness clock: a 304 or the same
+    /// bytes confirm the set without a new version.
+    pub fn sync(&mut self, service: &KeyService, store: &dyn SharedStore) {
+        if let Some((meta, _)) = read_meta(service, store) {
+            self.last_success_ms = meta.last_success_ms;
         }
     }
 
-    fn refuse(&mut self, version: u64, error: LoadError) -> SyncEvent {
-        self.refused_version = version;
-        self.loading = None;
-        let message = match error {
-            LoadError::Invalid(message) => message,
-            LoadError::Superseded => "superseded".to_string(),
-        };
-        SyncEvent::Refused {
-            version,
-            error: ConfigError::new("stored key set", message),
-        }
-    }
-
-    /// Adopts a set this VM parsed itself (the fetcher's own, after a successful fetch). The
-    /// set it replaces is dropped at once: the fetcher has just paused to parse anyway, and
-    /// the fetcher is a VM that serves no requests when there is one (`fetch_handover`).
+    /// Adopts the set the fetcher parsed after a successful fetch. The set it replaces is
+    /// dropped at once (or by the last request still holding it): the fetcher has just paused
+    /// to parse anyway.
     pub fn install(&mut self, version: u64, keys: KeySet) -> SyncEvent {
-        self.adopt(version, keys).1
-    }
-
-    /// Makes `keys` the current set; hands back the one it replaces.
-    fn adopt(&mut self, version: u64, keys: KeySet) -> (Option<Arc<KeySet>>, SyncEvent) {
         let count = keys.len();
         self.version = version;
-        self.loading = None;
-        let replaced = self.keys.replace(Arc::new(keys));
-        let event = SyncEvent::Loaded {
+        self.keys = Some(Arc::new(keys));
+        SyncEvent::Loaded {
             version,
             keys: count,
-        };
-        (replaced, event)
+        }
     }
 
     /// The set to decide with, unless there is none yet or it is too old.
@@ -508,16 +412,6 @@ pub enum TickPlan {
     },
 }
 
-/// Where the fetcher puts a new set for the other workers, besides announcing it in the meta.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Publish {
-    /// As chunks in the shared store, which every other VM copies in (`RemoteKeySet::sync`).
-    Chunks,
-    /// Nowhere: the fetcher's copy is the process's only one, shared by its threads (the
-    /// native module), so chunks would be a second copy that nothing reads.
-    MetaOnly,
-}
-
 #[derive(Debug)]
 pub enum FetchOutcome {
     /// A new, valid document is stored under `version`; `keys` is its parsed set.
@@ -554,7 +448,7 @@ pub enum FetchError {
         path: String,
     },
     InvalidDocument(ConfigError),
-    /// The shared store refused the new meta (or a chunk of the set).
+    /// The shared store refused the new meta (or a bucket of the set).
     StoreRefused,
 }
 
@@ -724,26 +618,14 @@ impl FullSync {
         }
     }
 
-    /// Applies the answer of a fetch to the shared state, a new set stored as chunks.
+    /// Applies the answer of a whole fetched document to the shared meta; a new set is parsed
+    /// and handed back (`Updated`) for the fetcher's process, which holds the only copy.
     pub fn finish(
         &self,
         service: &KeyService,
         store: &dyn SharedStore,
         now_ms: i64,
         response: FetchResponse,
-    ) -> FetchOutcome {
-        self.finish_publishing(service, store, now_ms, response, Publish::Chunks)
-    }
-
-    /// Applies the answer of a fetch to the shared state; a new set is published as `publish`
-    /// says (its meta always).
-    pub fn finish_publishing(
-        &self,
-        service: &KeyService,
-        store: &dyn SharedStore,
-        now_ms: i64,
-        response: FetchResponse,
-        publish: Publish,
     ) -> FetchOutcome {
         let failure = |reason: FetchError| FetchOutcome::Failed {
             reason,
@@ -785,11 +667,6 @@ impl FullSync {
                 let stored_as = cas_update(store, &service.key("meta"), META_RETRIES, |bytes| {
                     let mut meta = bytes.and_then(Meta::decode).unwrap_or_default();
                     let version = meta.version + 1;
-                    // The set first, parsed once for the whole process, then the meta that
-                    // announces it.
-                    if publish == Publish::Chunks && !store_set(service, store, &keys, version) {
-                        return Change::Keep(None);
-                    }
                     meta.version = version;
                     meta.doc_sha256 = digest;
                     meta.serial = serial;
@@ -812,7 +689,7 @@ impl FullSync {
 }
 
 impl FullSync {
-    /// Publishes a document built part by part (`Build`): checked like `finish_publishing`
+    /// Publishes a document built part by part (`Build`): checked like `finish`
     /// checks a whole one (serial required and raised; the same bytes only confirm), then its
     /// header and the meta that announces it. Also returns the slot to clear: the old version's
     /// once the new one is announced, or the build's own when it is not published.
@@ -885,17 +762,6 @@ impl FullSync {
             _ => (failure(FetchError::StoreRefused), unused),
         }
     }
-}
-
-/// Writes `keys` as `version` in shared data: its chunks, then its header. False when the store
-/// refused a write.
-fn store_set(service: &KeyService, store: &dyn SharedStore, keys: &KeySet, version: u64) -> bool {
-    let header = setchunks::encode(keys, version, |i, chunk| {
-        store
-            .set(&service.key(&format!("set.{i}")), chunk, 0)
-            .is_ok()
-    });
-    header.is_some_and(|header| store.set(&service.key("set"), &header, 0).is_ok())
 }
 
 /// One more failed fetch since the last success; the new count.
@@ -1031,47 +897,6 @@ mod tests {
     }
 
     #[test]
-    fn a_worker_with_a_set_copies_a_new_version_in_over_several_syncs_and_serves_the_old_meanwhile()
-    {
-        let (svc, store) = (service(serde_json::json!({})), MemoryStore::new());
-        let f = full(&svc);
-        let publish = |ids: &[&str], serial, now| {
-            fetch_headers(f.plan(&svc, &store, 1, false, now));
-            match f.finish(
-                &svc,
-                &store,
-                now,
-                ok(doc(ids, serial), &format!("\"{serial}\"")),
-            ) {
-                FetchOutcome::Updated { version, .. } => version,
-                other => panic!("{other:?}"),
-            }
-        };
-        publish(&["old"], 1, 1_000);
-        let mut worker = RemoteKeySet::default();
-        worker.sync(&svc, &store, 1);
-        let names: Vec<String> = (0..setchunks::CHUNK_RECORDS * 2 + 1)
-            .map(|i| format!("k{i}"))
-            .collect();
-        let ids: Vec<&str> = names.iter().map(String::as_str).collect();
-        let version = publish(&ids, 2, 20_000);
-        // Three chunks, one per sync: the old set serves until the last one is in.
-        assert_eq!(worker.sync(&svc, &store, 1), None);
-        assert_eq!(worker.sync(&svc, &store, 1), None);
-        assert!(worker.current(&svc, 20_000).unwrap().by_id("old").is_some());
-        assert_eq!(
-            worker.sync(&svc, &store, 1),
-            Some(SyncEvent::Loaded {
-                version,
-                keys: ids.len()
-            })
-        );
-        let keys = worker.current(&svc, 20_000).unwrap();
-        assert!(keys.by_id("old").is_none());
-        assert!(keys.by_digest(&sha256(b"secret-k8192")).is_some());
-    }
-
-    #[test]
     fn a_lease_held_to_parse_a_large_document_outlasts_the_parse() {
         let (svc, store) = (service(serde_json::json!({})), MemoryStore::new());
         let f = full(&svc);
@@ -1096,39 +921,28 @@ mod tests {
         assert!(f.hold_lease(&svc, &store, 1, f.lease_ms(&svc) + 1));
     }
 
-    #[test]
-    fn a_fetched_document_reaches_every_worker_once_per_version() {
-        let (svc, store) = (service(serde_json::json!({})), MemoryStore::new());
-        let f = full(&svc);
-        let mut worker_a = RemoteKeySet::default();
-        let mut worker_b = RemoteKeySet::default();
-        assert_eq!(worker_b.sync(&svc, &store, CHUNKS_PER_TICK), None);
-        assert_eq!(
-            worker_b.current(&svc, 0).unwrap_err(),
-            Unavailable::NotLoaded
-        );
-        fetch_headers(f.plan(&svc, &store, 1, false, 1_000));
-        match f.finish(&svc, &store, 1_050, ok(doc(&["a", "b"], 1), "\"e1\"")) {
+    /// Installs the set of an `Updated` outcome in `worker`, as the fetcher's process does.
+    fn install(worker: &mut RemoteKeySet, outcome: FetchOutcome) -> u64 {
+        match outcome {
             FetchOutcome::Updated { version, keys } => {
-                assert_eq!(version, 1);
-                worker_a.install(version, keys);
+                worker.install(version, keys);
+                version
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(
-            worker_b.sync(&svc, &store, CHUNKS_PER_TICK),
-            Some(SyncEvent::Loaded {
-                version: 1,
-                keys: 2
-            })
-        );
-        assert_eq!(
-            worker_b.sync(&svc, &store, CHUNKS_PER_TICK),
-            None,
-            "parsed once per version"
-        );
-        assert_eq!(worker_a.sync(&svc, &store, CHUNKS_PER_TICK), None);
-        assert!(worker_b.current(&svc, 2_000).unwrap().by_id("b").is_some());
+    }
+
+    #[test]
+    fn a_fetched_document_is_installed_confirmed_by_a_304_and_replaced_on_revocation() {
+        let (svc, store) = (service(serde_json::json!({})), MemoryStore::new());
+        let f = full(&svc);
+        let mut worker = RemoteKeySet::default();
+        worker.sync(&svc, &store);
+        assert_eq!(worker.current(&svc, 0).unwrap_err(), Unavailable::NotLoaded);
+        fetch_headers(f.plan(&svc, &store, 1, false, 1_000));
+        let outcome = f.finish(&svc, &store, 1_050, ok(doc(&["a", "b"], 1), "\"e1\""));
+        assert_eq!(install(&mut worker, outcome), 1);
+        assert!(worker.current(&svc, 2_000).unwrap().by_id("b").is_some());
 
         // The next fetch sends the ETag; a 304 keeps the version and restarts the stale clock.
         let headers = fetch_headers(f.plan(&svc, &store, 1, false, 6_000));
@@ -1145,12 +959,9 @@ mod tests {
 
         // Revocation: a new document without "b".
         fetch_headers(f.plan(&svc, &store, 1, false, 11_000));
-        assert!(matches!(
-            f.finish(&svc, &store, 11_010, ok(doc(&["a"], 2), "\"e2\"")),
-            FetchOutcome::Updated { version: 2, .. }
-        ));
-        worker_b.sync(&svc, &store, CHUNKS_PER_TICK);
-        assert!(worker_b.current(&svc, 12_000).unwrap().by_id("b").is_none());
+        let outcome = f.finish(&svc, &store, 11_010, ok(doc(&["a"], 2), "\"e2\""));
+        assert_eq!(install(&mut worker, outcome), 2);
+        assert!(worker.current(&svc, 12_000).unwrap().by_id("b").is_none());
     }
 
     #[test]
@@ -1179,14 +990,11 @@ mod tests {
         let f = full(&svc);
         let enabled = doc(&["k1"], 1);
         let revoked = doc(&["k2"], 2);
-        assert!(matches!(
-            f.finish(&svc, &store, 1_000, ok(enabled.clone(), "\"e1\"")),
-            FetchOutcome::Updated { version: 1, .. }
-        ));
-        assert!(matches!(
-            f.finish(&svc, &store, 2_000, ok(revoked, "\"e2\"")),
-            FetchOutcome::Updated { version: 2, .. }
-        ));
+        let mut worker = RemoteKeySet::default();
+        let outcome = f.finish(&svc, &store, 1_000, ok(enabled.clone(), "\"e1\""));
+        assert_eq!(install(&mut worker, outcome), 1);
+        let outcome = f.finish(&svc, &store, 2_000, ok(revoked, "\"e2\""));
+        assert_eq!(install(&mut worker, outcome), 2);
         // The old document served again (a stale CDN edge): refused, version 2 stays.
         match f.finish(&svc, &store, 3_000, ok(enabled, "\"e1\"")) {
             FetchOutcome::RolledBack {
@@ -1201,8 +1009,7 @@ mod tests {
             f.finish(&svc, &store, 4_000, ok(same_serial_other_bytes, "\"e3\"")),
             FetchOutcome::RolledBack { offered: 2, .. }
         ));
-        let mut worker = RemoteKeySet::default();
-        worker.sync(&svc, &store, CHUNKS_PER_TICK);
+        worker.sync(&svc, &store);
         assert_eq!(worker.version(), 2);
         let keys = worker.current(&svc, 4_000).unwrap();
         assert!(keys.by_id("k2").is_some() && keys.by_id("k1").is_none());
@@ -1233,8 +1040,10 @@ mod tests {
         let (svc, store) = (service(serde_json::json!({})), MemoryStore::new());
         let f = full(&svc);
         let mut worker = RemoteKeySet::default();
-        f.finish(&svc, &store, 1_000, ok(doc(&["a"], 1), "\"e1\""));
-        worker.sync(&svc, &store, CHUNKS_PER_TICK);
+        install(
+            &mut worker,
+            f.finish(&svc, &store, 1_000, ok(doc(&["a"], 1), "\"e1\"")),
+        );
         let truncated = doc(&["a", "b"], 1);
         let truncated = truncated.get(..truncated.len() / 2).unwrap().to_vec();
         let bad_record = br#"{"keys": [{"id": "x", "secret_sha256": "nothex"}]}"#.to_vec();
@@ -1264,7 +1073,8 @@ mod tests {
                 other => panic!("{i}: {other:?}"),
             }
         }
-        assert_eq!(worker.sync(&svc, &store, CHUNKS_PER_TICK), None);
+        worker.sync(&svc, &store);
+        assert_eq!(worker.version(), 1);
         assert_eq!(read_meta(&svc, &store).unwrap().0.version, 1);
         assert!(worker.current(&svc, 3_000).unwrap().by_id("a").is_some());
     }
@@ -1274,8 +1084,11 @@ mod tests {
         let (svc, store) = (service(serde_json::json!({})), MemoryStore::new());
         let f = full(&svc);
         let mut worker = RemoteKeySet::default();
-        f.finish(&svc, &store, 1_000, ok(doc(&["a"], 1), "\"e1\""));
-        worker.sync(&svc, &store, CHUNKS_PER_TICK);
+        install(
+            &mut worker,
+            f.finish(&svc, &store, 1_000, ok(doc(&["a"], 1), "\"e1\"")),
+        );
+        worker.sync(&svc, &store);
         assert!(worker.current(&svc, 61_000).is_ok());
         assert_eq!(
             worker.current(&svc, 61_001).unwrap_err(),
@@ -1291,7 +1104,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        worker.sync(&svc, &store, CHUNKS_PER_TICK);
+        worker.sync(&svc, &store);
         assert!(worker.current(&svc, 70_001).is_ok());
         let unlimited = service(serde_json::json!({"max_stale_seconds": 0}));
         assert_eq!(unlimited.max_stale_ms, None);

@@ -7,8 +7,8 @@
 use super::docparts::{PartStep, PartedFetch};
 use super::fetch_handover::leaves_fetch_to_idle_vm;
 use super::full_sync::{
-    age_ms, fetch_failed_line, rollback_line, Build, FetchError, FetchOutcome, Publish,
-    RemoteKeySet, SharedKeys, SyncEvent, TickPlan,
+    age_ms, fetch_failed_line, rollback_line, Build, FetchError, FetchOutcome, RemoteKeySet,
+    SharedKeys, SyncEvent, TickPlan,
 };
 use super::host::{Counter, Gauge, KeySourceHost, Level};
 use super::service::{FetchResponse, FullSync, KeyService};
@@ -40,17 +40,8 @@ pub enum Fetchers {
     /// by part as the document arrives, and every VM looks keys up there (`SharedKeys`).
     Many,
     /// The worker is the process's only fetcher and its set the process's only copy, shared by
-    /// every thread (the native module): it tries again next period, and stores no chunks.
+    /// every thread (the native module): it tries again next period, and stores only the meta.
     One,
-}
-
-impl Fetchers {
-    fn publish(self) -> Publish {
-        match self {
-            Fetchers::Many => Publish::Chunks,
-            Fetchers::One => Publish::MetaOnly,
-        }
-    }
 }
 
 /// One worker's fetch: the call in flight (token, sent at) and the parts received so far.
@@ -126,11 +117,9 @@ impl FullSyncFlow {
         &self.service
     }
 
-    /// Copies in up to `budget` chunks of a newer shared version, and reports what happened.
-    pub fn catch_up(&self, host: &impl KeySourceHost, remote: &mut RemoteKeySet, budget: u32) {
-        if let Some(event) = remote.sync(&self.service, host, budget) {
-            self.report(host, event);
-        }
+    /// Reads the shared meta into the process's set (`Fetchers::One`): its staleness clock.
+    pub fn catch_up(&self, host: &impl KeySourceHost, remote: &mut RemoteKeySet) {
+        remote.sync(&self.service, host);
     }
 
     /// A tick (after `catch_up`): the age gauge, a lost call forgotten, and the fetch sent when
@@ -250,13 +239,7 @@ impl FullSyncFlow {
                     now,
                     response.body.len(),
                 );
-                self.sync.finish_publishing(
-                    &self.service,
-                    host,
-                    now,
-                    response,
-                    self.fetchers.publish(),
-                )
+                self.sync.finish(&self.service, host, now, response)
             }
         };
         Some(outcome)
@@ -306,13 +289,10 @@ impl FullSyncFlow {
             // parsed or published here).
             PartStep::Complete(response) => {
                 self.abandon_build(fetch);
-                return Some(self.sync.finish_publishing(
-                    &self.service,
-                    host,
-                    host.now_ms(),
-                    response,
-                    Publish::MetaOnly,
-                ));
+                return Some(
+                    self.sync
+                        .finish(&self.service, host, host.now_ms(), response),
+                );
             }
             PartStep::Failed(reason) => {
                 return Some(self.fail_build(host, fetch, FetchError::Parts(reason)))
@@ -552,7 +532,7 @@ mod tests {
             if self.many() {
                 self.flow.catch_up_shared(host, &mut self.shared);
             } else {
-                self.flow.catch_up(host, &mut self.remote, u32::MAX);
+                self.flow.catch_up(host, &mut self.remote);
             }
             self.flow.tick(host, &mut self.fetch);
             host.take_calls()
@@ -725,16 +705,16 @@ mod tests {
     }
 
     #[test]
-    fn a_process_with_one_shared_set_stores_its_meta_but_no_chunks() {
+    fn a_process_with_one_shared_set_stores_only_its_lease_and_meta() {
         let host = TestHost::at(1_000);
         let mut only_copy = Worker::new(&host, 1, Fetchers::One);
         let call = only(only_copy.tick(&host));
         only_copy.answer(&host, &call, ok(document(&["a", "b"], 1), "\"e1\""));
         assert!(only_copy.has(&host, "a") && only_copy.has(&host, "b"));
         let service = only_copy.flow.service();
-        assert_eq!(host.store.get(&service.key("set")), None);
-        assert_eq!(host.store.get(&service.key("set.0")), None);
+        assert!(host.store.get(&service.key("lease")).is_some());
         assert!(host.store.get(&service.key("meta")).is_some());
+        assert_eq!(host.store.len(), 2, "no copy of the set in shared data");
         // A 304 confirms the set it holds, and the set keeps serving.
         host.now_ms.set(1_000 + PERIOD_MS);
         let call = only(only_copy.tick(&host));

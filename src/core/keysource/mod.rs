@@ -21,11 +21,11 @@
 //!
 //! The modules, from the leaves up: `store` (the shared store and its compare-and-swap loop),
 //! `paths` (request paths and the key a request is looked up by), `service` (the validated
-//! configuration), `docparts`, `docstream`, `setbuckets` and `setchunks` (a document fetched
-//! and read in parts, a set in shared data), then the two flows: `full_sync` (+ `full_sync_flow`, the flow over the host traits of
-//! `host`; `fetch_handover` picks which VM fetches, `retire` frees a replaced set in slices)
-//! and `lookup_on_miss` (+ `lookup_flow`, and `lookup_waiters`: the requests waiting on one
-//! lookup, for both hosts). `test_host` runs the flows in memory.
+//! configuration), `docparts`, `docstream` and `setbuckets` (a document fetched and read in
+//! parts, a set in shared data), then the two flows: `full_sync` (+ `full_sync_flow`, the flow
+//! over the host traits of `host`; `fetch_handover` picks which VM fetches) and
+//! `lookup_on_miss` (+ `lookup_flow`, and `lookup_waiters`: the requests waiting on one lookup,
+//! for both hosts). `test_host` runs the flows in memory.
 
 pub mod docparts;
 pub mod docstream;
@@ -37,10 +37,8 @@ pub mod lookup_flow;
 pub mod lookup_on_miss;
 pub mod lookup_waiters;
 pub mod paths;
-pub mod retire;
 pub mod service;
 pub mod setbuckets;
-pub mod setchunks;
 pub mod store;
 #[cfg(test)]
 pub(crate) mod test_host;

@@ -14,13 +14,12 @@
 //! Digest bucket: tag, then per record digest (32), profile number (u32), document position
 //! (u32), id length (u16), id. Id bucket: tag, then per record id length (u16), id, digest
 //! prefix (u64), document position (u32). Header: format, tag, version, bucket count, record
-//! count, then the profiles (`setchunks::profile_spec`s as JSON).
+//! count, then the profiles (`profile_spec`s as JSON).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::service::KeyService;
-use super::setchunks::{decode_profiles, profile_spec};
 use super::store::{Reader, SharedStore};
 use crate::core::config_error::ConfigError;
 use crate::core::digest::Digest;
@@ -37,6 +36,29 @@ const MAX_BUCKETS: u64 = 1 << 16;
 /// Buckets emptied per slice (per tick) when an old slot is cleared: 2,048 host calls, a
 /// couple of milliseconds; 64K buckets are cleared in 16 s of 250 ms ticks.
 pub const BUCKETS_PER_SLICE: u32 = 1024;
+
+/// The digest of a profile written as a record (never looked up).
+const BLANK_DIGEST: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// A set's profile as a record without id or digest, as the header stores it.
+fn profile_spec(p: &KeyProfile) -> KeyRecordSpec {
+    p.to_spec("profile".into(), BLANK_DIGEST.into())
+}
+
+/// The profiles of a stored header (`profile_spec`s as a JSON array), validated again like any
+/// record.
+fn decode_profiles(bytes: &[u8]) -> Result<Vec<Arc<KeyProfile>>, String> {
+    let specs: Vec<KeyRecordSpec> = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    specs
+        .into_iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            KeyRecord::from_spec(spec, &format!("profiles[{i}]"))
+                .map(|record| record.profile)
+                .map_err(|e| e.to_string())
+        })
+        .collect()
+}
 
 /// Buckets (a power of two) for a document of `document_bytes`: at most `RECORDS_PER_BUCKET`
 /// records each whatever the records' size.

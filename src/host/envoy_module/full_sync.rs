@@ -1,6 +1,6 @@
 //! The key service in full mode for the native module: one fetcher and one parsed key set for
 //! the whole process, swapped under a lock when a new version arrives. The set is the only copy:
-//! the flow stores no chunks for it (`Fetchers::One`), and it outlives a listener update the way
+//! the flow stores nothing but the meta for it (`Fetchers::One`), and it outlives a listener update the way
 //! the process store does. Requests read it under a lock held only to clone an `Arc`.
 //!
 //! Envoy's dynamic-module ABI gives HTTP filters no timer. A small module thread wakes every
@@ -27,10 +27,6 @@ const TICK: Duration = Duration::from_millis(250);
 pub const TICK_EVENT: u64 = 1;
 /// The lease holder: the process is the only fetcher.
 const PROCESS: u64 = 1;
-
-/// Chunks to copy per sync: all of them. The process holds one set, loaded on the main thread,
-/// so no request waits behind the copy.
-const WHOLE_SET: u32 = u32::MAX;
 
 /// The full-mode metrics as defined on this config (a metric Envoy refused is left out).
 struct SourceMetrics {
@@ -207,8 +203,7 @@ impl FullSource {
     /// then fetch when the period has passed.
     pub fn on_tick(&self) {
         let host = self.host();
-        self.set
-            .change(|remote| self.flow.catch_up(&host, remote, WHOLE_SET));
+        self.set.change(|remote| self.flow.catch_up(&host, remote));
         if let Ok(mut fetch) = self.fetch.lock() {
             self.flow.tick(&host, &mut fetch);
         }
@@ -230,7 +225,7 @@ impl FullSource {
         self.set.change(|remote| {
             self.flow.apply(&host, remote, outcome);
             // Catch up with the stored meta (the time of the last success, after a 304 too).
-            self.flow.catch_up(&host, remote, WHOLE_SET);
+            self.flow.catch_up(&host, remote);
         });
     }
 }
