@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import abaco_session_token, assert_passed, assert_refused, wasm_only
+from conftest import abaco_session_token, assert_passed, assert_refused
 from keygate_stack import ROOT, Response, Stack, wait_for
 from static_keyservice import StaticKeyService, keyset_document
 
@@ -412,8 +412,10 @@ def test_concurrent_requests_for_one_uncached_key_share_one_lookup_per_worker():
 
 # --- 6. counters shared across filters ----------------------------------------------------------
 
-@wasm_only("vm_id names a wasm VM; the native module keeps its limits per filter config")
 def test_two_tenants_filters_sharing_a_vm_id_never_spend_each_others_budget():
+    """Both filters have the default name and a `key-1`: in wasm they share a VM's shared data,
+    natively one process-wide limits table per name. Either way the counters are the key's as
+    its secret defines it."""
     config = "../tests/e2e/configs/two-tenants-one-vm-id.yaml"
     with Stack(config, concurrency=2) as stack:
         tenant_b_port = stack.ports["ratelimit"]
