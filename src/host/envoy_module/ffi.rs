@@ -91,8 +91,10 @@ const BUFFERED_REQUEST_BODY: u32 = 1;
 const CONTINUE: u32 = 0;
 const STOP_ITERATION: u32 = 1;
 /// `..._request_body_status` (Envoy's `FilterDataStatus`): hold the data in Envoy's buffer (which
-/// Envoy caps: past its buffer limit it answers 413), or drop it after a local reply.
+/// Envoy caps: past its buffer limit it answers 413), hold it with flow control (the downstream
+/// is paused past the limit), or drop it after a local reply.
 const STOP_ITERATION_AND_BUFFER: u32 = 1;
+const STOP_ITERATION_AND_WATERMARK: u32 = 2;
 const STOP_ITERATION_NO_BUFFER: u32 = 3;
 
 /// `envoy_dynamic_module_type_log_level`.
@@ -935,6 +937,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
     match guarded {
         Ok(BodyVerdict::Pass) => CONTINUE,
         Ok(BodyVerdict::Hold) => STOP_ITERATION_AND_BUFFER,
+        Ok(BodyVerdict::Wait) => STOP_ITERATION_AND_WATERMARK,
         Ok(BodyVerdict::Replied) => STOP_ITERATION_NO_BUFFER,
         Err(_) => {
             let _ = catch_unwind(AssertUnwindSafe(|| super::on_panic(&filter, stream)));
@@ -959,7 +962,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
     }));
     match guarded {
         Ok(BodyVerdict::Pass) => CONTINUE,
-        Ok(BodyVerdict::Hold | BodyVerdict::Replied) => STOP_ITERATION,
+        Ok(BodyVerdict::Hold | BodyVerdict::Wait | BodyVerdict::Replied) => STOP_ITERATION,
         Err(_) => {
             let _ = catch_unwind(AssertUnwindSafe(|| super::on_panic(&filter, stream)));
             STOP_ITERATION

@@ -219,8 +219,12 @@ struct FormCheck {
 pub enum BodyVerdict {
     /// The request (its held headers too) goes on upstream.
     Pass,
-    /// Envoy keeps the data buffered: the request is undecided or its form body incomplete.
+    /// Envoy keeps the data buffered, up to its buffer limit (413 past it): the form body is
+    /// incomplete.
     Hold,
+    /// Envoy keeps the data, with flow control rather than a limit: the request is undecided
+    /// (its key being looked up), as the wasm filter's paused request is.
+    Wait,
     /// A local reply went out.
     Replied,
 }
@@ -702,7 +706,7 @@ fn body_verdict(filter: &FilterHandle, stream: &Stream) -> BodyVerdict {
         return BodyVerdict::Replied;
     }
     if stream.awaits_lookup() {
-        return BodyVerdict::Hold;
+        return BodyVerdict::Wait;
     }
     let check = match stream.form_check.try_borrow_mut() {
         Ok(mut slot) if slot.is_some() => {
