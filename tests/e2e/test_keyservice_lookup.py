@@ -160,11 +160,11 @@ def test_a_request_body_waits_with_its_headers_for_the_key_lookup(lookup):
     json_body = [("content-type", "application/json")]
     calls = counters(stack, service)[2]
     sent_upstream = stack.stats(prefix="cluster.echo.upstream_rq_total")["cluster.echo.upstream_rq_total"]
-    resp = stack.request("POST", "/orders", opaque("kl_bulk_8888888_nope") + json_body, body=body)
+    resp = stack.request("POST", "/orders", api_key_header("kl_bulk_8888888_nope") + json_body, body=body)
     assert_denied(resp, 401, "INVALID_API_KEY")
     # Not even started upstream and then reset: Envoy never opened a request to the echo.
     assert stack.stats(prefix="cluster.echo.upstream_rq_total")["cluster.echo.upstream_rq_total"] == sent_upstream
-    seen = assert_passed(stack.request("POST", "/orders", opaque(bulk_key(271_828)) + json_body, body=body))
+    seen = assert_passed(stack.request("POST", "/orders", api_key_header(bulk_key(271_828)) + json_body, body=body))
     assert seen["x-keygate-key-id"] == ["bulk-0271828"]
     assert seen["content-length"] == [str(len(body))]
     assert counters(stack, service)[2] - calls == 2
