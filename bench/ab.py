@@ -201,7 +201,9 @@ def main():
                 cpu[name].append(once(name, args.seconds))
     finally:
         envoy.terminate()
-        envoy.wait()
+        # A crash at shutdown (issue 15 saw one) would otherwise go unnoticed.
+        if envoy.wait() != 0:
+            print(f"Envoy exited with status {envoy.returncode} when stopped: see {log.name}", file=sys.stderr)
         if service:
             service.stop()
 

@@ -312,15 +312,22 @@ def table(rows):
     return "\n".join(lines)
 
 
+def key_count(text):
+    """A set size as given: `1000000`, `1_000_000`, `1000k` or `1M`."""
+    text = text.strip().replace("_", "")
+    scale = {"k": 1000, "m": 1_000_000}.get(text[-1:].lower(), 1)
+    return int(text[:-1] if scale > 1 else text) * scale
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keys", default=os.environ.get("BENCH_SCALE_KEYS") or "1000,10000,100000,1000000",
-                        help="comma-separated set sizes (the first is the baseline row)")
+                        help="comma-separated set sizes, e.g. 1k,1M (the first is the baseline row)")
     parser.add_argument("--hosts", default="wasm,native")
     parser.add_argument("--modes", default="full,lookup_on_miss")
     parser.add_argument("--one-host", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    sizes = [int(k.replace("_", "")) for k in args.keys.split(",") if k]
+    sizes = [key_count(k) for k in args.keys.split(",") if k]
     modes = args.modes.split(",")
     if args.one_host:
         run_host(sizes, modes)

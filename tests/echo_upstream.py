@@ -13,10 +13,23 @@ class Echo(BaseHTTPRequestHandler):
     server_version = "keygate-echo"
     protocol_version = "HTTP/1.1"
 
+    def _read_chunked_body(self):
+        """Reads a chunked body to its end (trailers included), as a server acting on a body would
+        before answering."""
+        while True:
+            size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                break
+            self.rfile.read(size + 2)  # the chunk and its CRLF
+        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+            pass  # trailers
+
     def _answer(self):
         length = int(self.headers.get("content-length") or 0)
         if length:
             self.rfile.read(length)
+        elif "chunked" in (self.headers.get("transfer-encoding") or "").lower():
+            self._read_chunked_body()
         body = json.dumps(
             {
                 "upstream": self.server.upstream_name,

@@ -43,11 +43,19 @@ def to_native(text):
     """The config with every keygate.wasm filter block rewritten into the dynamic-module block
     that loads libkeygate.so with the same JSON configuration. Lines from the Wasm `@type` up to
     `configuration:` (vm_config, failure_policy, ...) have no native counterpart and go; the
-    configuration's StringValue stays as is, now under `filter_config`."""
-    out, skipping = [], None
+    configuration's StringValue stays as is, now under `filter_config`; Wasm fields after it
+    (a `failure_policy` below the configuration) go too."""
+    out, skipping, after_configuration = [], None, None
     for line in text.splitlines(keepends=True):
         stripped = line.strip()
         indent = line[: len(line) - len(line.lstrip())]
+        if after_configuration is not None:
+            if stripped and len(indent) == len(after_configuration):
+                skipping = indent  # a sibling of `configuration:`: Wasm-only, dropped
+            elif stripped and len(indent) < len(after_configuration):
+                after_configuration = None
+            if skipping is not None and stripped and len(indent) < len(skipping):
+                skipping = None
         if stripped == f'"@type": {WASM_TYPE}':
             out += [f'{indent}"@type": {MODULE_TYPE}\n',
                     f"{indent}dynamic_module_config: {{ name: keygate }}\n",
@@ -55,9 +63,9 @@ def to_native(text):
             skipping = indent
             continue
         if skipping is not None:
-            if stripped == "configuration:":
+            if stripped == "configuration:" and after_configuration is None:
                 out.append(f"{skipping}filter_config:\n")
-                skipping = None
+                skipping, after_configuration = None, indent
             continue
         out.append(line.replace(f'type_urls: ["{WASM_TYPE}"]', f'type_urls: ["{MODULE_TYPE}"]'))
     if skipping is not None:

@@ -10,6 +10,7 @@ The shipped configs may set Envoy's `headers_with_underscores_action: REJECT_REQ
 refuses underscore headers before keygate runs. These stacks set it to ALLOW, so the rows prove
 keygate's own layer, which holds for configs that do not set it.
 """
+import http.client
 import secrets
 import shutil
 import threading
@@ -18,8 +19,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import abaco_session_token, assert_passed, assert_refused, native_only, wasm_only
-from keygate_stack import HOST, ROOT, Stack, wait_for
+from conftest import abaco_session_token, assert_passed, assert_refused
+from keygate_stack import ROOT, Response, Stack, wait_for
 from static_keyservice import StaticKeyService, key_record, keyset_document
 
 UNDERSCORES_ALLOWED = {"headers_with_underscores_action: REJECT_REQUEST": "headers_with_underscores_action: ALLOW"}
@@ -29,10 +30,6 @@ ABACO_KEY = "abk_k7Qm2Xw9:c2VjcmV0LWFiYWNvLWRlbW8tMQ"  # company-314 (envoy/abac
 DEMO_NO_USER_KEY = "cmp_demo_Q7fX2mLr9Wk4TbVn8PzA"  # tenant acme, no user (envoy/demo.yaml)
 
 PROTOCOLS = [pytest.param(False, id="http1"), pytest.param(True, id="http2")]
-# Refusing a request whose body is still uploading: the wasm filter answers after reading the
-# body; the native module answers before it (it does not read bodies), and over h2c curl then
-# sometimes sees only the stream's reset (exit 92, no answer), so native sends these on HTTP/1.1.
-BODY_PROTOCOLS = PROTOCOLS if HOST == "wasm" else PROTOCOLS[:1]
 
 
 def running(config):
@@ -98,7 +95,7 @@ def test_organization_header_spelled_with_underscores_is_tenant_forbidden(compag
     assert_refused(resp, 403, "TENANT_FORBIDDEN")
 
 
-@pytest.mark.parametrize("http2", BODY_PROTOCOLS)
+@pytest.mark.parametrize("http2", PROTOCOLS)
 def test_organization_in_an_urlencoded_body_is_tenant_forbidden(compago, http2):
     resp = compago.request("POST", "/api/developer/payment",
                            [("x-api-key", COMPAGO_KEY),
@@ -107,7 +104,6 @@ def test_organization_in_an_urlencoded_body_is_tenant_forbidden(compago, http2):
     assert_refused(resp, 403, "TENANT_FORBIDDEN")
 
 
-@wasm_only("the native module does not read request bodies yet; it refuses form bodies here")
 @pytest.mark.parametrize("http2", PROTOCOLS)
 def test_an_urlencoded_body_within_scope_reaches_the_upstream(compago, http2):
     seen = assert_passed(compago.request(
@@ -118,15 +114,50 @@ def test_an_urlencoded_body_within_scope_reaches_the_upstream(compago, http2):
     assert seen["content-length"] == ["31"]
 
 
-# HTTP/1.1 only: the refusal comes before the upload ends, and over h2c curl then sometimes
-# sees the stream reset before the reply (the wasm filter answers after reading the body).
-@native_only("the wasm filter reads the body and forwards an in-scope form")
-def test_native_module_refuses_a_form_body_it_cannot_check(compago):
-    resp = compago.request(
-        "POST", "/api/developer/payment",
-        [("x-api-key", COMPAGO_KEY), ("content-type", "application/x-www-form-urlencoded")],
-        body=b"amount=5&organizationId=org-102")
+@pytest.fixture(scope="module")
+def compago_with_trailers():
+    """compago.yaml with HTTP/1.1 request trailers passed to the filters (Envoy drops them by
+    default): a body then ends with trailers, not with its last data."""
+    trailers = {"headers_with_underscores_action: REJECT_REQUEST }": "headers_with_underscores_action: ALLOW }\n"
+                "          http_protocol_options: { enable_trailers: true }"}
+    with Stack("compago.yaml", substitutions=trailers) as stack:
+        yield stack
+
+
+def post_in_chunks(stack, path, headers, chunks, trailer=None):
+    """One chunked HTTP/1.1 POST: each chunk sent on its own after a pause (so Envoy hands the
+    filter several pieces of body), then `trailer` (name, value) if given."""
+    conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=10)
+    conn.putrequest("POST", path, skip_accept_encoding=True)
+    for name, value in headers + [("transfer-encoding", "chunked")]:
+        conn.putheader(name, value)
+    conn.endheaders()
+    for chunk in chunks:
+        conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        time.sleep(0.1)
+    conn.send(b"0\r\n" + (b"%s: %s\r\n" % trailer if trailer else b"") + b"\r\n")
+    resp = conn.getresponse()
+    result = Response(resp.status, [(k.lower(), v) for k, v in resp.getheaders()], resp.read())
+    conn.close()
+    return result
+
+
+FORM = [("x-api-key", COMPAGO_KEY), ("content-type", "application/x-www-form-urlencoded")]
+
+
+@pytest.mark.parametrize("trailer", [None, (b"x-body-digest", b"d41d8cd9")], ids=["no-trailer", "trailer"])
+def test_an_organization_in_the_last_piece_of_a_chunked_form_is_tenant_forbidden(compago_with_trailers, trailer):
+    resp = post_in_chunks(compago_with_trailers, "/api/developer/payment", FORM,
+                          [b"amount=5&", b"organizationId=org-901"], trailer)
     assert_refused(resp, 403, "TENANT_FORBIDDEN")
+
+
+@pytest.mark.parametrize("trailer", [None, (b"x-body-digest", b"d41d8cd9")], ids=["no-trailer", "trailer"])
+def test_a_chunked_form_within_scope_reaches_the_upstream(compago_with_trailers, trailer):
+    seen = assert_passed(post_in_chunks(compago_with_trailers, "/api/developer/payment", FORM,
+                                        [b"amount=5&", b"organizationId=org-102"], trailer))
+    assert seen["x-keygate-key-id"] == ["partner-7-production"]
+    assert seen["transfer-encoding"] == ["chunked"]
 
 
 def multipart(field, value, boundary="b0undary"):
@@ -135,7 +166,7 @@ def multipart(field, value, boundary="b0undary"):
     return [("content-type", f"multipart/form-data; boundary={boundary}")], body
 
 
-@pytest.mark.parametrize("http2", BODY_PROTOCOLS)
+@pytest.mark.parametrize("http2", PROTOCOLS)
 def test_company_in_a_multipart_body_is_tenant_forbidden(abaco, http2):
     headers, body = multipart("companyId", "company-999")
     resp = abaco.request("POST", "/documents", [("authorization", "Bearer " + ABACO_KEY)] + headers,
@@ -143,7 +174,6 @@ def test_company_in_a_multipart_body_is_tenant_forbidden(abaco, http2):
     assert_refused(resp, 403, "TENANT_FORBIDDEN")
 
 
-@wasm_only("the native module does not read request bodies yet; it refuses form bodies here")
 @pytest.mark.parametrize("http2", PROTOCOLS)
 def test_a_multipart_upload_without_a_selector_reaches_the_upstream(abaco, http2):
     headers, body = multipart("file", "%PDF-1.7 ...")
@@ -376,8 +406,10 @@ def test_concurrent_requests_for_one_uncached_key_share_one_lookup_per_worker():
 
 # --- 6. counters shared across filters ----------------------------------------------------------
 
-@wasm_only("vm_id names a wasm VM; the native module keeps its limits per filter config")
 def test_two_tenants_filters_sharing_a_vm_id_never_spend_each_others_budget():
+    """Both filters have the default name and a `key-1`: in wasm they share a VM's shared data,
+    natively one process-wide limits table per name. Either way the counters are the key's as
+    its secret defines it."""
     config = "../tests/e2e/configs/two-tenants-one-vm-id.yaml"
     with Stack(config, concurrency=2) as stack:
         tenant_b_port = stack.ports["ratelimit"]

@@ -151,6 +151,25 @@ def test_a_key_created_after_a_miss_works_once_the_negative_answer_expires(looku
     assert assert_passed(stack.request("GET", "/orders", api_key_header(fresh)))["x-keygate-key-id"] == ["new-customer"]
 
 
+def test_a_request_body_waits_with_its_headers_for_the_key_lookup(lookup):
+    """A POST's body arrives while its key is still being looked up: the body is held with the
+    paused headers, so an unknown key's request never reaches the upstream, and a known key's
+    arrives whole once the answer is in."""
+    stack, service, _ = lookup
+    body = b'{"amount": 5, "currency": "EUR"}'
+    json_body = [("content-type", "application/json")]
+    calls = counters(stack, service)[2]
+    sent_upstream = stack.stats(prefix="cluster.echo.upstream_rq_total")["cluster.echo.upstream_rq_total"]
+    resp = stack.request("POST", "/orders", api_key_header("kl_bulk_8888888_nope") + json_body, body=body)
+    assert_denied(resp, 401, "INVALID_API_KEY")
+    # Not even started upstream and then reset: Envoy never opened a request to the echo.
+    assert stack.stats(prefix="cluster.echo.upstream_rq_total")["cluster.echo.upstream_rq_total"] == sent_upstream
+    seen = assert_passed(stack.request("POST", "/orders", api_key_header(bulk_key(271_828)) + json_body, body=body))
+    assert seen["x-keygate-key-id"] == ["bulk-0271828"]
+    assert seen["content-length"] == [str(len(body))]
+    assert counters(stack, service)[2] - calls == 2
+
+
 def test_key_service_down_cached_keys_pass_uncached_keys_are_503(lookup):
     stack, service, _ = lookup
     cached = bulk_key(31_337)

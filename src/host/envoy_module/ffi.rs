@@ -15,7 +15,7 @@ use crate::core::keysource::host::CalloutError;
 use crate::core::keysource::service::FetchResponse;
 use crate::core::request::Headers;
 
-use super::{FilterConfig, Stream};
+use super::{BodyVerdict, FilterConfig, Stream};
 
 // --- ABI types (abi.h "Common Types" and "HTTP Filter Types") ----------------------------------
 
@@ -82,10 +82,21 @@ const RESPONSE_HEADER: u32 = 2;
 /// `envoy_dynamic_module_type_metadata_source`.
 const METADATA_DYNAMIC: u32 = 0;
 const METADATA_ROUTE: u32 = 1;
-/// `..._request_headers_status`: `Continue` and `StopIteration`. Every other status enum of the
-/// hooks keygate does not use starts with `Continue = 0` too.
+/// `envoy_dynamic_module_type_http_body_type`: the request data of the running body hook, and
+/// what Envoy buffered of it so far (checked against Envoy 1.40.0's own jump table: 0 reads the
+/// filter's current data, 1 its decoding buffer).
+const RECEIVED_REQUEST_BODY: u32 = 0;
+const BUFFERED_REQUEST_BODY: u32 = 1;
+/// `..._request_headers_status` and `..._request_trailers_status`: `Continue` and
+/// `StopIteration`. Every status enum of the hooks starts with `Continue = 0`.
 const CONTINUE: u32 = 0;
 const STOP_ITERATION: u32 = 1;
+/// `..._request_body_status` (Envoy's `FilterDataStatus`): hold the data in Envoy's buffer (which
+/// Envoy caps: past its buffer limit it answers 413), hold it with flow control (the downstream
+/// is paused past the limit), or drop it after a local reply.
+const STOP_ITERATION_AND_BUFFER: u32 = 1;
+const STOP_ITERATION_AND_WATERMARK: u32 = 2;
+const STOP_ITERATION_NO_BUFFER: u32 = 3;
 
 /// `envoy_dynamic_module_type_log_level`.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -115,6 +126,18 @@ extern "C" {
         filter: EnvoyFilterPtr,
         header_type: u32,
         result_headers: *mut HttpHeader,
+    ) -> bool;
+    fn envoy_dynamic_module_callback_http_get_body_chunks_size(
+        filter: EnvoyFilterPtr,
+        body_type: u32,
+    ) -> usize;
+    fn envoy_dynamic_module_callback_http_get_body_chunks(
+        filter: EnvoyFilterPtr,
+        body_type: u32,
+        result_buffers: *mut Buffer,
+    ) -> bool;
+    fn envoy_dynamic_module_callback_http_received_buffered_request_body(
+        filter: EnvoyFilterPtr,
     ) -> bool;
     fn envoy_dynamic_module_callback_http_set_header(
         filter: EnvoyFilterPtr,
@@ -527,6 +550,50 @@ impl FilterHandle {
         Headers::from_buffer(bytes, ranges)
     }
 
+    /// The request body Envoy holds for this stream, copied: what it buffered so far, then the
+    /// data of the running body hook (there is none outside a body hook). Envoy's chunks are
+    /// valid only during the hook.
+    pub fn request_body(&self) -> Vec<u8> {
+        let mut body = Vec::new();
+        self.append_body(BUFFERED_REQUEST_BODY, &mut body);
+        // SAFETY: `self.0` is the filter pointer of the running hook.
+        let received_is_buffered =
+            unsafe { envoy_dynamic_module_callback_http_received_buffered_request_body(self.0) };
+        // An earlier filter may hand on its own buffer as the data: then it was read already.
+        if !received_is_buffered {
+            self.append_body(RECEIVED_REQUEST_BODY, &mut body);
+        }
+        body
+    }
+
+    fn append_body(&self, body_type: u32, body: &mut Vec<u8>) {
+        // SAFETY: `self.0` is the filter pointer of the running hook; `body_type` is one of the
+        // ABI's body types.
+        let count =
+            unsafe { envoy_dynamic_module_callback_http_get_body_chunks_size(self.0, body_type) };
+        if count == 0 {
+            return;
+        }
+        let mut chunks = vec![Buffer::null(); count];
+        // SAFETY: `chunks` holds the `count` entries Envoy just reported for this body, which
+        // nothing changes in between (same hook, same thread).
+        let ok = unsafe {
+            envoy_dynamic_module_callback_http_get_body_chunks(
+                self.0,
+                body_type,
+                chunks.as_mut_ptr(),
+            )
+        };
+        if !ok {
+            return;
+        }
+        for chunk in &chunks {
+            // SAFETY: each filled entry points into Envoy's body buffer, valid until this hook
+            // returns or the body is changed; it is copied right away.
+            body.extend_from_slice(unsafe { chunk.bytes() });
+        }
+    }
+
     fn set_header(&self, header_type: u32, name: &str, value: Option<&str>) {
         let value = value.map_or(Buffer::null(), |v| Buffer::of(v.as_bytes()));
         // SAFETY: `self.0` is the filter pointer of the running hook; both buffers live for the
@@ -816,7 +883,7 @@ fn guard_stream_hook(
 pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     filter_envoy: EnvoyFilterPtr,
     stream: ModuleFilterPtr,
-    _end_of_stream: bool,
+    end_of_stream: bool,
 ) -> u32 {
     let filter = FilterHandle(filter_envoy);
     // SAFETY: see `stream_ref`; the pointer is the one Envoy got from `filter_new`.
@@ -826,7 +893,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
         return STOP_ITERATION;
     };
     match catch_unwind(AssertUnwindSafe(|| {
-        super::on_request_headers(&filter, stream)
+        super::on_request_headers(&filter, stream, end_of_stream)
     })) {
         Ok(true) => CONTINUE,
         Ok(false) => STOP_ITERATION,
@@ -871,25 +938,61 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
     });
 }
 
-// Hooks Envoy 1.40 requires every module to export; keygate does nothing in them. Their bodies
-// cannot panic, so they need no guard.
-
+/// Request data: held while the request is undecided (its key being looked up) or its form
+/// body unchecked; the check runs once the body is whole.
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
-    _filter_envoy: EnvoyFilterPtr,
-    _stream: ModuleFilterPtr,
-    _end_of_stream: bool,
+    filter_envoy: EnvoyFilterPtr,
+    stream: ModuleFilterPtr,
+    end_of_stream: bool,
 ) -> u32 {
-    CONTINUE
+    let filter = FilterHandle(filter_envoy);
+    // SAFETY: see `stream_ref`.
+    let Some(stream) = (unsafe { stream_ref(stream) }) else {
+        // `request_headers` answered this stream already.
+        return STOP_ITERATION_NO_BUFFER;
+    };
+    let guarded = catch_unwind(AssertUnwindSafe(|| {
+        super::on_request_body(&filter, stream, end_of_stream)
+    }));
+    match guarded {
+        Ok(BodyVerdict::Pass) => CONTINUE,
+        Ok(BodyVerdict::Hold) => STOP_ITERATION_AND_BUFFER,
+        Ok(BodyVerdict::Wait) => STOP_ITERATION_AND_WATERMARK,
+        Ok(BodyVerdict::Replied) => STOP_ITERATION_NO_BUFFER,
+        Err(_) => {
+            let _ = catch_unwind(AssertUnwindSafe(|| super::on_panic(&filter, stream)));
+            STOP_ITERATION_NO_BUFFER
+        }
+    }
 }
 
+/// Request trailers end a body whose data hooks never saw its end.
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
-    _filter_envoy: EnvoyFilterPtr,
-    _stream: ModuleFilterPtr,
+    filter_envoy: EnvoyFilterPtr,
+    stream: ModuleFilterPtr,
 ) -> u32 {
-    CONTINUE
+    let filter = FilterHandle(filter_envoy);
+    // SAFETY: see `stream_ref`.
+    let Some(stream) = (unsafe { stream_ref(stream) }) else {
+        return STOP_ITERATION;
+    };
+    let guarded = catch_unwind(AssertUnwindSafe(|| {
+        super::on_request_trailers(&filter, stream)
+    }));
+    match guarded {
+        Ok(BodyVerdict::Pass) => CONTINUE,
+        Ok(BodyVerdict::Hold | BodyVerdict::Wait | BodyVerdict::Replied) => STOP_ITERATION,
+        Err(_) => {
+            let _ = catch_unwind(AssertUnwindSafe(|| super::on_panic(&filter, stream)));
+            STOP_ITERATION
+        }
+    }
 }
+
+// Hooks Envoy 1.40 requires every module to export; keygate does nothing in them. Their bodies
+// cannot panic, so they need no guard.
 
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_response_body(

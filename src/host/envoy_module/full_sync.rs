@@ -9,7 +9,6 @@
 //! run there, as the core's `FullSyncFlow` over this module's implementation of its traits.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -112,7 +111,9 @@ pub struct FullSource {
     fetch: Mutex<Fetch>,
     main: MainThread,
     metrics: SourceMetrics,
-    stopped: AtomicBool,
+    /// Whether the ticker may still post ticks: held across the check and the post, so once
+    /// `stop` returns no post to Envoy's main thread is under way or to come.
+    ticking: Mutex<bool>,
 }
 
 impl FullSource {
@@ -156,7 +157,7 @@ impl FullSource {
             fetch: Mutex::new(Fetch::default()),
             main,
             metrics,
-            stopped: AtomicBool::new(false),
+            ticking: Mutex::new(true),
         });
         let ticker: Weak<FullSource> = Arc::downgrade(&source);
         let spawned = std::thread::Builder::new()
@@ -164,9 +165,7 @@ impl FullSource {
             .spawn(move || loop {
                 std::thread::sleep(TICK);
                 match ticker.upgrade() {
-                    Some(source) if !source.stopped.load(Ordering::Relaxed) => {
-                        source.main.schedule(TICK_EVENT)
-                    }
+                    Some(source) if source.post_tick() => {}
                     _ => break,
                 }
             });
@@ -188,9 +187,26 @@ impl FullSource {
         }
     }
 
-    /// The config is going away: the ticker posts nothing more.
+    /// The config is going away: the ticker posts nothing more. Waits for a post under way, so
+    /// none reaches Envoy's scheduler once Envoy starts tearing the config (and, at exit, its
+    /// main dispatcher) down.
     pub fn stop(&self) {
-        self.stopped.store(true, Ordering::Relaxed);
+        let mut ticking = self
+            .ticking
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *ticking = false;
+    }
+
+    /// Ticker thread: posts a tick unless stopped; false once stopped.
+    fn post_tick(&self) -> bool {
+        let Ok(ticking) = self.ticking.lock() else {
+            return false;
+        };
+        if *ticking {
+            self.main.schedule(TICK_EVENT);
+        }
+        *ticking
     }
 
     /// The set to decide with, unless there is none yet or it is too old. Takes no lock while

@@ -22,7 +22,7 @@ use crate::core::credential::Credential;
 use crate::core::decision::{
     begin, decide_for_key, lookup, reads_clock, Decision, Principal, Step,
 };
-use crate::core::keyset::KeySet;
+use crate::core::keyset::{KeyRecord, KeySet};
 use crate::core::keysource::host::{Counter, Gauge, Metrics};
 use crate::core::keysource::lookup_flow::{
     unavailable as core_unavailable, LookupFlow, LookupOutcome,
@@ -34,7 +34,7 @@ use crate::core::limits::{apply_limits, limits_apply_to};
 use crate::core::policy::Policy;
 use crate::core::reply::{denial_log_line, preflight_reply, unconfigured_reply};
 use crate::core::request::{RequestView, SessionEvidence};
-use crate::core::selectors::form_body_kind;
+use crate::core::selectors::{check_form_body, form_body_kind};
 use crate::core::session_token;
 use crate::core::upstream::upstream_edits;
 use ffi::{log, log_enabled, CalloutOrigin, ConfigHandle, FilterHandle, LogLevel};
@@ -190,6 +190,42 @@ pub struct Stream {
     waiting: RefCell<Option<WaitingLookup>>,
     /// Set once a local reply went out: a panic after it must not send a second one.
     replied: Cell<bool>,
+    /// Whether the request has ended: no body follows, or its last data or trailers came.
+    request_ended: Cell<bool>,
+    /// An allowed API-key request whose form body must still be checked whole.
+    form_check: RefCell<Option<FormCheck>>,
+}
+
+/// A form body may name a tenant selector (Flask, Servlet and Rails merge it with the query).
+/// The request is held, headers and all, until its body is whole and checked: a refused request
+/// never reaches the upstream. Envoy buffers the body meanwhile, up to its buffer limit (413
+/// past it), as it does for the wasm filter.
+struct FormCheck {
+    req: RequestView,
+    record: KeyRecord,
+}
+
+/// What a request-body or trailers hook did with the request.
+pub enum BodyVerdict {
+    /// The request (its held headers too) goes on upstream.
+    Pass,
+    /// Envoy keeps the data buffered, up to its buffer limit (413 past it): the form body is
+    /// incomplete.
+    Hold,
+    /// Envoy keeps the data, with flow control rather than a limit: the request is undecided
+    /// (its key being looked up), as the wasm filter's paused request is.
+    Wait,
+    /// A local reply went out.
+    Replied,
+}
+
+impl Stream {
+    /// Paused for a key lookup, its own or another request's: nothing may go upstream yet.
+    fn awaits_lookup(&self) -> bool {
+        let pending = self.pending.try_borrow().map_or(true, |p| p.is_some());
+        let waiting = self.waiting.try_borrow().map_or(true, |w| w.is_some());
+        pending || waiting
+    }
 }
 
 /// A request paused until another request's lookup of its key answers.
@@ -280,13 +316,17 @@ fn stream_new(config: &FilterConfig) -> Stream {
         pending: RefCell::new(None),
         waiting: RefCell::new(None),
         replied: Cell::new(false),
+        request_ended: Cell::new(false),
+        form_check: RefCell::new(None),
     }
 }
 
-/// Decides one request; true lets it go on upstream, false means a local reply was sent.
-fn on_request_headers(filter: &FilterHandle, stream: &Stream) -> bool {
+/// Decides one request; true lets it go on upstream, false holds it: a local reply went out, or
+/// it waits for a key lookup or for its form body (`on_request_body`).
+fn on_request_headers(filter: &FilterHandle, stream: &Stream, end_of_stream: bool) -> bool {
     #[cfg(feature = "panic-probe")]
     panic_probe();
+    stream.request_ended.set(end_of_stream);
     let runtime = &*stream.runtime;
     let config = &runtime.config;
     let req = read_request(filter, runtime);
@@ -507,6 +547,8 @@ fn panic_probe() {
     panic!("keygate panic probe");
 }
 
+/// Applies a decision: true lets the request go on now; false holds it (replied, or its form
+/// body still to check).
 fn apply(filter: &FilterHandle, stream: &Stream, req: &RequestView, decision: Decision) -> bool {
     let runtime = &*stream.runtime;
     let config = &runtime.config;
@@ -529,15 +571,6 @@ fn apply(filter: &FilterHandle, stream: &Stream, req: &RequestView, decision: De
         }
         Decision::Allow { principal, policy } => {
             if let Principal::ApiKey { record, .. } = &principal {
-                // The module does not read request bodies yet: a form body that an upstream
-                // framework could merge with the query (and so name a tenant) is refused rather
-                // than forwarded unchecked (the wasm filter reads and checks it).
-                if form_body_kind(config, req).is_some() {
-                    let code = ErrorCode::TenantForbidden;
-                    let entry = AccessLogEntry::denied(Some(code), Some(&record.id));
-                    deny(filter, stream, code, &entry, Vec::new());
-                    return false;
-                }
                 if limits_apply_to(&config.limits, record) {
                     let now = now_millis();
                     let table = &*runtime.limits;
@@ -584,8 +617,92 @@ fn apply(filter: &FilterHandle, stream: &Stream, req: &RequestView, decision: De
             if edits.clear_route_cache {
                 filter.clear_route_cache();
             }
-            true
+            match &principal {
+                Principal::ApiKey { record, .. } if form_body_kind(config, req).is_some() => {
+                    check_form_when_whole(filter, stream, req, record)
+                }
+                _ => true,
+            }
         }
+    }
+}
+
+/// Checks the form body of an allowed request now if the request has ended, else holds the
+/// request until it has (`on_request_body`). True lets the request go on now.
+fn check_form_when_whole(
+    filter: &FilterHandle,
+    stream: &Stream,
+    req: &RequestView,
+    record: &KeyRecord,
+) -> bool {
+    if stream.request_ended.get() {
+        return check_form(filter, stream, req, record);
+    }
+    if let Ok(mut slot) = stream.form_check.try_borrow_mut() {
+        *slot = Some(FormCheck {
+            req: req.clone(),
+            record: record.clone(),
+        });
+    }
+    false
+}
+
+/// The core's check of the whole form body Envoy holds; a refusal replaces the "allowed" entry
+/// already published for this request. True lets the request go on.
+fn check_form(
+    filter: &FilterHandle,
+    stream: &Stream,
+    req: &RequestView,
+    record: &KeyRecord,
+) -> bool {
+    let body = filter.request_body();
+    match check_form_body(&stream.runtime.config, req, record, &body) {
+        Ok(()) => true,
+        Err(code) => {
+            let entry = AccessLogEntry::denied(Some(code), Some(&record.id));
+            deny(filter, stream, code, &entry, Vec::new());
+            false
+        }
+    }
+}
+
+/// Request data: held while the request's key is looked up (returning Continue here would send
+/// the held headers upstream undecided) or while its form body is incomplete; checked when whole.
+fn on_request_body(filter: &FilterHandle, stream: &Stream, end_of_stream: bool) -> BodyVerdict {
+    if end_of_stream {
+        stream.request_ended.set(true);
+    }
+    body_verdict(filter, stream)
+}
+
+/// Trailers end the request: a form body still held is whole now.
+fn on_request_trailers(filter: &FilterHandle, stream: &Stream) -> BodyVerdict {
+    stream.request_ended.set(true);
+    body_verdict(filter, stream)
+}
+
+fn body_verdict(filter: &FilterHandle, stream: &Stream) -> BodyVerdict {
+    if stream.replied.get() {
+        return BodyVerdict::Replied;
+    }
+    if stream.awaits_lookup() {
+        return BodyVerdict::Wait;
+    }
+    let check = match stream.form_check.try_borrow_mut() {
+        Ok(mut slot) if slot.is_some() => {
+            if !stream.request_ended.get() {
+                return BodyVerdict::Hold;
+            }
+            slot.take()
+        }
+        Ok(_) => None,
+        Err(_) => return BodyVerdict::Hold,
+    };
+    match check {
+        Some(check) if !check_form(filter, stream, &check.req, &check.record) => {
+            BodyVerdict::Replied
+        }
+        _ => BodyVerdict::Pass,
     }
 }
 

@@ -247,6 +247,9 @@ struct KeygateRequest {
     form_check: Option<FormCheck>,
 }
 
+/// Reads all of a buffer whose size the hook was not told (Envoy stops at its end).
+const WHOLE_BUFFER: usize = i32::MAX as usize;
+
 /// A form body may name a tenant selector (Flask, Servlet and Rails merge it with the query).
 /// proxy-wasm cannot see a body before the headers move on (a paused filter gets no body), so
 /// the body is buffered here, not forwarded, and checked when complete: a refused request has
@@ -300,6 +303,31 @@ impl HttpContext for KeygateRequest {
         if !end_of_stream {
             return Action::Pause;
         }
+        self.check_whole_form(body_size)
+    }
+
+    /// Trailers end a body whose data never ended the stream: a form body held for its check
+    /// is whole now (Envoy's buffer of it, since every piece was paused).
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        self.adopt_if_settled();
+        if self.form_check.is_none() {
+            return Action::Continue;
+        }
+        self.check_whole_form(WHOLE_BUFFER)
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        self.adopt_if_settled();
+        for (name, value) in self.response_headers.drain(..) {
+            let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(&value));
+        }
+        Action::Continue
+    }
+}
+
+impl KeygateRequest {
+    /// The check of a form body held whole in Envoy's buffer (`body_size` bytes at most).
+    fn check_whole_form(&mut self, body_size: usize) -> Action {
         let (Some(check), Some(runtime)) = (self.form_check.take(), self.runtime.clone()) else {
             return Action::Continue;
         };
@@ -318,16 +346,6 @@ impl HttpContext for KeygateRequest {
         }
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        self.adopt_if_settled();
-        for (name, value) in self.response_headers.drain(..) {
-            let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(&value));
-        }
-        Action::Continue
-    }
-}
-
-impl KeygateRequest {
     /// Decides a request (looking its key up where needed) and applies the decision.
     fn decide(&mut self, runtime: &Runtime, req: RequestView) -> Action {
         let config = &runtime.config;
