@@ -5,7 +5,6 @@
 use serde::{Deserialize, Serialize};
 
 use super::config_error::ConfigError;
-use super::json_fields::Fields;
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -14,23 +13,6 @@ pub struct RateLimitSpec {
     pub per_seconds: u64,
     #[serde(default)]
     pub burst: u64,
-}
-
-impl RateLimitSpec {
-    /// `limits.rate_limit` of the filter configuration, read like the derived form that key
-    /// records use (same fields, same refusals) without a second serde instantiation.
-    pub fn decode(value: &serde_json::Value, path: &str) -> Result<RateLimitSpec, ConfigError> {
-        let fields = Fields::of(value, path, &["requests", "per_seconds", "burst"])?;
-        Ok(RateLimitSpec {
-            requests: fields
-                .u64("requests")?
-                .ok_or_else(|| fields.missing("requests"))?,
-            per_seconds: fields
-                .u64("per_seconds")?
-                .ok_or_else(|| fields.missing("per_seconds"))?,
-            burst: fields.u64("burst")?.unwrap_or(0),
-        })
-    }
 }
 
 pub(super) const MICROS_PER_SECOND: i128 = 1_000_000;
