@@ -31,8 +31,73 @@ pub enum PartStep {
     /// The answer to judge as one fetch: the whole document as a 200, or a 304 / error as is.
     Complete(FetchResponse),
     /// The fetch failed in the middle of its parts.
-    Failed(String),
+    Failed(PartError),
 }
+
+/// Why a document fetched in parts could not be put together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PartError {
+    /// A 206 without a `content-range` of the form `bytes start-end/total`.
+    NoContentRange,
+    TooLarge {
+        total: u64,
+    },
+    /// The first answer is not the range asked for.
+    FirstPartRange {
+        start: u64,
+        end: u64,
+    },
+    /// A later answer is not the range asked for (the one at `offset`).
+    PartRange {
+        offset: u64,
+        start: u64,
+        end: u64,
+    },
+    /// The part at `offset` got no answer, `PART_TRIES` times.
+    NoAnswer {
+        offset: u64,
+    },
+    /// Another ETag or size than the first part's.
+    DocumentChanged,
+    Status {
+        status: u32,
+        offset: u64,
+    },
+    /// The fetch ended before any part came.
+    NoPart,
+}
+
+impl std::fmt::Display for PartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PartError::NoContentRange => f.write_str("a 206 answer without a valid content-range"),
+            PartError::TooLarge { total } => write!(
+                f,
+                "the document has {total} bytes, over the limit of {MAX_DOCUMENT_BYTES}"
+            ),
+            PartError::FirstPartRange { start, end } => {
+                write!(f, "part 0 came back as bytes {start}-{end}")
+            }
+            PartError::PartRange { offset, start, end } => write!(
+                f,
+                "the part at byte {offset} came back as bytes {start}-{end}"
+            ),
+            PartError::NoAnswer { offset } => write!(
+                f,
+                "no answer for the part at byte {offset} after {PART_TRIES} tries"
+            ),
+            PartError::DocumentChanged => {
+                f.write_str("the document changed while it was fetched in parts")
+            }
+            PartError::Status { status, offset } => {
+                write!(f, "status {status} for the part at byte {offset}")
+            }
+            PartError::NoPart => f.write_str("no part received"),
+        }
+    }
+}
+
+impl std::error::Error for PartError {}
 
 /// A document being put together.
 #[derive(Debug)]
@@ -80,15 +145,13 @@ impl PartedFetch {
             return PartStep::Complete(response);
         }
         let Some((start, end, total)) = content_range.and_then(parse_content_range) else {
-            return PartStep::Failed("a 206 answer without a valid content-range".to_string());
+            return PartStep::Failed(PartError::NoContentRange);
         };
         if total > MAX_DOCUMENT_BYTES {
-            return PartStep::Failed(format!(
-                "the document has {total} bytes, over the limit of {MAX_DOCUMENT_BYTES}"
-            ));
+            return PartStep::Failed(PartError::TooLarge { total });
         }
         if start != 0 || response.body.len() as u64 != end - start + 1 {
-            return PartStep::Failed(format!("part 0 came back as bytes {start}-{end}"));
+            return PartStep::Failed(PartError::FirstPartRange { start, end });
         }
         // The whole size at once: growing by doubling would leave a far larger peak behind
         // (WebAssembly memory never shrinks).
@@ -116,35 +179,25 @@ impl PartedFetch {
                 self.assembly = Some(assembly);
                 PartStep::Fetch { offset }
             }
-            None => PartStep::Failed(format!(
-                "no answer for the part at byte {offset} after {PART_TRIES} tries"
-            )),
+            None => PartStep::Failed(PartError::NoAnswer { offset }),
             // The server sent the whole document after all.
             Some(200) => PartStep::Complete(response),
             Some(206) => {
                 let Some((start, end, total)) = content_range.and_then(parse_content_range) else {
-                    return PartStep::Failed(
-                        "a 206 answer without a valid content-range".to_string(),
-                    );
+                    return PartStep::Failed(PartError::NoContentRange);
                 };
                 if total != assembly.total || response.etag != assembly.etag {
-                    return PartStep::Failed(
-                        "the document changed while it was fetched in parts".to_string(),
-                    );
+                    return PartStep::Failed(PartError::DocumentChanged);
                 }
                 if start != offset || response.body.len() as u64 != end - start + 1 {
-                    return PartStep::Failed(format!(
-                        "the part at byte {offset} came back as bytes {start}-{end}"
-                    ));
+                    return PartStep::Failed(PartError::PartRange { offset, start, end });
                 }
                 assembly.body.extend_from_slice(&response.body);
                 assembly.tries = 0;
                 self.assembly = Some(assembly);
                 self.progress()
             }
-            Some(other) => {
-                PartStep::Failed(format!("status {other} for the part at byte {offset}"))
-            }
+            Some(status) => PartStep::Failed(PartError::Status { status, offset }),
         }
     }
 
@@ -161,7 +214,7 @@ impl PartedFetch {
                     content_range: None,
                     body: a.body,
                 }),
-                None => PartStep::Failed("no part received".to_string()),
+                None => PartStep::Failed(PartError::NoPart),
             },
         }
     }
@@ -246,7 +299,10 @@ mod tests {
         let lost = || FetchResponse::default();
         assert_eq!(fetch.accept(lost(), None), second);
         assert_eq!(fetch.accept(lost(), None), second);
-        assert!(matches!(fetch.accept(lost(), None), PartStep::Failed(_)));
+        assert_eq!(
+            fetch.accept(lost(), None),
+            PartStep::Failed(PartError::NoAnswer { offset: PART_BYTES })
+        );
     }
 
     #[test]
@@ -256,20 +312,28 @@ mod tests {
         let (response, range) = part(&doc, 0, "\"v1\"");
         fetch.accept(response, Some(&range));
         let (response, range) = part(&doc, PART_BYTES as usize, "\"v2\"");
-        let PartStep::Failed(why) = fetch.accept(response, Some(&range)) else {
-            panic!("expected a failure");
-        };
-        assert!(why.contains("changed"), "{why}");
+        assert_eq!(
+            fetch.accept(response, Some(&range)),
+            PartStep::Failed(PartError::DocumentChanged)
+        );
     }
 
     #[test]
     fn bad_content_ranges_and_oversized_documents_fail() {
         let over = format!("bytes 0-9/{}", MAX_DOCUMENT_BYTES + 1);
-        for range in [
-            None,
-            Some("bytes x-y/z"),
-            Some("bytes 5-9/10"),
-            Some(over.as_str()),
+        for (range, error) in [
+            (None, PartError::NoContentRange),
+            (Some("bytes x-y/z"), PartError::NoContentRange),
+            (
+                Some("bytes 5-9/10"),
+                PartError::FirstPartRange { start: 5, end: 9 },
+            ),
+            (
+                Some(over.as_str()),
+                PartError::TooLarge {
+                    total: MAX_DOCUMENT_BYTES + 1,
+                },
+            ),
         ] {
             let response = FetchResponse {
                 status: Some(206),
@@ -278,7 +342,7 @@ mod tests {
                 body: vec![0; 10],
             };
             let step = PartedFetch::default().accept(response, range);
-            assert!(matches!(step, PartStep::Failed(_)), "{range:?}: {step:?}");
+            assert_eq!(step, PartStep::Failed(error), "{range:?}");
         }
     }
 

@@ -4,7 +4,8 @@
 
 use std::sync::Arc;
 
-use super::docparts::range_header;
+use super::docparts::{range_header, PartError};
+use super::host::CalloutError;
 use super::retire::Retiring;
 use super::service::{FetchResponse, FullSync, KeyService};
 use super::setchunks::{self, LoadError, Loading};
@@ -299,7 +300,7 @@ impl RemoteKeySet {
     }
 
     /// The warning for a fetch that failed while this set keeps serving.
-    pub fn fetch_failed_line(&self, name: &str, failures: u32, reason: &str) -> String {
+    pub fn fetch_failed_line(&self, name: &str, failures: u32, reason: &FetchError) -> String {
         format!(
             "keygate[{name}]: key-set fetch failed ({failures} in a row): {reason}; \
              keeping version {} ({} keys)",
@@ -378,7 +379,7 @@ pub enum FetchOutcome {
     /// The stored document is still current (304, or the same bytes).
     Unchanged { version: u64 },
     /// Nothing changed but the failure count.
-    Failed { reason: String, failures: u32 },
+    Failed { reason: FetchError, failures: u32 },
     /// A valid document whose serial is not above the stored one (a stale cache or replica
     /// served an older set): refused, the stored set stays, and it counts as a failed fetch.
     RolledBack {
@@ -387,6 +388,47 @@ pub enum FetchOutcome {
         failures: u32,
     },
 }
+
+/// Why a fetch failed (the stored set stays).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FetchError {
+    /// The call for a later part could not be sent.
+    NotSent(CalloutError),
+    Parts(PartError),
+    /// The call got no response: the connection failed or timed out.
+    NoAnswer {
+        cluster: String,
+        timeout_ms: u64,
+    },
+    Status {
+        status: u32,
+        path: String,
+    },
+    InvalidDocument(ConfigError),
+    /// The shared store refused the new meta (or a chunk of the set).
+    StoreRefused,
+}
+
+impl std::fmt::Display for FetchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FetchError::NotSent(err) => err.fmt(f),
+            FetchError::Parts(err) => err.fmt(f),
+            FetchError::NoAnswer {
+                cluster,
+                timeout_ms,
+            } => write!(
+                f,
+                "no answer from cluster '{cluster}' (connection failure or timeout after {timeout_ms} ms)"
+            ),
+            FetchError::Status { status, path } => write!(f, "status {status} for {path}"),
+            FetchError::InvalidDocument(err) => write!(f, "invalid key-set document: {err}"),
+            FetchError::StoreRefused => f.write_str("the shared key-set entry could not be written"),
+        }
+    }
+}
+
+impl std::error::Error for FetchError {}
 
 /// A slow bound of how fast one VM parses a document (measured: about 20 MB/s on a loaded
 /// 2-core machine), for the lease a parse needs.
@@ -525,7 +567,7 @@ impl FullSync {
         &self,
         service: &KeyService,
         store: &dyn SharedStore,
-        reason: String,
+        reason: FetchError,
     ) -> FetchOutcome {
         FetchOutcome::Failed {
             reason,
@@ -554,17 +596,17 @@ impl FullSync {
         response: FetchResponse,
         publish: Publish,
     ) -> FetchOutcome {
-        let failure = |reason: String| FetchOutcome::Failed {
+        let failure = |reason: FetchError| FetchOutcome::Failed {
             reason,
             failures: count_failure(service, store),
         };
         let status = match response.status {
             Some(status) => status,
             None => {
-                return failure(format!(
-                    "no answer from cluster '{}' (connection failure or timeout after {} ms)",
-                    service.cluster, service.timeout_ms
-                ))
+                return failure(FetchError::NoAnswer {
+                    cluster: service.cluster.clone(),
+                    timeout_ms: service.timeout_ms,
+                })
             }
         };
         let stored = read_meta(service, store)
@@ -579,7 +621,7 @@ impl FullSync {
                 }
                 let (keys, serial) = match parse_document(&response.body) {
                     Ok(parsed) => parsed,
-                    Err(err) => return failure(format!("invalid key-set document: {err}")),
+                    Err(err) => return failure(FetchError::InvalidDocument(err)),
                 };
                 // Different bytes need a higher serial: an older copy served again must not
                 // re-enable what a newer one revoked.
@@ -609,10 +651,13 @@ impl FullSync {
                 });
                 match stored_as {
                     Ok(Some(version)) => FetchOutcome::Updated { version, keys },
-                    _ => failure("the shared key-set entry could not be written".to_string()),
+                    _ => failure(FetchError::StoreRefused),
                 }
             }
-            other => failure(format!("status {other} for {}", self.path)),
+            status => failure(FetchError::Status {
+                status,
+                path: self.path.clone(),
+            }),
         }
     }
 }
@@ -654,7 +699,7 @@ fn confirm(
     }) {
         Some(version) => FetchOutcome::Unchanged { version },
         None => FetchOutcome::Failed {
-            reason: "the shared key-set entry could not be written".to_string(),
+            reason: FetchError::StoreRefused,
             failures: 0,
         },
     }
@@ -698,6 +743,48 @@ mod tests {
         match plan {
             TickPlan::Fetch { headers } => headers,
             TickPlan::Wait => panic!("expected a fetch"),
+        }
+    }
+
+    #[test]
+    fn each_fetch_failure_reads_as_the_warning_has_always_said() {
+        let cases = [
+            (
+                FetchError::NotSent(CalloutError {
+                    cluster: "keys".into(),
+                    why: "ClusterNotFound".into(),
+                }),
+                "cannot call cluster 'keys' (ClusterNotFound)",
+            ),
+            (
+                FetchError::Parts(PartError::DocumentChanged),
+                "the document changed while it was fetched in parts",
+            ),
+            (
+                FetchError::NoAnswer {
+                    cluster: "keys".into(),
+                    timeout_ms: 2_000,
+                },
+                "no answer from cluster 'keys' (connection failure or timeout after 2000 ms)",
+            ),
+            (
+                FetchError::Status {
+                    status: 404,
+                    path: "/keys.json".into(),
+                },
+                "status 404 for /keys.json",
+            ),
+            (
+                FetchError::InvalidDocument(ConfigError::new("serial", "required")),
+                "invalid key-set document: serial: required",
+            ),
+            (
+                FetchError::StoreRefused,
+                "the shared key-set entry could not be written",
+            ),
+        ];
+        for (error, text) in cases {
+            assert_eq!(error.to_string(), text);
         }
     }
 
@@ -908,7 +995,10 @@ mod tests {
         let store = MemoryStore::default();
         let body = br#"{"keys": []}"#.to_vec();
         match full(&svc).finish(&svc, &store, 1_000, ok(body, "\"e1\"")) {
-            FetchOutcome::Failed { reason, .. } => assert!(reason.contains("serial"), "{reason}"),
+            FetchOutcome::Failed {
+                reason: FetchError::InvalidDocument(err),
+                ..
+            } => assert_eq!(err.path, "serial"),
             other => panic!("{other:?}"),
         }
     }

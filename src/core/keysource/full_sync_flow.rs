@@ -6,7 +6,9 @@
 
 use super::docparts::{PartStep, PartedFetch};
 use super::fetch_handover::leaves_fetch_to_idle_vm;
-use super::full_sync::{age_ms, FetchOutcome, Publish, RemoteKeySet, SyncEvent, TickPlan};
+use super::full_sync::{
+    age_ms, FetchError, FetchOutcome, Publish, RemoteKeySet, SyncEvent, TickPlan,
+};
 use super::host::{Counter, Gauge, KeySourceHost, Level};
 use super::service::{FetchResponse, FullSync, KeyService};
 
@@ -178,13 +180,16 @@ impl FullSyncFlow {
                         fetch.in_flight = Some((token, host.now_ms()));
                         return None;
                     }
-                    Err(reason) => {
+                    Err(err) => {
                         fetch.parts.reset();
-                        self.sync.failed(&self.service, host, reason)
+                        self.sync
+                            .failed(&self.service, host, FetchError::NotSent(err))
                     }
                 }
             }
-            PartStep::Failed(reason) => self.sync.failed(&self.service, host, reason),
+            PartStep::Failed(err) => self
+                .sync
+                .failed(&self.service, host, FetchError::Parts(err)),
             PartStep::Complete(response) => {
                 let now = host.now_ms();
                 self.sync.hold_lease_to_parse(
@@ -482,7 +487,7 @@ mod tests {
         let host = TestHost::at(1_000);
         let mut stuck = Worker::new(&host, 1, Fetchers::Many);
         let mut other = Worker::new(&host, 2, Fetchers::Many);
-        *host.refuse_calls.borrow_mut() = Some("no calls from this thread".into());
+        *host.refuse_calls.borrow_mut() = Some("no calls from this thread");
         assert!(stuck.tick(&host).is_empty());
         assert_eq!(host.counter(Counter::FetchFailures), 1);
         assert!(host.warnings()[0].contains("leaving the fetch to another worker"));

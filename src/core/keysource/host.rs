@@ -18,8 +18,25 @@ pub trait Callouts {
         cluster: &str,
         headers: &[(&'static str, String)],
         timeout_ms: u64,
-    ) -> Result<u64, String>;
+    ) -> Result<u64, CalloutError>;
 }
+
+/// A call the host refused to send (an unknown cluster, a call from a thread that may not make
+/// one): the flow counts it as a failed fetch or lookup and logs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CalloutError {
+    pub cluster: String,
+    /// The host's own name for the refusal (its status or error code).
+    pub why: String,
+}
+
+impl std::fmt::Display for CalloutError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cannot call cluster '{}' ({})", self.cluster, self.why)
+    }
+}
+
+impl std::error::Error for CalloutError {}
 
 /// The counters of a key source, named `keygate.<filter name>.<name()>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

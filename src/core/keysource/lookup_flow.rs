@@ -83,17 +83,14 @@ impl<'a> LookupFlow<'a> {
     /// Sends the lookup of `key`; its token, or `None` when it could not be sent (counted and
     /// logged as a failed lookup).
     pub fn send(&self, host: &impl KeySourceHost, key: &LookupKey) -> Option<u64> {
-        let sent = self
-            .cache
-            .request_headers(key)
-            .ok_or_else(|| "no lookup path for this kind of key".to_string())
-            .and_then(|headers| {
-                host.dispatch(&self.service.cluster, &headers, self.service.timeout_ms)
-            });
-        match sent {
+        let Some(headers) = self.cache.request_headers(key) else {
+            self.failed(host, "no lookup path for this kind of key");
+            return None;
+        };
+        match host.dispatch(&self.service.cluster, &headers, self.service.timeout_ms) {
             Ok(token) => Some(token),
-            Err(reason) => {
-                self.failed(host, &reason);
+            Err(err) => {
+                self.failed(host, err);
                 None
             }
         }
@@ -313,12 +310,13 @@ mod tests {
             let (code, _) = run(&host, &config("deny"), SECRET, Some(answer));
             assert_eq!(code, Some(ErrorCode::KeysetUnavailable));
         }
-        *host.refuse_calls.borrow_mut() = Some("cluster not found".into());
+        *host.refuse_calls.borrow_mut() = Some("cluster not found");
         next_second();
         let (code, calls) = run(&host, &config("deny"), SECRET, None);
         assert_eq!((code, calls.len()), (Some(ErrorCode::KeysetUnavailable), 0));
         assert_eq!(host.counter(Counter::LookupFailures), 3);
-        assert!(host.warnings()[2].contains("key lookup failed: cluster not found"));
+        assert!(host.warnings()[2]
+            .contains("key lookup failed: cannot call cluster 'keyservice' (cluster not found)"));
         next_second();
         let (code, _) = run(&host, &config("allow"), SECRET, None);
         assert_eq!(code, None);

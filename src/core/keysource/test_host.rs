@@ -4,7 +4,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
-use super::host::{Callouts, Clock, Counter, Gauge, Level, Log, Metrics};
+use super::host::{CalloutError, Callouts, Clock, Counter, Gauge, Level, Log, Metrics};
 use super::service::{FetchResponse, KeyService, KeyServiceSpec};
 use super::store::{SharedStore, StoreError};
 use crate::core::memory_store::MemoryStore;
@@ -34,8 +34,8 @@ pub struct TestHost {
     /// Calls sent and not yet taken by the test.
     pub calls: RefCell<Vec<Call>>,
     next_token: Cell<u64>,
-    /// While set, `dispatch` refuses with this reason (the host cannot call out).
-    pub refuse_calls: RefCell<Option<String>>,
+    /// While set, `dispatch` refuses, giving this as the host's reason (it cannot call out).
+    pub refuse_calls: RefCell<Option<&'static str>>,
     pub counters: RefCell<HashMap<Counter, u64>>,
     pub gauges: RefCell<HashMap<Gauge, u64>>,
     pub logs: RefCell<Vec<(Level, String)>>,
@@ -93,9 +93,12 @@ impl Callouts for TestHost {
         cluster: &str,
         headers: &[(&'static str, String)],
         _timeout_ms: u64,
-    ) -> Result<u64, String> {
-        if let Some(reason) = self.refuse_calls.borrow().clone() {
-            return Err(reason);
+    ) -> Result<u64, CalloutError> {
+        if let Some(why) = *self.refuse_calls.borrow() {
+            return Err(CalloutError {
+                cluster: cluster.to_string(),
+                why: why.to_string(),
+            });
         }
         let token = self.next_token.get() + 1;
         self.next_token.set(token);

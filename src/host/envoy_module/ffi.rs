@@ -11,6 +11,7 @@
 use std::ffi::{c_char, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+use crate::core::keysource::host::CalloutError;
 use crate::core::keysource::service::FetchResponse;
 use crate::core::request::Headers;
 
@@ -321,7 +322,7 @@ impl MainThread {
         cluster: &str,
         headers: &[(&str, String)],
         timeout_ms: u64,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, CalloutError> {
         let mut raw = module_headers(headers);
         let mut id = 0u64;
         // SAFETY: `self.config` is the live config pointer (this runs in one of its main-thread
@@ -364,7 +365,7 @@ fn module_headers(headers: &[(&str, String)]) -> Vec<HttpHeader> {
         .collect()
 }
 
-fn callout_result(result: u32, id: u64, cluster: &str) -> Result<u64, String> {
+fn callout_result(result: u32, id: u64, cluster: &str) -> Result<u64, CalloutError> {
     if result == CALLOUT_SUCCESS {
         return Ok(id);
     }
@@ -372,7 +373,10 @@ fn callout_result(result: u32, id: u64, cluster: &str) -> Result<u64, String> {
         .ok()
         .and_then(|i| CALLOUT_INIT_ERRORS.get(i))
         .unwrap_or(&"unknown error");
-    Err(format!("cannot call cluster '{cluster}' ({why})"))
+    Err(CalloutError {
+        cluster: cluster.to_string(),
+        why: why.to_string(),
+    })
 }
 
 impl ConfigHandle {
@@ -604,7 +608,7 @@ impl FilterHandle {
         cluster: &str,
         headers: &[(&str, String)],
         timeout_ms: u64,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, CalloutError> {
         let mut raw = module_headers(headers);
         let mut id = 0u64;
         // SAFETY: `self.0` is the filter pointer of the running hook; `raw`, the strings it

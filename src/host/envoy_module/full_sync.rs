@@ -18,7 +18,7 @@ use super::process_store::{ProcessSide, ProcessStore};
 use crate::core::keyset::KeySet;
 use crate::core::keysource::full_sync::{RemoteKeySet, Unavailable};
 use crate::core::keysource::full_sync_flow::{Fetch, Fetchers, FullSyncFlow};
-use crate::core::keysource::host::{Callouts, Counter, Gauge, Metrics};
+use crate::core::keysource::host::{CalloutError, Callouts, Counter, Gauge, Metrics};
 use crate::core::keysource::service::{FetchResponse, FullSync, KeyService};
 
 /// How often the main thread checks whether a fetch is due (the wasm filter's tick).
@@ -58,7 +58,7 @@ impl Callouts for MainThreadHost<'_> {
         cluster: &str,
         headers: &[(&'static str, String)],
         timeout_ms: u64,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, CalloutError> {
         let headers: Vec<(&str, String)> = headers.to_vec();
         self.main.http_callout(cluster, &headers, timeout_ms)
     }

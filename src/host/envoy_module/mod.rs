@@ -21,7 +21,7 @@ use crate::core::config::{Config, SessionConfig};
 use crate::core::credential::Credential;
 use crate::core::decision::{begin, decide_for_key, lookup, Decision, Principal, Step};
 use crate::core::keyset::KeySet;
-use crate::core::keysource::host::{Callouts, Counter, Gauge, Metrics};
+use crate::core::keysource::host::{CalloutError, Callouts, Counter, Gauge, Metrics};
 use crate::core::keysource::lookup_flow::{
     unavailable as core_unavailable, LookupFlow, LookupOutcome,
 };
@@ -124,7 +124,7 @@ impl Callouts for StreamHost<'_> {
         cluster: &str,
         headers: &[(&'static str, String)],
         timeout_ms: u64,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, CalloutError> {
         let headers: Vec<(&str, String)> = headers.to_vec();
         self.filter.http_callout(cluster, &headers, timeout_ms)
     }

@@ -20,7 +20,9 @@ use crate::core::keysource::full_sync::{
     RemoteKeySet, Unavailable, CHUNKS_PER_REQUEST, CHUNKS_PER_TICK,
 };
 use crate::core::keysource::full_sync_flow::{Fetch, Fetchers, FullSyncFlow, IN_FLIGHT_GRACE_MS};
-use crate::core::keysource::host::{Callouts, Clock, Counter, Gauge, Level, Log, Metrics};
+use crate::core::keysource::host::{
+    CalloutError, Callouts, Clock, Counter, Gauge, Level, Log, Metrics,
+};
 use crate::core::keysource::lookup_flow::{unavailable, LookupFlow};
 use crate::core::keysource::service::{FetchResponse, KeyService, KeyServiceMode};
 use crate::core::keysource::store::{SharedStore, StoreError};
@@ -85,7 +87,7 @@ impl Callouts for WasmHost<'_> {
         cluster: &str,
         headers: &[(&'static str, String)],
         timeout_ms: u64,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, CalloutError> {
         let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
         hostcalls::dispatch_http_call(
             cluster,
@@ -95,7 +97,10 @@ impl Callouts for WasmHost<'_> {
             Duration::from_millis(timeout_ms),
         )
         .map(u64::from)
-        .map_err(|status| format!("cannot call cluster '{cluster}' ({status:?})"))
+        .map_err(|status| CalloutError {
+            cluster: cluster.to_string(),
+            why: format!("{status:?}"),
+        })
     }
 }
 
