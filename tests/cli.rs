@@ -332,8 +332,8 @@ fn keyset_build_add_and_revoke_maintain_a_document_the_filter_parses() {
     let out = run(&["keyset", "revoke", path, "cmp-a"], "");
     assert!(out.status.success(), "{}", text(&out.stderr));
     let keys = KeySet::from_json(&fs::read(&keyset).unwrap()).unwrap();
-    assert!(!keys.by_id("cmp-a").unwrap().enabled);
-    assert!(keys.by_id("cmp-b").unwrap().enabled);
+    assert!(!keys.by_id("cmp-a").unwrap().enabled());
+    assert!(keys.by_id("cmp-b").unwrap().enabled());
 
     let out = run(&["keyset", "revoke", path, "cmp-b", "--remove"], "");
     assert!(out.status.success());
@@ -490,23 +490,23 @@ fn a_record_made_with_every_flag_round_trips_through_the_filters_parser_field_by
     let record = set.by_id("abk_every7").unwrap();
     let (_, secret) = key.value("key").split_once(':').unwrap();
     assert_eq!(record.digest, sha256(secret.as_bytes()));
-    assert_eq!(record.tenant.as_deref(), Some("acct-42"));
-    assert_eq!(record.organizations, ["org-1", "org-2"]);
-    assert_eq!(record.environment.as_deref(), Some("live"));
-    assert_eq!(record.product.as_deref(), Some("makepay"));
-    assert_eq!(record.permissions, ["read", "write"]);
-    assert_eq!(record.origins, ["https://merchant.example"]);
-    assert_eq!(record.user.as_deref(), Some("owner@company-7"));
-    assert_eq!(record.expires_at, Some(1_893_456_000));
-    assert_eq!(record.not_after, Some(1_900_000_000));
-    assert!(!record.enabled);
-    let limit = record.rate_limit.unwrap();
+    assert_eq!(record.fields.tenant.as_deref(), Some("acct-42"));
+    assert_eq!(record.fields.organizations, ["org-1", "org-2"]);
+    assert_eq!(record.fields.environment.as_deref(), Some("live"));
+    assert_eq!(record.fields.product.as_deref(), Some("makepay"));
+    assert_eq!(record.fields.permissions, ["read", "write"]);
+    assert_eq!(record.fields.origins, ["https://merchant.example"]);
+    assert_eq!(record.fields.user.as_deref(), Some("owner@company-7"));
+    assert_eq!(record.expires_at(), Some(1_893_456_000));
+    assert_eq!(record.not_after(), Some(1_900_000_000));
+    assert!(!record.enabled());
+    let limit = record.rate_limit().unwrap();
     assert_eq!(
         (limit.requests, limit.per_seconds, limit.burst),
         (600, 60, 120)
     );
-    assert_eq!(record.monthly_budget, Some(100_000));
-    assert!(!record.budget_exhausted);
+    assert_eq!(record.fields.monthly_budget, Some(100_000));
+    assert!(!record.fields.budget_exhausted);
 }
 
 fn shipped_envoy_configs() -> Vec<PathBuf> {

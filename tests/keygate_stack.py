@@ -353,6 +353,10 @@ class Stack:
             text = text.replace(STATS_NAMESPACE[HOST] + "keygate.", STATS_NAMESPACE["wasm"] + "keygate.")
         return parse_stats(text, prefix)
 
+    def stat(self, name):
+        """One stat by its full name (`wasmcustom.keygate.<filter>.<name>`); 0 until it exists."""
+        return self.stats().get(name, 0)
+
     def log_text(self):
         self.log_file.flush()
         return self.log_path.read_text(errors="replace")

@@ -102,7 +102,9 @@ fn state_for_100k_distinct_keys_stays_bounded() {
 fn key_churn_never_adds_entries_and_idle_rate_counters_expire() {
     // Rate limits only: a counter is worth keeping only until the key's bucket is full again.
     let (limits, mut template) = limits(4096);
-    std::sync::Arc::make_mut(&mut template.profile).monthly_budget = None;
+    std::sync::Arc::make_mut(&mut template.profile)
+        .fields
+        .monthly_budget = None;
     let store = MemoryStore::new();
     ensure_slots(&limits, &store);
     let empty = store.payload_bytes();

@@ -3,6 +3,7 @@ JSON files on a loopback port, the way any web server or object store would serv
 key-set documents. Nothing here knows about keys: the tests write files, nginx serves them (with
 its own ETag / If-None-Match handling), and its access log tells how often keygate asked.
 """
+import hashlib
 import itertools
 import json
 import os
@@ -16,6 +17,11 @@ from keygate_stack import wait_for_port
 
 
 _next_serial = itertools.count(1)
+
+
+def key_record(key_id, secret, **fields):
+    """A key record as a key service publishes it: the digest of the secret, never the secret."""
+    return {"id": key_id, "secret_sha256": hashlib.sha256(secret.encode()).hexdigest(), **fields}
 
 
 def keyset_document(*records, serial=None):

@@ -259,9 +259,9 @@ fuzz_target!(|data: &[u8]| {
                     "allowed {} without its secret",
                     record.id
                 );
-                assert!(record.enabled, "allowed disabled key {}", record.id);
+                assert!(record.enabled(), "allowed disabled key {}", record.id);
                 assert!(
-                    record.expires_at.is_none_or(|t| req.now < t),
+                    record.expires_at().is_none_or(|t| req.now < t),
                     "allowed expired key {}",
                     record.id
                 );

@@ -20,11 +20,12 @@ fuzz_target!(|data: &[u8]| {
             "by digest {}",
             record.id
         );
-        for value in [&record.tenant, &record.environment, &record.product, &record.user]
+        let fields = &record.fields;
+        for value in [&fields.tenant, &fields.environment, &fields.product, &fields.user]
             .into_iter()
             .flatten()
-            .chain(&record.organizations)
-            .chain(&record.permissions)
+            .chain(&fields.organizations)
+            .chain(&fields.permissions)
         {
             assert!(is_header_value(value), "{} carries {value:?}", record.id);
         }

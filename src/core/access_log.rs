@@ -28,7 +28,7 @@ impl<'a> AccessLogEntry<'a> {
         } = principal
         {
             entry.key_id = Some(&record.id);
-            entry.tenant = record.tenant.as_deref();
+            entry.tenant = record.fields.tenant.as_deref();
             entry.environment = environment.as_deref();
         }
         entry

@@ -42,6 +42,11 @@ impl Language {
         &[("en", Language::En), ("es", Language::Es)];
 }
 
+/// The counters of every request's outcome; both hosts name them
+/// `keygate.<filter name>.<counter>`, like the key source's (`keysource::host::Counter`).
+pub const ALLOWED_COUNTER: &str = "allowed";
+pub const DENIED_COUNTER: &str = "denied";
+
 impl ErrorCode {
     pub const ALL: [ErrorCode; 21] = [
         ErrorCode::TokenMissing,
@@ -70,6 +75,11 @@ impl ErrorCode {
     /// The code as it appears in JSON bodies, logs and stats.
     pub fn as_str(self) -> &'static str {
         self.entry().0
+    }
+
+    /// The name of the counter of denials with this code (`DENIED_COUNTER` counts them all).
+    pub fn denied_counter(self) -> String {
+        format!("{DENIED_COUNTER}.{}", self.as_str().to_ascii_lowercase())
     }
 
     pub fn status(self) -> u32 {
@@ -247,6 +257,18 @@ pub fn reason_phrase(status: u32) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_code_has_its_denied_counter_in_lower_case() {
+        assert_eq!(
+            ErrorCode::InvalidApiKey.denied_counter(),
+            "denied.invalid_api_key"
+        );
+        assert_eq!(
+            ErrorCode::ApiKeyChecksumMismatch.denied_counter(),
+            "denied.api_key_checksum_mismatch"
+        );
+    }
 
     #[test]
     fn docs_error_codes_lists_every_code_with_its_status_and_nothing_else() {

@@ -169,6 +169,7 @@ pub fn decide_for_key<'a>(
         return deny(code);
     }
     let environment = record
+        .fields
         .environment
         .clone()
         .or_else(|| credential.environment().map(str::to_string));
@@ -198,6 +199,16 @@ pub fn decide_for_key<'a>(
     }
 }
 
+/// Whether a request's time matters, so a host reads its clock for each one: keys come from a
+/// key service (any record may have a validity window), or an inline key has one.
+pub fn reads_clock(config: &Config, keys: &KeySet) -> bool {
+    config.key_service.is_some()
+        || keys
+            .records()
+            .iter()
+            .any(|r| r.fields.expires_at.is_some() || r.fields.not_after.is_some())
+}
+
 /// Opaque keys are found by digest; id:secret keys by id (`decide_for_key` then compares the
 /// digests in constant time).
 pub fn lookup<'a>(keys: &'a KeySet, credential: &Credential) -> Option<&'a KeyRecord> {
@@ -215,26 +226,28 @@ fn check_key(
     credential: &Credential,
     now: i64,
 ) -> Result<(), ErrorCode> {
-    if !record.enabled {
+    if !record.enabled() {
         return Err(ErrorCode::InvalidApiKey);
     }
-    if record.not_after.is_some_and(|t| now >= t) {
+    if record.not_after().is_some_and(|t| now >= t) {
         return Err(ErrorCode::InvalidApiKey);
     }
-    if let (Some(presented), Some(recorded)) = (credential.environment(), &record.environment) {
+    if let (Some(presented), Some(recorded)) =
+        (credential.environment(), &record.fields.environment)
+    {
         if presented != recorded {
             return Err(ErrorCode::InvalidApiKey);
         }
     }
     if let Some(product) = &config.product {
-        if record.product.as_ref() != Some(product) {
+        if record.fields.product.as_ref() != Some(product) {
             return Err(ErrorCode::InvalidApiKey);
         }
     }
-    if record.expires_at.is_some_and(|t| now >= t) {
+    if record.expires_at().is_some_and(|t| now >= t) {
         return Err(ErrorCode::ApiKeyExpired);
     }
-    if config.require_user && record.user.is_none() {
+    if config.require_user && record.fields.user.is_none() {
         return Err(ErrorCode::ApiKeyNoUser);
     }
     Ok(())
@@ -284,6 +297,20 @@ mod tests {
             .headers(headers)
             .now(NOW)
             .build()
+    }
+
+    #[test]
+    fn the_clock_is_read_only_when_a_key_has_a_validity_window_or_keys_come_from_a_service() {
+        let (with_windows, keys) = setup(serde_json::json!({}));
+        assert!(reads_clock(&with_windows, &keys));
+        let plain = serde_json::json!({"credentials": [{"in": "header"}],
+            "keys": [{"id": "k1", "secret_sha256": hex::encode(sha256(b"k"))}]});
+        let (config, keys) = Config::parse(plain.to_string().as_bytes()).unwrap();
+        assert!(!reads_clock(&config, &keys));
+        let remote = serde_json::json!({"credentials": [{"in": "header"}],
+            "key_service": {"cluster": "keys", "path": "/keys.json"}});
+        let (config, keys) = Config::parse(remote.to_string().as_bytes()).unwrap();
+        assert!(keys.is_empty() && reads_clock(&config, &keys));
     }
 
     #[test]

@@ -19,7 +19,7 @@ use super::rate_limit::{RateLimit, RateLimitSpec};
 use super::time::parse_rfc3339;
 
 /// A time given as RFC 3339 text or as Unix seconds.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum TimeSpec {
     Unix(i64),
@@ -29,10 +29,11 @@ pub enum TimeSpec {
 /// A key record as written in JSON, the one list of its fields: inline keys, key-service
 /// documents, the lookup cache and the shared form of a set read it, and `keygate key new`
 /// builds it and writes it with these same serde attributes. Written, a field at its default
-/// is left out, the rest come in this order (the README's table). A new field goes here and
-/// into its validated form (`KeyProfile`, `from_spec`, `to_spec`: the compiler points at
-/// each). Holds the digest of the secret, never the secret.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+/// is left out, the rest come in this order (the README's table). A record keeps its spec
+/// (`KeyProfile::fields`), so a new field is one line here; a field that needs a check or a
+/// parsed form adds it in `KeyRecord::from_spec_sharing` (and `check_header_safe` when it
+/// goes upstream in a header). Holds the digest of the secret, never the secret.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyRecordSpec {
     pub id: String,
@@ -75,7 +76,7 @@ pub struct KeyRecordSpec {
 
 /// A record's `enabled`: true unless the record says otherwise. Its own type so that the
 /// record's `Default` is the default of every field, as serde reads a record that omits them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(transparent)]
 pub struct Enabled(pub bool);
 
@@ -119,50 +120,47 @@ impl Deref for KeyRecord {
     }
 }
 
-/// Everything a record says but its id and digest.
+/// Everything a record says but its id and digest: the record's own spec, checked and
+/// normalized so that records granting the same hold equal profiles (and share one), plus the
+/// parsed form of the fields that need one.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct KeyProfile {
-    pub tenant: Option<String>,
-    pub organizations: Vec<String>,
-    pub environment: Option<String>,
-    pub product: Option<String>,
-    pub permissions: Vec<String>,
-    pub origins: Vec<String>,
-    pub user: Option<String>,
-    pub expires_at: Option<i64>,
-    pub not_after: Option<i64>,
-    pub enabled: bool,
-    pub rate_limit: Option<RateLimit>,
-    pub monthly_budget: Option<u64>,
-    pub budget_exhausted: bool,
+    /// The record as read, with `id` and `secret_sha256` left empty (they are the record's
+    /// own), times as Unix seconds, origins lowercased without a trailing `/`.
+    pub fields: KeyRecordSpec,
     checked: Checked,
 }
 
+/// The parsed forms are read off the normalized fields rather than kept beside them: a set
+/// whose keys each grant something different holds one profile per key, and each copy kept
+/// would cost every such key its size.
 impl KeyProfile {
-    /// The profile as a record's JSON fields under `id` and `secret_sha256`: what
-    /// `KeyRecord::from_spec` reads back into an equal profile (times as Unix seconds, origins
-    /// as normalized). Every field is named, so a new one cannot be left out of a copy.
+    /// `fields.expires_at` in Unix seconds.
+    pub fn expires_at(&self) -> Option<i64> {
+        unix_seconds(&self.fields.expires_at)
+    }
+
+    /// `fields.not_after` in Unix seconds.
+    pub fn not_after(&self) -> Option<i64> {
+        unix_seconds(&self.fields.not_after)
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.fields.enabled.0
+    }
+
+    /// `fields.rate_limit`, checked by `KeyRecord::from_spec`.
+    pub fn rate_limit(&self) -> Option<RateLimit> {
+        self.fields.rate_limit.as_ref().map(RateLimit::from_checked)
+    }
+
+    /// The profile as a record's JSON under `id` and `secret_sha256`: what
+    /// `KeyRecord::from_spec` reads back into an equal profile.
     pub fn to_spec(&self, id: String, secret_sha256: String) -> KeyRecordSpec {
         KeyRecordSpec {
             id,
             secret_sha256,
-            tenant: self.tenant.clone(),
-            organizations: self.organizations.clone(),
-            environment: self.environment.clone(),
-            product: self.product.clone(),
-            permissions: self.permissions.clone(),
-            origins: self.origins.clone(),
-            user: self.user.clone(),
-            expires_at: self.expires_at.map(TimeSpec::Unix),
-            not_after: self.not_after.map(TimeSpec::Unix),
-            enabled: Enabled(self.enabled),
-            rate_limit: self.rate_limit.map(|limit| RateLimitSpec {
-                requests: limit.requests,
-                per_seconds: limit.per_seconds,
-                burst: limit.burst,
-            }),
-            monthly_budget: self.monthly_budget,
-            budget_exhausted: self.budget_exhausted,
+            ..self.fields.clone()
         }
     }
 }
@@ -235,16 +233,29 @@ fn prefixes_in_order(records: &[KeyRecord], by_digest: &[u32]) -> Vec<u64> {
         .collect()
 }
 
-fn parse_time(spec: &TimeSpec, path: &str) -> Result<i64, ConfigError> {
-    match spec {
-        TimeSpec::Unix(secs) => Ok(*secs),
-        TimeSpec::Text(text) => parse_rfc3339(text).ok_or_else(|| {
+/// The time in Unix seconds, written back as such (an RFC 3339 text and its Unix seconds make
+/// equal profiles).
+/// A normalized time (`normalize_time` left only Unix seconds).
+fn unix_seconds(time: &Option<TimeSpec>) -> Option<i64> {
+    match time {
+        Some(TimeSpec::Unix(secs)) => Some(*secs),
+        Some(TimeSpec::Text(_)) | None => None,
+    }
+}
+
+fn normalize_time(time: &mut Option<TimeSpec>, path: &str) -> Result<(), ConfigError> {
+    let secs = match time {
+        None => return Ok(()),
+        Some(TimeSpec::Unix(secs)) => *secs,
+        Some(TimeSpec::Text(text)) => parse_rfc3339(text).ok_or_else(|| {
             ConfigError::new(
                 path,
                 "expected an RFC 3339 time such as 2027-01-31T00:00:00Z",
             )
-        }),
-    }
+        })?,
+    };
+    *time = Some(TimeSpec::Unix(secs));
+    Ok(())
 }
 
 impl KeyRecord {
@@ -272,77 +283,55 @@ impl KeyRecord {
 
     /// Validates `spec`, taking its profile from `profiles` when an equal one is there.
     fn from_spec_sharing(
-        spec: KeyRecordSpec,
+        mut spec: KeyRecordSpec,
         path: &str,
         profiles: &mut HashSet<Arc<KeyProfile>>,
     ) -> Result<KeyRecord, ConfigError> {
-        if !is_valid_id(&spec.id) {
+        let id = std::mem::take(&mut spec.id);
+        if !is_valid_id(&id) {
             return Err(ConfigError::new(
                 format!("{path}.id"),
                 "must be non-empty and use only letters, digits, '_', '-' and '.'",
             ));
         }
-        let digest = parse_hex_digest(&spec.secret_sha256).ok_or_else(|| {
-            ConfigError::new(
-                format!("{path}.secret_sha256"),
-                "expected 64 hex characters (the SHA-256 of the secret)",
-            )
-        })?;
-        let expires_at = spec
-            .expires_at
-            .as_ref()
-            .map(|t| parse_time(t, &format!("{path}.expires_at")))
-            .transpose()?;
-        let not_after = spec
-            .not_after
-            .as_ref()
-            .map(|t| parse_time(t, &format!("{path}.not_after")))
-            .transpose()?;
-        for (i, origin) in spec.origins.iter().enumerate() {
+        let digest =
+            parse_hex_digest(&std::mem::take(&mut spec.secret_sha256)).ok_or_else(|| {
+                ConfigError::new(
+                    format!("{path}.secret_sha256"),
+                    "expected 64 hex characters (the SHA-256 of the secret)",
+                )
+            })?;
+        normalize_time(&mut spec.expires_at, &format!("{path}.expires_at"))?;
+        normalize_time(&mut spec.not_after, &format!("{path}.not_after"))?;
+        for (i, origin) in spec.origins.iter_mut().enumerate() {
             if !(origin.starts_with("https://") || origin.starts_with("http://")) {
                 return Err(ConfigError::new(
                     format!("{path}.origins[{i}]"),
                     "expected an origin such as https://merchant.example",
                 ));
             }
+            origin.truncate(origin.trim_end_matches('/').len());
+            origin.make_ascii_lowercase();
         }
-        let rate_limit = spec
-            .rate_limit
-            .as_ref()
-            .map(|r| RateLimit::from_spec(r, &format!("{path}.rate_limit")))
-            .transpose()?;
+        if let Some(rate_limit) = &spec.rate_limit {
+            RateLimit::from_spec(rate_limit, &format!("{path}.rate_limit"))?;
+        }
         let profile = KeyProfile {
-            tenant: spec.tenant,
-            organizations: spec.organizations,
-            environment: spec.environment,
-            product: spec.product,
-            permissions: spec.permissions,
-            origins: spec
-                .origins
-                .into_iter()
-                .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
-                .collect(),
-            user: spec.user,
-            expires_at,
-            not_after,
-            enabled: spec.enabled.0,
-            rate_limit,
-            monthly_budget: spec.monthly_budget,
-            budget_exhausted: spec.budget_exhausted,
+            fields: spec,
             checked: Checked,
         };
         // A profile found in `profiles` was checked when it went in.
         let profile = match profiles.get(&profile) {
             Some(shared) => Arc::clone(shared),
             None => {
-                check_header_safe(&profile, path)?;
+                check_header_safe(&profile.fields, path)?;
                 let shared = Arc::new(profile);
                 profiles.insert(Arc::clone(&shared));
                 shared
             }
         };
         Ok(KeyRecord {
-            id: spec.id,
+            id,
             digest,
             profile,
             checked: Checked,
@@ -616,13 +605,13 @@ impl KeySet {
     pub fn has_limits(&self) -> bool {
         self.records
             .iter()
-            .any(|r| r.rate_limit.is_some() || r.monthly_budget.is_some())
+            .any(|r| r.fields.rate_limit.is_some() || r.fields.monthly_budget.is_some())
     }
 }
 
 /// Record fields travel upstream in headers: refuse values that could not be sent safely.
 /// Part of every record's validation (`KeyRecord::from_spec`), so no reader can skip it.
-fn check_header_safe(profile: &KeyProfile, path: &str) -> Result<(), ConfigError> {
+fn check_header_safe(profile: &KeyRecordSpec, path: &str) -> Result<(), ConfigError> {
     let singles = [
         ("tenant", &profile.tenant),
         ("environment", &profile.environment),
@@ -790,36 +779,63 @@ mod tests {
     }
 
     #[test]
-    fn a_profile_written_back_as_a_record_reads_back_equal() {
-        let mut r = spec("a", "s");
-        for (field, value) in [
-            ("tenant", serde_json::json!("acme")),
-            ("organizations", serde_json::json!(["o1", "o2"])),
-            ("environment", serde_json::json!("live")),
-            ("product", serde_json::json!("p")),
-            ("permissions", serde_json::json!(["read"])),
-            ("origins", serde_json::json!(["https://Shop.example/"])),
-            ("user", serde_json::json!("u1")),
-            ("expires_at", serde_json::json!("2030-01-01T00:00:00Z")),
-            ("not_after", serde_json::json!(1_900_000_000)),
-            ("enabled", serde_json::json!(false)),
-            (
-                "rate_limit",
-                serde_json::json!({"requests": 5, "per_seconds": 60, "burst": 2}),
-            ),
-            ("monthly_budget", serde_json::json!(100)),
-            ("budget_exhausted", serde_json::json!(true)),
-        ] {
-            r[field] = value;
-        }
-        let record = KeyRecord::from_spec(serde_json::from_value(r).unwrap(), "r").unwrap();
+    fn a_record_with_every_field_set_is_written_back_exactly_as_read() {
+        // Every field is named here, without `..`: a new field does not compile until this
+        // test sets it, and then fails if the record does not keep it.
+        let spec = KeyRecordSpec {
+            id: "a".into(),
+            secret_sha256: hex::encode(sha256(b"s")),
+            tenant: Some("acme".into()),
+            organizations: vec!["o1".into(), "o2".into()],
+            environment: Some("live".into()),
+            product: Some("p".into()),
+            permissions: vec!["read".into()],
+            origins: vec!["https://shop.example".into()],
+            user: Some("u1".into()),
+            expires_at: Some(TimeSpec::Unix(1_893_456_000)),
+            not_after: Some(TimeSpec::Unix(1_900_000_000)),
+            enabled: Enabled(false),
+            rate_limit: Some(RateLimitSpec {
+                requests: 5,
+                per_seconds: 60,
+                burst: 2,
+            }),
+            monthly_budget: Some(100),
+            budget_exhausted: true,
+        };
+        let text = serde_json::to_string(&spec).unwrap();
+        let record = KeyRecord::from_spec(serde_json::from_str(&text).unwrap(), "r").unwrap();
         let written = record
             .profile
-            .to_spec("b".into(), hex::encode(sha256(b"t")));
-        let text = serde_json::to_string(&written).unwrap();
-        let again = KeyRecord::from_spec(serde_json::from_str(&text).unwrap(), "r").unwrap();
-        assert_eq!(again.profile, record.profile, "{text}");
-        assert_eq!(again.id, "b");
+            .to_spec(record.id.clone(), spec.secret_sha256.clone());
+        assert_eq!(written, spec);
+        assert_eq!(serde_json::to_string(&written).unwrap(), text);
+        assert_eq!(
+            (record.expires_at(), record.not_after(), record.enabled()),
+            (Some(1_893_456_000), Some(1_900_000_000), false)
+        );
+        assert_eq!(record.rate_limit().map(|r| r.capacity()), Some(7));
+    }
+
+    #[test]
+    fn times_and_origins_are_normalized_so_equal_grants_share_one_profile() {
+        let mut as_text = spec("a", "s1");
+        as_text["expires_at"] = serde_json::json!("2030-01-01T00:00:00Z");
+        as_text["origins"] = serde_json::json!(["https://Shop.example/"]);
+        let mut as_written = spec("b", "s2");
+        as_written["expires_at"] = serde_json::json!(1_893_456_000);
+        as_written["origins"] = serde_json::json!(["https://shop.example"]);
+        let set = load(serde_json::json!([as_text, as_written])).unwrap();
+        let (a, b) = (set.by_id("a").unwrap(), set.by_id("b").unwrap());
+        assert!(Arc::ptr_eq(&a.profile, &b.profile));
+        assert_eq!(a.expires_at(), Some(1_893_456_000));
+        assert_eq!(a.fields.origins, ["https://shop.example"]);
+        let written = serde_json::to_value(a.profile.to_spec(a.id.clone(), "d".into())).unwrap();
+        assert_eq!(written["expires_at"], 1_893_456_000);
+        assert_eq!(
+            written["origins"],
+            serde_json::json!(["https://shop.example"])
+        );
     }
 
     #[test]

@@ -411,6 +411,13 @@ fn evaluate(
     Ok((next, info))
 }
 
+/// Whether `apply_limits` has anything to do for this key: limits are on, or the key's budget is
+/// marked spent, which refuses it even with limits off. A host skips the call (and the clock
+/// read it needs) otherwise.
+pub fn limits_apply_to(limits: &Limits, record: &KeyRecord) -> bool {
+    limits.enabled || record.fields.budget_exhausted
+}
+
 /// Counts one request of an authenticated key against its rate limit and monthly budget.
 /// `now_ms` is the host clock in milliseconds. Denials write nothing; an allowed request is
 /// recorded with one compare-and-swap, retried on contention up to `max_retries` times.
@@ -421,11 +428,11 @@ pub fn apply_limits(
     store: &dyn SharedStore,
     now_ms: i64,
 ) -> Result<LimitInfo, LimitDenial> {
-    if record.budget_exhausted {
+    if record.fields.budget_exhausted {
         return Err(LimitDenial::budget_exhausted());
     }
-    let rate = record.rate_limit.or(limits.default_rate);
-    let budget = record.monthly_budget.or(limits.default_budget);
+    let rate = record.rate_limit().or(limits.default_rate);
+    let budget = record.fields.monthly_budget.or(limits.default_budget);
     if rate.is_none() && budget.is_none() {
         return Ok(LimitInfo::default());
     }
@@ -480,6 +487,14 @@ pub fn ensure_slots(limits: &Limits, store: &dyn SharedStore) -> u32 {
         }
     }
     created
+}
+
+/// How often a host sweeps one batch (`sweep_batch`) of the counter table for idle counters.
+pub const SWEEP_PERIOD_MS: i64 = 1000;
+
+/// Whether the next sweep is due, the last one having run at `last_ms`.
+pub fn sweep_due(last_ms: i64, now_ms: i64) -> bool {
+    now_ms.saturating_sub(last_ms) >= SWEEP_PERIOD_MS
 }
 
 /// What one sweep did.
@@ -790,6 +805,30 @@ mod tests {
             serde_json::json!([{"id": "b", "monthly_budget": 5}]),
         );
         assert_eq!(allowed_in_a_row(&c2, &k2, "b", &store, NOW_MS), 3);
+    }
+
+    #[test]
+    fn a_sweep_is_due_once_a_period_has_passed_since_the_last() {
+        assert!(sweep_due(0, NOW_MS));
+        assert!(!sweep_due(NOW_MS, NOW_MS + SWEEP_PERIOD_MS - 1));
+        assert!(sweep_due(NOW_MS, NOW_MS + SWEEP_PERIOD_MS));
+    }
+
+    #[test]
+    fn limits_apply_when_on_and_to_a_key_marked_exhausted_even_when_off() {
+        // No `limits` object and no key with a limit of its own: limits are off.
+        let (off, keys) = setup(
+            serde_json::Value::Null,
+            serde_json::json!([{"id": "plain"}, {"id": "x", "budget_exhausted": true}]),
+        );
+        assert!(!off.limits.enabled);
+        assert!(!limits_apply_to(&off.limits, keys.by_id("plain").unwrap()));
+        assert!(limits_apply_to(&off.limits, keys.by_id("x").unwrap()));
+        let (on, keys) = setup(
+            serde_json::json!({"rate_limit": {"requests": 5, "per_seconds": 60}}),
+            serde_json::json!([{"id": "plain"}]),
+        );
+        assert!(limits_apply_to(&on.limits, keys.by_id("plain").unwrap()));
     }
 
     #[test]

@@ -131,7 +131,7 @@ impl Policy {
         if !self
             .required_permissions
             .iter()
-            .all(|p| record.permissions.iter().any(|held| held == p))
+            .all(|p| record.fields.permissions.iter().any(|held| held == p))
         {
             return Err(ErrorCode::Forbidden);
         }
@@ -235,8 +235,8 @@ impl TenantSelector {
 
     pub fn check(&self, req: &RequestView, record: &KeyRecord) -> Result<(), ErrorCode> {
         let allowed = |value: &str| match self.scope {
-            TenantScope::Tenant => record.tenant.as_deref() == Some(value),
-            TenantScope::Organizations => record.organizations.iter().any(|o| o == value),
+            TenantScope::Tenant => record.fields.tenant.as_deref() == Some(value),
+            TenantScope::Organizations => record.fields.organizations.iter().any(|o| o == value),
         };
         let in_scope = match &self.place {
             SelectorPlace::Query(param) => req
@@ -260,7 +260,7 @@ impl TenantSelector {
 /// A key with allowed origins refuses a browser request from any other origin. Requests with no
 /// `Origin` header (server-to-server) are not affected.
 pub fn check_origin(req: &RequestView, record: &KeyRecord) -> Result<(), ErrorCode> {
-    if record.origins.is_empty() {
+    if record.fields.origins.is_empty() {
         return Ok(());
     }
     let mut origins = req.header_values("origin").peekable();
@@ -270,7 +270,7 @@ pub fn check_origin(req: &RequestView, record: &KeyRecord) -> Result<(), ErrorCo
     let all_allowed = origins.all(|o| {
         std::str::from_utf8(o).ok().is_some_and(|o| {
             let o = o.trim().trim_end_matches('/').to_ascii_lowercase();
-            record.origins.contains(&o)
+            record.fields.origins.contains(&o)
         })
     });
     if all_allowed {

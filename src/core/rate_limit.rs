@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::config_error::ConfigError;
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitSpec {
     pub requests: u64,
@@ -18,6 +18,14 @@ pub struct RateLimitSpec {
 pub(super) const MICROS_PER_SECOND: i128 = 1_000_000;
 /// A bucket that takes longer than this to refill is a configuration mistake (and would overflow).
 const MAX_REFILL_MICROS: i128 = 100 * 366 * 86_400 * MICROS_PER_SECOND;
+
+/// Microseconds one request occupies the bucket, rounded up (never more permissive); zero
+/// requests (refused by `from_spec`) count as one.
+fn interval_micros(spec: &RateLimitSpec) -> i128 {
+    let window = i128::from(spec.per_seconds) * MICROS_PER_SECOND;
+    let requests = i128::from(spec.requests.max(1));
+    (window + requests - 1) / requests
+}
 
 /// A validated rate limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -43,22 +51,26 @@ impl RateLimit {
                 "must be at least 1",
             ));
         }
-        let window = i128::from(spec.per_seconds) * MICROS_PER_SECOND;
-        let requests = i128::from(spec.requests);
-        let interval = (window + requests - 1) / requests;
-        let capacity = requests + i128::from(spec.burst);
+        let interval = interval_micros(spec);
+        let capacity = i128::from(spec.requests) + i128::from(spec.burst);
         if interval * capacity > MAX_REFILL_MICROS {
             return Err(ConfigError::new(
                 path,
                 "the bucket would take more than 100 years to refill",
             ));
         }
-        Ok(RateLimit {
+        Ok(RateLimit::from_checked(spec))
+    }
+
+    /// A limit from a spec `from_spec` accepted: key records keep only their spec and
+    /// compute this when limits apply.
+    pub fn from_checked(spec: &RateLimitSpec) -> RateLimit {
+        RateLimit {
             requests: spec.requests,
             per_seconds: spec.per_seconds,
             burst: spec.burst,
-            interval_us: interval as i64,
-        })
+            interval_us: interval_micros(spec).min(i128::from(i64::MAX)) as i64,
+        }
     }
 
     /// How many requests an idle key may send at once.

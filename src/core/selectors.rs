@@ -43,8 +43,8 @@ pub fn canonical_header_name(name: &[u8]) -> Vec<u8> {
 
 fn in_scope(scope: TenantScope, record: &KeyRecord, value: &str) -> bool {
     match scope {
-        TenantScope::Tenant => record.tenant.as_deref() == Some(value),
-        TenantScope::Organizations => record.organizations.iter().any(|o| o == value),
+        TenantScope::Tenant => record.fields.tenant.as_deref() == Some(value),
+        TenantScope::Organizations => record.fields.organizations.iter().any(|o| o == value),
     }
 }
 

@@ -47,6 +47,13 @@ pub fn expired(token: &[u8], now: i64) -> bool {
         .is_some_and(|exp| exp.saturating_add(JWT_AUTHN_CLOCK_SKEW_SECS) < now)
 }
 
+/// Whether `jwt_authn`'s failure message (its failure metadata's `message`, "Jwt is expired")
+/// says the token was rejected for its lifetime: for a host that reads the message instead of
+/// the token (`expired`).
+pub fn failure_says_expired(message: &str) -> bool {
+    message.to_ascii_lowercase().contains("expired")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,6 +78,14 @@ mod tests {
         assert_eq!(string_claim(b"a.%%%.c", "sub"), None);
         assert_eq!(string_claim(&token("[1,2]"), "sub"), None);
         assert_eq!(string_claim(b"a.b.c.d", "sub"), None);
+    }
+
+    #[test]
+    fn only_a_failure_message_naming_expiry_counts_as_expired() {
+        assert!(failure_says_expired("Jwt is expired"));
+        assert!(failure_says_expired("JWT IS EXPIRED"));
+        assert!(!failure_says_expired("Jwt verification fails"));
+        assert!(!failure_says_expired(""));
     }
 
     #[test]

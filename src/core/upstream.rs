@@ -46,23 +46,24 @@ pub fn upstream_edits<'a>(
             environment,
         } => {
             put(&scope.key_id, record.id.as_str().into());
-            if let Some(t) = &record.tenant {
+            let fields = &record.fields;
+            if let Some(t) = &fields.tenant {
                 put(&scope.tenant, t.as_str().into());
             }
-            if !record.organizations.is_empty() {
-                put(&scope.organizations, record.organizations.join(",").into());
+            if !fields.organizations.is_empty() {
+                put(&scope.organizations, fields.organizations.join(",").into());
             }
             if let Some(e) = environment {
                 put(&scope.environment, e.as_str().into());
             }
-            if let Some(p) = &record.product {
+            if let Some(p) = &fields.product {
                 put(&scope.product, p.as_str().into());
             }
-            if let Some(u) = &record.user {
+            if let Some(u) = &fields.user {
                 put(&scope.user, u.as_str().into());
             }
-            if !record.permissions.is_empty() {
-                put(&scope.permissions, record.permissions.join(",").into());
+            if !fields.permissions.is_empty() {
+                put(&scope.permissions, fields.permissions.join(",").into());
             }
         }
     }

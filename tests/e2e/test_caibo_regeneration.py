@@ -3,7 +3,6 @@ envoy/caibo-keyservice.yaml is the Caibo profile with its keys served by a key s
 nginx serving files this module writes). Regeneration publishes a document where the merchant's
 record carries the new key's digest: the old key fails on every worker within one refresh
 period + 1 s, the new one works, and it is still routed by its environment."""
-import hashlib
 import json
 import time
 
@@ -11,7 +10,7 @@ import pytest
 
 from conftest import assert_denied, assert_passed
 from keygate_stack import ROOT, Stack, wait_for
-from static_keyservice import StaticKeyService
+from static_keyservice import StaticKeyService, key_record
 
 CONFIG = "caibo-keyservice.yaml"
 REFRESH = 1.0  # refresh_seconds in envoy/caibo-keyservice.yaml
@@ -21,8 +20,7 @@ TEST_KEY = "caibo_test_sk_5Tg7Hy9Uj2Ik4Ol6"
 
 
 def live_record(secret):
-    return {"id": "merchant-55-live", "secret_sha256": hashlib.sha256(secret.encode()).hexdigest(),
-            "tenant": "merchant-55", "environment": "live"}
+    return key_record("merchant-55-live", secret, tenant="merchant-55", environment="live")
 
 
 @pytest.fixture(scope="module")

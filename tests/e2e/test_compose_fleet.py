@@ -6,7 +6,6 @@ write key-set documents into. Run by `make compose-test`; `make e2e` leaves it o
 Each test publishes the key set it needs and waits until both Envoys serve it, so the tests do
 not depend on each other's order.
 """
-import hashlib
 import os
 import secrets
 import shutil
@@ -17,7 +16,7 @@ import pytest
 from compose_stack import ComposeEnvoy, ComposeProject, ENVOY_DIR  # noqa: E402
 from conftest import assert_denied, assert_passed  # noqa: E402
 from keygate_stack import ROOT, wait_for_port  # noqa: E402
-from static_keyservice import StaticKeyService, keyset_document  # noqa: E402
+from static_keyservice import StaticKeyService, key_record, keyset_document  # noqa: E402
 
 FLEET_FILES = [ENVOY_DIR / "compose" / "fleet.yaml", ENVOY_DIR / "compose" / "fleet-local-images.yaml"]
 REFRESH = 2.0  # envoy/keyservice.yaml's refresh_seconds
@@ -30,8 +29,7 @@ def new_key(label):
 
 
 def record(key, **fields):
-    return {"id": key.rsplit("_", 1)[0], "secret_sha256": hashlib.sha256(key.encode()).hexdigest(),
-            "tenant": "fleet", **fields}
+    return key_record(key.rsplit("_", 1)[0], key, tenant="fleet", **fields)
 
 
 class Fleet:

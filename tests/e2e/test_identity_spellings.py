@@ -10,7 +10,6 @@ The shipped configs may set Envoy's `headers_with_underscores_action: REJECT_REQ
 refuses underscore headers before keygate runs. These stacks set it to ALLOW, so the rows prove
 keygate's own layer, which holds for configs that do not set it.
 """
-import hashlib
 import secrets
 import shutil
 import threading
@@ -21,7 +20,7 @@ import pytest
 
 from conftest import abaco_session_token, assert_passed, assert_refused, native_only, wasm_only
 from keygate_stack import HOST, ROOT, Stack, wait_for
-from static_keyservice import StaticKeyService, keyset_document
+from static_keyservice import StaticKeyService, key_record, keyset_document
 
 UNDERSCORES_ALLOWED = {"headers_with_underscores_action: REJECT_REQUEST": "headers_with_underscores_action: ALLOW"}
 
@@ -257,10 +256,6 @@ KS_ALPHA = "ks_alpha_Q2mX7rT9wL4v"  # a key of envoy/keyservice.yaml's profile (
 KS_REFRESH = 2.0  # refresh_seconds in envoy/keyservice.yaml
 
 
-def stat(stack, name):
-    return stack.stats().get(name, 0)
-
-
 @pytest.fixture(scope="module")
 def keyservice():
     stack = Stack("keyservice.yaml", concurrency=2)
@@ -269,8 +264,7 @@ def keyservice():
 
 
 def alpha(enabled):
-    return {"id": "ks-alpha", "secret_sha256": hashlib.sha256(KS_ALPHA.encode()).hexdigest(),
-            "tenant": "acme", "enabled": enabled}
+    return key_record("ks-alpha", KS_ALPHA, tenant="acme", enabled=enabled)
 
 
 def test_an_older_key_set_served_again_does_not_re_enable_a_revoked_key(keyservice):
@@ -281,14 +275,14 @@ def test_an_older_key_set_served_again_does_not_re_enable_a_revoked_key(keyservi
     assert wait_for(lambda: stack.request("GET", "/orders", key).status == 200, KS_REFRESH + 3)
     service.write("keys.json", keyset_document(alpha(False), serial=101))
     assert wait_for(lambda: stack.request("GET", "/orders", key).status == 401, KS_REFRESH + 3)
-    version = stat(stack, "wasmcustom.keygate.remote.keyset.version")
+    version = stack.stat("wasmcustom.keygate.remote.keyset.version")
 
     service.write("keys.json", enabled)  # a stale cache or replica serves the old document again
-    assert wait_for(lambda: stat(stack, "wasmcustom.keygate.remote.keyset.rollbacks_refused") >= 1,
+    assert wait_for(lambda: stack.stat("wasmcustom.keygate.remote.keyset.rollbacks_refused") >= 1,
                     KS_REFRESH + 3)
     for http2 in (False, True):
         assert_refused(stack.request("GET", "/orders", key, http2=http2), 401, "INVALID_API_KEY")
-    assert stat(stack, "wasmcustom.keygate.remote.keyset.version") == version
+    assert stack.stat("wasmcustom.keygate.remote.keyset.version") == version
     assert "serial 100 is not above serial 101" in stack.log_text()
 
 
@@ -335,7 +329,7 @@ def test_lookups_beyond_the_cap_per_second_are_answered_without_a_fetch():
         for r in refused:
             assert_refused(r, 503, "KEYSET_UNAVAILABLE")
         assert all(r.status == 401 and r.upstream is None for r in answers if r.status != 503)
-        assert stat(stack, LOOKUP_STAT + "cache.misses_over_cap") == len(refused)
+        assert stack.stat(LOOKUP_STAT + "cache.misses_over_cap") == len(refused)
         assert fetched <= 20 * 4, fetched  # 20 per second; the burst may straddle a few seconds
 
 
@@ -377,7 +371,7 @@ def test_concurrent_requests_for_one_uncached_key_share_one_lookup_per_worker():
             assert_refused(r, 401, "INVALID_API_KEY")
         # One lookup per worker VM at most (wasm); one for the whole process (native).
         assert 1 <= len(service.paths) <= 2, service.paths
-        assert stat(stack, LOOKUP_STAT + "cache.coalesced") >= 20 - 2 - stat(stack, LOOKUP_STAT + "cache.hits")
+        assert stack.stat(LOOKUP_STAT + "cache.coalesced") >= 20 - 2 - stack.stat(LOOKUP_STAT + "cache.hits")
 
 
 # --- 6. counters shared across filters ----------------------------------------------------------

@@ -2,7 +2,6 @@
 /keys.json from stock nginx serving files this module writes. Revocations and additions reach
 every worker within one refresh period + 1 s; the service stopped for 30 s under steady traffic
 or serving malformed JSON changes nothing; before any set, keys get 503 KEYSET_UNAVAILABLE."""
-import hashlib
 import json
 import re
 import threading
@@ -10,9 +9,9 @@ import time
 
 import pytest
 
-from conftest import assert_denied, assert_passed
+from conftest import api_key_header, assert_denied, assert_passed
 from keygate_stack import HOST, Stack, wait_for
-from static_keyservice import StaticKeyService, keyset_document
+from static_keyservice import StaticKeyService, key_record, keyset_document
 
 CONFIG = "keyservice.yaml"
 REFRESH = 2.0  # refresh_seconds in envoy/keyservice.yaml
@@ -27,13 +26,7 @@ SECRETS = {"ks-alpha": ALPHA, "ks-beta": BETA, "ksid_gamma": "Z2FtbWEtc2VjcmV0LT
 
 
 def record(key_id, tenant, **extra):
-    """A key record as the key service publishes it: the digest of the secret, never the secret."""
-    digest = hashlib.sha256(SECRETS[key_id].encode()).hexdigest()
-    return {"id": key_id, "secret_sha256": digest, "tenant": tenant, **extra}
-
-
-def document(*records):
-    return keyset_document(*records)
+    return key_record(key_id, SECRETS[key_id], tenant=tenant, **extra)
 
 
 BASE = [record("ks-alpha", "acme"), record("ks-beta", "globex"), record("ksid_gamma", "initech")]
@@ -46,10 +39,6 @@ def remote():
         yield stack, service
 
 
-def opaque(key):
-    return [("x-api-key", key)]
-
-
 def bearer(value):
     return [("authorization", value)]
 
@@ -57,18 +46,18 @@ def bearer(value):
 
 
 def stat(stack, name):
-    return stack.stats().get(STAT + name, 0)
+    return stack.stat(STAT + name)
 
 
 def tenant_of(stack, key):
-    seen = stack.request("GET", "/orders", opaque(key)).upstream
+    seen = stack.request("GET", "/orders", api_key_header(key)).upstream
     return seen and seen["x-keygate-tenant"][0]
 
 
 
 def test_before_any_key_set_keys_are_503_keyset_unavailable_and_public_routes_pass(remote):
     stack, service = remote
-    assert_denied(stack.request("GET", "/orders", opaque(ALPHA)), 503, "KEYSET_UNAVAILABLE")
+    assert_denied(stack.request("GET", "/orders", api_key_header(ALPHA)), 503, "KEYSET_UNAVAILABLE")
     # Routes that need no key do not need the key set either.
     seen = assert_passed(stack.request("GET", "/healthz"))
     assert seen["x-keygate-auth"] == ["none"]
@@ -82,10 +71,10 @@ def test_before_any_key_set_keys_are_503_keyset_unavailable_and_public_routes_pa
 
 def test_a_published_key_set_serves_every_worker_with_scope_from_the_record(remote):
     stack, service = remote
-    service.write("keys.json", document(*BASE))
-    assert wait_for(lambda: stack.request("GET", "/orders", opaque(ALPHA)).status == 200, REFRESH + 1)
+    service.write("keys.json", keyset_document(*BASE))
+    assert wait_for(lambda: stack.request("GET", "/orders", api_key_header(ALPHA)).status == 200, REFRESH + 1)
     before = stack.connections_per_worker()
-    responses = stack.fire(30, opaque(ALPHA)) + stack.fire(10, bearer(GAMMA))
+    responses = stack.fire(30, api_key_header(ALPHA)) + stack.fire(10, bearer(GAMMA))
     after = stack.connections_per_worker()
     assert len(after) == 2 and all(after[w] > before.get(w, 0) for w in after), (before, after)
     for r in responses[:30]:
@@ -94,7 +83,7 @@ def test_a_published_key_set_serves_every_worker_with_scope_from_the_record(remo
         assert "x-api-key" not in seen
     for r in responses[30:]:
         assert assert_passed(r)["x-keygate-tenant"] == ["initech"]
-    assert_denied(stack.request("GET", "/orders", opaque("ks_unknown_key_1234")), 401, "INVALID_API_KEY")
+    assert_denied(stack.request("GET", "/orders", api_key_header("ks_unknown_key_1234")), 401, "INVALID_API_KEY")
     stats = stack.stats()
     assert stats[STAT + "keyset.version"] >= 1
     assert stats[STAT + "keyset.keys"] == 3
@@ -121,19 +110,19 @@ def test_one_fetch_per_refresh_period_for_the_whole_process(remote):
 
 def test_a_revoked_key_fails_on_every_worker_within_one_period_plus_one_second(remote):
     stack, service = remote
-    assert_passed(stack.request("GET", "/orders", opaque(BETA)))
+    assert_passed(stack.request("GET", "/orders", api_key_header(BETA)))
     version = stat(stack, "keyset.version")
-    service.write("keys.json", document(record("ks-alpha", "acme"), record("ksid_gamma", "initech")))
+    service.write("keys.json", keyset_document(record("ks-alpha", "acme"), record("ksid_gamma", "initech")))
     revoked_at = time.time()
-    took = wait_for(lambda: all(r.status == 401 for r in stack.fire(6, opaque(BETA))), REFRESH + 1)
+    took = wait_for(lambda: all(r.status == 401 for r in stack.fire(6, api_key_header(BETA))), REFRESH + 1)
     assert took is not None, "the revocation did not reach every worker in time"
     time.sleep(max(0.0, revoked_at + REFRESH + 1 - time.time()))
     before = stack.connections_per_worker()
-    for r in stack.fire(40, opaque(BETA)):
+    for r in stack.fire(40, api_key_header(BETA)):
         assert_denied(r, 401, "INVALID_API_KEY")
     after = stack.connections_per_worker()
     assert all(after[w] > before.get(w, 0) for w in after), (before, after)
-    for r in stack.fire(20, opaque(ALPHA)):
+    for r in stack.fire(20, api_key_header(ALPHA)):
         assert_passed(r)
     assert stat(stack, "keyset.version") == version + 1
     assert stat(stack, "keyset.keys") == 2
@@ -141,14 +130,14 @@ def test_a_revoked_key_fails_on_every_worker_within_one_period_plus_one_second(r
 
 def test_an_added_key_works_on_every_worker_within_one_period_plus_one_second(remote):
     stack, service = remote
-    assert_denied(stack.request("GET", "/orders", opaque(DELTA)), 401, "INVALID_API_KEY")
-    service.write("keys.json", document(record("ks-alpha", "acme"), record("ksid_gamma", "initech"),
+    assert_denied(stack.request("GET", "/orders", api_key_header(DELTA)), 401, "INVALID_API_KEY")
+    service.write("keys.json", keyset_document(record("ks-alpha", "acme"), record("ksid_gamma", "initech"),
                                         record("ks-delta", "hooli")))
     added_at = time.time()
-    took = wait_for(lambda: all(r.status == 200 for r in stack.fire(6, opaque(DELTA))), REFRESH + 1)
+    took = wait_for(lambda: all(r.status == 200 for r in stack.fire(6, api_key_header(DELTA))), REFRESH + 1)
     assert took is not None, "the new key did not reach every worker in time"
     time.sleep(max(0.0, added_at + REFRESH + 1 - time.time()))
-    for r in stack.fire(40, opaque(DELTA)):
+    for r in stack.fire(40, api_key_header(DELTA)):
         assert assert_passed(r)["x-keygate-tenant"] == ["hooli"]
 
 
@@ -157,20 +146,20 @@ def test_malformed_documents_change_nothing(remote):
     good = json.loads((service.root / "keys.json").read_text())  # the document stored now
     version = stat(stack, "keyset.version")
     failures = stat(stack, "keyset.fetch_failures")
-    text = json.dumps(document(*good["keys"], record("ks-beta", "globex")))
+    text = json.dumps(keyset_document(*good["keys"], record("ks-beta", "globex")))
     broken = [
         text[: len(text) // 2],  # truncated: would have re-added ks-beta
         "<html><body>502 Bad Gateway</body></html>",
-        json.dumps(document({"id": "ks-beta", "secret_sha256": "not-a-digest"})),
-        json.dumps(document(record("ks-beta", "globex\r\nx-injected: 1"))),
-        json.dumps(document(record("ks-alpha", "acme"), record("ks-alpha", "acme"))),
+        json.dumps(keyset_document({"id": "ks-beta", "secret_sha256": "not-a-digest"})),
+        json.dumps(keyset_document(record("ks-beta", "globex\r\nx-injected: 1"))),
+        json.dumps(keyset_document(record("ks-alpha", "acme"), record("ks-alpha", "acme"))),
     ]
     for n, body in enumerate(broken, start=1):
         service.write("keys.json", body)
         assert wait_for(lambda: stat(stack, "keyset.fetch_failures") >= failures + n, REFRESH + 2) is not None, n
-        for r in stack.fire(10, opaque(ALPHA)):
+        for r in stack.fire(10, api_key_header(ALPHA)):
             assert_passed(r)
-        assert_denied(stack.request("GET", "/orders", opaque(BETA)), 401, "INVALID_API_KEY")
+        assert_denied(stack.request("GET", "/orders", api_key_header(BETA)), 401, "INVALID_API_KEY")
         assert stat(stack, "keyset.version") == version
     log = stack.log_text()
     assert "invalid key-set document" in log and "keeping version" in log
@@ -199,7 +188,7 @@ def test_key_service_stopped_30_s_under_steady_traffic_fails_no_valid_key(remote
             time.sleep(0.02)
 
     threads = [threading.Thread(target=traffic, args=(h,)) for h in
-               (opaque(ALPHA), opaque(DELTA), bearer(GAMMA), opaque(ALPHA))]
+               (api_key_header(ALPHA), api_key_header(DELTA), bearer(GAMMA), api_key_header(ALPHA))]
     for t in threads:
         t.start()
     try:
@@ -228,15 +217,15 @@ def test_key_service_stopped_30_s_under_steady_traffic_fails_no_valid_key(remote
 def test_rotation_old_and_new_key_both_work_until_not_after(remote):
     stack, service = remote
     grace_ends = int(time.time()) + 4
-    service.write("keys.json", document(
+    service.write("keys.json", keyset_document(
         record("ks-alpha", "acme", not_after=grace_ends),  # the old key, being rotated out
         record("ks-delta", "acme"),                          # its replacement
         record("ksid_gamma", "initech")))
     assert wait_for(lambda: tenant_of(stack, DELTA) == "acme", REFRESH + 1) is not None
     assert time.time() < grace_ends - 0.5, "machine too slow to observe the grace period"
-    assert_passed(stack.request("GET", "/orders", opaque(ALPHA)))
+    assert_passed(stack.request("GET", "/orders", api_key_header(ALPHA)))
     time.sleep(max(0.0, grace_ends + 0.2 - time.time()))
-    for r in stack.fire(10, opaque(ALPHA)):
+    for r in stack.fire(10, api_key_header(ALPHA)):
         assert_denied(r, 401, "INVALID_API_KEY")
-    for r in stack.fire(10, opaque(DELTA)):
+    for r in stack.fire(10, api_key_header(DELTA)):
         assert_passed(r)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import assert_denied, assert_passed
+from conftest import api_key_header, assert_denied, assert_passed
 from keygate_stack import ROOT, Stack
 from static_keyservice import StaticKeyService, write_digest_shards
 
@@ -54,10 +54,6 @@ def lookup():
         shutil.rmtree(root / "keys" / "shards", ignore_errors=True)
 
 
-def opaque(key):
-    return [("x-api-key", key)]
-
-
 
 
 def counters(stack, service):
@@ -82,7 +78,7 @@ def test_keys_from_across_the_store_are_found_each_with_one_call(lookup):
     sample = [0, 1, 499_999, 777_777, STORE_SIZE - 1] + random.Random(7).sample(range(STORE_SIZE), 45)
     hits, misses, calls = counters(stack, service)
     for i in sample:
-        seen = assert_passed(stack.request("GET", "/orders", opaque(bulk_key(i))))
+        seen = assert_passed(stack.request("GET", "/orders", api_key_header(bulk_key(i))))
         assert seen["x-keygate-key-id"] == [f"bulk-{i:07d}"]
         assert seen["x-keygate-tenant"] == [f"t{i % 1000:03d}"]
         assert "x-api-key" not in seen
@@ -96,10 +92,10 @@ def test_keys_from_across_the_store_are_found_each_with_one_call(lookup):
 def test_a_cached_key_does_not_call_the_key_service_again_on_any_worker(lookup):
     stack, service, _ = lookup
     key = bulk_key(424_242)
-    assert_passed(stack.request("GET", "/orders", opaque(key)))
+    assert_passed(stack.request("GET", "/orders", api_key_header(key)))
     hits, misses, calls = counters(stack, service)
     before = stack.connections_per_worker()
-    for r in stack.fire(40, opaque(key)):
+    for r in stack.fire(40, api_key_header(key)):
         assert assert_passed(r)["x-keygate-key-id"] == ["bulk-0424242"]
     after = stack.connections_per_worker()
     assert all(after[w] > before.get(w, 0) for w in after), (before, after)
@@ -111,10 +107,10 @@ def test_an_unknown_key_is_401_and_the_negative_answer_is_cached(lookup):
     stack, service, _ = lookup
     unknown = "kl_bulk_9999999_nope"
     hits, misses, calls = counters(stack, service)
-    assert_denied(stack.request("GET", "/orders", opaque(unknown)), 401, "INVALID_API_KEY")
+    assert_denied(stack.request("GET", "/orders", api_key_header(unknown)), 401, "INVALID_API_KEY")
     # The shard exists (200) but has no such digest: not found.
     assert service.requests("/keys/")[calls:] == [(f"/keys/shards/{digest(unknown)[:3]}.json", 200)]
-    for r in stack.fire(20, opaque(unknown)):
+    for r in stack.fire(20, api_key_header(unknown)):
         assert_denied(r, 401, "INVALID_API_KEY")
     hits2, misses2, calls2 = counters(stack, service)
     assert (hits2 - hits, misses2 - misses, calls2 - calls) == (20, 1, 1)
@@ -140,7 +136,7 @@ def test_id_secret_keys_are_found_by_id_and_a_wrong_secret_costs_no_call(lookup)
 def test_a_key_created_after_a_miss_works_once_the_negative_answer_expires(lookup):
     stack, service, _ = lookup
     fresh = "kl_new_customer_Mn7Bv5Cx3"
-    assert_denied(stack.request("GET", "/orders", opaque(fresh)), 401, "INVALID_API_KEY")
+    assert_denied(stack.request("GET", "/orders", api_key_header(fresh)), 401, "INVALID_API_KEY")
     cached_at = time.time()
     d = digest(fresh)
     shard_path = f"keys/shards/{d[:3]}.json"
@@ -149,23 +145,23 @@ def test_a_key_created_after_a_miss_works_once_the_negative_answer_expires(looku
     service.write(shard_path, shard)
     # Still the cached "unknown" until the negative TTL ends, without asking again.
     calls = counters(stack, service)[2]
-    assert_denied(stack.request("GET", "/orders", opaque(fresh)), 401, "INVALID_API_KEY")
+    assert_denied(stack.request("GET", "/orders", api_key_header(fresh)), 401, "INVALID_API_KEY")
     assert counters(stack, service)[2] == calls
     time.sleep(max(0.0, cached_at + NEGATIVE_TTL + 0.2 - time.time()))
-    assert assert_passed(stack.request("GET", "/orders", opaque(fresh)))["x-keygate-key-id"] == ["new-customer"]
+    assert assert_passed(stack.request("GET", "/orders", api_key_header(fresh)))["x-keygate-key-id"] == ["new-customer"]
 
 
 def test_key_service_down_cached_keys_pass_uncached_keys_are_503(lookup):
     stack, service, _ = lookup
     cached = bulk_key(31_337)
-    assert_passed(stack.request("GET", "/orders", opaque(cached)))
+    assert_passed(stack.request("GET", "/orders", api_key_header(cached)))
     service.stop()
     try:
-        for r in stack.fire(10, opaque(cached)):
+        for r in stack.fire(10, api_key_header(cached)):
             assert_passed(r)
-        assert_denied(stack.request("GET", "/orders", opaque(bulk_key(31_338))), 503, "KEYSET_UNAVAILABLE")
+        assert_denied(stack.request("GET", "/orders", api_key_header(bulk_key(31_338))), 503, "KEYSET_UNAVAILABLE")
         assert stack.stats()[STAT + "cache.lookup_failures"] >= 1
         assert "key lookup failed" in stack.log_text()
     finally:
         service.start()
-    assert_passed(stack.request("GET", "/orders", opaque(bulk_key(31_338))))
+    assert_passed(stack.request("GET", "/orders", api_key_header(bulk_key(31_338))))

@@ -1,18 +1,16 @@
 """Failure settings of a key service (envoy/keyservice.yaml with one setting changed):
 `max_stale_seconds` fails closed once the last successful fetch is too old, and recovers by
 itself; `on_unavailable: allow` lets requests through unauthenticated instead of 503."""
-import hashlib
 import time
 
 from conftest import api_key_header, assert_denied, assert_passed
 from keygate_stack import Stack, wait_for
-from static_keyservice import StaticKeyService
+from static_keyservice import StaticKeyService, key_record
 
 CONFIG = "keyservice.yaml"
 REFRESH = 2.0
 ALPHA = "ks_alpha_Q2mX7rT9wL4v"
-DOCUMENT = {"serial": 1, "keys": [{"id": "ks-alpha", "secret_sha256": hashlib.sha256(ALPHA.encode()).hexdigest(),
-                      "tenant": "acme"}]}
+DOCUMENT = {"serial": 1, "keys": [key_record("ks-alpha", ALPHA, tenant="acme")]}
 
 
 def running(substitutions):

@@ -26,6 +26,19 @@ pub enum LookupOutcome<'a> {
     OverCap,
 }
 
+impl<'a> LookupOutcome<'a> {
+    /// No fresh answer could be had (the lookup failed or was not sent): an expired answer
+    /// still within `max_stale_seconds` if there is one, else `Unavailable`.
+    pub fn failed(stale: Option<&'a Answer>) -> LookupOutcome<'a> {
+        stale.map_or(LookupOutcome::Unavailable, LookupOutcome::Answer)
+    }
+
+    /// Past the cap on lookups: an expired answer if there is one, else `OverCap`.
+    pub fn over_cap(stale: Option<&'a Answer>) -> LookupOutcome<'a> {
+        stale.map_or(LookupOutcome::OverCap, LookupOutcome::Answer)
+    }
+}
+
 /// The lookup flow of one filter's key service.
 pub struct LookupFlow<'a> {
     name: &'a str,
@@ -245,9 +258,7 @@ mod tests {
         let answer = match flow.cached(host, &key) {
             Ok(answer) => Some(answer),
             Err(stale) if !flow.admit(host) => {
-                let outcome = stale
-                    .as_ref()
-                    .map_or(LookupOutcome::OverCap, LookupOutcome::Answer);
+                let outcome = LookupOutcome::over_cap(stale.as_ref());
                 let decision = flow.decide(host, config, policy, &credential, &req, outcome);
                 return (deny_code(decision), host.take_calls());
             }

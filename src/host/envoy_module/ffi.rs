@@ -287,49 +287,71 @@ impl MainThread {
 
     /// Adds one to a counter defined on this config. Call only from a main-thread hook.
     pub fn increment_counter(&self, id: Option<usize>) {
-        let Some(id) = id else { return };
-        // SAFETY: `self.config` is the live config pointer that defined `id`; no labels.
-        unsafe {
-            envoy_dynamic_module_callback_http_filter_config_increment_counter(
-                self.config,
-                id,
-                std::ptr::null_mut(),
-                0,
-                1,
-            );
-        }
+        self.update_metric(
+            envoy_dynamic_module_callback_http_filter_config_increment_counter,
+            id,
+            1,
+        );
     }
 
     /// Sets a gauge defined on this config. Call only from a main-thread hook.
     pub fn set_gauge(&self, id: Option<usize>, value: u64) {
+        self.update_metric(
+            envoy_dynamic_module_callback_http_filter_config_set_gauge,
+            id,
+            value,
+        );
+    }
+
+    fn update_metric(&self, update: UpdateMetric, id: Option<usize>, value: u64) {
         let Some(id) = id else { return };
         // SAFETY: `self.config` is the live config pointer that defined `id`; no labels.
         unsafe {
-            envoy_dynamic_module_callback_http_filter_config_set_gauge(
-                self.config,
-                id,
-                std::ptr::null_mut(),
-                0,
-                value,
-            );
+            update(self.config, id, std::ptr::null_mut(), 0, value);
         }
     }
+}
 
-    /// Sends a request to `cluster` from the main thread; the answer comes to
-    /// `on_http_filter_config_http_callout_done`. Call only from a main-thread hook.
+/// Envoy's config counter-increment and gauge-set callbacks (the same signature).
+type UpdateMetric = unsafe extern "C" fn(EnvoyConfigPtr, usize, *mut Buffer, usize, u64) -> u32;
+
+/// Where a callout goes out from: the main thread (full mode's fetches) or a stream (lookup on
+/// miss). Its answer comes to that one's `callout_done` hook with the returned id.
+#[derive(Clone, Copy)]
+pub enum CalloutOrigin<'a> {
+    /// Only from a main-thread hook; the answer comes to
+    /// `on_http_filter_config_http_callout_done`.
+    MainThread(&'a MainThread),
+    /// From the stream's running hook; the answer comes to its `http_callout_done`.
+    Stream(&'a FilterHandle),
+}
+
+impl CalloutOrigin<'_> {
+    /// Sends a GET to `cluster`.
     pub fn http_callout(
-        &self,
+        self,
         cluster: &str,
         headers: &[(&str, String)],
         timeout_ms: u64,
     ) -> Result<u64, CalloutError> {
+        let (send, owner) = match self {
+            CalloutOrigin::MainThread(main) => (
+                envoy_dynamic_module_callback_http_filter_config_http_callout as SendCallout,
+                main.config,
+            ),
+            CalloutOrigin::Stream(filter) => (
+                envoy_dynamic_module_callback_http_filter_http_callout as SendCallout,
+                filter.0,
+            ),
+        };
         let mut raw = module_headers(headers);
         let mut id = 0u64;
-        // SAFETY: `self.config` is the live config pointer (this runs in one of its main-thread
-        // hooks); `raw`, its strings and `cluster` outlive the call; `id` is a live local.
+        // SAFETY: `owner` is the live pointer `send` takes, in a hook where it may call out (the
+        // variant's promise); `raw`, the strings it points into and `cluster` outlive the call,
+        // and Envoy copies them; `id` is a live local.
         let result = unsafe {
-            envoy_dynamic_module_callback_http_filter_config_http_callout(
-                self.config,
+            send(
+                owner,
                 &mut id,
                 Buffer::of(cluster.as_bytes()),
                 raw.as_mut_ptr(),
@@ -342,6 +364,15 @@ impl MainThread {
     }
 }
 
+/// Envoy's callout callbacks, for a config or a filter (the same signature: both pointers are
+/// `*mut c_void`).
+type SendCallout =
+    unsafe extern "C" fn(*mut c_void, *mut u64, Buffer, *mut HttpHeader, usize, Buffer, u64) -> u32;
+
+/// Envoy's counter- and gauge-definition callbacks (the same signature).
+type DefineMetric =
+    unsafe extern "C" fn(EnvoyConfigPtr, Buffer, *mut Buffer, usize, *mut usize) -> u32;
+
 impl Drop for MainThread {
     fn drop(&mut self) {
         if !self.scheduler.is_null() {
@@ -353,14 +384,18 @@ impl Drop for MainThread {
     }
 }
 
-fn module_headers(headers: &[(&str, String)]) -> Vec<HttpHeader> {
+/// Envoy's header entries pointing into `headers`, which must outlive their use.
+fn module_headers<V: AsRef<str>>(headers: &[(&str, V)]) -> Vec<HttpHeader> {
     headers
         .iter()
-        .map(|(name, value)| HttpHeader {
-            key_ptr: name.as_ptr().cast(),
-            key_length: name.len(),
-            value_ptr: value.as_ptr().cast(),
-            value_length: value.len(),
+        .map(|(name, value)| {
+            let value = value.as_ref();
+            HttpHeader {
+                key_ptr: name.as_ptr().cast(),
+                key_length: name.len(),
+                value_ptr: value.as_ptr().cast(),
+                value_length: value.len(),
+            }
         })
         .collect()
 }
@@ -382,10 +417,27 @@ fn callout_result(result: u32, id: u64, cluster: &str) -> Result<u64, CalloutErr
 impl ConfigHandle {
     /// Defines a gauge; `MainThread::set_gauge` sets it.
     pub fn define_gauge(&self, name: &str) -> Option<usize> {
+        self.define_metric(
+            envoy_dynamic_module_callback_http_filter_config_define_gauge,
+            name,
+        )
+    }
+
+    /// Defines a counter; its id is what `FilterHandle::increment_counter` and
+    /// `MainThread::increment_counter` take.
+    pub fn define_counter(&self, name: &str) -> Option<usize> {
+        self.define_metric(
+            envoy_dynamic_module_callback_http_filter_config_define_counter,
+            name,
+        )
+    }
+
+    fn define_metric(&self, define: DefineMetric, name: &str) -> Option<usize> {
         let mut id = 0usize;
-        // SAFETY: as in `define_counter`.
+        // SAFETY: `self.0` is the config pointer of the running `config_new` hook; the name
+        // buffer lives for the call (Envoy copies it); no labels; `id` is a live local.
         let result = unsafe {
-            envoy_dynamic_module_callback_http_filter_config_define_gauge(
+            define(
                 self.0,
                 Buffer::of(name.as_bytes()),
                 std::ptr::null_mut(),
@@ -405,23 +457,6 @@ impl ConfigHandle {
             config: self.0,
             scheduler,
         }
-    }
-
-    /// Defines a counter; its id is what `FilterHandle::increment_counter` takes.
-    pub fn define_counter(&self, name: &str) -> Option<usize> {
-        let mut id = 0usize;
-        // SAFETY: `self.0` is the config pointer of the running `config_new` hook; the name
-        // buffer lives for the call (Envoy copies it); no labels; `id` is a live local.
-        let result = unsafe {
-            envoy_dynamic_module_callback_http_filter_config_define_counter(
-                self.0,
-                Buffer::of(name.as_bytes()),
-                std::ptr::null_mut(),
-                0,
-                &mut id,
-            )
-        };
-        (result == METRICS_SUCCESS).then_some(id)
     }
 }
 
@@ -532,15 +567,7 @@ impl FilterHandle {
 
     /// Answers the request locally.
     pub fn send_response(&self, status: u32, headers: &[(&str, &str)], body: &[u8]) {
-        let mut raw: Vec<HttpHeader> = headers
-            .iter()
-            .map(|(name, value)| HttpHeader {
-                key_ptr: name.as_ptr().cast(),
-                key_length: name.len(),
-                value_ptr: value.as_ptr().cast(),
-                value_length: value.len(),
-            })
-            .collect();
+        let mut raw = module_headers(headers);
         // SAFETY: `self.0` is the filter pointer of the running hook; `raw`, its strings and
         // `body` outlive the call and Envoy copies them; null details are allowed.
         unsafe {
@@ -600,31 +627,6 @@ impl FilterHandle {
                 .map(|k| String::from_utf8_lossy(k.bytes()).into_owned())
                 .collect()
         }
-    }
-
-    /// Sends a request to `cluster`; its answer comes to `http_callout_done` of this stream.
-    pub fn http_callout(
-        &self,
-        cluster: &str,
-        headers: &[(&str, String)],
-        timeout_ms: u64,
-    ) -> Result<u64, CalloutError> {
-        let mut raw = module_headers(headers);
-        let mut id = 0u64;
-        // SAFETY: `self.0` is the filter pointer of the running hook; `raw`, the strings it
-        // points into and `cluster` outlive the call, and Envoy copies them; `id` is a live local.
-        let result = unsafe {
-            envoy_dynamic_module_callback_http_filter_http_callout(
-                self.0,
-                &mut id,
-                Buffer::of(cluster.as_bytes()),
-                raw.as_mut_ptr(),
-                raw.len(),
-                Buffer::null(),
-                timeout_ms,
-            )
-        };
-        callout_result(result, id, cluster)
     }
 
     /// Resumes a request paused by `request_headers` returning StopIteration.
@@ -740,15 +742,25 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
     }
 }
 
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config: ModuleConfigPtr) {
-    if config.is_null() {
+/// Frees what a `Box::into_raw` handed Envoy, under a guard: a panicking `Drop` must not
+/// unwind into Envoy.
+///
+/// # Safety
+/// `ptr` must be null or come from `Box::<T>::into_raw`, and be given back only once.
+unsafe fn drop_boxed<T>(ptr: *const c_void) {
+    if ptr.is_null() {
         return;
     }
-    // SAFETY: `config` came from `Box::into_raw` in `config_new` and Envoy destroys each config
-    // once, after every filter made from it.
-    let config = unsafe { Box::from_raw(config as *mut FilterConfig) };
-    let _ = catch_unwind(AssertUnwindSafe(move || drop(config)));
+    // SAFETY: the caller's promise: a pointer from `Box::<T>::into_raw`, given back once.
+    let boxed = unsafe { Box::from_raw(ptr as *mut T) };
+    let _ = catch_unwind(AssertUnwindSafe(move || drop(boxed)));
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config: ModuleConfigPtr) {
+    // SAFETY: `config` is null or came from `Box::into_raw` in `config_new`, and Envoy destroys
+    // each config once, after every filter made from it.
+    unsafe { drop_boxed::<FilterConfig>(config) }
 }
 
 #[no_mangle]
@@ -770,13 +782,9 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
 
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(stream: ModuleFilterPtr) {
-    if stream.is_null() {
-        return;
-    }
-    // SAFETY: `stream` came from `Box::into_raw` in `filter_new`; Envoy destroys it once and
-    // calls no other hook for it afterwards.
-    let stream = unsafe { Box::from_raw(stream as *mut Stream) };
-    let _ = catch_unwind(AssertUnwindSafe(move || drop(stream)));
+    // SAFETY: `stream` is null or came from `Box::into_raw` in `filter_new`; Envoy destroys it
+    // once and calls no other hook for it afterwards.
+    unsafe { drop_boxed::<Stream>(stream) }
 }
 
 /// Borrows the stream a hook is for. Only shared borrows are made: sending a local reply runs
@@ -787,6 +795,21 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(stream: ModuleFilt
 /// `filter_new` and `filter_destroy`, on the stream's own worker thread).
 unsafe fn stream_ref<'a>(stream: ModuleFilterPtr) -> Option<&'a Stream> {
     (stream as *const Stream).as_ref()
+}
+
+/// Runs a later hook of a stream (not its request hook) under a guard: after a panic the
+/// request fails closed (`on_panic`) unless it was answered already. No stream: nothing to do.
+fn guard_stream_hook(
+    filter: FilterHandle,
+    stream: Option<&Stream>,
+    hook: impl FnOnce(&FilterHandle, &Stream),
+) {
+    let Some(stream) = stream else {
+        return;
+    };
+    if catch_unwind(AssertUnwindSafe(|| hook(&filter, stream))).is_err() {
+        let _ = catch_unwind(AssertUnwindSafe(|| super::on_panic(&filter, stream)));
+    }
 }
 
 #[no_mangle]
@@ -841,17 +864,11 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
     stream: ModuleFilterPtr,
     event_id: u64,
 ) {
-    let filter = FilterHandle(filter_envoy);
     // SAFETY: see `stream_ref`.
-    let Some(stream) = (unsafe { stream_ref(stream) }) else {
-        return;
-    };
-    let guarded = catch_unwind(AssertUnwindSafe(|| {
-        super::on_stream_scheduled(&filter, stream, event_id)
-    }));
-    if guarded.is_err() {
-        let _ = catch_unwind(AssertUnwindSafe(|| super::on_panic(&filter, stream)));
-    }
+    let stream = unsafe { stream_ref(stream) };
+    guard_stream_hook(FilterHandle(filter_envoy), stream, |filter, stream| {
+        super::on_stream_scheduled(filter, stream, event_id)
+    });
 }
 
 // Hooks Envoy 1.40 requires every module to export; keygate does nothing in them. Their bodies
@@ -965,21 +982,15 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
     body_chunks: *mut Buffer,
     body_chunks_size: usize,
 ) {
-    let filter = FilterHandle(filter_envoy);
     // SAFETY: see `stream_ref`.
-    let Some(stream) = (unsafe { stream_ref(stream) }) else {
-        return;
-    };
-    let guarded = catch_unwind(AssertUnwindSafe(|| {
-        // SAFETY: Envoy passes the answer's headers and body chunks with their counts, owned by
-        // Envoy and valid until this hook returns (null when there was no answer).
+    let stream = unsafe { stream_ref(stream) };
+    guard_stream_hook(FilterHandle(filter_envoy), stream, |filter, stream| {
+        // SAFETY: Envoy passes the answer's headers and body chunks with their counts,
+        // owned by Envoy and valid until this hook returns (null when there was no answer).
         let response =
             unsafe { fetch_response(result, headers, headers_size, body_chunks, body_chunks_size) };
-        super::on_callout_done(&filter, stream, callout_id, response)
-    }));
-    if guarded.is_err() {
-        let _ = catch_unwind(AssertUnwindSafe(|| super::on_panic(&filter, stream)));
-    }
+        super::on_callout_done(filter, stream, callout_id, response)
+    });
 }
 
 /// Borrows the config a main-thread hook is for.

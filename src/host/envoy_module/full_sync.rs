@@ -13,12 +13,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
-use super::ffi::{log, ConfigHandle, LogLevel, MainThread};
+use super::ffi::{log, CalloutOrigin, ConfigHandle, LogLevel, MainThread};
 use super::process_store::{ProcessSide, ProcessStore};
 use crate::core::keyset::KeySet;
 use crate::core::keysource::full_sync::{RemoteKeySet, Unavailable};
 use crate::core::keysource::full_sync_flow::{Fetch, Fetchers, FullSyncFlow};
-use crate::core::keysource::host::{CalloutError, Callouts, Counter, Gauge, Metrics};
+use crate::core::keysource::host::{Counter, Gauge, Metrics};
 use crate::core::keysource::service::{FetchResponse, FullSync, KeyService};
 
 /// How often the main thread checks whether a fetch is due (the wasm filter's tick).
@@ -50,17 +50,8 @@ impl ProcessSide for MainThreadHost<'_> {
     fn process_store(&self) -> Option<&ProcessStore> {
         Some(self.store)
     }
-}
-
-impl Callouts for MainThreadHost<'_> {
-    fn dispatch(
-        &self,
-        cluster: &str,
-        headers: &[(&'static str, String)],
-        timeout_ms: u64,
-    ) -> Result<u64, CalloutError> {
-        let headers: Vec<(&str, String)> = headers.to_vec();
-        self.main.http_callout(cluster, &headers, timeout_ms)
+    fn callout_origin(&self) -> CalloutOrigin<'_> {
+        CalloutOrigin::MainThread(self.main)
     }
 }
 

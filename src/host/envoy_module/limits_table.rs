@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::core::keysource::store::{SharedStore, StoreError};
-use crate::core::limits::{slot_index, sweep, sweep_batch, Limits};
+use crate::core::limits::{slot_index, sweep, sweep_batch, sweep_due, Limits};
 
 /// Filter name and slot count to its table.
 type TablesByFilter = HashMap<(String, u32), Arc<LimitsTable>>;
@@ -29,9 +29,6 @@ pub struct LimitsTable {
     last_sweep_ms: AtomicI64,
     sweep_cursor: AtomicU32,
 }
-
-/// How often some request sweeps part of the table for idle counters (the wasm filter's tick).
-const SWEEP_PERIOD_MS: i64 = 1000;
 
 impl LimitsTable {
     fn new(slots: u32) -> LimitsTable {
@@ -69,7 +66,7 @@ impl LimitsTable {
     /// Sweeps one batch when a second has passed since the last sweep; one request wins the race.
     pub fn maybe_sweep(&self, limits: &Limits, now_ms: i64) {
         let last = self.last_sweep_ms.load(Ordering::Relaxed);
-        if now_ms - last < SWEEP_PERIOD_MS
+        if !sweep_due(last, now_ms)
             || self
                 .last_sweep_ms
                 .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)

@@ -16,26 +16,28 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::core::access_log::AccessLogEntry;
-use crate::core::codes::ErrorCode;
+use crate::core::codes::{ErrorCode, ALLOWED_COUNTER, DENIED_COUNTER};
 use crate::core::config::{Config, SessionConfig};
 use crate::core::credential::Credential;
-use crate::core::decision::{begin, decide_for_key, lookup, Decision, Principal, Step};
+use crate::core::decision::{
+    begin, decide_for_key, lookup, reads_clock, Decision, Principal, Step,
+};
 use crate::core::keyset::KeySet;
-use crate::core::keysource::host::{CalloutError, Callouts, Counter, Gauge, Metrics};
+use crate::core::keysource::host::{Counter, Gauge, Metrics};
 use crate::core::keysource::lookup_flow::{
     unavailable as core_unavailable, LookupFlow, LookupOutcome,
 };
 use crate::core::keysource::lookup_on_miss::Answer;
 use crate::core::keysource::paths::LookupKey;
 use crate::core::keysource::service::{FetchResponse, KeyServiceMode};
-use crate::core::limits::apply_limits;
+use crate::core::limits::{apply_limits, limits_apply_to};
 use crate::core::policy::Policy;
 use crate::core::reply::{denial_log_line, preflight_reply, unconfigured_reply};
 use crate::core::request::{RequestView, SessionEvidence};
 use crate::core::selectors::form_body_kind;
 use crate::core::session_token;
 use crate::core::upstream::upstream_edits;
-use ffi::{log, log_enabled, ConfigHandle, FilterHandle, LogLevel};
+use ffi::{log, log_enabled, CalloutOrigin, ConfigHandle, FilterHandle, LogLevel};
 use full_sync::{FullSource, TICK_EVENT};
 use limits_table::LimitsTable;
 use lookups_in_flight::{LookupsInFlight, Outcome, Role, LOOKUP_ANSWERED};
@@ -67,14 +69,11 @@ impl Counters {
             misses_over_cap: lookup_counter(Counter::MissesOverCap.name()),
             coalesced: lookup_counter(Counter::Coalesced.name()),
             unverified_allowed: counter(Counter::UnverifiedAllowed.name()),
-            allowed: counter("allowed"),
-            denied: counter("denied"),
+            allowed: counter(ALLOWED_COUNTER),
+            denied: counter(DENIED_COUNTER),
             denied_by_code: ErrorCode::ALL
                 .iter()
-                .map(|c| {
-                    let suffix = format!("denied.{}", c.as_str().to_ascii_lowercase());
-                    (*c, counter(&suffix))
-                })
+                .map(|c| (*c, counter(&c.denied_counter())))
                 .collect(),
         }
     }
@@ -116,17 +115,8 @@ impl ProcessSide for StreamHost<'_> {
     fn process_store(&self) -> Option<&ProcessStore> {
         self.store
     }
-}
-
-impl Callouts for StreamHost<'_> {
-    fn dispatch(
-        &self,
-        cluster: &str,
-        headers: &[(&'static str, String)],
-        timeout_ms: u64,
-    ) -> Result<u64, CalloutError> {
-        let headers: Vec<(&str, String)> = headers.to_vec();
-        self.filter.http_callout(cluster, &headers, timeout_ms)
+    fn callout_origin(&self) -> CalloutOrigin<'_> {
+        CalloutOrigin::Stream(self.filter)
     }
 }
 
@@ -260,11 +250,7 @@ fn config_new(handle: &ConfigHandle, bytes: &[u8]) -> Option<FilterConfig> {
     } else {
         Arc::new(LimitsTable::empty())
     };
-    let reads_clock = config.key_service.is_some()
-        || keys
-            .records()
-            .iter()
-            .any(|r| r.expires_at.is_some() || r.not_after.is_some());
+    let reads_clock = reads_clock(&config, &keys);
     log(
         LogLevel::Info,
         &format!(
@@ -378,9 +364,7 @@ fn decide_by_lookup(
             return false;
         }
         Role::OverCap => {
-            let outcome = stale
-                .as_ref()
-                .map_or(LookupOutcome::OverCap, LookupOutcome::Answer);
+            let outcome = LookupOutcome::over_cap(stale.as_ref());
             let decision = flow.decide(&host, config, policy, &credential, &req, outcome);
             return apply(filter, stream, &req, decision);
         }
@@ -399,9 +383,7 @@ fn decide_by_lookup(
         }
         None => {
             runtime.lookups.settle(&key, None);
-            let outcome = stale
-                .as_ref()
-                .map_or(LookupOutcome::Unavailable, LookupOutcome::Answer);
+            let outcome = LookupOutcome::failed(stale.as_ref());
             let decision = flow.decide(&host, config, policy, &credential, &req, outcome);
             apply(filter, stream, &req, decision)
         }
@@ -474,9 +456,7 @@ fn resume_decided(
         Step::Lookup { credential, policy } => match lookup_flow(runtime) {
             Some(flow) => {
                 let host = StreamHost::of(filter, runtime);
-                let outcome = answer
-                    .as_ref()
-                    .map_or(LookupOutcome::Unavailable, LookupOutcome::Answer);
+                let outcome = LookupOutcome::failed(answer.as_ref());
                 flow.decide(&host, config, policy, &credential, req, outcome)
             }
             None => Decision::Deny {
@@ -558,7 +538,7 @@ fn apply(filter: &FilterHandle, stream: &Stream, req: &RequestView, decision: De
                     deny(filter, stream, code, &entry, Vec::new());
                     return false;
                 }
-                if config.limits.enabled || record.budget_exhausted {
+                if limits_apply_to(&config.limits, record) {
                     let now = now_millis();
                     let table = &*runtime.limits;
                     let outcome = apply_limits(&config.limits, record, policy, table, now);

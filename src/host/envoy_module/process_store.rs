@@ -7,9 +7,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use super::ffi::{log, LogLevel};
+use super::ffi::{log, CalloutOrigin, LogLevel};
 use super::now_millis;
-use crate::core::keysource::host::{Clock, Level, Log};
+use crate::core::keysource::host::{CalloutError, Callouts, Clock, Level, Log};
 use crate::core::keysource::store::{SharedStore, StoreError};
 
 #[derive(Default)]
@@ -55,11 +55,25 @@ impl SharedStore for ProcessStore {
     }
 }
 
-/// A host of the key-source flows in this process (main thread or stream): its store, clock
-/// and log are the process's, written once here for both.
+/// A host of the key-source flows in this process (main thread or stream): its store, clock,
+/// log and callouts are written once here for both.
 pub trait ProcessSide {
     /// The store the flow reads and writes (`None`: this host keeps nothing).
     fn process_store(&self) -> Option<&ProcessStore>;
+    /// Where its callouts go out from (the config on the main thread, or the stream).
+    fn callout_origin(&self) -> CalloutOrigin<'_>;
+}
+
+impl<T: ProcessSide> Callouts for T {
+    fn dispatch(
+        &self,
+        cluster: &str,
+        headers: &[(&'static str, String)],
+        timeout_ms: u64,
+    ) -> Result<u64, CalloutError> {
+        self.callout_origin()
+            .http_callout(cluster, headers, timeout_ms)
+    }
 }
 
 impl<T: ProcessSide> SharedStore for T {

@@ -19,10 +19,12 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 
 use crate::core::access_log::AccessLogEntry;
-use crate::core::codes::ErrorCode;
+use crate::core::codes::{ErrorCode, ALLOWED_COUNTER, DENIED_COUNTER};
 use crate::core::config::Config;
 use crate::core::credential::Credential;
-use crate::core::decision::{begin, decide_for_key, lookup, Decision, Principal, Step};
+use crate::core::decision::{
+    begin, decide_for_key, lookup, reads_clock, Decision, Principal, Step,
+};
 use crate::core::keyset::KeyRecord;
 use crate::core::keyset::KeySet;
 use crate::core::keysource::host::Clock;
@@ -30,11 +32,14 @@ use crate::core::keysource::lookup_flow::{LookupFlow, LookupOutcome};
 use crate::core::keysource::lookup_on_miss::Answer;
 use crate::core::keysource::lookup_waiters::LookupsInFlight;
 use crate::core::keysource::paths::LookupKey;
-use crate::core::limits::{apply_limits, ensure_slots, sweep, sweep_batch};
+use crate::core::limits::{
+    apply_limits, ensure_slots, limits_apply_to, sweep, sweep_batch, sweep_due, SWEEP_PERIOD_MS,
+};
 use crate::core::policy::Policy;
 use crate::core::reply::{preflight_reply, unconfigured_reply, LocalReply};
 use crate::core::request::{RequestView, SessionEvidence};
 use crate::core::selectors::{check_form_body, form_body_kind};
+use crate::core::session_token;
 use crate::core::upstream::upstream_edits;
 use host_calls::{bump, log, now_millis};
 use keysource::{read_call_response, KeySource};
@@ -59,16 +64,11 @@ impl Metrics {
             hostcalls::define_metric(MetricType::Counter, &format!("keygate.{name}.{suffix}")).ok()
         };
         Metrics {
-            allowed: counter("allowed"),
-            denied: counter("denied"),
+            allowed: counter(ALLOWED_COUNTER),
+            denied: counter(DENIED_COUNTER),
             denied_by_code: ErrorCode::ALL
                 .iter()
-                .map(|c| {
-                    (
-                        *c,
-                        counter(&format!("denied.{}", c.as_str().to_ascii_lowercase())),
-                    )
-                })
+                .map(|c| (*c, counter(&c.denied_counter())))
                 .collect(),
         }
     }
@@ -167,11 +167,7 @@ impl RootContext for KeygateRoot {
                     // Also drives the limits sweep, which keeps its own one-second pace.
                     let _ = hostcalls::set_tick_period(period);
                 }
-                let reads_clock = source.is_some()
-                    || keys
-                        .records()
-                        .iter()
-                        .any(|r| r.expires_at.is_some() || r.not_after.is_some());
+                let reads_clock = reads_clock(&config, &keys);
                 self.runtime = Some(Rc::new(Runtime {
                     reply_headers: PreparedHeaders::prepare(&config.replies),
                     config,
@@ -202,12 +198,16 @@ impl RootContext for KeygateRoot {
             expire_waiters(&runtime);
         }
         let limits = &runtime.config.limits;
-        if !limits.enabled || now_millis() - self.last_sweep_ms < SWEEP_PERIOD.as_millis() as i64 {
+        if !limits.enabled {
             return;
         }
-        self.last_sweep_ms = now_millis();
+        let now = now_millis();
+        if !sweep_due(self.last_sweep_ms, now) {
+            return;
+        }
+        self.last_sweep_ms = now;
         let batch = sweep_batch(limits);
-        let _ = sweep(limits, &HostStore, now_millis(), self.sweep_cursor, batch);
+        let _ = sweep(limits, &HostStore, now, self.sweep_cursor, batch);
         self.sweep_cursor = self.sweep_cursor.wrapping_add(batch) % limits.slots;
     }
 
@@ -228,8 +228,8 @@ impl RootContext for KeygateRoot {
     }
 }
 
-/// How often each worker sweeps part of the shared limits table for idle counters.
-const SWEEP_PERIOD: Duration = Duration::from_secs(1);
+/// The tick of a filter with limits and no key source: the sweep's period.
+const SWEEP_PERIOD: Duration = Duration::from_millis(SWEEP_PERIOD_MS as u64);
 
 struct KeygateRequest {
     context_id: u32,
@@ -419,9 +419,7 @@ impl KeygateRequest {
             Err(waiter) => waiter,
         };
         if !flow.admit(&host) {
-            let outcome = stale
-                .as_ref()
-                .map_or(LookupOutcome::OverCap, LookupOutcome::Answer);
+            let outcome = LookupOutcome::over_cap(stale.as_ref());
             let decision = flow.decide(&host, config, policy, &credential, &req, outcome);
             return self.apply(runtime, &req, decision).action();
         }
@@ -441,9 +439,7 @@ impl KeygateRequest {
                 Action::Pause
             }
             None => {
-                let outcome = stale
-                    .as_ref()
-                    .map_or(LookupOutcome::Unavailable, LookupOutcome::Answer);
+                let outcome = LookupOutcome::failed(stale.as_ref());
                 let decision = flow.decide(&host, config, policy, &credential, &req, outcome);
                 self.apply(runtime, &req, decision).action()
             }
@@ -526,7 +522,7 @@ fn decide_paused<'a>(
     match begin(config, req) {
         Step::Decided(decision) => decision,
         Step::Lookup { credential, policy } => {
-            let outcome = answer.map_or(LookupOutcome::Unavailable, LookupOutcome::Answer);
+            let outcome = LookupOutcome::failed(answer);
             flow.decide(&source.host(), config, policy, &credential, req, outcome)
         }
     }
@@ -606,7 +602,7 @@ fn settle(
         }
         Decision::Allow { principal, policy } => {
             if let Principal::ApiKey { record, .. } = &principal {
-                if config.limits.enabled || record.budget_exhausted {
+                if limits_apply_to(&config.limits, record) {
                     let outcome =
                         apply_limits(&config.limits, record, policy, &HostStore, now_millis());
                     match outcome {
@@ -751,7 +747,7 @@ fn read_session(session: &crate::core::config::SessionConfig) -> SessionEvidence
         "message",
     ]) {
         Some(message) => SessionEvidence::Failed {
-            expired: message.to_ascii_lowercase().contains("expired"),
+            expired: session_token::failure_says_expired(&message),
         },
         None => SessionEvidence::Absent,
     }
