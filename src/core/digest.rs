@@ -8,6 +8,20 @@ pub fn sha256(secret: &[u8]) -> Digest {
     Sha256::digest(secret).into()
 }
 
+/// The digest of bytes that arrive in parts (a document fetched in ranges).
+#[derive(Debug, Default, Clone)]
+pub struct Sha256Stream(Sha256);
+
+impl Sha256Stream {
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    pub fn finish(self) -> Digest {
+        self.0.finalize().into()
+    }
+}
+
 /// Compares two digests without an early exit, so timing does not reveal how many bytes matched.
 pub fn digests_equal(a: &Digest, b: &Digest) -> bool {
     let mut diff = 0u8;

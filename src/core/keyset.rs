@@ -282,7 +282,7 @@ impl KeyRecord {
     }
 
     /// Validates `spec`, taking its profile from `profiles` when an equal one is there.
-    fn from_spec_sharing(
+    pub(crate) fn from_spec_sharing(
         mut spec: KeyRecordSpec,
         path: &str,
         profiles: &mut HashSet<Arc<KeyProfile>>,

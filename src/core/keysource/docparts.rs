@@ -104,7 +104,9 @@ impl std::error::Error for PartError {}
 struct Assembly {
     etag: Option<String>,
     total: u64,
+    /// The parts so far, unless they are handed on one at a time (`PartedFetch::streamed`).
     body: Vec<u8>,
+    received: u64,
     tries: u32,
 }
 
@@ -112,6 +114,9 @@ struct Assembly {
 #[derive(Debug, Default)]
 pub struct PartedFetch {
     assembly: Option<Assembly>,
+    /// Hand each part on (`take_part`) instead of putting the document together.
+    streamed: bool,
+    part: Option<(u64, Vec<u8>)>,
 }
 
 /// `bytes start-end/total` of a `content-range` header.
@@ -123,9 +128,24 @@ fn parse_content_range(value: &str) -> Option<(u64, u64, u64)> {
 }
 
 impl PartedFetch {
+    /// A fetch whose parts are handed on one at a time: after each `accept`, `take_part` has
+    /// the part that came (a `Complete` 200 of parts then has an empty body).
+    pub fn streamed() -> PartedFetch {
+        PartedFetch {
+            streamed: true,
+            ..PartedFetch::default()
+        }
+    }
+
+    /// The part the last answer brought, with the document's whole size.
+    pub fn take_part(&mut self) -> Option<(u64, Vec<u8>)> {
+        self.part.take()
+    }
+
     /// Forgets a fetch (a new one starts, or the answer never came).
     pub fn reset(&mut self) {
         self.assembly = None;
+        self.part = None;
     }
 
     /// Takes the answer to the last part asked for.
@@ -136,6 +156,9 @@ impl PartedFetch {
         };
         if !matches!(step, PartStep::Fetch { .. }) {
             self.assembly = None;
+        }
+        if matches!(step, PartStep::Failed(_)) {
+            self.part = None;
         }
         step
     }
@@ -153,14 +176,22 @@ impl PartedFetch {
         if start != 0 || response.body.len() as u64 != end - start + 1 {
             return PartStep::Failed(PartError::FirstPartRange { start, end });
         }
-        // The whole size at once: growing by doubling would leave a far larger peak behind
-        // (WebAssembly memory never shrinks).
-        let mut body = Vec::with_capacity(total as usize);
-        body.extend_from_slice(&response.body);
+        let received = response.body.len() as u64;
+        let body = if self.streamed {
+            self.part = Some((total, response.body));
+            Vec::new()
+        } else {
+            // The whole size at once: growing by doubling would leave a far larger peak
+            // behind (WebAssembly memory never shrinks).
+            let mut body = Vec::with_capacity(total as usize);
+            body.extend_from_slice(&response.body);
+            body
+        };
         self.assembly = Some(Assembly {
             etag: response.etag,
             total,
             body,
+            received,
             tries: 0,
         });
         self.progress()
@@ -172,7 +203,7 @@ impl PartedFetch {
         response: FetchResponse,
         content_range: Option<&str>,
     ) -> PartStep {
-        let offset = assembly.body.len() as u64;
+        let offset = assembly.received;
         match response.status {
             None if assembly.tries + 1 < PART_TRIES => {
                 assembly.tries += 1;
@@ -192,7 +223,12 @@ impl PartedFetch {
                 if start != offset || response.body.len() as u64 != end - start + 1 {
                     return PartStep::Failed(PartError::PartRange { offset, start, end });
                 }
-                assembly.body.extend_from_slice(&response.body);
+                assembly.received += response.body.len() as u64;
+                if self.streamed {
+                    self.part = Some((assembly.total, response.body));
+                } else {
+                    assembly.body.extend_from_slice(&response.body);
+                }
                 assembly.tries = 0;
                 self.assembly = Some(assembly);
                 self.progress()
@@ -204,9 +240,7 @@ impl PartedFetch {
     /// The next part to ask for, or the whole document once every part is in.
     fn progress(&mut self) -> PartStep {
         match &self.assembly {
-            Some(a) if (a.body.len() as u64) < a.total => PartStep::Fetch {
-                offset: a.body.len() as u64,
-            },
+            Some(a) if a.received < a.total => PartStep::Fetch { offset: a.received },
             _ => match self.assembly.take() {
                 Some(a) => PartStep::Complete(FetchResponse {
                     status: Some(200),

@@ -5,14 +5,17 @@
 use std::sync::Arc;
 
 use super::docparts::{range_header, PartError};
+use super::docstream::DocumentStream;
 use super::host::CalloutError;
 use super::retire::Retiring;
 use super::service::{FetchResponse, FullSync, KeyService};
+use super::setbuckets::{slot_of, BuildError, Clearing, SetWriter, SharedSet};
 use super::setchunks::{self, LoadError, Loading};
 use super::store::{cas_update, Change, Reader, SharedStore};
 use crate::core::config_error::ConfigError;
-use crate::core::digest::sha256;
-use crate::core::keyset::KeySet;
+use crate::core::credential::Credential;
+use crate::core::digest::{sha256, Digest, Sha256Stream};
+use crate::core::keyset::{KeyRecord, KeySet};
 
 /// First byte of every value this module writes.
 const FORMAT: u8 = 1;
@@ -301,21 +304,12 @@ impl RemoteKeySet {
 
     /// The warning for a fetch that failed while this set keeps serving.
     pub fn fetch_failed_line(&self, name: &str, failures: u32, reason: &FetchError) -> String {
-        format!(
-            "keygate[{name}]: key-set fetch failed ({failures} in a row): {reason}; \
-             keeping version {} ({} keys)",
-            self.version,
-            self.len()
-        )
+        fetch_failed_line(name, failures, reason, self.version, self.len())
     }
 
     /// The warning for a refused rollback (`FetchOutcome::RolledBack`) while this set serves.
     pub fn rollback_line(&self, name: &str, offered: u64, current: u64, failures: u32) -> String {
-        format!(
-            "keygate[{name}]: key-set document refused ({failures} failed fetches in a row): \
-             serial {offered} is not above serial {current} of version {}",
-            self.version
-        )
+        rollback_line(name, offered, current, failures, self.version)
     }
 
     pub fn version(&self) -> u64 {
@@ -328,6 +322,158 @@ impl RemoteKeySet {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// The warning for a fetch that failed while version `version` (`keys` keys) keeps serving.
+pub fn fetch_failed_line(
+    name: &str,
+    failures: u32,
+    reason: &FetchError,
+    version: u64,
+    keys: usize,
+) -> String {
+    format!(
+        "keygate[{name}]: key-set fetch failed ({failures} in a row): {reason}; \
+         keeping version {version} ({keys} keys)"
+    )
+}
+
+/// The warning for a refused rollback (`FetchOutcome::RolledBack`) while `version` serves.
+pub fn rollback_line(
+    name: &str,
+    offered: u64,
+    current: u64,
+    failures: u32,
+    version: u64,
+) -> String {
+    format!(
+        "keygate[{name}]: key-set document refused ({failures} failed fetches in a row): \
+         serial {offered} is not above serial {current} of version {version}"
+    )
+}
+
+/// The shared set as one VM sees it (wasm): the header of the current version, its profiles
+/// decoded once; each key is looked up in shared data (`setbuckets`).
+#[derive(Debug, Default)]
+pub struct SharedKeys {
+    set: Option<SharedSet>,
+    refused_version: u64,
+    last_success_ms: i64,
+}
+
+impl SharedKeys {
+    /// Reads the shared meta (one small value) and, when the version moved, the new version's
+    /// header.
+    pub fn sync(&mut self, service: &KeyService, store: &dyn SharedStore) -> Option<SyncEvent> {
+        let meta = read_meta(service, store)?.0;
+        self.last_success_ms = meta.last_success_ms;
+        let current = self.set.as_ref().map_or(0, |s| s.version);
+        if meta.version == 0 || meta.version == current || meta.version == self.refused_version {
+            return None;
+        }
+        match SharedSet::load(service, store, meta.version) {
+            Ok(Some(set)) => {
+                let event = SyncEvent::Loaded {
+                    version: set.version,
+                    keys: set.len(),
+                };
+                self.set = Some(set);
+                Some(event)
+            }
+            // The header is being replaced: the meta moved on since it was read.
+            Ok(None) => None,
+            Err(message) => {
+                self.refused_version = meta.version;
+                Some(SyncEvent::Refused {
+                    version: meta.version,
+                    error: ConfigError::new("stored key set", message),
+                })
+            }
+        }
+    }
+
+    /// The record a credential names (`Ok(None)`: no such key), unless there is no set yet or
+    /// it is too old.
+    pub fn find(
+        &self,
+        service: &KeyService,
+        store: &dyn SharedStore,
+        credential: &Credential,
+        now_ms: i64,
+    ) -> Result<Option<KeyRecord>, Unavailable> {
+        let set = self.set.as_ref().ok_or(Unavailable::NotLoaded)?;
+        check_age(service, self.last_success_ms, now_ms)?;
+        Ok(match credential {
+            Credential::Opaque { digest, .. } => set.by_digest(service, store, digest),
+            Credential::Pair { id, .. } => set.by_id(service, store, id),
+        })
+    }
+
+    pub fn version(&self) -> u64 {
+        self.set.as_ref().map_or(0, |s| s.version)
+    }
+
+    pub fn len(&self) -> usize {
+        self.set.as_ref().map_or(0, |s| s.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A document being written into shared data part by part as its ranges arrive.
+#[derive(Debug)]
+pub struct Build {
+    stream: DocumentStream,
+    writer: SetWriter,
+    digest: Sha256Stream,
+}
+
+impl Build {
+    /// Starts the build of the version after the stored one, in its slot.
+    pub fn start(service: &KeyService, store: &dyn SharedStore, now_ms: i64, total: u64) -> Build {
+        let stored = read_meta(service, store).map_or(0, |(m, _)| m.version);
+        Build {
+            stream: DocumentStream::default(),
+            writer: SetWriter::start(slot_of(stored + 1), now_ms as u64, total),
+            digest: Default::default(),
+        }
+    }
+
+    /// The slot this build writes.
+    pub fn slot(&self) -> u64 {
+        self.writer.slot()
+    }
+
+    /// Reads the next bytes of the document and writes their records into their buckets.
+    pub fn feed(
+        &mut self,
+        service: &KeyService,
+        store: &dyn SharedStore,
+        part: &[u8],
+    ) -> Result<(), FetchError> {
+        self.digest.update(part);
+        let writer = &mut self.writer;
+        self.stream
+            .feed(part, |position, spec| writer.add(position, spec))
+            .map_err(FetchError::InvalidDocument)?;
+        self.writer
+            .flush(service, store)
+            .map_err(|error| match error {
+                BuildError::Invalid(error) => FetchError::InvalidDocument(error),
+                BuildError::Store => FetchError::StoreRefused,
+            })
+    }
+
+    /// What clears this build's slot (a build that is not published).
+    pub fn clearing(&self) -> Clearing {
+        Clearing {
+            slot: self.writer.slot(),
+            buckets: self.writer.buckets(),
+            next: 0,
+        }
     }
 }
 
@@ -376,6 +522,9 @@ pub enum Publish {
 pub enum FetchOutcome {
     /// A new, valid document is stored under `version`; `keys` is its parsed set.
     Updated { version: u64, keys: KeySet },
+    /// A new, valid document of `keys` records is stored in shared data under `version`, to be
+    /// looked up there (`SharedKeys`).
+    Published { version: u64, keys: usize },
     /// The stored document is still current (304, or the same bytes).
     Unchanged { version: u64 },
     /// Nothing changed but the failure count.
@@ -658,6 +807,82 @@ impl FullSync {
                 status,
                 path: self.path.clone(),
             }),
+        }
+    }
+}
+
+impl FullSync {
+    /// Publishes a document built part by part (`Build`): checked like `finish_publishing`
+    /// checks a whole one (serial required and raised; the same bytes only confirm), then its
+    /// header and the meta that announces it. Also returns the slot to clear: the old version's
+    /// once the new one is announced, or the build's own when it is not published.
+    pub fn publish_built(
+        &self,
+        service: &KeyService,
+        store: &dyn SharedStore,
+        now_ms: i64,
+        etag: Option<String>,
+        build: Build,
+    ) -> (FetchOutcome, Option<Clearing>) {
+        let failure = |reason: FetchError| FetchOutcome::Failed {
+            reason,
+            failures: count_failure(service, store),
+        };
+        let unused = Some(build.clearing());
+        let serial = match build.stream.finish() {
+            Ok((Some(serial), _)) => serial,
+            Ok((None, _)) => {
+                let error = ConfigError::new(
+                    "serial",
+                    "required: a number raised with every published document (keygate keyset add/revoke/build write it)",
+                );
+                return (failure(FetchError::InvalidDocument(error)), unused);
+            }
+            Err(error) => return (failure(FetchError::InvalidDocument(error)), unused),
+        };
+        let digest: Digest = build.digest.clone().finish();
+        let stored = read_meta(service, store)
+            .map(|(m, _)| m)
+            .unwrap_or_default();
+        if stored.version != 0 && digest == stored.doc_sha256 {
+            return (confirm(service, store, now_ms, etag), unused);
+        }
+        if stored.version != 0 && serial <= stored.serial {
+            let outcome = FetchOutcome::RolledBack {
+                offered: serial,
+                current: stored.serial,
+                failures: count_failure(service, store),
+            };
+            return (outcome, unused);
+        }
+        let old = SharedSet::load(service, store, stored.version)
+            .ok()
+            .flatten();
+        let stored_as = cas_update(store, &service.key("meta"), META_RETRIES, |bytes| {
+            let mut meta = bytes.and_then(Meta::decode).unwrap_or_default();
+            let version = meta.version + 1;
+            // The slot was chosen when the build began: a meta that moved since is not
+            // overwritten.
+            if slot_of(version) != build.slot() {
+                return Change::Keep(None);
+            }
+            let Ok(keys) = build.writer.finish(service, store, version) else {
+                return Change::Keep(None);
+            };
+            meta.version = version;
+            meta.doc_sha256 = digest;
+            meta.serial = serial;
+            meta.etag = etag.clone();
+            meta.last_success_ms = now_ms;
+            meta.failures = 0;
+            Change::Write(meta.encode(), Some((version, keys)))
+        });
+        match stored_as {
+            Ok(Some((version, keys))) => {
+                let clear_old = old.map(|old| old.clearing());
+                (FetchOutcome::Published { version, keys }, clear_old)
+            }
+            _ => (failure(FetchError::StoreRefused), unused),
         }
     }
 }

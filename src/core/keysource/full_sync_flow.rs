@@ -7,19 +7,37 @@
 use super::docparts::{PartStep, PartedFetch};
 use super::fetch_handover::leaves_fetch_to_idle_vm;
 use super::full_sync::{
-    age_ms, FetchError, FetchOutcome, Publish, RemoteKeySet, SyncEvent, TickPlan,
+    age_ms, fetch_failed_line, rollback_line, Build, FetchError, FetchOutcome, Publish,
+    RemoteKeySet, SharedKeys, SyncEvent, TickPlan,
 };
 use super::host::{Counter, Gauge, KeySourceHost, Level};
 use super::service::{FetchResponse, FullSync, KeyService};
+use super::setbuckets::Clearing;
 
 /// A fetch whose answer never came is forgotten after its timeout plus this.
 pub const IN_FLIGHT_GRACE_MS: i64 = 5_000;
+
+/// Document bytes read per `work` call (`Fetchers::Many`): a few thousand records, parsed and
+/// written into their buckets in a few milliseconds, so no request of the worker waits long.
+pub const SLICE_BYTES: usize = 128 * 1024;
+
+/// A part received and not yet read, read a slice per `work` call.
+#[derive(Debug)]
+struct Queued {
+    body: Vec<u8>,
+    read: usize,
+    total: u64,
+    /// The next part to ask for once this one is read; `None`: this is the last part.
+    next: Option<u64>,
+    etag: Option<String>,
+}
 
 /// Who else can fetch when this worker cannot send its call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fetchers {
     /// Every VM of the process competes for the lease (wasm): one that cannot call out
-    /// releases it and stays away for a lease period.
+    /// releases it and stays away for a lease period. The set is written into shared data part
+    /// by part as the document arrives, and every VM looks keys up there (`SharedKeys`).
     Many,
     /// The worker is the process's only fetcher and its set the process's only copy, shared by
     /// every thread (the native module): it tries again next period, and stores no chunks.
@@ -44,6 +62,25 @@ pub struct Fetch {
     /// When this worker last decided a request: a busy worker leaves fetching (and the parse
     /// that comes with it) to an idle one, see `fetch_handover`.
     last_request_ms: Option<i64>,
+    /// `Fetchers::Many`: the document being written into shared data as its parts arrive.
+    build: Option<Build>,
+    /// `Fetchers::Many`: the slot of a replaced (or unpublished) version, emptied a slice per
+    /// tick.
+    clearing: Option<Clearing>,
+    /// `Fetchers::Many`: the part being read.
+    queued: Option<Queued>,
+}
+
+impl Fetch {
+    /// A part is being read: the host calls `FullSyncFlow::work` often until it is done.
+    pub fn is_working(&self) -> bool {
+        self.queued.is_some()
+    }
+
+    /// A fetch is under way: sent, or its parts being read.
+    fn busy(&self) -> bool {
+        self.in_flight.is_some() || self.queued.is_some() || self.build.is_some()
+    }
 }
 
 impl Fetch {
@@ -103,16 +140,22 @@ impl FullSyncFlow {
         if let Some(age) = age_ms(&self.service, host, now) {
             host.record(Gauge::AgeSeconds, (age.max(0) / 1000) as u64);
         }
+        if let Some(clearing) = &mut fetch.clearing {
+            if clearing.step(&self.service, host) {
+                fetch.clearing = None;
+            }
+        }
         if let Some((_, since)) = fetch.in_flight {
             if now - since > self.service.timeout_ms as i64 + IN_FLIGHT_GRACE_MS {
                 fetch.in_flight = None;
                 fetch.parts.reset();
+                self.abandon_build(fetch);
             }
         }
         if now < fetch.backoff_until_ms {
             return;
         }
-        let in_flight = fetch.in_flight.is_some();
+        let in_flight = fetch.busy();
         if leaves_fetch_to_idle_vm(
             &self.sync,
             &self.service,
@@ -131,7 +174,12 @@ impl FullSyncFlow {
             return;
         };
         host.bump(Counter::Fetches);
-        fetch.parts.reset();
+        fetch.parts = match self.fetchers {
+            Fetchers::Many => PartedFetch::streamed(),
+            Fetchers::One => PartedFetch::default(),
+        };
+        fetch.queued = None;
+        self.abandon_build(fetch);
         match host.dispatch(&self.service.cluster, &headers, self.service.timeout_ms) {
             Ok(token) => fetch.in_flight = Some((token, now)),
             Err(reason) => {
@@ -172,6 +220,9 @@ impl FullSyncFlow {
         }
         fetch.in_flight = None;
         let content_range = response.content_range.take();
+        if self.fetchers == Fetchers::Many {
+            return self.on_streamed_response(host, fetch, response, content_range.as_deref());
+        }
         let outcome = match fetch.parts.accept(response, content_range.as_deref()) {
             PartStep::Fetch { offset } => {
                 let headers = self.sync.part_headers(&self.service, offset);
@@ -211,6 +262,198 @@ impl FullSyncFlow {
         Some(outcome)
     }
 
+    /// `on_response` of a fetch whose parts are written into shared data as they come: a part
+    /// is queued, to be read a slice per `work` call.
+    fn on_streamed_response(
+        &self,
+        host: &impl KeySourceHost,
+        fetch: &mut Fetch,
+        response: FetchResponse,
+        content_range: Option<&str>,
+    ) -> Option<FetchOutcome> {
+        let step = fetch.parts.accept(response, content_range);
+        let part = fetch.parts.take_part();
+        let queued = match step {
+            PartStep::Fetch { offset } => part.map(|(total, body)| Queued {
+                body,
+                read: 0,
+                total,
+                next: Some(offset),
+                etag: None,
+            }),
+            PartStep::Complete(response) if response.status == Some(200) => match part {
+                // The last of the parts.
+                Some((total, body)) => Some(Queued {
+                    body,
+                    read: 0,
+                    total,
+                    next: None,
+                    etag: response.etag,
+                }),
+                // The whole document in one answer (the server ignored the range).
+                None => {
+                    self.abandon_build(fetch);
+                    Some(Queued {
+                        total: response.body.len() as u64,
+                        body: response.body,
+                        read: 0,
+                        next: None,
+                        etag: response.etag,
+                    })
+                }
+            },
+            // A 304 or an error: judged as before (no 200 reaches this arm, so nothing is
+            // parsed or published here).
+            PartStep::Complete(response) => {
+                self.abandon_build(fetch);
+                return Some(self.sync.finish_publishing(
+                    &self.service,
+                    host,
+                    host.now_ms(),
+                    response,
+                    Publish::MetaOnly,
+                ));
+            }
+            PartStep::Failed(reason) => {
+                return Some(self.fail_build(host, fetch, FetchError::Parts(reason)))
+            }
+        };
+        fetch.queued = queued;
+        None
+    }
+
+    /// Reads the next slice of the queued part (`Fetchers::Many`); once the part is read, asks
+    /// for the next one, or publishes the document after its last. The outcome is for
+    /// `apply_shared`.
+    pub fn work(&self, host: &impl KeySourceHost, fetch: &mut Fetch) -> Option<FetchOutcome> {
+        let mut queued = fetch.queued.take()?;
+        let end = queued
+            .read
+            .saturating_add(SLICE_BYTES)
+            .min(queued.body.len());
+        let done = end == queued.body.len();
+        let slice = queued.body.get(queued.read..end).unwrap_or_default();
+        if let Err(reason) = self.feed_part(host, fetch, queued.total, slice) {
+            return Some(self.fail_build(host, fetch, reason));
+        }
+        queued.read = end;
+        if !done {
+            fetch.queued = Some(queued);
+            return None;
+        }
+        if let Some(offset) = queued.next {
+            let headers = self.sync.part_headers(&self.service, offset);
+            return match host.dispatch(&self.service.cluster, &headers, self.service.timeout_ms) {
+                Ok(token) => {
+                    fetch.in_flight = Some((token, host.now_ms()));
+                    None
+                }
+                Err(reason) => Some(self.fail_build(host, fetch, FetchError::NotSent(reason))),
+            };
+        }
+        let build = fetch.build.take()?;
+        let (outcome, clearing) =
+            self.sync
+                .publish_built(&self.service, host, host.now_ms(), queued.etag, build);
+        self.clear(fetch, clearing);
+        Some(outcome)
+    }
+
+    /// The fetch failed: its parts and build are forgotten.
+    fn fail_build(
+        &self,
+        host: &impl KeySourceHost,
+        fetch: &mut Fetch,
+        reason: FetchError,
+    ) -> FetchOutcome {
+        fetch.parts.reset();
+        fetch.queued = None;
+        fetch.in_flight = None;
+        self.abandon_build(fetch);
+        self.sync.failed(&self.service, host, reason)
+    }
+
+    /// Writes one part's records into shared data, starting the build on the first part.
+    fn feed_part(
+        &self,
+        host: &impl KeySourceHost,
+        fetch: &mut Fetch,
+        total: u64,
+        part: &[u8],
+    ) -> Result<(), FetchError> {
+        let now = host.now_ms();
+        self.sync.hold_lease(&self.service, host, self.worker, now);
+        if fetch.build.is_none() {
+            let build = Build::start(&self.service, host, now, total);
+            // A slot still being cleared is the one this build writes: the build replaces each
+            // bucket it touches, and what it does not touch is tagged as another build's.
+            if fetch.clearing.is_some_and(|c| c.slot == build.slot()) {
+                fetch.clearing = None;
+            }
+            fetch.build = Some(build);
+        }
+        match &mut fetch.build {
+            Some(build) => build.feed(&self.service, host, part),
+            None => Ok(()),
+        }
+    }
+
+    /// Forgets a build that will not be published; its slot is cleared in slices.
+    fn abandon_build(&self, fetch: &mut Fetch) {
+        if let Some(build) = fetch.build.take() {
+            fetch.clearing = Some(build.clearing());
+        }
+    }
+
+    /// Schedules `clearing`. One still under way (a second reload within the seconds a clear
+    /// takes) is left: its buckets are tagged as an old build's and the next build into that
+    /// slot replaces them; clearing it at once would stall this VM's requests.
+    fn clear(&self, fetch: &mut Fetch, clearing: Option<Clearing>) {
+        if clearing.is_some() {
+            fetch.clearing = clearing;
+        }
+    }
+
+    /// Catches up with the shared set (`Fetchers::Many`) and reports what happened.
+    pub fn catch_up_shared(&self, host: &impl KeySourceHost, keys: &mut SharedKeys) {
+        if let Some(event) = keys.sync(&self.service, host) {
+            self.report(host, event);
+        }
+    }
+
+    /// Applies a fetch's outcome (`Fetchers::Many`): the counters and log lines; the set itself
+    /// is in shared data already.
+    pub fn apply_shared(
+        &self,
+        host: &impl KeySourceHost,
+        keys: &mut SharedKeys,
+        outcome: FetchOutcome,
+    ) {
+        match outcome {
+            FetchOutcome::Published { .. } => {
+                host.bump(Counter::Updates);
+                self.catch_up_shared(host, keys);
+            }
+            FetchOutcome::Updated { .. } | FetchOutcome::Unchanged { .. } => {}
+            FetchOutcome::RolledBack {
+                offered,
+                current,
+                failures,
+            } => {
+                host.bump(Counter::FetchFailures);
+                host.bump(Counter::RollbacksRefused);
+                let line = rollback_line(&self.name, offered, current, failures, keys.version());
+                host.log(Level::Warn, &line);
+            }
+            FetchOutcome::Failed { reason, failures } => {
+                host.bump(Counter::FetchFailures);
+                let line =
+                    fetch_failed_line(&self.name, failures, &reason, keys.version(), keys.len());
+                host.log(Level::Warn, &line);
+            }
+        }
+    }
+
     /// Applies a fetch's outcome to this worker's copy, with its counters and log lines.
     pub fn apply(
         &self,
@@ -224,7 +467,7 @@ impl FullSyncFlow {
                 let event = remote.install(version, keys);
                 self.report(host, event);
             }
-            FetchOutcome::Unchanged { .. } => {}
+            FetchOutcome::Unchanged { .. } | FetchOutcome::Published { .. } => {}
             FetchOutcome::RolledBack {
                 offered,
                 current,
@@ -265,7 +508,9 @@ impl FullSyncFlow {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::credential::Credential;
     use crate::core::digest::sha256;
+    use crate::core::keyset::KeyRecord;
     use crate::core::keysource::full_sync::Unavailable;
     use crate::core::keysource::host::Clock;
     use crate::core::keysource::service::KeyServiceMode;
@@ -274,11 +519,13 @@ mod tests {
 
     const PERIOD_MS: i64 = 5_000;
 
-    /// A worker of the flow: its settings, its fetch and its copy of the set.
+    /// A worker of the flow: its settings, its fetch and its view of the set (its own copy
+    /// with `Fetchers::One`, the shared set's header with `Fetchers::Many`).
     struct Worker {
         flow: FullSyncFlow,
         fetch: Fetch,
         remote: RemoteKeySet,
+        shared: SharedKeys,
     }
 
     impl Worker {
@@ -292,33 +539,60 @@ mod tests {
                 flow: FullSyncFlow::start("t", &service, sync, id, fetchers, host),
                 fetch: Fetch::default(),
                 remote: RemoteKeySet::default(),
+                shared: SharedKeys::default(),
             }
+        }
+
+        fn many(&self) -> bool {
+            self.flow.fetchers == Fetchers::Many
         }
 
         /// One tick as a host runs it; the calls it sent.
         fn tick(&mut self, host: &TestHost) -> Vec<Call> {
-            self.flow.catch_up(host, &mut self.remote, u32::MAX);
+            if self.many() {
+                self.flow.catch_up_shared(host, &mut self.shared);
+            } else {
+                self.flow.catch_up(host, &mut self.remote, u32::MAX);
+            }
             self.flow.tick(host, &mut self.fetch);
             host.take_calls()
         }
 
         /// Answers `call`; the calls the answer made the flow send.
         fn answer(&mut self, host: &TestHost, call: &Call, response: FetchResponse) -> Vec<Call> {
-            if let Some(outcome) =
-                self.flow
-                    .on_response(host, &mut self.fetch, call.token, response)
-            {
-                self.flow.apply(host, &mut self.remote, outcome);
+            let mut outcome = self
+                .flow
+                .on_response(host, &mut self.fetch, call.token, response);
+            while outcome.is_none() && self.fetch.is_working() {
+                outcome = self.flow.work(host, &mut self.fetch);
+            }
+            if let Some(outcome) = outcome {
+                if self.many() {
+                    self.flow.apply_shared(host, &mut self.shared, outcome);
+                } else {
+                    self.flow.apply(host, &mut self.remote, outcome);
+                }
             }
             host.take_calls()
         }
 
+        /// The record of the id:secret key `id` (secret `secret-<id>`), as a request finds it.
+        fn find(&self, host: &TestHost, id: &str) -> Result<Option<KeyRecord>, Unavailable> {
+            let credential = Credential::Pair {
+                id: id.to_string(),
+                secret_digest: sha256(format!("secret-{id}").as_bytes()),
+                environment: None,
+            };
+            let service = self.flow.service();
+            if self.many() {
+                return self.shared.find(service, host, &credential, host.now_ms());
+            }
+            let keys = self.remote.current(service, host.now_ms())?;
+            Ok(keys.by_id(id).cloned())
+        }
+
         fn has(&self, host: &TestHost, id: &str) -> bool {
-            let keys = self
-                .remote
-                .current(self.flow.service(), host.now_ms())
-                .unwrap();
-            keys.by_id(id).is_some()
+            self.find(host, id).unwrap().is_some()
         }
     }
 
@@ -331,13 +605,7 @@ mod tests {
     fn the_first_tick_fetches_and_the_answer_is_loaded_with_its_gauges_and_counters() {
         let host = TestHost::at(1_000);
         let mut worker = Worker::new(&host, 1, Fetchers::Many);
-        assert_eq!(
-            worker
-                .remote
-                .current(worker.flow.service(), 1_000)
-                .unwrap_err(),
-            Unavailable::NotLoaded
-        );
+        assert_eq!(worker.find(&host, "a"), Err(Unavailable::NotLoaded));
         let call = only(worker.tick(&host));
         assert_eq!(call.cluster, "keyservice");
         assert_eq!(call.header(":path"), Some("/keys.json"));
@@ -506,5 +774,99 @@ mod tests {
         assert!(worker.tick(&host).is_empty(), "still in flight");
         host.now_ms.set(1_000 + 1_000 + IN_FLIGHT_GRACE_MS + 1);
         only(worker.tick(&host));
+    }
+
+    /// The parts of `doc` as a server answers ranges of `part` bytes.
+    fn ranged(doc: &[u8], from: usize, part: usize, etag: &str) -> FetchResponse {
+        let to = (from + part).min(doc.len());
+        FetchResponse {
+            status: Some(206),
+            etag: Some(etag.into()),
+            content_range: Some(format!("bytes {from}-{}/{}", to - 1, doc.len())),
+            body: doc[from..to].to_vec(),
+        }
+    }
+
+    /// Answers `call` and the part requests that follow with `doc` in parts of `part` bytes.
+    fn answer_in_parts(worker: &mut Worker, host: &TestHost, call: Call, doc: &[u8], part: usize) {
+        let mut call = call;
+        let mut from = 0;
+        loop {
+            let more = worker.answer(host, &call, ranged(doc, from, part, "\"p\""));
+            from += part;
+            match more.into_iter().next() {
+                Some(next) => call = next,
+                None => break,
+            }
+        }
+    }
+
+    #[test]
+    fn a_document_in_parts_is_written_into_shared_data_as_it_comes_and_found_there() {
+        let host = TestHost::at(1_000);
+        let mut fetcher = Worker::new(&host, 1, Fetchers::Many);
+        let mut other = Worker::new(&host, 2, Fetchers::Many);
+        let ids: Vec<String> = (0..200).map(|i| format!("k{i}")).collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let doc = document(&ids, 1);
+        let call = only(fetcher.tick(&host));
+        // Parts of 97 bytes: most records are cut by a part's end.
+        answer_in_parts(&mut fetcher, &host, call, &doc, 97);
+        assert_eq!(host.gauge(Gauge::Keys), Some(200));
+        other.tick(&host);
+        let found = other.find(&host, "k150").unwrap().unwrap();
+        assert_eq!(found.digest, sha256(b"secret-k150"));
+        assert_eq!(other.find(&host, "k200"), Ok(None));
+        assert!(host.warnings().is_empty(), "{:?}", host.warnings());
+    }
+
+    #[test]
+    fn a_duplicate_in_a_later_part_refuses_the_version_and_the_last_good_set_serves() {
+        let host = TestHost::at(1_000);
+        let mut worker = Worker::new(&host, 1, Fetchers::Many);
+        let call = only(worker.tick(&host));
+        worker.answer(&host, &call, ok(document(&["a", "b"], 1), "\"e1\""));
+        host.now_ms.set(1_000 + PERIOD_MS);
+        let call = only(worker.tick(&host));
+        let ids: Vec<String> = (0..50)
+            .map(|i| format!("n{i}"))
+            .chain(["n3".into()])
+            .collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        answer_in_parts(&mut worker, &host, call, &document(&ids, 2), 500);
+        let warnings = host.warnings();
+        assert!(
+            warnings[0].contains("keys[50].id: duplicate key id (also keys[3])")
+                && warnings[0].contains("keeping version 1 (2 keys)"),
+            "{warnings:?}"
+        );
+        assert!(worker.has(&host, "a") && !worker.has(&host, "n1"));
+        assert_eq!(host.gauge(Gauge::Version), Some(1));
+        // The refused build's slot is emptied on the ticks that follow; the set still serves.
+        for _ in 0..3 {
+            worker.tick(&host);
+        }
+        assert!(worker.fetch.clearing.is_none());
+        assert!(worker.has(&host, "a"));
+    }
+
+    #[test]
+    fn a_replaced_version_is_cleared_from_shared_data_and_the_new_one_serves() {
+        let host = TestHost::at(1_000);
+        let mut worker = Worker::new(&host, 1, Fetchers::Many);
+        let call = only(worker.tick(&host));
+        worker.answer(&host, &call, ok(document(&["a", "b"], 1), "\"e1\""));
+        for version in 2..=5u64 {
+            host.now_ms.set(1_000 + PERIOD_MS * version as i64);
+            let call = only(worker.tick(&host));
+            let id = format!("v{version}");
+            worker.answer(&host, &call, ok(document(&["a", &id], version), "\"e\""));
+            assert!(worker.has(&host, &id) && worker.has(&host, "a"));
+            assert!(!worker.has(&host, "b"));
+            worker.tick(&host);
+            assert!(worker.fetch.clearing.is_none(), "the old slot is empty");
+        }
+        assert_eq!(host.gauge(Gauge::Version), Some(5));
+        assert!(host.warnings().is_empty(), "{:?}", host.warnings());
     }
 }

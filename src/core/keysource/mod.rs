@@ -6,10 +6,11 @@
 //! - **`full`**: the whole key set is one document, `{"keys": [records]}`, fetched every
 //!   `refresh_seconds` with `If-None-Match`. One fetch per period per Envoy process: every VM's
 //!   root context ticks, and only the holder of a compare-and-swap lease in shared data fetches.
-//!   The holder fetches the document in ranges (`docparts`), validates it, and stores the parsed
-//!   set as binary chunks with a new version number (`setchunks`); every other VM notices the
-//!   version on its next request or tick and copies the chunks into its own `KeySet`, a few per
-//!   tick, without parsing JSON. A failed fetch (no answer, timeout, 5xx, malformed or truncated JSON,
+//!   The holder fetches the document in ranges (`docparts`). In wasm it reads each part as it
+//!   comes, a slice per tick (`docstream`), and writes the records into buckets in shared data
+//!   under the next version's slot (`setbuckets`); the meta then announces the version, and every
+//!   VM looks each key up in its bucket: one copy of the set for the process. The native module
+//!   parses the whole document into the process's one `KeySet`. A failed fetch (no answer, timeout, 5xx, malformed or truncated JSON,
 //!   an invalid record) changes nothing but the failure count: a good set is never replaced by a
 //!   broken one. With no set yet, or a set older than `max_stale_seconds`, keys cannot be
 //!   verified and `on_unavailable` decides (503 `KEYSET_UNAVAILABLE` by default).
@@ -20,13 +21,14 @@
 //!
 //! The modules, from the leaves up: `store` (the shared store and its compare-and-swap loop),
 //! `paths` (request paths and the key a request is looked up by), `service` (the validated
-//! configuration), `docparts` and `setchunks` (a document fetched in parts, a parsed set in
-//! shared data), then the two flows: `full_sync` (+ `full_sync_flow`, the flow over the host traits of
+//! configuration), `docparts`, `docstream`, `setbuckets` and `setchunks` (a document fetched
+//! and read in parts, a set in shared data), then the two flows: `full_sync` (+ `full_sync_flow`, the flow over the host traits of
 //! `host`; `fetch_handover` picks which VM fetches, `retire` frees a replaced set in slices)
 //! and `lookup_on_miss` (+ `lookup_flow`, and `lookup_waiters`: the requests waiting on one
 //! lookup, for both hosts). `test_host` runs the flows in memory.
 
 pub mod docparts;
+pub mod docstream;
 pub mod fetch_handover;
 pub mod full_sync;
 pub mod full_sync_flow;
@@ -37,6 +39,7 @@ pub mod lookup_waiters;
 pub mod paths;
 pub mod retire;
 pub mod service;
+pub mod setbuckets;
 pub mod setchunks;
 pub mod store;
 #[cfg(test)]

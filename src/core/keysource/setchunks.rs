@@ -21,7 +21,7 @@ const FORMAT: u8 = 1;
 const BLANK_DIGEST: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// A set's profile as a record without id or digest.
-fn profile_spec(p: &KeyProfile) -> KeyRecordSpec {
+pub(crate) fn profile_spec(p: &KeyProfile) -> KeyRecordSpec {
     p.to_spec("profile".into(), BLANK_DIGEST.into())
 }
 
@@ -88,6 +88,20 @@ pub fn encode(
     Some(header)
 }
 
+/// The profiles of a stored set (`profile_spec`s as a JSON array), validated again like any record.
+pub(crate) fn decode_profiles(bytes: &[u8]) -> Result<Vec<Arc<KeyProfile>>, String> {
+    let specs: Vec<KeyRecordSpec> = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    specs
+        .into_iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            KeyRecord::from_spec(spec, &format!("profiles[{i}]"))
+                .map(|record| record.profile)
+                .map_err(|e| e.to_string())
+        })
+        .collect()
+}
+
 /// A set being copied in from shared data, chunk by chunk.
 #[derive(Debug)]
 pub struct Loading {
@@ -123,17 +137,7 @@ impl Loading {
         let (Some(version), Some(total), Some(chunks)) = (r.u64(), r.u32(), r.u32()) else {
             return Err(invalid("truncated"));
         };
-        let specs: Vec<KeyRecordSpec> =
-            serde_json::from_slice(r.rest()).map_err(|e| invalid(&e.to_string()))?;
-        let profiles = specs
-            .into_iter()
-            .enumerate()
-            .map(|(i, spec)| {
-                KeyRecord::from_spec(spec, &format!("profiles[{i}]"))
-                    .map(|record| record.profile)
-                    .map_err(|e| invalid(&e.to_string()))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let profiles = decode_profiles(r.rest()).map_err(|e| invalid(&e))?;
         Ok(Loading {
             version,
             chunks,

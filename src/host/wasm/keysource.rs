@@ -6,7 +6,6 @@
 use std::cell::RefCell;
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::Arc;
 use std::time::Duration;
 
 use proxy_wasm::hostcalls;
@@ -14,11 +13,10 @@ use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType};
 
 use super::host_calls::{bump, log, now_millis};
 use super::shared_store::HostStore;
+use crate::core::credential::Credential;
 use crate::core::decision::Decision;
-use crate::core::keyset::KeySet;
-use crate::core::keysource::full_sync::{
-    RemoteKeySet, Unavailable, CHUNKS_PER_REQUEST, CHUNKS_PER_TICK,
-};
+use crate::core::keyset::KeyRecord;
+use crate::core::keysource::full_sync::{SharedKeys, Unavailable};
 use crate::core::keysource::full_sync_flow::{Fetch, Fetchers, FullSyncFlow, IN_FLIGHT_GRACE_MS};
 use crate::core::keysource::host::{
     CalloutError, Callouts, Clock, Counter, Gauge, Level, Log, Metrics,
@@ -32,6 +30,9 @@ use crate::core::policy::Policy;
 /// is kept to within a quarter second, cheap enough (two small shared-data reads).
 const FULL_MODE_TICK: Duration = Duration::from_millis(250);
 const LOOKUP_MODE_TICK: Duration = Duration::from_millis(500);
+/// While a fetched document is read into shared data, a slice per tick: short ticks, so a
+/// million keys load in seconds while each tick stays a few milliseconds.
+const READING_TICK: Duration = Duration::from_millis(5);
 
 /// The key source's metrics as defined in this VM (a metric the host refused is left out).
 struct SourceMetrics {
@@ -131,14 +132,14 @@ impl Log for WasmHost<'_> {
     }
 }
 
-/// One VM's side of a key source: its copy of the shared set, its fetch, its counters.
+/// One VM's side of a key source: its view of the shared set, its fetch, its counters.
 pub struct KeySource {
     name: String,
     service: KeyService,
-    /// Full mode: the fetch flow, this VM's fetch and its copy of the shared set.
+    /// Full mode: the fetch flow, this VM's fetch and its view of the set in shared data.
     full: Option<FullSyncFlow>,
     fetch: RefCell<Fetch>,
-    remote: RefCell<RemoteKeySet>,
+    shared: RefCell<SharedKeys>,
     metrics: SourceMetrics,
 }
 
@@ -150,7 +151,7 @@ impl KeySource {
             service: service.clone(),
             full: None,
             fetch: RefCell::new(Fetch::default()),
-            remote: RefCell::new(RemoteKeySet::default()),
+            shared: RefCell::new(SharedKeys::default()),
             metrics: SourceMetrics::define(name, full),
         };
         if let KeyServiceMode::Full(sync) = &service.mode {
@@ -196,8 +197,27 @@ impl KeySource {
             return;
         };
         let host = self.host();
-        flow.catch_up(&host, &mut self.remote.borrow_mut(), CHUNKS_PER_TICK);
-        flow.tick(&host, &mut self.fetch.borrow_mut());
+        let mut fetch = self.fetch.borrow_mut();
+        let was_working = fetch.is_working();
+        if let Some(outcome) = flow.work(&host, &mut fetch) {
+            flow.apply_shared(&host, &mut self.shared.borrow_mut(), outcome);
+        }
+        flow.catch_up_shared(&host, &mut self.shared.borrow_mut());
+        flow.tick(&host, &mut fetch);
+        self.pace(was_working, fetch.is_working());
+    }
+
+    /// Short ticks while a document is being read, the usual ones otherwise.
+    fn pace(&self, was_working: bool, working: bool) {
+        if was_working == working {
+            return;
+        }
+        let period = if working {
+            READING_TICK
+        } else {
+            FULL_MODE_TICK
+        };
+        let _ = hostcalls::set_tick_period(period);
     }
 
     /// Full mode: the answer to this VM's fetch (or to one of its parts).
@@ -207,10 +227,13 @@ impl KeySource {
         };
         let host = self.host();
         let response = read_call_response(body_size);
-        let outcome = flow.on_response(&host, &mut self.fetch.borrow_mut(), token.into(), response);
+        let mut fetch = self.fetch.borrow_mut();
+        let was_working = fetch.is_working();
+        let outcome = flow.on_response(&host, &mut fetch, token.into(), response);
         if let Some(outcome) = outcome {
-            flow.apply(&host, &mut self.remote.borrow_mut(), outcome);
+            flow.apply_shared(&host, &mut self.shared.borrow_mut(), outcome);
         }
+        self.pace(was_working, fetch.is_working());
     }
 
     /// The VM is going away: let another take over the fetch at once.
@@ -220,8 +243,9 @@ impl KeySource {
         }
     }
 
-    /// Full mode: this VM's current set, after catching up with the shared version.
-    pub(super) fn keys(&self) -> Result<Arc<KeySet>, Unavailable> {
+    /// Full mode: the record `credential` names in the current shared version (`Ok(None)`:
+    /// no such key).
+    pub(super) fn find(&self, credential: &Credential) -> Result<Option<KeyRecord>, Unavailable> {
         let Some(flow) = &self.full else {
             return Err(Unavailable::NotLoaded);
         };
@@ -230,9 +254,9 @@ impl KeySource {
         if let Ok(mut fetch) = self.fetch.try_borrow_mut() {
             fetch.served_request(now);
         }
-        let mut remote = self.remote.borrow_mut();
-        flow.catch_up(&host, &mut remote, CHUNKS_PER_REQUEST);
-        remote.current(&self.service, now)
+        let mut shared = self.shared.borrow_mut();
+        flow.catch_up_shared(&host, &mut shared);
+        shared.find(&self.service, &host, credential, now)
     }
 
     /// Keys cannot be verified (full mode): `on_unavailable` decides.

@@ -385,11 +385,9 @@ impl KeygateRequest {
         let config = &runtime.config;
         let host = source.host();
         let Some(flow) = source.lookup_flow() else {
-            let keys = source.keys();
-            let decision = match &keys {
-                Ok(keys) => {
-                    decide_for_key(config, policy, &credential, lookup(keys, &credential), &req)
-                }
+            let record = source.find(&credential);
+            let decision = match &record {
+                Ok(record) => decide_for_key(config, policy, &credential, record.as_ref(), &req),
                 Err(_) => source.unavailable(policy),
             };
             return self.apply(runtime, &req, decision).action();
