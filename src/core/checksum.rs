@@ -7,21 +7,21 @@
 //! keeps the key one copy-pasteable word and stays inside the base64url alphabet, so an
 //! id:secret key's secret remains valid base64url.
 
-use serde::Deserialize;
-
 /// Length of the checksum suffix: 62^6 > 2^32, so six characters hold any CRC-32.
 pub const CHECKSUM_LEN: usize = 6;
 
 const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
 /// The checksum a credential source requires (`"checksum": "crc32"`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Checksum {
     Crc32,
 }
 
 impl Checksum {
+    /// Each checksum by its configuration name.
+    pub const NAMES: &'static [(&'static str, Checksum)] = &[("crc32", Checksum::Crc32)];
+
     /// The suffix for `body` (the key text it will follow).
     pub fn suffix(self, body: &str) -> String {
         match self {

@@ -3,10 +3,7 @@
 
 use std::fmt;
 
-use serde::Deserialize;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, PartialOrd, Ord)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ErrorCode {
     TokenMissing,
     MalformedApiKey,
@@ -32,12 +29,17 @@ pub enum ErrorCode {
 }
 
 /// Language of the default messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Language {
     #[default]
     En,
     Es,
+}
+
+impl Language {
+    /// Each language by its configuration name.
+    pub const NAMES: &'static [(&'static str, Language)] =
+        &[("en", Language::En), ("es", Language::Es)];
 }
 
 /// The counters of every request's outcome; both hosts name them

@@ -3,12 +3,14 @@
 
 use std::collections::{HashMap, HashSet};
 
-use serde::Deserialize;
+use serde::de::{Deserializer as _, Error as _, MapAccess, Visitor};
+use serde_json::{Map, Value};
 
 use super::codes::{ErrorCode, Language};
 use super::config_error::is_header_value;
 pub use super::config_error::ConfigError;
 use super::credential::{CredentialSource, CredentialSpec, Place, TokenFormat};
+use super::json_fields::{self, Fields};
 use super::keyset::{KeyRecordSpec, KeySet};
 use super::keysource::service::{KeyService, KeyServiceSpec};
 use super::limits::{Limits, LimitsSpec};
@@ -19,8 +21,7 @@ use super::reply::{BodyFormat, Replies};
 use super::request::RequestView;
 
 /// Names of the trusted headers keygate sends upstream. Client-sent copies are always removed.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone)]
 pub struct ScopeHeaders {
     pub key_id: String,
     pub tenant: String,
@@ -61,11 +62,43 @@ impl ScopeHeaders {
             &self.auth,
         ]
     }
+
+    const FIELDS: &'static [&'static str] = &[
+        "key_id",
+        "tenant",
+        "organizations",
+        "environment",
+        "product",
+        "user",
+        "permissions",
+        "auth",
+    ];
+
+    /// `scope_headers`: each name left out keeps its default.
+    fn decode(value: &Value, path: &str) -> Result<ScopeHeaders, ConfigError> {
+        let fields = Fields::of(value, path, Self::FIELDS)?;
+        let mut scope = ScopeHeaders::default();
+        let slots = [
+            &mut scope.key_id,
+            &mut scope.tenant,
+            &mut scope.organizations,
+            &mut scope.environment,
+            &mut scope.product,
+            &mut scope.user,
+            &mut scope.permissions,
+            &mut scope.auth,
+        ];
+        for (name, slot) in Self::FIELDS.iter().zip(slots) {
+            if let Some(text) = fields.string(name)? {
+                *slot = text;
+            }
+        }
+        Ok(scope)
+    }
 }
 
 /// Session precedence: a session verified by Envoy's `jwt_authn` filter wins over any API key.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone)]
 pub struct SessionConfig {
     /// The session cookie; its presence tells a failed session from no session.
     pub cookie: String,
@@ -92,71 +125,264 @@ impl Default for SessionConfig {
 }
 
 impl SessionConfig {
+    const FIELDS: &'static [&'static str] = &[
+        "cookie",
+        "metadata_namespace",
+        "payload_key",
+        "failure_key",
+        "subject_claim",
+    ];
+
+    /// `session`: each field left out keeps its default.
+    fn decode(value: &Value, path: &str) -> Result<SessionConfig, ConfigError> {
+        let fields = Fields::of(value, path, Self::FIELDS)?;
+        let mut session = SessionConfig::default();
+        let slots = [
+            &mut session.cookie,
+            &mut session.metadata_namespace,
+            &mut session.payload_key,
+            &mut session.failure_key,
+            &mut session.subject_claim,
+        ];
+        for (name, slot) in Self::FIELDS.iter().zip(slots) {
+            if let Some(text) = fields.string(name)? {
+                *slot = text;
+            }
+        }
+        Ok(session)
+    }
+
     pub fn cookie_present(&self, req: &RequestView) -> bool {
         !req.cookie_values(&self.cookie).is_empty()
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The configuration as written, each field at its default until the document sets it.
+#[derive(Debug)]
 struct ConfigSpec {
-    #[serde(default)]
     name: Option<String>,
     credentials: Vec<CredentialSpec>,
-    #[serde(default)]
     keys: Vec<KeyRecordSpec>,
     /// Keys must belong to this product (MakePay's appSlug); others are `INVALID_API_KEY`.
-    #[serde(default)]
     product: Option<String>,
-    #[serde(default)]
     require_user: bool,
-    #[serde(default)]
     language: Language,
-    #[serde(default)]
     body: BodyFormat,
-    #[serde(default)]
     messages: HashMap<String, String>,
-    #[serde(default)]
     www_authenticate: Option<String>,
-    #[serde(default = "default_true")]
     strip_credentials: bool,
-    #[serde(default)]
     scope_headers: ScopeHeaders,
-    #[serde(default)]
     session: Option<SessionConfig>,
-    #[serde(default)]
     policies: HashMap<String, PolicySpec>,
-    #[serde(default)]
     routes: Vec<RouteRuleSpec>,
-    #[serde(default)]
     default_policy: PolicySpec,
-    #[serde(default)]
     tenant_selectors: Vec<TenantSelectorSpec>,
     /// Read selectors in every spelling an upstream framework may read (see `selectors`).
-    #[serde(default = "default_true")]
     strict_selectors: bool,
     /// Clear Envoy's route cache after setting the environment header, so routes can send test
     /// keys to a sandbox cluster.
-    #[serde(default)]
     route_by_environment: bool,
     /// Rate-limit and budget defaults, headers and the shared counter table.
-    #[serde(default)]
     limits: Option<LimitsSpec>,
     /// Keys from a key service instead of `keys` (full document or lookup on miss).
-    #[serde(default)]
     key_service: Option<KeyServiceSpec>,
     /// Refuse dot segments and encoded slashes in the path (`path_guard`); off only behind an
     /// Envoy that normalizes paths, and at the risk the README names.
-    #[serde(default = "default_true")]
     reject_ambiguous_paths: bool,
     /// Publish each decision for Envoy's access log (docs/access-logs.md). Off saves the
     /// per-request call that publishes it, for a filter whose Envoy logs no `wasm.keygate`.
-    #[serde(default = "default_true")]
     access_log: bool,
 }
 
-fn default_true() -> bool {
-    true
+impl Default for ConfigSpec {
+    fn default() -> Self {
+        ConfigSpec {
+            name: None,
+            credentials: Vec::new(),
+            keys: Vec::new(),
+            product: None,
+            require_user: false,
+            language: Language::default(),
+            body: BodyFormat::default(),
+            messages: HashMap::new(),
+            www_authenticate: None,
+            strip_credentials: true,
+            scope_headers: ScopeHeaders::default(),
+            session: None,
+            policies: HashMap::new(),
+            routes: Vec::new(),
+            default_policy: PolicySpec::default(),
+            tenant_selectors: Vec::new(),
+            strict_selectors: true,
+            route_by_environment: false,
+            limits: None,
+            key_service: None,
+            reject_ambiguous_paths: true,
+            access_log: true,
+        }
+    }
+}
+
+impl ConfigSpec {
+    /// Every top-level field, in the README's order.
+    const FIELDS: &'static [&'static str] = &[
+        "name",
+        "credentials",
+        "keys",
+        "product",
+        "require_user",
+        "language",
+        "body",
+        "messages",
+        "www_authenticate",
+        "strip_credentials",
+        "scope_headers",
+        "session",
+        "policies",
+        "routes",
+        "default_policy",
+        "tenant_selectors",
+        "strict_selectors",
+        "route_by_environment",
+        "limits",
+        "key_service",
+        "reject_ambiguous_paths",
+        "access_log",
+    ];
+
+    /// Sets top-level field `name` (any but `keys`) from `fields`, the document read so far.
+    fn read(&mut self, name: &str, fields: &Fields) -> Result<(), ConfigError> {
+        let path = name;
+        match name {
+            "name" => self.name = fields.string(name)?,
+            "credentials" => self.credentials = list(fields, name, CredentialSpec::decode)?,
+            "product" => self.product = fields.string(name)?,
+            "require_user" => self.require_user = fields.bool(name)?.unwrap_or(false),
+            "language" => {
+                self.language = fields.variant(name, Language::NAMES)?.unwrap_or_default()
+            }
+            "body" => self.body = fields.variant(name, BodyFormat::NAMES)?.unwrap_or_default(),
+            "messages" => {
+                self.messages = HashMap::new();
+                for (code, text) in fields.object(name)?.into_iter().flatten() {
+                    let text = json_fields::string(text, &json_fields::join(path, code))?;
+                    self.messages.insert(code.clone(), text);
+                }
+            }
+            "www_authenticate" => self.www_authenticate = fields.string(name)?,
+            "strip_credentials" => self.strip_credentials = fields.bool(name)?.unwrap_or(true),
+            "scope_headers" => {
+                self.scope_headers = match fields.get(name) {
+                    Some(v) => ScopeHeaders::decode(v, path)?,
+                    None => ScopeHeaders::default(),
+                }
+            }
+            "session" => {
+                self.session = fields
+                    .get(name)
+                    .map(|v| SessionConfig::decode(v, path))
+                    .transpose()?
+            }
+            "policies" => {
+                self.policies = HashMap::new();
+                for (policy, v) in fields.object(name)?.into_iter().flatten() {
+                    let spec = PolicySpec::decode(v, &json_fields::join(path, policy))?;
+                    self.policies.insert(policy.clone(), spec);
+                }
+            }
+            "routes" => self.routes = list(fields, name, RouteRuleSpec::decode)?,
+            "default_policy" => {
+                self.default_policy = match fields.get(name) {
+                    Some(v) => PolicySpec::decode(v, path)?,
+                    None => PolicySpec::default(),
+                }
+            }
+            "tenant_selectors" => {
+                self.tenant_selectors = list(fields, name, TenantSelectorSpec::decode)?
+            }
+            "strict_selectors" => self.strict_selectors = fields.bool(name)?.unwrap_or(true),
+            "route_by_environment" => {
+                self.route_by_environment = fields.bool(name)?.unwrap_or(false)
+            }
+            "limits" => {
+                self.limits = fields
+                    .get(name)
+                    .map(|v| LimitsSpec::decode(v, path))
+                    .transpose()?
+            }
+            "key_service" => {
+                self.key_service = fields
+                    .get(name)
+                    .map(|v| KeyServiceSpec::decode(v, path))
+                    .transpose()?
+            }
+            "reject_ambiguous_paths" => {
+                self.reject_ambiguous_paths = fields.bool(name)?.unwrap_or(true)
+            }
+            "access_log" => self.access_log = fields.bool(name)?.unwrap_or(true),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// A list field whose items `decode` reads, each at its path (`credentials[0]`).
+fn list<T>(
+    fields: &Fields,
+    name: &str,
+    decode: fn(&Value, &str) -> Result<T, ConfigError>,
+) -> Result<Vec<T>, ConfigError> {
+    let path = fields.path_of(name);
+    fields
+        .array(name)?
+        .iter()
+        .enumerate()
+        .map(|(i, item)| decode(item, &format!("{path}[{i}]")))
+        .collect()
+}
+
+/// Reads the document's top-level object as it streams by: `keys` straight into key records
+/// (the same serde code that reads key-set documents, fast for large inline sets), every other
+/// field as a `Value` decoded at once, so a refusal carries the line and column where that field
+/// ends, as serde's own refusals do.
+struct ConfigVisitor;
+
+impl<'de> Visitor<'de> for ConfigVisitor {
+    type Value = ConfigSpec;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("struct ConfigSpec")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ConfigSpec, A::Error> {
+        let mut spec = ConfigSpec::default();
+        let mut read = Value::Object(Map::new());
+        let mut keys_seen = false;
+        while let Some(name) = map.next_key::<String>()? {
+            let Some(field) = ConfigSpec::FIELDS.iter().find(|f| **f == name) else {
+                return Err(A::Error::unknown_field(&name, ConfigSpec::FIELDS));
+            };
+            let seen = read.get(*field).is_some() || (*field == "keys" && keys_seen);
+            if seen {
+                return Err(A::Error::duplicate_field(field));
+            }
+            if *field == "keys" {
+                spec.keys = map.next_value()?;
+                keys_seen = true;
+                continue;
+            }
+            let value: Value = map.next_value()?;
+            if let Value::Object(fields) = &mut read {
+                fields.insert(name, value);
+            }
+            let fields = Fields::of(&read, "", ConfigSpec::FIELDS).map_err(A::Error::custom)?;
+            spec.read(field, &fields).map_err(A::Error::custom)?;
+        }
+        if read.get("credentials").is_none() {
+            return Err(A::Error::missing_field("credentials"));
+        }
+        Ok(spec)
+    }
 }
 
 /// The validated configuration of one filter instance.
@@ -189,7 +415,11 @@ pub struct Config {
 impl Config {
     /// Parses the plugin configuration JSON into a config and its inline key set.
     pub fn parse(bytes: &[u8]) -> Result<(Config, KeySet), ConfigError> {
-        let spec: ConfigSpec = serde_json::from_slice(bytes).map_err(ConfigError::from_json)?;
+        let mut parser = serde_json::Deserializer::from_slice(bytes);
+        let spec = parser
+            .deserialize_map(ConfigVisitor)
+            .and_then(|spec| parser.end().map(|()| spec))
+            .map_err(ConfigError::from_json)?;
         Config::from_spec(spec)
     }
 

@@ -1,12 +1,13 @@
 //! Credential extraction: finds the API key a request carries, checks its shape and prefix,
 //! and hashes its secret on arrival. Nothing here looks a key up.
 
-use serde::Deserialize;
+use serde_json::Value;
 
 use super::checksum::Checksum;
 use super::codes::ErrorCode;
 use super::config_error::ConfigError;
 use super::digest::{sha256, Digest};
+use super::json_fields::{self, Fields};
 use super::keyset::is_id_byte;
 use super::request::{trim_ascii, RequestView};
 
@@ -14,8 +15,7 @@ use super::request::{trim_ascii, RequestView};
 /// hashing so a 60 KiB header costs nothing.
 pub const MAX_TOKEN_LEN: usize = 1024;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Location {
     /// The whole header value is the token (`x-api-key: <token>`).
     Header,
@@ -29,8 +29,7 @@ pub enum Location {
     HeaderPair,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum TokenFormat {
     /// The token is the secret; the key is found by its digest.
     #[default]
@@ -40,36 +39,96 @@ pub enum TokenFormat {
 }
 
 /// An accepted prefix, optionally naming the environment it implies.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub enum PrefixSpec {
     Plain(String),
     WithEnvironment { prefix: String, environment: String },
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// One entry of `credentials`.
+#[derive(Debug, Clone)]
 pub struct CredentialSpec {
-    #[serde(rename = "in")]
+    /// `in`: where the credential is.
     pub location: Location,
     /// Header, query parameter or cookie name. Defaults: `x-api-key`, `authorization`.
-    #[serde(default)]
     pub name: Option<String>,
-    #[serde(default)]
     pub id_header: Option<String>,
-    #[serde(default)]
     pub secret_header: Option<String>,
-    #[serde(default)]
     pub format: TokenFormat,
     /// Accepted prefixes of the token (opaque) or of the key id (id:secret, header pair).
-    #[serde(default)]
     pub prefixes: Vec<PrefixSpec>,
     /// Accepted prefixes of the secret (header pair, id:secret).
-    #[serde(default)]
     pub secret_prefixes: Vec<String>,
     /// Keys end with a checksum of the text before it (`"crc32"`), verified before any lookup.
-    #[serde(default)]
     pub checksum: Option<Checksum>,
+}
+
+const LOCATIONS: &[(&str, Location)] = &[
+    ("header", Location::Header),
+    ("bearer", Location::Bearer),
+    ("query", Location::Query),
+    ("cookie", Location::Cookie),
+    ("header_pair", Location::HeaderPair),
+];
+
+const FORMATS: &[(&str, TokenFormat)] = &[
+    ("opaque", TokenFormat::Opaque),
+    ("id_secret", TokenFormat::IdSecret),
+];
+
+impl CredentialSpec {
+    const FIELDS: &'static [&'static str] = &[
+        "in",
+        "name",
+        "id_header",
+        "secret_header",
+        "format",
+        "prefixes",
+        "secret_prefixes",
+        "checksum",
+    ];
+
+    pub fn decode(value: &Value, path: &str) -> Result<CredentialSpec, ConfigError> {
+        let fields = Fields::of(value, path, Self::FIELDS)?;
+        let prefixes_path = fields.path_of("prefixes");
+        Ok(CredentialSpec {
+            location: fields
+                .variant("in", LOCATIONS)?
+                .ok_or_else(|| fields.missing("in"))?,
+            name: fields.string("name")?,
+            id_header: fields.string("id_header")?,
+            secret_header: fields.string("secret_header")?,
+            format: fields.variant("format", FORMATS)?.unwrap_or_default(),
+            prefixes: fields
+                .array("prefixes")?
+                .iter()
+                .enumerate()
+                .map(|(i, p)| PrefixSpec::decode(p, &format!("{prefixes_path}[{i}]")))
+                .collect::<Result<_, _>>()?,
+            secret_prefixes: fields.strings("secret_prefixes")?,
+            checksum: fields.variant("checksum", Checksum::NAMES)?,
+        })
+    }
+}
+
+impl PrefixSpec {
+    fn decode(value: &Value, path: &str) -> Result<PrefixSpec, ConfigError> {
+        if let Value::String(prefix) = value {
+            return Ok(PrefixSpec::Plain(prefix.clone()));
+        }
+        if !value.is_object() {
+            return Err(json_fields::invalid_type(
+                path,
+                value,
+                "a prefix or {\"prefix\", \"environment\"}",
+            ));
+        }
+        let fields = Fields::of(value, path, &["prefix", "environment"])?;
+        Ok(PrefixSpec::WithEnvironment {
+            prefix: fields.required_string("prefix")?,
+            environment: fields.required_string("environment")?,
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -25,11 +25,12 @@
 //! sweep, so the table holds only keys active now or this month, and never more than `slots`
 //! entries.
 
-use serde::Deserialize;
+use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 
 use super::codes::ErrorCode;
 use super::config_error::ConfigError;
+use super::json_fields::Fields;
 use super::keyset::KeyRecord;
 use super::keysource::store::{cas_update, Change, SharedStore};
 use super::policy::Policy;
@@ -37,8 +38,7 @@ use super::rate_limit::{RateLimit, RateLimitSpec, MICROS_PER_SECOND};
 use super::time::utc_year_month;
 
 /// What to do when the store cannot be updated (persistent CAS contention or a host error).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum StoreFailurePolicy {
     /// Refuse with 429 and `Retry-After: 1`: a limit is never exceeded (the default).
     #[default]
@@ -52,26 +52,66 @@ const MAX_SLOTS: u32 = 1 << 20;
 const DEFAULT_MAX_RETRIES: u32 = 32;
 
 /// The top-level `limits` object of the filter configuration.
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Default)]
 pub struct LimitsSpec {
     /// Applies to keys whose record has no `rate_limit`.
-    #[serde(default)]
     pub rate_limit: Option<RateLimitSpec>,
     /// Applies to keys whose record has no `monthly_budget`.
-    #[serde(default)]
     pub monthly_budget: Option<u64>,
     /// Also send `RateLimit-*` headers on allowed responses (429s always carry them).
-    #[serde(default)]
     pub response_headers: bool,
-    #[serde(default)]
     pub on_store_failure: StoreFailurePolicy,
     /// Entries in the shared counter table; size it near the number of keys active at once.
-    #[serde(default)]
     pub slots: Option<u32>,
     /// Compare-and-swap attempts per request before `on_store_failure` applies.
-    #[serde(default)]
     pub max_retries: Option<u32>,
+}
+
+impl LimitsSpec {
+    const FIELDS: &'static [&'static str] = &[
+        "rate_limit",
+        "monthly_budget",
+        "response_headers",
+        "on_store_failure",
+        "slots",
+        "max_retries",
+    ];
+
+    pub fn decode(value: &Value, path: &str) -> Result<LimitsSpec, ConfigError> {
+        let fields = Fields::of(value, path, Self::FIELDS)?;
+        let policies = [
+            ("deny", StoreFailurePolicy::Deny),
+            ("allow", StoreFailurePolicy::Allow),
+        ];
+        Ok(LimitsSpec {
+            rate_limit: fields
+                .get("rate_limit")
+                .map(|v| decode_rate_limit(v, &fields.path_of("rate_limit")))
+                .transpose()?,
+            monthly_budget: fields.u64("monthly_budget")?,
+            response_headers: fields.bool("response_headers")?.unwrap_or(false),
+            on_store_failure: fields
+                .variant("on_store_failure", &policies)?
+                .unwrap_or_default(),
+            slots: fields.u32("slots")?,
+            max_retries: fields.u32("max_retries")?,
+        })
+    }
+}
+
+/// `limits.rate_limit`: the fields of a key record's `rate_limit` (`RateLimitSpec`, read there by
+/// serde's derive) and the same refusals, without a second serde instantiation.
+fn decode_rate_limit(value: &Value, path: &str) -> Result<RateLimitSpec, ConfigError> {
+    let fields = Fields::of(value, path, &["requests", "per_seconds", "burst"])?;
+    Ok(RateLimitSpec {
+        requests: fields
+            .u64("requests")?
+            .ok_or_else(|| fields.missing("requests"))?,
+        per_seconds: fields
+            .u64("per_seconds")?
+            .ok_or_else(|| fields.missing("per_seconds"))?,
+        burst: fields.u64("burst")?.unwrap_or(0),
+    })
 }
 
 /// The validated limits configuration.

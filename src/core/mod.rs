@@ -16,6 +16,7 @@ pub mod config_error;
 pub mod credential;
 pub mod decision;
 pub mod digest;
+pub mod json_fields;
 pub mod keyset;
 pub mod keysource;
 pub mod limits;

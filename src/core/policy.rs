@@ -3,16 +3,16 @@
 
 use std::collections::HashMap;
 
-use serde::Deserialize;
+use serde_json::Value;
 
 use super::codes::ErrorCode;
 use super::config_error::ConfigError;
+use super::json_fields::{self, Fields};
 use super::keyset::KeyRecord;
 use super::method_override::requests_method;
 use super::request::RequestView;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AuthMode {
     #[default]
     Required,
@@ -20,23 +20,54 @@ pub enum AuthMode {
     None,
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Default)]
 pub struct PolicySpec {
-    #[serde(default)]
     pub auth: AuthMode,
     /// Refuse API keys on this route with this code (e.g. `WEB_SESSION_REQUIRED`).
-    #[serde(default)]
     pub deny_api_keys: Option<ErrorCode>,
     /// Methods API keys may not use here, each with its code (`{"DELETE": "API_KEY_DELETE_FORBIDDEN"}`).
-    #[serde(default)]
     pub deny_methods: HashMap<String, ErrorCode>,
     /// Every one of these must be among the key's permissions, or `FORBIDDEN`.
-    #[serde(default)]
     pub required_permissions: Vec<String>,
     /// Budget units one request spends (default 1).
-    #[serde(default)]
     pub cost: Option<u64>,
+}
+
+impl PolicySpec {
+    const FIELDS: &'static [&'static str] = &[
+        "auth",
+        "deny_api_keys",
+        "deny_methods",
+        "required_permissions",
+        "cost",
+    ];
+
+    pub fn decode(value: &Value, path: &str) -> Result<PolicySpec, ConfigError> {
+        let fields = Fields::of(value, path, Self::FIELDS)?;
+        let codes: Vec<(&str, ErrorCode)> =
+            ErrorCode::ALL.iter().map(|c| (c.as_str(), *c)).collect();
+        let mut deny_methods = HashMap::new();
+        if let Some(map) = fields.object("deny_methods")? {
+            let methods_path = fields.path_of("deny_methods");
+            for (method, code) in map {
+                let code =
+                    json_fields::variant(code, &json_fields::join(&methods_path, method), &codes)?;
+                deny_methods.insert(method.clone(), code);
+            }
+        }
+        Ok(PolicySpec {
+            auth: fields
+                .variant(
+                    "auth",
+                    &[("required", AuthMode::Required), ("none", AuthMode::None)],
+                )?
+                .unwrap_or_default(),
+            deny_api_keys: fields.variant("deny_api_keys", &codes)?,
+            deny_methods,
+            required_permissions: fields.strings("required_permissions")?,
+            cost: fields.u64("cost")?,
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,13 +139,22 @@ impl Policy {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct RouteRuleSpec {
     pub path_prefix: String,
-    #[serde(default)]
     pub methods: Vec<String>,
     pub policy: String,
+}
+
+impl RouteRuleSpec {
+    pub fn decode(value: &Value, path: &str) -> Result<RouteRuleSpec, ConfigError> {
+        let fields = Fields::of(value, path, &["path_prefix", "methods", "policy"])?;
+        Ok(RouteRuleSpec {
+            path_prefix: fields.required_string("path_prefix")?,
+            methods: fields.strings("methods")?,
+            policy: fields.required_string("policy")?,
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -132,21 +172,34 @@ impl RouteRule {
 }
 
 /// Which part of the key's scope a client-sent tenant selector is checked against.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TenantScope {
     Tenant,
     Organizations,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct TenantSelectorSpec {
-    #[serde(default)]
     pub query: Option<String>,
-    #[serde(default)]
     pub header: Option<String>,
     pub scope: TenantScope,
+}
+
+impl TenantSelectorSpec {
+    pub fn decode(value: &Value, path: &str) -> Result<TenantSelectorSpec, ConfigError> {
+        let fields = Fields::of(value, path, &["query", "header", "scope"])?;
+        let scopes = [
+            ("tenant", TenantScope::Tenant),
+            ("organizations", TenantScope::Organizations),
+        ];
+        Ok(TenantSelectorSpec {
+            query: fields.string("query")?,
+            header: fields.string("header")?,
+            scope: fields
+                .variant("scope", &scopes)?
+                .ok_or_else(|| fields.missing("scope"))?,
+        })
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -4,19 +4,22 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use serde::Deserialize;
-
 use super::codes::{reason_phrase, ErrorCode, Language};
 use super::config_error::is_header_value;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BodyFormat {
     /// `{"code": "...", "message": "..."}` as application/json.
     #[default]
     Json,
     /// The message (by default the status's reason phrase) as text/plain.
     Text,
+}
+
+impl BodyFormat {
+    /// Each format by its configuration name.
+    pub const NAMES: &'static [(&'static str, BodyFormat)] =
+        &[("json", BodyFormat::Json), ("text", BodyFormat::Text)];
 }
 
 /// A reply keygate sends itself instead of forwarding the request.

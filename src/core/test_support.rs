@@ -4,7 +4,7 @@
 use serde_json::Value;
 
 use super::codes::ErrorCode;
-use super::credential::CredentialSource;
+use super::credential::{CredentialSource, CredentialSpec};
 use super::decision::Decision;
 use super::request::{RequestView, SessionEvidence};
 
@@ -64,7 +64,8 @@ pub fn request_with<V: AsRef<[u8]>>(headers: &[(&str, V)]) -> RequestView {
 
 /// The credential source of one `credentials` entry, which the test expects to be valid.
 pub fn credential_source(spec: Value) -> CredentialSource {
-    CredentialSource::from_spec(serde_json::from_value(spec).unwrap(), "credentials[0]").unwrap()
+    let spec = CredentialSpec::decode(&spec, "credentials[0]").unwrap();
+    CredentialSource::from_spec(spec, "credentials[0]").unwrap()
 }
 
 /// The code a decision denies with, or `None` when it lets the request through.

@@ -54,10 +54,8 @@ mod tests {
     const IDLE: u64 = 2;
 
     fn service() -> KeyService {
-        let spec: KeyServiceSpec = serde_json::from_value(
-            serde_json::json!({"cluster": "keyservice", "refresh_seconds": 5}),
-        )
-        .unwrap();
+        let spec = serde_json::json!({"cluster": "keyservice", "refresh_seconds": 5});
+        let spec = KeyServiceSpec::decode(&spec, "key_service").unwrap();
         KeyService::from_spec(spec, "test", true, true).unwrap()
     }
 

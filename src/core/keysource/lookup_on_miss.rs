@@ -138,9 +138,9 @@ pub fn parse_answer(
             let Some(candidate) = candidates.into_iter().find(|c| key.matches(c)) else {
                 return Ok(not_found);
             };
-            let record = validate_record(candidate.clone())?;
             let record_json = serde_json::to_vec(candidate)
                 .map_err(|e| AnswerError::InvalidRecord(e.to_string()))?;
+            let record = validate_record(&record_json)?;
             Ok(Fetched {
                 answer: Answer::Found(Box::new(record)),
                 record_json,
@@ -151,9 +151,16 @@ pub fn parse_answer(
 }
 
 /// The same checks as inline keys and key-set documents (the record's constructor makes them).
-fn validate_record(candidate: Value) -> Result<KeyRecord, AnswerError> {
-    let spec: KeyRecordSpec = serde_json::from_value(candidate)
-        .map_err(|e| AnswerError::InvalidRecord(format!("invalid key record: {e}")))?;
+/// Read from the record's bytes, not from its `Value`: the byte reader is the one documents
+/// use, and a second (`Value`) instantiation of the record's serde code cost the module ~13 KB.
+fn validate_record(record_json: &[u8]) -> Result<KeyRecord, AnswerError> {
+    let spec: KeyRecordSpec = serde_json::from_slice(record_json).map_err(|e| {
+        // The position is in the re-encoded record, not in the service's answer: leave it out.
+        let text = e.to_string();
+        let position = format!(" at line {} column {}", e.line(), e.column());
+        let text = text.strip_suffix(&position).unwrap_or(&text);
+        AnswerError::InvalidRecord(format!("invalid key record: {text}"))
+    })?;
     KeyRecord::from_spec(spec, "record").map_err(|e| AnswerError::InvalidRecord(e.to_string()))
 }
 
@@ -485,7 +492,13 @@ mod tests {
             "expected a key record or {\"keys\": [...]}"
         );
         let plaintext = serde_json::json!({"id": "a", "secret": "plaintext"});
-        assert!(why(Some(200), &plaintext.to_string()).starts_with("invalid key record: "));
+        let refused = why(Some(200), &plaintext.to_string());
+        assert!(
+            refused.starts_with("invalid key record: unknown field `secret`"),
+            "{refused}"
+        );
+        // The record is re-encoded before it is read: a position in it would point nowhere.
+        assert!(!refused.contains(" at line "), "{refused}");
     }
 
     #[test]

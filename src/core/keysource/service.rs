@@ -2,14 +2,14 @@
 //! cluster, which mode (full sync or lookup on miss) and that mode's settings, and the
 //! namespace of its shared data. Also what the key service answers to one fetch.
 
-use serde::Deserialize;
+use serde_json::Value;
 
 use super::paths::{is_request_path, PathTemplate, TemplateKind};
 use crate::core::config_error::{is_header_value, ConfigError};
 use crate::core::digest::sha256;
+use crate::core::json_fields::Fields;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SourceMode {
     #[default]
     Full,
@@ -18,8 +18,7 @@ pub enum SourceMode {
 
 /// What happens to a request whose key cannot be verified because the key service gave no
 /// usable answer (no set yet, set too stale, lookup failed).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OnUnavailable {
     /// 503 `KEYSET_UNAVAILABLE` (fail closed).
     #[default]
@@ -29,50 +28,86 @@ pub enum OnUnavailable {
 }
 
 /// The `key_service` object of the filter configuration.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct KeyServiceSpec {
     /// The Envoy cluster serving the documents.
     pub cluster: String,
     /// `:authority` of the requests (default: the cluster name).
-    #[serde(default)]
     pub authority: Option<String>,
-    #[serde(default)]
     pub mode: SourceMode,
-    #[serde(default)]
     pub timeout_ms: Option<u64>,
     /// Serve the last good answer at most this long after the last successful fetch (`0`: no
     /// limit).
-    #[serde(default)]
     pub max_stale_seconds: Option<u64>,
-    #[serde(default)]
     pub on_unavailable: OnUnavailable,
     /// `full`: the key-set document.
-    #[serde(default)]
     pub path: Option<String>,
-    #[serde(default)]
     pub refresh_seconds: Option<u64>,
     /// `lookup_on_miss`: where one key is found by the digest of its secret (opaque keys).
-    #[serde(default)]
     pub by_digest_path: Option<String>,
     /// `lookup_on_miss`: where one key is found by its id (id:secret and split keys).
-    #[serde(default)]
     pub by_id_path: Option<String>,
-    #[serde(default)]
     pub positive_ttl_seconds: Option<u64>,
-    #[serde(default)]
     pub negative_ttl_seconds: Option<u64>,
     /// Bound of the shared lookup cache for keys found, in entries.
-    #[serde(default)]
     pub cache_entries: Option<u32>,
     /// Bound of the shared lookup cache for keys not found, in entries: a separate budget, so
     /// unknown keys never evict known ones.
-    #[serde(default)]
     pub negative_cache_entries: Option<u32>,
     /// Lookups per second per Envoy process (0: no cap); beyond it, uncached keys are answered
     /// `KEYSET_UNAVAILABLE` without a fetch.
-    #[serde(default)]
     pub max_misses_per_second: Option<u32>,
+}
+
+impl KeyServiceSpec {
+    const FIELDS: &'static [&'static str] = &[
+        "cluster",
+        "authority",
+        "mode",
+        "timeout_ms",
+        "max_stale_seconds",
+        "on_unavailable",
+        "path",
+        "refresh_seconds",
+        "by_digest_path",
+        "by_id_path",
+        "positive_ttl_seconds",
+        "negative_ttl_seconds",
+        "cache_entries",
+        "negative_cache_entries",
+        "max_misses_per_second",
+    ];
+
+    pub fn decode(value: &Value, path: &str) -> Result<KeyServiceSpec, ConfigError> {
+        let fields = Fields::of(value, path, Self::FIELDS)?;
+        let modes = [
+            ("full", SourceMode::Full),
+            ("lookup_on_miss", SourceMode::LookupOnMiss),
+        ];
+        let unavailable = [
+            ("deny", OnUnavailable::Deny),
+            ("allow", OnUnavailable::Allow),
+        ];
+        Ok(KeyServiceSpec {
+            cluster: fields.required_string("cluster")?,
+            authority: fields.string("authority")?,
+            mode: fields.variant("mode", &modes)?.unwrap_or_default(),
+            timeout_ms: fields.u64("timeout_ms")?,
+            max_stale_seconds: fields.u64("max_stale_seconds")?,
+            on_unavailable: fields
+                .variant("on_unavailable", &unavailable)?
+                .unwrap_or_default(),
+            path: fields.string("path")?,
+            refresh_seconds: fields.u64("refresh_seconds")?,
+            by_digest_path: fields.string("by_digest_path")?,
+            by_id_path: fields.string("by_id_path")?,
+            positive_ttl_seconds: fields.u64("positive_ttl_seconds")?,
+            negative_ttl_seconds: fields.u64("negative_ttl_seconds")?,
+            cache_entries: fields.u32("cache_entries")?,
+            negative_cache_entries: fields.u32("negative_cache_entries")?,
+            max_misses_per_second: fields.u32("max_misses_per_second")?,
+        })
+    }
 }
 
 const DEFAULT_TIMEOUT_MS: u64 = 1000;
@@ -414,7 +449,7 @@ mod tests {
 
     fn spec_error(extra: serde_json::Value) -> ConfigError {
         let spec = serde_json::json!({"cluster": "keyservice"});
-        let spec: KeyServiceSpec = serde_json::from_value(merged(spec, extra)).unwrap();
+        let spec = KeyServiceSpec::decode(&merged(spec, extra), "key_service").unwrap();
         KeyService::from_spec(spec, "t", true, true).unwrap_err()
     }
 
@@ -485,7 +520,7 @@ mod tests {
     fn namespaces_differ_per_document() {
         let service = |path: &str| {
             let spec = serde_json::json!({"cluster": "keyservice", "path": path});
-            let spec: KeyServiceSpec = serde_json::from_value(spec).unwrap();
+            let spec = KeyServiceSpec::decode(&spec, "key_service").unwrap();
             KeyService::from_spec(spec, "test", true, true).unwrap()
         };
         let (a, b) = (service("/a.json"), service("/b.json"));

@@ -129,7 +129,7 @@ impl Log for TestHost {
 /// A key service from the spec `{"cluster": "keyservice"}` plus `extra`.
 pub fn service(extra: serde_json::Value) -> KeyService {
     let spec = serde_json::json!({"cluster": "keyservice"});
-    let spec: KeyServiceSpec = serde_json::from_value(merged(spec, extra)).unwrap();
+    let spec = KeyServiceSpec::decode(&merged(spec, extra), "key_service").unwrap();
     KeyService::from_spec(spec, "test", true, true).unwrap()
 }
 
