@@ -29,6 +29,7 @@ pub mod reply;
 pub mod request;
 pub mod selectors;
 pub mod session_token;
+pub mod settle;
 #[cfg(test)]
 pub mod test_support;
 pub mod time;

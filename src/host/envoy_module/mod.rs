@@ -23,19 +23,19 @@ use crate::core::decision::{
     begin, decide_for_key, lookup, reads_clock, Decision, Principal, Step,
 };
 use crate::core::keyset::{KeyRecord, KeySet};
-use crate::core::keysource::host::{Counter, Gauge, Metrics};
+use crate::core::keysource::host::{Clock, Counter, Gauge, Metrics};
 use crate::core::keysource::lookup_flow::{
     unavailable as core_unavailable, LookupFlow, LookupOutcome,
 };
 use crate::core::keysource::lookup_on_miss::Answer;
 use crate::core::keysource::paths::LookupKey;
 use crate::core::keysource::service::{FetchResponse, KeyServiceMode};
-use crate::core::limits::{apply_limits, limits_apply_to};
 use crate::core::policy::Policy;
 use crate::core::reply::{denial_log_line, preflight_reply, unconfigured_reply};
 use crate::core::request::{RequestView, SessionEvidence};
-use crate::core::selectors::{check_form_body, form_body_kind};
+use crate::core::selectors::check_form_body;
 use crate::core::session_token;
+use crate::core::settle::{settle, Settlement};
 use crate::core::upstream::upstream_edits;
 use ffi::{log, log_enabled, CalloutOrigin, ConfigHandle, FilterHandle, LogLevel};
 use full_sync::{FullSource, TICK_EVENT};
@@ -547,83 +547,71 @@ fn panic_probe() {
     panic!("keygate panic probe");
 }
 
-/// Applies a decision: true lets the request go on now; false holds it (replied, or its form
-/// body still to check).
+/// Carries out the core's settlement of a decision: true lets the request go on now; false
+/// holds it (replied, or its form body still to check).
 fn apply(filter: &FilterHandle, stream: &Stream, req: &RequestView, decision: Decision) -> bool {
     let runtime = &*stream.runtime;
     let config = &runtime.config;
-    match decision {
-        Decision::Deny { code, key_id } => {
-            let entry = AccessLogEntry::denied(Some(code), key_id);
-            deny(filter, stream, code, &entry, Vec::new());
-            false
+    let table = &*runtime.limits;
+    let settlement = settle(config, req, decision, table, &SystemClock);
+    if config.limits.enabled && !matches!(settlement, Settlement::Deny { .. }) {
+        table.maybe_sweep(&config.limits, now_millis());
+    }
+    if let Some((code, extra_headers)) = settlement.refusal() {
+        deny(
+            filter,
+            stream,
+            code,
+            &settlement.access_log_entry(),
+            extra_headers,
+        );
+        return false;
+    }
+    publish(config, filter, &settlement.access_log_entry());
+    let Settlement::Forward {
+        principal,
+        response_headers,
+        check_form_body,
+    } = settlement
+    else {
+        stream.replied.set(true);
+        let reply = preflight_reply();
+        filter.send_response(reply.status, &[], &reply.body);
+        return false;
+    };
+    if !response_headers.is_empty() {
+        if let Ok(mut headers) = stream.response_headers.try_borrow_mut() {
+            *headers = response_headers;
         }
-        Decision::Preflight => {
-            publish(
-                config,
-                filter,
-                &AccessLogEntry::allowed(&Principal::Anonymous),
-            );
-            stream.replied.set(true);
-            let reply = preflight_reply();
-            filter.send_response(reply.status, &[], &reply.body);
-            false
+    }
+    Counters::bump(filter, runtime.counters.allowed);
+    let edits = upstream_edits(config, req, &principal);
+    // Each removal is a host call that scans Envoy's header map: only for headers the
+    // request carries (read in this same hook, so nothing added one since).
+    for name in edits.remove.iter().filter(|name| req.has_header(name)) {
+        filter.set_request_header(name, None);
+    }
+    // A set is a removal scan plus an add in Envoy: a header the request does not carry
+    // (and not set twice here) is only added.
+    for (at, (name, value)) in edits.set.iter().enumerate() {
+        let set_before = edits
+            .set
+            .get(..at)
+            .is_some_and(|earlier| earlier.iter().any(|(n, _)| n == name));
+        if set_before || req.has_header(name) {
+            filter.set_request_header(name, Some(value));
+        } else {
+            filter.add_request_header(name, value);
         }
-        Decision::Allow { principal, policy } => {
-            if let Principal::ApiKey { record, .. } = &principal {
-                if limits_apply_to(&config.limits, record) {
-                    let now = now_millis();
-                    let table = &*runtime.limits;
-                    let outcome = apply_limits(&config.limits, record, policy, table, now);
-                    if config.limits.enabled {
-                        table.maybe_sweep(&config.limits, now);
-                    }
-                    match outcome {
-                        Err(denial) => {
-                            let entry = AccessLogEntry::limited(&principal, denial.code);
-                            deny(filter, stream, denial.code, &entry, denial.headers());
-                            return false;
-                        }
-                        Ok(info) if config.limits.response_headers => {
-                            if let Ok(mut headers) = stream.response_headers.try_borrow_mut() {
-                                *headers = info.rate.map(|r| r.headers()).unwrap_or_default();
-                            }
-                        }
-                        Ok(_) => {}
-                    }
-                }
-            }
-            Counters::bump(filter, runtime.counters.allowed);
-            publish(config, filter, &AccessLogEntry::allowed(&principal));
-            let edits = upstream_edits(config, req, &principal);
-            // Each removal is a host call that scans Envoy's header map: only for headers the
-            // request carries (read in this same hook, so nothing added one since).
-            for name in edits.remove.iter().filter(|name| req.has_header(name)) {
-                filter.set_request_header(name, None);
-            }
-            // A set is a removal scan plus an add in Envoy: a header the request does not carry
-            // (and not set twice here) is only added.
-            for (at, (name, value)) in edits.set.iter().enumerate() {
-                let set_before = edits
-                    .set
-                    .get(..at)
-                    .is_some_and(|earlier| earlier.iter().any(|(n, _)| n == name));
-                if set_before || req.has_header(name) {
-                    filter.set_request_header(name, Some(value));
-                } else {
-                    filter.add_request_header(name, value);
-                }
-            }
-            if edits.clear_route_cache {
-                filter.clear_route_cache();
-            }
-            match &principal {
-                Principal::ApiKey { record, .. } if form_body_kind(config, req).is_some() => {
-                    check_form_when_whole(filter, stream, req, record)
-                }
-                _ => true,
-            }
+    }
+    if edits.clear_route_cache {
+        filter.clear_route_cache();
+    }
+    match &principal {
+        Principal::ApiKey { record, .. } if check_form_body => {
+            check_form_when_whole(filter, stream, req, record)
         }
+        _ => true,
     }
 }
 
@@ -801,6 +789,15 @@ fn unix_now() -> std::time::Duration {
 
 fn now_millis() -> i64 {
     i64::try_from(unix_now().as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The system clock for core code that takes a `Clock`.
+struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        now_millis()
+    }
 }
 
 fn now_secs() -> i64 {

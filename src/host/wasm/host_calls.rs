@@ -24,3 +24,12 @@ pub(super) fn bump(counter: Option<u32>) {
         let _ = hostcalls::increment_metric(id, 1);
     }
 }
+
+/// The host's clock for core code that takes a `Clock`.
+pub(super) struct HostClock;
+
+impl crate::core::keysource::host::Clock for HostClock {
+    fn now_ms(&self) -> i64 {
+        now_millis()
+    }
+}

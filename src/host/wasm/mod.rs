@@ -32,16 +32,15 @@ use crate::core::keysource::lookup_flow::{LookupFlow, LookupOutcome};
 use crate::core::keysource::lookup_on_miss::Answer;
 use crate::core::keysource::lookup_waiters::LookupsInFlight;
 use crate::core::keysource::paths::LookupKey;
-use crate::core::limits::{
-    apply_limits, ensure_slots, limits_apply_to, sweep, sweep_batch, sweep_due, SWEEP_PERIOD_MS,
-};
+use crate::core::limits::{ensure_slots, sweep, sweep_batch, sweep_due, SWEEP_PERIOD_MS};
 use crate::core::policy::Policy;
 use crate::core::reply::{preflight_reply, unconfigured_reply, LocalReply};
 use crate::core::request::{RequestView, SessionEvidence};
-use crate::core::selectors::{check_form_body, form_body_kind};
+use crate::core::selectors::check_form_body;
 use crate::core::session_token;
+use crate::core::settle::{settle as core_settle, Settlement};
 use crate::core::upstream::upstream_edits;
-use host_calls::{bump, log, now_millis};
+use host_calls::{bump, log, now_millis, HostClock};
 use keysource::{read_call_response, KeySource};
 use local_reply::PreparedHeaders;
 use shared_store::HostStore;
@@ -595,8 +594,8 @@ pub(crate) struct Settled {
     form_check: Option<FormCheck>,
 }
 
-/// Applies a decision to the request whose context is the effective one: the local reply, or
-/// limits and scope headers for the upstream.
+/// Carries out the core's settlement of a decision for the request whose context is the
+/// effective one: the local reply, or scope headers for the upstream.
 fn settle(
     runtime: &Runtime,
     req: &RequestView,
@@ -604,60 +603,46 @@ fn settle(
     request_ended: bool,
 ) -> (Verdict, Settled) {
     let config = &runtime.config;
-    let mut settled = Settled::default();
-    match decision {
-        Decision::Deny { code, key_id } => {
-            let entry = AccessLogEntry::denied(Some(code), key_id);
-            deny(runtime, code, &entry, Vec::new());
-            (Verdict::Replied, settled)
-        }
-        Decision::Preflight => {
-            filter_state::publish(config, &AccessLogEntry::allowed(&Principal::Anonymous));
-            send(&preflight_reply());
-            (Verdict::Replied, settled)
-        }
-        Decision::Allow { principal, policy } => {
-            if let Principal::ApiKey { record, .. } = &principal {
-                if limits_apply_to(&config.limits, record) {
-                    let outcome =
-                        apply_limits(&config.limits, record, policy, &HostStore, now_millis());
-                    match outcome {
-                        Err(denial) => {
-                            let entry = AccessLogEntry::limited(&principal, denial.code);
-                            deny(runtime, denial.code, &entry, denial.headers());
-                            return (Verdict::Replied, settled);
-                        }
-                        Ok(info) if config.limits.response_headers => {
-                            settled.response_headers =
-                                info.rate.map(|r| r.headers()).unwrap_or_default();
-                        }
-                        Ok(_) => {}
-                    }
-                }
-            }
-            bump(runtime.metrics.allowed);
-            filter_state::publish(config, &AccessLogEntry::allowed(&principal));
-            let edits = upstream_edits(config, req, &principal);
-            for name in &edits.remove {
-                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
-            }
-            for (name, value) in &edits.set {
-                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
-            }
-            if edits.clear_route_cache {
-                let _ = hostcalls::call_foreign_function("clear_route_cache", None);
-            }
-            if let Principal::ApiKey { record, .. } = &principal {
-                if !request_ended && form_body_kind(config, req).is_some() {
-                    settled.form_check = Some(FormCheck {
-                        req: req.clone(),
-                        record: (*record).clone(),
-                    });
-                }
-            }
-            (Verdict::Forwarded, settled)
-        }
+    let settlement = core_settle(config, req, decision, &HostStore, &HostClock);
+    if let Some((code, extra_headers)) = settlement.refusal() {
+        deny(runtime, code, &settlement.access_log_entry(), extra_headers);
+        return (Verdict::Replied, Settled::default());
     }
+    filter_state::publish(config, &settlement.access_log_entry());
+    let Settlement::Forward {
+        principal,
+        response_headers,
+        check_form_body,
+    } = settlement
+    else {
+        send(&preflight_reply());
+        return (Verdict::Replied, Settled::default());
+    };
+    bump(runtime.metrics.allowed);
+    let edits = upstream_edits(config, req, &principal);
+    for name in &edits.remove {
+        let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
+    }
+    for (name, value) in &edits.set {
+        let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
+    }
+    if edits.clear_route_cache {
+        let _ = hostcalls::call_foreign_function("clear_route_cache", None);
+    }
+    let form_check = match &principal {
+        Principal::ApiKey { record, .. } if check_form_body && !request_ended => Some(FormCheck {
+            req: req.clone(),
+            record: (*record).clone(),
+        }),
+        _ => None,
+    };
+    (
+        Verdict::Forwarded,
+        Settled {
+            response_headers,
+            form_check,
+        },
+    )
 }
 
 /// Answers locally with the code's pre-rendered reply plus any per-request headers
