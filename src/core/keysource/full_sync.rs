@@ -206,16 +206,6 @@ impl RemoteKeySet {
         Ok(Arc::clone(keys))
     }
 
-    /// The warning for a fetch that failed while this set keeps serving.
-    pub fn fetch_failed_line(&self, name: &str, failures: u32, reason: &FetchError) -> String {
-        fetch_failed_line(name, failures, reason, self.version, self.len())
-    }
-
-    /// The warning for a refused rollback (`FetchOutcome::RolledBack`) while this set serves.
-    pub fn rollback_line(&self, name: &str, offered: u64, current: u64, failures: u32) -> String {
-        rollback_line(name, offered, current, failures, self.version)
-    }
-
     pub fn version(&self) -> u64 {
         self.version
     }

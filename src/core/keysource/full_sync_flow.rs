@@ -415,22 +415,7 @@ impl FullSyncFlow {
                 self.catch_up_shared(host, keys);
             }
             FetchOutcome::Updated { .. } | FetchOutcome::Unchanged { .. } => {}
-            FetchOutcome::RolledBack {
-                offered,
-                current,
-                failures,
-            } => {
-                host.bump(Counter::FetchFailures);
-                host.bump(Counter::RollbacksRefused);
-                let line = rollback_line(&self.name, offered, current, failures, keys.version());
-                host.log(Level::Warn, &line);
-            }
-            FetchOutcome::Failed { reason, failures } => {
-                host.bump(Counter::FetchFailures);
-                let line =
-                    fetch_failed_line(&self.name, failures, &reason, keys.version(), keys.len());
-                host.log(Level::Warn, &line);
-            }
+            refused => self.report_refusal(host, refused, keys.version(), keys.len()),
         }
     }
 
@@ -448,6 +433,19 @@ impl FullSyncFlow {
                 self.report(host, event);
             }
             FetchOutcome::Unchanged { .. } | FetchOutcome::Published { .. } => {}
+            refused => self.report_refusal(host, refused, remote.version(), remote.len()),
+        }
+    }
+
+    /// Counts and logs a fetch that left the serving set (`version`, `keys` records) as it was.
+    fn report_refusal(
+        &self,
+        host: &impl KeySourceHost,
+        outcome: FetchOutcome,
+        version: u64,
+        keys: usize,
+    ) {
+        match outcome {
             FetchOutcome::RolledBack {
                 offered,
                 current,
@@ -455,18 +453,17 @@ impl FullSyncFlow {
             } => {
                 host.bump(Counter::FetchFailures);
                 host.bump(Counter::RollbacksRefused);
-                host.log(
-                    Level::Warn,
-                    &remote.rollback_line(&self.name, offered, current, failures),
-                );
+                let line = rollback_line(&self.name, offered, current, failures, version);
+                host.log(Level::Warn, &line);
             }
             FetchOutcome::Failed { reason, failures } => {
                 host.bump(Counter::FetchFailures);
-                host.log(
-                    Level::Warn,
-                    &remote.fetch_failed_line(&self.name, failures, &reason),
-                );
+                let line = fetch_failed_line(&self.name, failures, &reason, version, keys);
+                host.log(Level::Warn, &line);
             }
+            FetchOutcome::Updated { .. }
+            | FetchOutcome::Unchanged { .. }
+            | FetchOutcome::Published { .. } => {}
         }
     }
 
