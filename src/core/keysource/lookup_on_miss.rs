@@ -1,4 +1,4 @@
-//! Lookup on miss: for key sets too big to copy into every VM, keygate asks the key service for
+//! Lookup on miss: for key sets too big to fetch whole (or that change too often to), keygate asks the key service for
 //! the one key a request presents, and remembers the answer in a bounded cache in shared data.
 //!
 //! **Where a key is found.** Path templates name static files: opaque keys by the hex SHA-256 of

@@ -14,7 +14,7 @@
 //!   an invalid record) changes nothing but the failure count: a good set is never replaced by a
 //!   broken one. With no set yet, or a set older than `max_stale_seconds`, keys cannot be
 //!   verified and `on_unavailable` decides (503 `KEYSET_UNAVAILABLE` by default).
-//! - **`lookup_on_miss`**: for sets too big to copy into every VM; see `lookup_on_miss`.
+//! - **`lookup_on_miss`**: for sets too big to fetch whole; see `lookup_on_miss`.
 //!
 //! Shared data lives under a namespace derived from the config's name and the service's
 //! cluster and paths, so two filters sharing a `vm_id` keep separate sets.
