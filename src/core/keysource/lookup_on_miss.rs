@@ -1,5 +1,5 @@
-//! Lookup on miss: for key sets too big to fetch whole (or that change too often to), keygate asks the key service for
-//! the one key a request presents, and remembers the answer in a bounded cache in shared data.
+//! Lookup on miss: for key sets too big to fetch whole, keygate asks the key service for the one
+//! key a request presents, and remembers the answer in a bounded cache in shared data.
 //!
 //! **Where a key is found.** Path templates name static files: opaque keys by the hex SHA-256 of
 //! the whole key (`/keys/by-digest/{digest}.json`), id:secret and split keys by id
