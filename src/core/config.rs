@@ -78,7 +78,7 @@ impl ScopeHeaders {
     fn decode(value: &Value, path: &str) -> Result<ScopeHeaders, ConfigError> {
         let fields = Fields::of(value, path, Self::FIELDS)?;
         let mut scope = ScopeHeaders::default();
-        let slots = [
+        let mut slots = [
             &mut scope.key_id,
             &mut scope.tenant,
             &mut scope.organizations,
@@ -88,11 +88,7 @@ impl ScopeHeaders {
             &mut scope.permissions,
             &mut scope.auth,
         ];
-        for (name, slot) in Self::FIELDS.iter().zip(slots) {
-            if let Some(text) = fields.string(name)? {
-                *slot = text;
-            }
-        }
+        fields.strings_into(Self::FIELDS, &mut slots)?;
         Ok(scope)
     }
 }
@@ -137,18 +133,14 @@ impl SessionConfig {
     fn decode(value: &Value, path: &str) -> Result<SessionConfig, ConfigError> {
         let fields = Fields::of(value, path, Self::FIELDS)?;
         let mut session = SessionConfig::default();
-        let slots = [
+        let mut slots = [
             &mut session.cookie,
             &mut session.metadata_namespace,
             &mut session.payload_key,
             &mut session.failure_key,
             &mut session.subject_claim,
         ];
-        for (name, slot) in Self::FIELDS.iter().zip(slots) {
-            if let Some(text) = fields.string(name)? {
-                *slot = text;
-            }
-        }
+        fields.strings_into(Self::FIELDS, &mut slots)?;
         Ok(session)
     }
 

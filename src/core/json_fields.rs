@@ -49,6 +49,22 @@ impl<'a> Fields<'a> {
             .transpose()
     }
 
+    /// Sets each slot to its field's text, in `names` order; a field left out keeps its slot's
+    /// default.
+    #[inline(never)]
+    pub fn strings_into(
+        &self,
+        names: &[&str],
+        slots: &mut [&mut String],
+    ) -> Result<(), ConfigError> {
+        for (name, slot) in names.iter().zip(slots.iter_mut()) {
+            if let Some(text) = self.string(name)? {
+                **slot = text;
+            }
+        }
+        Ok(())
+    }
+
     #[inline(never)]
     pub fn required_string(&self, name: &str) -> Result<String, ConfigError> {
         self.string(name)?.ok_or_else(|| self.missing(name))
