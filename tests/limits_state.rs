@@ -39,7 +39,7 @@ fn run_keys(
     let mut record = template.clone();
     let mut allowed = 0;
     for i in 0..KEYS {
-        record.id = format!("key-{round}-{i:06}");
+        record.id = format!("key-{round}-{i:06}").into();
         if apply_limits(limits, &record, &policy, store, now_ms).is_ok() {
             allowed += 1;
         }

@@ -3,7 +3,9 @@
 //!
 //! Sets of a million keys live in every VM, so a record holds only what is its own (id and
 //! digest) and shares the rest: what a key grants (`KeyProfile`) is held once per distinct
-//! value, and the two indexes are sorted arrays of record numbers, not hash maps of copies.
+//! value. A record is one 64-byte line with its id inside it, the records are kept in digest
+//! order, and the indexes are arrays of record numbers and bucket starts, not hash maps of
+//! copies: finding a key by digest reads one bucket start and then the record itself.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -101,10 +103,92 @@ fn is_false(value: &bool) -> bool {
 /// `Deref` to the profile, so the record reads as one flat struct.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyRecord {
-    pub id: String,
+    pub id: KeyId,
     pub digest: Digest,
     pub profile: Arc<KeyProfile>,
     checked: Checked,
+}
+
+/// The longest id a record holds inside itself; a longer one goes to the heap.
+const INLINE_ID_BYTES: usize = 22;
+
+/// A record's id (checked: the `is_id_byte` alphabet, so ASCII). Ids up to 22 bytes, the
+/// usual case, sit inside the record: reading the id of a record just found costs no second
+/// memory access, and a set holds no string allocation per key.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct KeyId(IdBytes);
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum IdBytes {
+    Inline {
+        len: u8,
+        bytes: [u8; INLINE_ID_BYTES],
+    },
+    Heap(Box<str>),
+}
+
+impl From<String> for KeyId {
+    fn from(id: String) -> KeyId {
+        let mut bytes = [0u8; INLINE_ID_BYTES];
+        match (bytes.get_mut(..id.len()), u8::try_from(id.len())) {
+            (Some(head), Ok(len)) => {
+                head.copy_from_slice(id.as_bytes());
+                KeyId(IdBytes::Inline { len, bytes })
+            }
+            _ => KeyId(IdBytes::Heap(id.into_boxed_str())),
+        }
+    }
+}
+
+impl KeyId {
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            // Inline bytes were copied whole from a `str`, so they are UTF-8.
+            IdBytes::Inline { len, bytes } => bytes
+                .get(..usize::from(*len))
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .unwrap_or_default(),
+            IdBytes::Heap(id) => id,
+        }
+    }
+}
+
+impl Deref for KeyId {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl fmt::Debug for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<str> for KeyId {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for KeyId {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl PartialEq<String> for KeyId {
+    fn eq(&self, other: &String) -> bool {
+        self.as_str() == other
+    }
 }
 
 /// A private field of `KeyRecord` and `KeyProfile`: only this module's constructors, which
@@ -165,16 +249,17 @@ impl KeyProfile {
     }
 }
 
-/// Records in document order plus the two indexes built once when the set is loaded: record
-/// numbers sorted by id (searched by bisection) and by digest, with the digests' first 8 bytes
-/// alongside in one flat array: SHA-256 digests are spread evenly, so interpolation finds one
-/// in a few probes of that array instead of twenty through the records.
+/// Records in digest order, and the indexes built once when the set is loaded. SHA-256
+/// digests are spread evenly, so their first bits say where a record sits: `digest_buckets`
+/// maps them to a short run of records (about one). Ids are found the same way through a
+/// hash of the id: `by_id` lists record numbers in id-hash order, `id_buckets` maps a hash to
+/// a run of it.
 #[derive(Debug, Default)]
 pub struct KeySet {
     records: Vec<KeyRecord>,
+    digest_buckets: HashBuckets,
     by_id: Vec<u32>,
-    by_digest: Vec<u32>,
-    digest_prefixes: Vec<u64>,
+    id_buckets: HashBuckets,
 }
 
 pub(crate) fn digest_prefix(digest: &Digest) -> u64 {
@@ -183,33 +268,71 @@ pub(crate) fn digest_prefix(digest: &Digest) -> u64 {
     u64::from_be_bytes(head)
 }
 
-/// The first position in `sorted` whose value is not below `key`: interpolation while it
-/// narrows the range quickly (evenly spread values), bisection for what remains.
-fn lower_bound(sorted: &[u64], key: u64) -> usize {
-    let (mut lo, mut hi) = (0usize, sorted.len());
-    for _ in 0..8 {
-        if hi - lo <= 16 {
-            break;
+/// A 64-bit hash of a key id (FNV-1a, then a finalizer that spreads it into the top bits,
+/// which pick the bucket). Not keyed: ids come from the operator's own key set.
+fn id_hash(id: &str) -> u64 {
+    let mut hash = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    hash ^ (hash >> 33)
+}
+
+/// Where the entries of a list sorted by a 64-bit hash start, per value of the hash's top
+/// bits: the entries whose hash begins with `b` are `starts[b]..starts[b + 1]`. There are as
+/// many buckets as entries, rounded up to a power of two, so a run holds about one entry and
+/// a lookup reads two neighbouring starts, then that entry: no search through the list.
+#[derive(Debug, Default)]
+struct HashBuckets {
+    /// 64 minus the number of top bits that pick a bucket.
+    shift: u32,
+    starts: Vec<u32>,
+}
+
+impl HashBuckets {
+    /// The buckets of `count` entries whose hashes, in the list's order, are `hashes`.
+    fn new(count: usize, hashes: impl Iterator<Item = u64>) -> HashBuckets {
+        let bits = count.next_power_of_two().trailing_zeros().max(1);
+        let shift = 64 - bits;
+        let mut starts = vec![0u32; (1usize << bits) + 1];
+        for hash in hashes {
+            let after = (hash >> shift) as usize + 1;
+            if let Some(start) = starts.get_mut(after) {
+                *start += 1;
+            }
         }
-        let (Some(&first), Some(&last)) = (sorted.get(lo), sorted.get(hi - 1)) else {
-            break;
-        };
-        if key <= first {
-            return lo;
+        let mut total = 0u32;
+        for start in starts.iter_mut() {
+            total += *start;
+            *start = total;
         }
-        if key > last {
-            return hi;
-        }
-        let offset = u128::from(key - first) * (hi - 1 - lo) as u128 / u128::from(last - first);
-        let guess = lo + offset as usize;
-        match sorted.get(guess) {
-            Some(&value) if value < key => lo = guess + 1,
-            _ => hi = guess,
-        }
+        HashBuckets { shift, starts }
     }
-    lo + sorted
-        .get(lo..hi)
-        .map_or(0, |rest| rest.partition_point(|value| *value < key))
+
+    /// The position of the entry `probe` says is the one sought (`Equal`), searching the run
+    /// of `hash`'s bucket. `probe(k)` compares entry k to the one sought, in the list's order
+    /// (hash first), so a run that many hashes share is bisected, not scanned.
+    fn find(
+        &self,
+        hash: u64,
+        probe: impl Fn(usize) -> Option<std::cmp::Ordering>,
+    ) -> Option<usize> {
+        let bucket = hash.checked_shr(self.shift).unwrap_or(0) as usize;
+        let (&start, &end) = (self.starts.get(bucket)?, self.starts.get(bucket + 1)?);
+        let (mut lo, mut hi) = (start as usize, end as usize);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match probe(mid)? {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return Some(mid),
+            }
+        }
+        None
+    }
 }
 
 /// The indexes `0..count` in `order`. One sort instantiation for every order, through a `dyn`
@@ -222,15 +345,23 @@ fn sorted_indexes(count: u32, order: &dyn Fn(&u32, &u32) -> std::cmp::Ordering) 
     indexes
 }
 
-fn prefixes_in_order(records: &[KeyRecord], by_digest: &[u32]) -> Vec<u64> {
-    by_digest
-        .iter()
-        .map(|i| {
-            records
-                .get(*i as usize)
-                .map_or(0, |r| digest_prefix(&r.digest))
-        })
-        .collect()
+/// Puts `items` in the order `order` lists their positions (`order[k]` is the position of
+/// the item that goes to k), in place: each cycle of the permutation is followed by swaps,
+/// so a set of a million records is not sorted (or held) a second time. Leaves `order` as
+/// the identity.
+fn permute<T>(items: &mut [T], order: &mut [u32]) {
+    for start in 0..order.len() {
+        let mut at = start;
+        while let Some(slot) = order.get_mut(at) {
+            let from = *slot as usize;
+            *slot = at as u32;
+            if from == start || from >= items.len() {
+                break;
+            }
+            items.swap(at, from);
+            at = from;
+        }
+    }
 }
 
 /// The time in Unix seconds, written back as such (an RFC 3339 text and its Unix seconds make
@@ -273,8 +404,8 @@ impl KeyRecord {
         digest: Digest,
         profile: Arc<KeyProfile>,
     ) -> Option<KeyRecord> {
-        is_valid_id(&id).then_some(KeyRecord {
-            id,
+        is_valid_id(&id).then(|| KeyRecord {
+            id: KeyId::from(id),
             digest,
             profile,
             checked: Checked,
@@ -331,7 +462,7 @@ impl KeyRecord {
             }
         };
         Ok(KeyRecord {
-            id,
+            id: KeyId::from(id),
             digest,
             profile,
             checked: Checked,
@@ -374,9 +505,22 @@ impl<'p> Builder<'p> {
             .map_err(|_| ConfigError::new(path, "too many keys for one set"))?;
         let id_of = |i: &u32| records.get(*i as usize).map(|r| r.id.as_str());
         let digest_of = |i: &u32| records.get(*i as usize).map(|r| &r.digest);
-        let by_id = sorted_indexes(count, &|a, b| id_of(a).cmp(&id_of(b)).then(a.cmp(b)));
-        let by_digest = sorted_indexes(count, &|a, b| {
-            digest_of(a).cmp(&digest_of(b)).then(a.cmp(b))
+        // Each comparison reads two small flat arrays, not two records spread over the
+        // set, until the first 8 bytes of the digests (or the id hashes) are equal.
+        let prefixes: Vec<u64> = records.iter().map(|r| digest_prefix(&r.digest)).collect();
+        let prefix_of = |i: &u32| prefixes.get(*i as usize);
+        let mut by_digest = sorted_indexes(count, &|a, b| {
+            (prefix_of(a).cmp(&prefix_of(b)))
+                .then_with(|| digest_of(a).cmp(&digest_of(b)))
+                .then(a.cmp(b))
+        });
+        drop(prefixes);
+        let id_hashes: Vec<u64> = records.iter().map(|r| id_hash(&r.id)).collect();
+        let id_hash_of = |i: &u32| id_hashes.get(*i as usize);
+        let mut by_id = sorted_indexes(count, &|a, b| {
+            (id_hash_of(a).cmp(&id_hash_of(b)))
+                .then_with(|| id_of(a).cmp(&id_of(b)))
+                .then(a.cmp(b))
         });
         // Equal keys sort next to each other, in document order; report the duplicate that
         // comes first in the document, its id before its digest, as a one-pass check would.
@@ -405,12 +549,33 @@ impl<'p> Builder<'p> {
                 format!("duplicate {what} (also {path}[{earlier}])"),
             ));
         }
-        let digest_prefixes = prefixes_in_order(&records, &by_digest);
+        let id_buckets = HashBuckets::new(
+            by_id.len(),
+            by_id.iter().filter_map(|i| id_hash_of(i).copied()),
+        );
+        drop(id_hashes);
+        // The records move to digest order; `by_id` follows them to their new numbers.
+        let mut new_number = vec![0u32; records.len()];
+        for (number, old) in (0u32..).zip(&by_digest) {
+            if let Some(slot) = new_number.get_mut(*old as usize) {
+                *slot = number;
+            }
+        }
+        for number in by_id.iter_mut() {
+            *number = new_number.get(*number as usize).copied().unwrap_or(0);
+        }
+        drop(new_number);
+        permute(&mut records, &mut by_digest);
+        drop(by_digest);
+        let digest_buckets = HashBuckets::new(
+            records.len(),
+            records.iter().map(|r| digest_prefix(&r.digest)),
+        );
         Ok(KeySet {
             records,
+            digest_buckets,
             by_id,
-            by_digest,
-            digest_prefixes,
+            id_buckets,
         })
     }
 }
@@ -533,31 +698,27 @@ impl KeySet {
         self.records.is_empty()
     }
 
-    fn record(&self, number: u32) -> Option<&KeyRecord> {
-        self.records.get(number as usize)
-    }
-
     pub fn by_id(&self, id: &str) -> Option<&KeyRecord> {
-        let at = self
-            .by_id
-            .binary_search_by(|i| self.record(*i).map(|r| r.id.as_str()).cmp(&Some(id)))
-            .ok()?;
-        self.by_id.get(at).and_then(|i| self.record(*i))
+        let hash = id_hash(id);
+        let record_at = |k: usize| {
+            self.by_id
+                .get(k)
+                .and_then(|number| self.records.get(*number as usize))
+        };
+        let at = self.id_buckets.find(hash, |k| {
+            record_at(k).map(|r| (id_hash(&r.id), r.id.as_str()).cmp(&(hash, id)))
+        })?;
+        record_at(at)
     }
 
     pub fn by_digest(&self, digest: &Digest) -> Option<&KeyRecord> {
-        let prefix = digest_prefix(digest);
-        let at = lower_bound(&self.digest_prefixes, prefix);
-        // Digests that share their first 8 bytes sit next to each other.
-        self.digest_prefixes
-            .get(at..)?
-            .iter()
-            .take_while(|p| **p == prefix)
-            .zip(self.by_digest.get(at..)?)
-            .filter_map(|(_, i)| self.record(*i))
-            .find(|r| r.digest == *digest)
+        let at = self.digest_buckets.find(digest_prefix(digest), |k| {
+            self.records.get(k).map(|r| r.digest.cmp(digest))
+        })?;
+        self.records.get(at)
     }
 
+    /// The records, in digest order.
     pub fn records(&self) -> &[KeyRecord] {
         &self.records
     }
@@ -634,47 +795,134 @@ mod tests {
         assert!(set.by_digest(&sha256(b"nope")).is_none());
     }
 
-    #[test]
-    fn lower_bound_agrees_with_bisection_on_even_and_lumpy_values() {
-        let even: Vec<u64> = (0..5000u64).map(|i| i * (u64::MAX / 5000)).collect();
-        let lumpy: Vec<u64> = (0..5000u64)
-            .map(|i| (i / 7) * (i % 3) * 1_000_003)
-            .collect();
-        for values in [even, {
-            let mut v = lumpy;
-            v.sort_unstable();
-            v
-        }] {
-            for key in values
-                .iter()
-                .flat_map(|v| [v.saturating_sub(1), *v, v.saturating_add(1)])
-            {
-                assert_eq!(
-                    lower_bound(&values, key),
-                    values.partition_point(|v| *v < key),
-                    "{key}"
-                );
-            }
-            assert_eq!(
-                lower_bound(&values, u64::MAX),
-                values.partition_point(|v| *v < u64::MAX)
-            );
-        }
-        assert_eq!(lower_bound(&[], 5), 0);
+    /// A record whose digest is `digest` as written, not the hash of a secret.
+    fn with_digest(id: &str, digest: &Digest) -> serde_json::Value {
+        serde_json::json!({"id": id, "secret_sha256": hex::encode(digest)})
     }
 
     #[test]
-    fn digests_sharing_their_first_bytes_are_told_apart() {
-        let mut set = load(serde_json::json!([spec("a", "s1"), spec("b", "s2")])).unwrap();
-        // Force a shared 8-byte prefix: both entries of the flat array say the same.
-        let shared = set.digest_prefixes.first().copied().unwrap();
-        set.digest_prefixes.iter_mut().for_each(|p| *p = shared);
-        let wanted = set.records()[1].digest;
-        let mut probe = wanted;
-        probe[..8].copy_from_slice(&shared.to_be_bytes());
-        set.records[1].digest = probe;
-        assert_eq!(set.by_digest(&probe).map(|r| r.id.as_str()), Some("b"));
-        assert!(set.by_digest(&sha256(b"nope")).is_none());
+    fn every_record_of_a_large_set_is_found_by_id_and_by_digest_and_strangers_are_not() {
+        let records: Vec<_> = (0..5000)
+            .map(|i| spec(&format!("k{i}"), &format!("s{i}")))
+            .collect();
+        let set = load(serde_json::Value::Array(records)).unwrap();
+        for i in 0..5000 {
+            let by_digest = set.by_digest(&sha256(format!("s{i}").as_bytes())).unwrap();
+            assert_eq!(by_digest.id, format!("k{i}"));
+            let by_id = set.by_id(&format!("k{i}")).unwrap();
+            assert_eq!(by_id.digest, sha256(format!("s{i}").as_bytes()));
+        }
+        for i in 5000..6000 {
+            assert!(set.by_digest(&sha256(format!("s{i}").as_bytes())).is_none());
+            assert!(set.by_id(&format!("k{i}")).is_none());
+        }
+        assert!(set.by_id("").is_none());
+    }
+
+    #[test]
+    fn records_are_held_in_digest_order() {
+        let set = load(serde_json::json!([
+            spec("a", "s1"),
+            spec("b", "s2"),
+            spec("c", "s3")
+        ]))
+        .unwrap();
+        let digests: Vec<_> = set.records().iter().map(|r| r.digest).collect();
+        let mut sorted = digests.clone();
+        sorted.sort_unstable();
+        assert_eq!(digests, sorted);
+    }
+
+    #[test]
+    fn digests_that_share_their_bucket_or_all_but_the_last_byte_are_told_apart() {
+        // Twenty digests in one bucket (equal first 8 bytes), differing only at the end,
+        // plus ordinary ones around them.
+        let mut shared = sha256(b"shared");
+        let mut records = Vec::new();
+        for last in 0..20u8 {
+            shared[31] = last * 3;
+            records.push(with_digest(&format!("c{last}"), &shared));
+        }
+        records.extend((0..50).map(|i| spec(&format!("k{i}"), &format!("s{i}"))));
+        let set = load(serde_json::Value::Array(records)).unwrap();
+        for last in 0..20u8 {
+            shared[31] = last * 3;
+            assert_eq!(set.by_digest(&shared).unwrap().id, format!("c{last}"));
+            shared[31] = last * 3 + 1;
+            assert!(set.by_digest(&shared).is_none());
+        }
+        for i in 0..50 {
+            let found = set.by_digest(&sha256(format!("s{i}").as_bytes()));
+            assert_eq!(found.unwrap().id, format!("k{i}"));
+        }
+    }
+
+    #[test]
+    fn digests_at_the_ends_of_the_range_are_found() {
+        let (low, high) = ([0u8; 32], [0xffu8; 32]);
+        let set = load(serde_json::json!([
+            with_digest("high", &high),
+            with_digest("low", &low)
+        ]))
+        .unwrap();
+        assert_eq!(set.by_digest(&low).unwrap().id, "low");
+        assert_eq!(set.by_digest(&high).unwrap().id, "high");
+        assert!(set.by_digest(&[0x80u8; 32]).is_none());
+    }
+
+    #[test]
+    fn a_bucket_shared_by_many_hashes_is_bisected_to_the_one_sought() {
+        // Entries sorted by (hash, value); all hashes fall in bucket 0 of 8.
+        let entries: Vec<(u64, u32)> = (0..100u32).map(|v| (u64::from(v / 10), v)).collect();
+        let buckets = HashBuckets::new(entries.len(), entries.iter().map(|e| e.0));
+        for wanted in &entries {
+            let at = buckets.find(wanted.0, |k| entries.get(k).map(|e| e.cmp(wanted)));
+            assert_eq!(at.and_then(|k| entries.get(k)), Some(wanted));
+        }
+        let stranger = (3, 1000);
+        assert_eq!(
+            buckets.find(stranger.0, |k| entries.get(k).map(|e| e.cmp(&stranger))),
+            None
+        );
+    }
+
+    #[test]
+    fn an_empty_set_finds_nothing() {
+        let set = load(serde_json::json!([])).unwrap();
+        assert!(set.by_digest(&sha256(b"s")).is_none());
+        assert!(set.by_id("a").is_none());
+    }
+
+    #[test]
+    fn short_ids_sit_in_the_record_and_long_ones_read_back_whole() {
+        assert_eq!(std::mem::size_of::<KeyRecord>(), 64);
+        let long = "l".repeat(INLINE_ID_BYTES + 1);
+        let edge = "e".repeat(INLINE_ID_BYTES);
+        let set = load(serde_json::json!([
+            spec(&long, "s1"),
+            spec(&edge, "s2"),
+            spec("a", "s3")
+        ]))
+        .unwrap();
+        for (id, secret) in [(&long, "s1"), (&edge, "s2"), (&"a".to_string(), "s3")] {
+            let record = set.by_id(id).unwrap();
+            assert_eq!(record.id.as_str(), id);
+            assert_eq!(record.digest, sha256(secret.as_bytes()));
+        }
+        assert!(matches!(
+            set.by_id(&edge).unwrap().id.0,
+            IdBytes::Inline { .. }
+        ));
+        assert!(matches!(set.by_id(&long).unwrap().id.0, IdBytes::Heap(_)));
+    }
+
+    #[test]
+    fn permute_puts_items_where_the_order_says() {
+        let mut items = vec!['a', 'b', 'c', 'd', 'e', 'f'];
+        let mut order = vec![3, 0, 4, 1, 2, 5];
+        permute(&mut items, &mut order);
+        assert_eq!(items, ['d', 'a', 'e', 'b', 'c', 'f']);
+        assert_eq!(order, [0, 1, 2, 3, 4, 5]);
     }
 
     #[test]
@@ -768,7 +1016,7 @@ mod tests {
         let record = KeyRecord::from_spec(serde_json::from_str(&text).unwrap(), "r").unwrap();
         let written = record
             .profile
-            .to_spec(record.id.clone(), spec.secret_sha256.clone());
+            .to_spec(record.id.to_string(), spec.secret_sha256.clone());
         assert_eq!(written, spec);
         assert_eq!(serde_json::to_string(&written).unwrap(), text);
         assert_eq!(
@@ -791,7 +1039,8 @@ mod tests {
         assert!(Arc::ptr_eq(&a.profile, &b.profile));
         assert_eq!(a.expires_at(), Some(1_893_456_000));
         assert_eq!(a.fields.origins, ["https://shop.example"]);
-        let written = serde_json::to_value(a.profile.to_spec(a.id.clone(), "d".into())).unwrap();
+        let written =
+            serde_json::to_value(a.profile.to_spec(a.id.to_string(), "d".into())).unwrap();
         assert_eq!(written["expires_at"], 1_893_456_000);
         assert_eq!(
             written["origins"],
