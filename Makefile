@@ -277,6 +277,13 @@ build/bench-empty.wasm: bench/empty-filter/src/lib.rs bench/empty-filter/Cargo.t
 	  --target-dir target/empty-filter
 	@mkdir -p build && cp target/empty-filter/$(WASM_TARGET)/release/empty_filter.wasm $@
 
+# The same filter answering every request with keygate's unknown-key 401 (SDK send_http_response):
+# the floor of a wasm filter's local reply, for the 401 path (`bench/ab.py --unknown`).
+build/bench-deny.wasm: bench/empty-filter/src/lib.rs bench/empty-filter/Cargo.toml | toolchain
+	cargo build --release --target $(WASM_TARGET) --manifest-path bench/empty-filter/Cargo.toml \
+	  --features deny --target-dir target/deny-filter
+	@mkdir -p build && cp target/deny-filter/$(WASM_TARGET)/release/empty_filter.wasm $@
+
 # BEFORE's module, built by that revision's own `make build` in a scratch tree.
 bench-before:
 	@test -n "$(BEFORE)" || { echo "set BEFORE=<git revision>"; exit 1; }
@@ -287,7 +294,7 @@ bench-before:
 	  NATIVE_OUT=$(CURDIR)/target/before/native/libkeygate.so
 	cp .tmp/before/build/keygate.wasm build/keygate-before.wasm
 
-bench-envoy: build build/bench-empty.wasm bench-tools $(VENV)/.installed $(if $(BEFORE),bench-before)
+bench-envoy: build build/bench-empty.wasm build/bench-deny.wasm bench-tools $(VENV)/.installed $(if $(BEFORE),bench-before)
 	ENVOY_BIN=$(ENVOY) $(PY) bench/run.py --rounds $(BENCH_ROUNDS) --seconds $(BENCH_SECONDS) $(BENCH_EXTRA)
 
 # An example rather than a `cargo bench` target: cargo builds the CLI binary for benches too,
