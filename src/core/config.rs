@@ -633,6 +633,15 @@ mod tests {
     }
 
     #[test]
+    fn a_query_selector_named_outside_ascii_is_refused() {
+        let err = parse(serde_json::json!({"credentials": [{"in": "header"}],
+            "tenant_selectors": [{"query": "organizaci\u{f3}n", "scope": "tenant"}]}))
+        .unwrap_err();
+        assert_eq!(err.path, "tenant_selectors[0].query");
+        assert_eq!(err.message, "must be ASCII");
+    }
+
+    #[test]
     fn message_override_for_unknown_code_is_refused() {
         let err = parse(serde_json::json!({"credentials": [{"in": "header"}],
             "messages": {"NOT_A_CODE": "x"}}))

@@ -218,6 +218,10 @@ pub struct TenantSelector {
 impl TenantSelector {
     pub fn from_spec(spec: TenantSelectorSpec, path: &str) -> Result<TenantSelector, ConfigError> {
         let place = match (spec.query, spec.header) {
+            // Parameter names are matched by an ASCII case fold (`selectors::canonical_param_name`).
+            (Some(q), None) if !q.is_ascii() => {
+                return Err(ConfigError::new(format!("{path}.query"), "must be ASCII"))
+            }
             (Some(q), None) if !q.is_empty() => SelectorPlace::Query(q),
             (None, Some(h)) if !h.is_empty() => SelectorPlace::Header(h.to_ascii_lowercase()),
             _ => {
