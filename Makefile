@@ -55,7 +55,8 @@ build: build-wasm build-native
 
 # The module: opt-level 3, the unused callback exports dropped, then Binaryen's wasm-opt -O3
 # (Debian's binaryen, installed here if missing). `make build WASM_OPT_LEVEL=z WASM_OPT=-Oz` makes
-# it about 20% smaller and 30–45% slower per filter (BENCHMARKS.md, issue 18). The opt-level
+# it about 25% smaller (398 KB, under issue 18's 400 KB) and 25–40% slower per filter
+# (BENCHMARKS.md, issue 18). The opt-level
 # applies to the wasm build only: the CLI and the core benchmarks keep [profile.release]'s.
 WASM_OPT_LEVEL ?= 3
 WASM_OPT ?= -O3
