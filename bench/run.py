@@ -100,7 +100,11 @@ class Phase:
         text = bench_config.render(self.args.keys, self.args.extra, self.chain)
         self.ports = {}
         for name, shipped_port in bench_config.PORTS.items():
-            self.ports[name] = free_port()
+            # The kernel may hand out a port again once its probe socket is closed.
+            port = free_port()
+            while port in self.ports.values():
+                port = free_port()
+            self.ports[name] = port
             text = text.replace(f"port_value: {shipped_port} ", f"port_value: {self.ports[name]} ")
         path = WORK / f"bench-chain{self.chain}.yaml"
         path.write_text(text)
