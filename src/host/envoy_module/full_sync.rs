@@ -112,7 +112,11 @@ impl ProcessSet {
     /// Main thread, a tick after a change: frees the replaced set, by then held by no request
     /// (requests hold a set for one decision).
     fn free_retired(&self) {
-        let old = self.retired.lock().ok().and_then(|mut retired| retired.take());
+        let old = self
+            .retired
+            .lock()
+            .ok()
+            .and_then(|mut retired| retired.take());
         drop(old);
     }
 
