@@ -21,6 +21,7 @@ Timed numbers are printed, never asserted. Run by hand:
       bench/keyset_scale.py --keys 1000,1000000 --hosts wasm --modes full
 Latencies include the Python clients, so compare rows within one run."""
 import argparse
+import gc
 import hashlib
 import http.client
 import json
@@ -58,6 +59,10 @@ HOST_LABEL = {"wasm": "keygate.wasm", "native": "keygate-native"}
 # Diagnosis only: build and write each reload's document inside the measured window, as the
 # bench did before 2026-11-30 (Python's str.join holds the GIL, stalling the client threads).
 BUILD_IN_WINDOW = os.environ.get("BENCH_SCALE_BUILD_IN_WINDOW") == "1"
+# Diagnosis only: Envoy's allocator keeps what it freed (envoy/keyservice.yaml's
+# memory_allocator_manager line taken out).
+KEEP_FREED = os.environ.get("BENCH_SCALE_KEEP_FREED") == "1"
+RELEASE_LINE = re.compile(r"^memory_allocator_manager:.*$", re.M)
 
 
 def full_secret(i):
@@ -137,6 +142,9 @@ class Load:
                 self.failures += not ok
 
     def __enter__(self):
+        # No collection of this process's objects (a million key texts) in the window: a full
+        # one holds the GIL, and every client would report Envoy slow at the same moment.
+        gc.disable()
         for t in self.threads:
             t.start()
         return self
@@ -145,6 +153,7 @@ class Load:
         self.stop.set()
         for t in self.threads:
             t.join()
+        gc.enable()
 
     def summary(self):
         ordered = sorted(ms for ms, _ in self.samples)
@@ -219,7 +228,11 @@ def wait_loaded(stack, probe, watch):
 
 
 def measure_full(count):
-    stack = Stack("keyservice.yaml", concurrency=2, substitutions=DIRECT_RESPONSE)
+    substitutions = dict(DIRECT_RESPONSE)
+    if KEEP_FREED:
+        shipped = (ROOT / "envoy" / "keyservice.yaml").read_text()
+        substitutions.update({line: "" for line in RELEASE_LINE.findall(shipped)})
+    stack = Stack("keyservice.yaml", concurrency=2, substitutions=substitutions)
     service = StaticKeyService.for_stack(stack)
     service.start()
     row = {"mode": "full", "keys": count}
@@ -231,6 +244,7 @@ def measure_full(count):
             time.sleep(1)
             empty = rss_mb(pid)
             texts = full_records(count)
+            gc.freeze()  # the texts live to the end: no collection walks them again
             body = document(texts)
             row["document_mb"] = round(len(body) / 2**20, 1)
             probe = full_secret(count - 1)
@@ -331,12 +345,16 @@ def run_host(sizes, modes):
             print(json.dumps(row), flush=True)
 
 
+def heap_cell(heap):
+    return f" ({heap['allocated']} + {heap['free']})" if heap else ""
+
+
 def cell(row, name, fmt="{}"):
     return fmt.format(row[name]) if name in row else "n/a"
 
 
 def table(rows):
-    lines = ["| host | mode | keys (document) | load | RSS empty → loaded | B/key | after 5 reloads "
+    lines = ["| host | mode | keys (document) | load | RSS empty → loaded | B/key | after 5 reloads (heap: used + free) "
              "| CPU/request | valid key at rest | reload p99 / max (slowest at; reload took) | non-2xx |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -355,7 +373,7 @@ def table(rows):
             load = f"per key (first miss {r['first_request_ms']} ms)"
             growth, spike, non_2xx = "n/a", "n/a (ttl)", str(r["at_rest_non_2xx"])
         lines.append(head + f"| {load} | {r['rss_empty_mb']} → {r['rss_loaded_mb']} MB | {growth} "
-                     f"| {cell(r, 'rss_after_5_reloads_mb', '{} MB')} | {r['cpu_us_per_request']} µs "
+                     f"| {cell(r, 'rss_after_5_reloads_mb', '{} MB')}{heap_cell(r.get('heap_reloaded_mb'))} | {r['cpu_us_per_request']} µs "
                      f"| {r['valid_key_ms_median']} ms | {spike} | {non_2xx} |")
     return "\n".join(lines)
 

@@ -35,7 +35,7 @@ const MIN_BUCKETS: u64 = 64;
 const MAX_BUCKETS: u64 = 1 << 16;
 /// Buckets emptied per slice when an old slot is cleared: 512 host calls, under a millisecond,
 /// on the short ticks of a VM at work (`Fetch::wants_short_ticks`), so 64K buckets are cleared
-/// in a second or two and the memory they held is free soon after a reload.
+/// in a few seconds (256 ticks) and the memory they held is free soon after a reload.
 pub const BUCKETS_PER_SLICE: u32 = 256;
 
 /// The digest of a profile written as a record (never looked up).
