@@ -9,7 +9,10 @@ Per row:
 - full mode: Envoy's RSS with an empty set, the time from publishing the document to a valid
   key passing everywhere, RSS after that load, Envoy CPU per request under load at rest, the
   latency of a valid key at rest, the latency spike while a new version (one key changed) is
-  published under load (p99 / max, non-2xx count), and RSS after five such reloads;
+  published under load (p99 / max, non-2xx count, when the slowest request started and how
+  long the reload took; each document is built and written aside before its window, since
+  building 100 MB in this process stalls its clients), and RSS after five such reloads with
+  Envoy's heap (allocated + held free, admin /memory);
 - lookup on miss: the store is `{digest:3}` shard files of the given size; RSS before any
   request, the first request's latency (a miss: one fetch of a shard), CPU per request and RSS
   under load at rest. There is no set to reload: a changed key is seen when its cached answer
