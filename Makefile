@@ -55,7 +55,8 @@ build: build-wasm build-native
 
 # The module: opt-level 3, the unused callback exports dropped, then Binaryen's wasm-opt -O3
 # (Debian's binaryen, installed here if missing). `make build WASM_OPT_LEVEL=z WASM_OPT=-Oz` makes
-# it about 20% smaller and 30–45% slower per filter (BENCHMARKS.md, issue 18). The opt-level
+# it about 25% smaller (398 KB, under issue 18's 400 KB) and 25–40% slower per filter
+# (BENCHMARKS.md, issue 18). The opt-level
 # applies to the wasm build only: the CLI and the core benchmarks keep [profile.release]'s.
 WASM_OPT_LEVEL ?= 3
 WASM_OPT ?= -O3
@@ -277,6 +278,13 @@ build/bench-empty.wasm: bench/empty-filter/src/lib.rs bench/empty-filter/Cargo.t
 	  --target-dir target/empty-filter
 	@mkdir -p build && cp target/empty-filter/$(WASM_TARGET)/release/empty_filter.wasm $@
 
+# The same filter answering every request with keygate's unknown-key 401 (SDK send_http_response):
+# the floor of a wasm filter's local reply, for the 401 path (`bench/ab.py --unknown`).
+build/bench-deny.wasm: bench/empty-filter/src/lib.rs bench/empty-filter/Cargo.toml | toolchain
+	cargo build --release --target $(WASM_TARGET) --manifest-path bench/empty-filter/Cargo.toml \
+	  --features deny --target-dir target/deny-filter
+	@mkdir -p build && cp target/deny-filter/$(WASM_TARGET)/release/empty_filter.wasm $@
+
 # BEFORE's module, built by that revision's own `make build` in a scratch tree.
 bench-before:
 	@test -n "$(BEFORE)" || { echo "set BEFORE=<git revision>"; exit 1; }
@@ -287,7 +295,7 @@ bench-before:
 	  NATIVE_OUT=$(CURDIR)/target/before/native/libkeygate.so
 	cp .tmp/before/build/keygate.wasm build/keygate-before.wasm
 
-bench-envoy: build build/bench-empty.wasm bench-tools $(VENV)/.installed $(if $(BEFORE),bench-before)
+bench-envoy: build build/bench-empty.wasm build/bench-deny.wasm bench-tools $(VENV)/.installed $(if $(BEFORE),bench-before)
 	ENVOY_BIN=$(ENVOY) $(PY) bench/run.py --rounds $(BENCH_ROUNDS) --seconds $(BENCH_SECONDS) $(BENCH_EXTRA)
 
 # An example rather than a `cargo bench` target: cargo builds the CLI binary for benches too,

@@ -29,6 +29,11 @@ one run compares a key-set size with another (issue 15's flatness):
 `--unknown` measures the 401 path instead: well-formed unknown keys, one filter per listener
 (the first copy answers, so chaining would not amplify), against a floor listener whose route
 answers 401 itself; empty-filter variants are left out (they would pass the request upstream).
+A variant named `deny…` (build/bench-deny.wasm: the empty filter answering keygate's 401 with the
+SDK's `send_http_response`) is the floor of a wasm filter's local reply; it runs only with
+`--unknown` (it would answer 401 to valid keys too):
+
+    python3 bench/ab.py --unknown deny=build/bench-deny.wasm keygate=build/keygate.wasm
 """
 import argparse
 import json
@@ -62,13 +67,18 @@ def service_config(name, keys):
     }, indent=2) + "\n"
 
 
+def without_keygate_config(name):
+    """The bench filters (build/bench-empty.wasm, build/bench-deny.wasm) take no keygate config."""
+    return "empty" in name or name.startswith("deny")
+
+
 def chained_filters(name, wasm, chain, keys, service=False, fields=""):
     if wasm == API_KEY_AUTH:
         return "".join(bench_config.native_filter(keys, strip=False, name=f"api_key_auth_{i}")
                        for i in range(chain))
-    if service and "empty" not in name:
+    if service and not without_keygate_config(name):
         config = service_config(name, keys)
-    elif "empty" not in name:
+    elif not without_keygate_config(name):
         config = bench_config.keygate_config(keys)
         extra = '"strip_credentials": false,' + (f" {fields}," if fields else "")
         config = config.replace('"name": "bench",', f'"name": "bench", {extra}', 1)
@@ -136,6 +146,8 @@ def main():
     if args.unknown:
         args.chain = 1
         variants = [(n, w) for n, w in variants if "empty" not in n]
+    else:
+        variants = [(n, w) for n, w in variants if not n.startswith("deny")]
     for _, wasm in variants:
         if wasm != API_KEY_AUTH and not (ROOT / wasm).exists():
             sys.exit(f"no such build: {wasm}")

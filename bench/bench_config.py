@@ -40,10 +40,14 @@ PORTS = {
     "authz_service": 10009,
     "keygate_native": 10012,
     "keygate_native_100k": 10013,
+    "wasm_deny": 10014,
     "upstream": 8081,
     "admin": 9901,
 }
 CONTENDERS = ["floor", "native", "lua", "ext_authz", "keygate"]
+# Contenders measured with one filter per listener only: the large key sets (one copy is enough)
+# and the 401-only filter (it answers before a second copy would run).
+SINGLE_ONLY = ("keygate_100k", "keygate_service", "keygate_native_100k", "wasm_deny")
 # The floor of unknown-key traffic: no filter, the route itself answers 401 locally.
 FLOOR_DENY = "floor_deny"
 
@@ -264,6 +268,7 @@ def contender_filters(contender, n, chain=1):
         "keygate_native_100k": lambda i: keygate_module_filter(keygate_config(100_000, "bench100knative")),
         "wasm_floor": lambda i: keygate_filter("bench-empty", "build/bench-empty.wasm", "{}\n",
                                                f"empty_{i}" if chain > 1 else "empty"),
+        "wasm_deny": lambda i: keygate_filter("bench-deny", "build/bench-deny.wasm", "{}\n", "deny"),
     }[contender]
     return "".join(one(i) for i in range(chain))
 
@@ -271,16 +276,17 @@ def contender_filters(contender, n, chain=1):
 def render(n, extra=(), chain=1):
     """The bench config. `extra` adds listeners bench/run.py uses but does not ship (their wasm
     files exist only after `make bench` builds them): `empty` (bench/empty-filter, a Rust
-    proxy-wasm filter that does nothing), `before` (build/keygate-before.wasm, same keys) and
+    proxy-wasm filter that does nothing, and the same filter built to answer keygate's unknown-key
+    401 itself, the floor of the 401 path; one filter only), `before` (build/keygate-before.wasm, same keys) and
     `100k` (keygate with 100,000 inline keys). `chain` repeats every contender's filter."""
     names = list(CONTENDERS)
-    names += [name for key, name in (("empty", "wasm_floor"), ("before", "keygate_before"),
+    names += [name for key, name in (("empty", "wasm_floor"), ("empty", "wasm_deny"), ("before", "keygate_before"),
                                      ("100k", "keygate_100k"), ("100k", "keygate_service"),
                                      ("native", "keygate_native")) if key in extra]
     if "native" in extra and "100k" in extra:
         names.append("keygate_native_100k")
     if chain > 1:
-        names = [n for n in names if n not in ("keygate_100k", "keygate_service", "keygate_native_100k")]
+        names = [n for n in names if n not in SINGLE_ONLY]
     listeners = [listener(name, PORTS[name], hcm(name, contender_filters(name, n, chain))) for name in names]
     listeners.insert(1, listener("floor_deny", PORTS["floor_deny"], hcm("floor_deny", "", route=DENY_ROUTE)))
     authz = "authz_service" if chain == 1 else "authz_service_chained"

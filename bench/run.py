@@ -39,6 +39,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 LABELS = {
     "floor": "no filter (floor)",
     "wasm_floor": "empty Rust proxy-wasm filter (does nothing)",
+    "wasm_deny": "Rust proxy-wasm filter sending the same 401 (nothing else)",
     "native": "native api_key_auth",
     "lua": "Lua filter",
     "ext_authz": "ext_authz (HTTP, local listener)",
@@ -78,7 +79,10 @@ def write_keys(path, keys):
 
 
 def traffic_kinds(name, chain):
-    # A chained run measures the pass-through path only; the empty filter has no unknown-key case.
+    # A chained run measures the pass-through path only; the empty filter has no unknown-key case,
+    # the deny filter only that one.
+    if name == "wasm_deny":
+        return ("invalid",)
     return ("valid",) if chain > 1 or name == "wasm_floor" else ("valid", "invalid")
 
 
@@ -96,7 +100,11 @@ class Phase:
         text = bench_config.render(self.args.keys, self.args.extra, self.chain)
         self.ports = {}
         for name, shipped_port in bench_config.PORTS.items():
-            self.ports[name] = free_port()
+            # The kernel may hand out a port again once its probe socket is closed.
+            port = free_port()
+            while port in self.ports.values():
+                port = free_port()
+            self.ports[name] = port
             text = text.replace(f"port_value: {shipped_port} ", f"port_value: {self.ports[name]} ")
         path = WORK / f"bench-chain{self.chain}.yaml"
         path.write_text(text)
@@ -149,7 +157,8 @@ class Phase:
         for name in self.contenders:
             port = self.ports[name]
             got = (http_status(port, valid), http_status(port, invalid), http_status(port, None))
-            want = (200, 200, 200) if name in ("floor", "wasm_floor") else (200, 401, 401)
+            want = {"floor": (200, 200, 200), "wasm_floor": (200, 200, 200),
+                    "wasm_deny": (401, 401, 401)}.get(name, (200, 401, 401))
             if got != want:
                 self.fail(f"contender {name}: valid/unknown/missing key gave {got}, expected {want}")
         if http_status(self.ports[bench_config.FLOOR_DENY], valid) != 401:
@@ -294,7 +303,8 @@ def main():
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--keys", type=int, default=1000)
     parser.add_argument("--extra", action="append", default=[], choices=["empty", "before", "100k", "native"],
-                        help="empty: also run build/bench-empty.wasm (a Rust proxy-wasm filter doing nothing); "
+                        help="empty: also run build/bench-empty.wasm (a Rust proxy-wasm filter doing nothing) and, "
+                             "on the 401 path, build/bench-deny.wasm (the same filter sending keygate's 401); "
                              "before: build/keygate-before.wasm; 100k: keygate with 100,000 inline keys; "
                              "native: build/libkeygate.so")
     parser.add_argument("--envoy-cpu", type=int, default=0)
@@ -302,7 +312,7 @@ def main():
     parser.add_argument("--wrk", default=shutil.which("wrk") or "wrk")
     parser.add_argument("--json", type=Path, default=WORK / "results.json")
     args = parser.parse_args()
-    for extra, wasm in (("empty", "bench-empty.wasm"), ("before", "keygate-before.wasm"),
+    for extra, wasm in (("empty", "bench-empty.wasm"), ("empty", "bench-deny.wasm"), ("before", "keygate-before.wasm"),
                         ("native", "libkeygate.so")):
         if extra in args.extra and not (ROOT / "build" / wasm).exists():
             sys.exit(f"--extra {extra} needs build/{wasm}")
@@ -315,10 +325,12 @@ def main():
                               [bench_config.KEY_PREFIX + f"{i:032x}" for i in range(args.keys)]),
     }
     contenders = list(bench_config.CONTENDERS)
-    for extra, name in (("empty", "wasm_floor"), ("before", "keygate_before"), ("100k", "keygate_100k"),
-                        ("100k", "keygate_service"), ("native", "keygate_native")):
+    for extra, name in (("empty", "wasm_floor"), ("empty", "wasm_deny"), ("before", "keygate_before"),
+                        ("100k", "keygate_100k"), ("100k", "keygate_service"), ("native", "keygate_native")):
         if extra in args.extra:
-            contenders.insert(1, name) if name == "wasm_floor" else contenders.append(name)
+            # The wasm floors next to the floor: the empty filter, then the 401-only one.
+            wasm_floors = {"wasm_floor": 1, "wasm_deny": 2}
+            contenders.insert(wasm_floors[name], name) if name in wasm_floors else contenders.append(name)
     if "native" in args.extra and "100k" in args.extra:
         contenders.append("keygate_native_100k")
 
@@ -330,8 +342,7 @@ def main():
     single = Phase(args, contenders, 1, key_files).run(args.rounds, args.seconds, started)
     results = {key: summarize(rs, single[("floor", key[1])], 1) for key, rs in single.items()}
     chained_results = {}
-    chained_contenders = [c for c in contenders if c not in ("keygate_100k", "keygate_service",
-                                                            "keygate_native_100k")]
+    chained_contenders = [c for c in contenders if c not in bench_config.SINGLE_ONLY]
     if args.chain > 1:
         chained = Phase(args, chained_contenders, args.chain, key_files).run(
             args.chain_rounds, args.chain_seconds, started)

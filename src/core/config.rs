@@ -19,6 +19,7 @@ use super::policy::{
 };
 use super::reply::{BodyFormat, Replies};
 use super::request::RequestView;
+use super::small_sort::sort_few;
 
 /// Names of the trusted headers keygate sends upstream. Client-sent copies are always removed.
 #[derive(Debug, Clone)]
@@ -520,7 +521,7 @@ impl Config {
                 headers_to_strip.extend(source.header_names().iter().map(|s| s.to_string()));
             }
         }
-        headers_to_strip.sort();
+        sort_few(&mut headers_to_strip);
         headers_to_strip.dedup();
 
         let name = spec.name.unwrap_or_else(|| "keygate".to_string());
@@ -630,6 +631,15 @@ mod tests {
             "routes": [{"path_prefix": "/x", "policy": "nope"}]}))
         .unwrap_err();
         assert_eq!(err.path, "routes[0].policy");
+    }
+
+    #[test]
+    fn a_query_selector_named_outside_ascii_is_refused() {
+        let err = parse(serde_json::json!({"credentials": [{"in": "header"}],
+            "tenant_selectors": [{"query": "organizaci\u{f3}n", "scope": "tenant"}]}))
+        .unwrap_err();
+        assert_eq!(err.path, "tenant_selectors[0].query");
+        assert_eq!(err.message, "must be ASCII");
     }
 
     #[test]

@@ -19,11 +19,47 @@ use super::rate_limit::{RateLimit, RateLimitSpec};
 use super::time::parse_rfc3339;
 
 /// A time given as RFC 3339 text or as Unix seconds.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(untagged)]
 pub enum TimeSpec {
     Unix(i64),
     Text(String),
+}
+
+/// Read by hand rather than derived `untagged`: serde reads an untagged enum by buffering the
+/// value in its generic `Content` form first, and that code cost the wasm module about 3 KB.
+impl<'de> Deserialize<'de> for TimeSpec {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<TimeSpec, D::Error> {
+        deserializer.deserialize_any(TimeSpecVisitor)
+    }
+}
+
+struct TimeSpecVisitor;
+
+impl<'de> Visitor<'de> for TimeSpecVisitor {
+    type Value = TimeSpec;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+        formatter.write_str("an RFC 3339 time or Unix seconds")
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, seconds: i64) -> Result<TimeSpec, E> {
+        Ok(TimeSpec::Unix(seconds))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, seconds: u64) -> Result<TimeSpec, E> {
+        i64::try_from(seconds)
+            .map(TimeSpec::Unix)
+            .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(seconds), &self))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<TimeSpec, E> {
+        Ok(TimeSpec::Text(text.to_string()))
+    }
+
+    fn visit_string<E: serde::de::Error>(self, text: String) -> Result<TimeSpec, E> {
+        Ok(TimeSpec::Text(text))
+    }
 }
 
 /// A key record as written in JSON, the one list of its fields: inline keys, key-service
@@ -701,6 +737,34 @@ mod tests {
         r["expires_at"] = serde_json::json!("next tuesday");
         let err = load(serde_json::json!([r])).unwrap_err();
         assert_eq!(err.path, "keys[0].expires_at");
+    }
+
+    #[test]
+    fn a_time_that_is_neither_text_nor_whole_seconds_is_refused() {
+        for bad in [
+            serde_json::json!(1.5),
+            serde_json::json!(u64::MAX),
+            serde_json::json!(true),
+        ] {
+            let mut r = spec("a", "s");
+            r["not_after"] = bad.clone();
+            // A value of the wrong JSON type is serde's error: placed by line and column.
+            let err = load(serde_json::json!([r])).unwrap_err();
+            assert!(
+                err.path.starts_with("line 1 column "),
+                "{bad}: {}",
+                err.path
+            );
+            assert!(
+                err.message.contains("an RFC 3339 time or Unix seconds"),
+                "{bad}: {}",
+                err.message
+            );
+        }
+        let mut negative = spec("a", "s");
+        negative["not_after"] = serde_json::json!(-5);
+        let set = load(serde_json::json!([negative])).unwrap();
+        assert_eq!(set.by_id("a").unwrap().not_after(), Some(-5));
     }
 
     #[test]

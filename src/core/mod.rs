@@ -30,6 +30,7 @@ pub mod request;
 pub mod selectors;
 pub mod session_token;
 pub mod settle;
+pub mod small_sort;
 #[cfg(test)]
 pub mod test_support;
 pub mod time;

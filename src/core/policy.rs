@@ -11,6 +11,7 @@ use super::json_fields::{self, Fields};
 use super::keyset::KeyRecord;
 use super::method_override::requests_method;
 use super::request::RequestView;
+use super::small_sort::sort_few;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AuthMode {
@@ -98,7 +99,7 @@ impl Policy {
             .into_iter()
             .map(|(m, c)| (m.to_ascii_uppercase(), c))
             .collect();
-        deny_methods.sort();
+        sort_few(&mut deny_methods);
         for (method, _) in &deny_methods {
             if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
                 return Err(ConfigError::new(
@@ -218,6 +219,10 @@ pub struct TenantSelector {
 impl TenantSelector {
     pub fn from_spec(spec: TenantSelectorSpec, path: &str) -> Result<TenantSelector, ConfigError> {
         let place = match (spec.query, spec.header) {
+            // Parameter names are matched by an ASCII case fold (`selectors::canonical_param_name`).
+            (Some(q), None) if !q.is_ascii() => {
+                return Err(ConfigError::new(format!("{path}.query"), "must be ASCII"))
+            }
             (Some(q), None) if !q.is_empty() => SelectorPlace::Query(q),
             (None, Some(h)) if !h.is_empty() => SelectorPlace::Header(h.to_ascii_lowercase()),
             _ => {

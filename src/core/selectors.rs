@@ -28,7 +28,23 @@ pub fn canonical_param_name(raw: &str) -> String {
     let trimmed = decoded.trim_matches(|c: char| c.is_whitespace() || c == '\0');
     let base = trimmed.split_once('[').map_or(trimmed, |(base, _)| base);
     base.trim_matches(|c: char| c.is_whitespace())
-        .to_lowercase()
+        .chars()
+        .map(fold_case)
+        .collect()
+}
+
+/// One character of a parameter name case-folded as widely as a framework compares names with an
+/// ASCII selector name (the config admits only those): ASCII letters, and the four letters whose
+/// simple upper or lower case is an ASCII one, which Java's `equalsIgnoreCase` takes for it (`İ`
+/// and `ı` for `i`, `ſ` for `s`, the Kelvin sign for `k`). Any other character cannot make a
+/// name equal an ASCII one, so no Unicode case table is needed.
+fn fold_case(c: char) -> char {
+    match c {
+        '\u{130}' | '\u{131}' => 'i',
+        '\u{17f}' => 's',
+        '\u{212a}' => 'k',
+        other => other.to_ascii_lowercase(),
+    }
 }
 
 /// A header name as WSGI/CGI-style servers read it: `_` and `-` are the same character.
@@ -54,7 +70,7 @@ fn query_selector<'c>(config: &'c Config, raw_name: &str) -> Option<&'c TenantSe
     config
         .tenant_selectors
         .iter()
-        .find(|s| matches!(&s.place, SelectorPlace::Query(q) if q.to_lowercase() == name))
+        .find(|s| matches!(&s.place, SelectorPlace::Query(q) if q.eq_ignore_ascii_case(&name)))
 }
 
 fn has_query_selectors(config: &Config) -> bool {
@@ -255,6 +271,35 @@ mod tests {
             assert_eq!(canonical_param_name(raw), "organizationid", "{raw}");
         }
         assert_eq!(canonical_param_name("organization"), "organization");
+    }
+
+    #[test]
+    fn letters_java_takes_for_ascii_ones_fold_to_them() {
+        // ſ (long s), ı (dotless i), İ (dotted capital I), K (Kelvin sign): Java's
+        // equalsIgnoreCase reads each as the ASCII letter.
+        assert_eq!(canonical_param_name("\u{17f}coPe"), "scope");
+        assert_eq!(canonical_param_name("\u{131}d"), "id");
+        assert_eq!(canonical_param_name("\u{130}D"), "id");
+        assert_eq!(canonical_param_name("\u{212a}ey"), "key");
+        assert_eq!(canonical_param_name("\u{e9}t\u{c9}"), "\u{e9}t\u{c9}");
+    }
+
+    #[test]
+    fn a_selector_spelled_with_a_dotless_or_dotted_i_is_checked() {
+        let (c, k) = setup();
+        let record = k.by_id("k1").unwrap();
+        // organizationId with a dotless i, or a dotted capital I.
+        for query in [
+            "organ\u{131}zationId=org-901",
+            "organizat\u{130}onId[]=org-901",
+        ] {
+            let r = req(&format!("/p?{query}"), &[]);
+            assert_eq!(
+                check_strict(&c, &r, record),
+                Err(ErrorCode::TenantForbidden),
+                "{query}"
+            );
+        }
     }
 
     #[test]
