@@ -9,7 +9,10 @@ Per row:
 - full mode: Envoy's RSS with an empty set, the time from publishing the document to a valid
   key passing everywhere, RSS after that load, Envoy CPU per request under load at rest, the
   latency of a valid key at rest, the latency spike while a new version (one key changed) is
-  published under load (p99 / max, non-2xx count), and RSS after five such reloads;
+  published under load (p99 / max, non-2xx count, when the slowest request started and how
+  long the reload took; each document is built and written aside before its window, since
+  building 100 MB in this process stalls its clients), and RSS after five such reloads with
+  Envoy's heap (allocated + held free, admin /memory);
 - lookup on miss: the store is `{digest:3}` shard files of the given size; RSS before any
   request, the first request's latency (a miss: one fetch of a shard), CPU per request and RSS
   under load at rest. There is no set to reload: a changed key is seen when its cached answer
@@ -21,6 +24,7 @@ Timed numbers are printed, never asserted. Run by hand:
       bench/keyset_scale.py --keys 1000,1000000 --hosts wasm --modes full
 Latencies include the Python clients, so compare rows within one run."""
 import argparse
+import gc
 import hashlib
 import http.client
 import json
@@ -45,9 +49,23 @@ AT_REST_SECONDS = 4
 # Publish -> loaded; a size the host refuses is given up on after this many failed fetches.
 LOAD_TIMEOUT = 300
 REFUSALS = 3
+# Before RSS is read, after the load and after the reloads alike: a reload is over once the set it
+# replaced is freed (keygate.wasm empties the old slot in slices, within a couple of seconds at
+# 1M keys) and Envoy's allocator has handed the freed memory back (memory_allocator_manager in
+# envoy/keyservice.yaml releases some every second).
+SETTLE_SECONDS = 5
+# Requests slower than this during a reload are listed in the row's JSON, with when they started.
+SLOW_MS = 50
 DIRECT_RESPONSE = {'prefix: "/" }\n                route: { cluster: echo }':
                    'prefix: "/" }\n                direct_response: { status: 200 }'}
 HOST_LABEL = {"wasm": "keygate.wasm", "native": "keygate-native"}
+# Diagnosis only: build and write each reload's document inside the measured window, as the
+# bench did before 2026-11-30 (Python's str.join holds the GIL, stalling the client threads).
+BUILD_IN_WINDOW = os.environ.get("BENCH_SCALE_BUILD_IN_WINDOW") == "1"
+# Diagnosis only: Envoy's allocator keeps what it freed (envoy/keyservice.yaml's
+# memory_allocator_manager line taken out).
+KEEP_FREED = os.environ.get("BENCH_SCALE_KEEP_FREED") == "1"
+RELEASE_LINE = re.compile(r"^memory_allocator_manager:.*$", re.M)
 
 
 def full_secret(i):
@@ -77,6 +95,18 @@ def rss_mb(pid):
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def heap_mb(stack):
+    """Envoy's heap (tcmalloc, admin /memory): what is allocated, and what it holds free and
+    mapped (counted in RSS, not handed back to the system). Wasm linear memory is not in it."""
+    try:
+        memory = json.loads(stack.admin("/memory"))
+        allocated = int(memory["allocated"])
+        held_free = int(memory["heap_size"]) - int(memory["pageheap_unmapped"]) - allocated
+    except (OSError, ValueError, KeyError):
+        return {}
+    return {"allocated": round(allocated / 2**20), "free": round(held_free / 2**20)}
 
 
 def cpu_seconds(pid):
@@ -111,10 +141,13 @@ class Load:
                 conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
                 ok = False
             with self.lock:
-                self.samples.append((time.perf_counter() - start) * 1000)
+                self.samples.append(((time.perf_counter() - start) * 1000, start))
                 self.failures += not ok
 
     def __enter__(self):
+        # No collection of this process's objects (a million key texts) in the window: a full
+        # one holds the GIL, and every client would report Envoy slow at the same moment.
+        gc.disable()
         for t in self.threads:
             t.start()
         return self
@@ -123,11 +156,22 @@ class Load:
         self.stop.set()
         for t in self.threads:
             t.join()
+        gc.enable()
 
     def summary(self):
-        ordered = sorted(self.samples)
+        ordered = sorted(ms for ms, _ in self.samples)
         p99 = ordered[int(len(ordered) * 0.99) - 1] if ordered else 0
         return p99, (ordered[-1] if ordered else 0), self.failures, len(ordered)
+
+    def slowest_since(self, moment):
+        """When the slowest request started, in seconds after `moment` (negative: before)."""
+        if not self.samples:
+            return 0.0
+        return max(self.samples)[1] - moment
+
+    def slow_since(self, moment, over_ms=SLOW_MS):
+        """The requests slower than `over_ms`: when each started (s after `moment`), its ms."""
+        return [(round(start - moment, 2), round(ms, 1)) for ms, start in self.samples if ms > over_ms]
 
 
 def at_rest(stack, pid, key):
@@ -187,7 +231,11 @@ def wait_loaded(stack, probe, watch):
 
 
 def measure_full(count):
-    stack = Stack("keyservice.yaml", concurrency=2, substitutions=DIRECT_RESPONSE)
+    substitutions = dict(DIRECT_RESPONSE)
+    if KEEP_FREED:
+        shipped = (ROOT / "envoy" / "keyservice.yaml").read_text()
+        substitutions.update({line: "" for line in RELEASE_LINE.findall(shipped)})
+    stack = Stack("keyservice.yaml", concurrency=2, substitutions=substitutions)
     service = StaticKeyService.for_stack(stack)
     service.start()
     row = {"mode": "full", "keys": count}
@@ -199,6 +247,7 @@ def measure_full(count):
             time.sleep(1)
             empty = rss_mb(pid)
             texts = full_records(count)
+            gc.freeze()  # the texts live to the end: no collection walks them again
             body = document(texts)
             row["document_mb"] = round(len(body) / 2**20, 1)
             probe = full_secret(count - 1)
@@ -210,28 +259,43 @@ def measure_full(count):
             if refused:
                 row["refused"] = refused
                 return row
-            time.sleep(1)
+            time.sleep(SETTLE_SECONDS)
             after_load = rss_mb(pid)
+            row["heap_loaded_mb"] = heap_mb(stack)
             row.update(load_s=round(load_s, 2), rss_empty_mb=round(empty), rss_loaded_mb=round(after_load),
                        rss_growth_bytes_per_key=round((after_load - empty) * 2**20 / count))
             row.update(at_rest(stack, pid, probe))
-            spikes = []
+            spikes, slowest, reload_s, slow = [], [], [], []
             for reload in range(RELOADS):
+                # One key changes: every other version disables key 0. The document is built and
+                # written aside before the window (with BUILD_IN_WINDOW, inside it, as before).
+                changed = list(texts)
+                if reload % 2 == 0:
+                    changed[0] = changed[0].replace('"tenant":', '"enabled":false,"tenant":')
+                staged = None if BUILD_IN_WINDOW else service.stage("keys.json", document(changed))
                 with Load(stack.port, probe) as load:
                     time.sleep(0.5)
-                    # One key changes: every other version disables key 0.
-                    changed = list(texts)
-                    if reload % 2 == 0:
-                        changed[0] = changed[0].replace('"tenant":', '"enabled":false,"tenant":')
-                    service.write("keys.json", document(changed))
-                    del changed
+                    published = time.perf_counter()
+                    if staged:
+                        staged()
+                    else:
+                        service.write("keys.json", document(changed))
                     wait_for(lambda: status_of(stack, full_secret(0)) == (401 if reload % 2 == 0 else 200),
                              LOAD_TIMEOUT)
+                    reload_s.append(time.perf_counter() - published)
                     time.sleep(2)
+                del changed
                 spikes.append(load.summary())
-            row.update(rss_after_5_reloads_mb=round(rss_mb(pid)),
+                slowest.append(load.slowest_since(published))
+                slow += [[reload, *s] for s in load.slow_since(published)]
+            worst = max(range(RELOADS), key=lambda i: spikes[i][1])
+            time.sleep(SETTLE_SECONDS)
+            row.update(rss_after_5_reloads_mb=round(rss_mb(pid)), heap_reloaded_mb=heap_mb(stack),
                        reload_p99_ms=round(max(s[0] for s in spikes), 1),
                        reload_max_ms=round(max(s[1] for s in spikes), 1),
+                       reload_max_at_s=round(slowest[worst], 2),
+                       reload_s=round(statistics.median(reload_s), 2),
+                       reload_slow_requests=slow[:20],
                        reload_non_2xx=sum(s[2] for s in spikes),
                        reload_requests=sum(s[3] for s in spikes))
             return row
@@ -284,13 +348,17 @@ def run_host(sizes, modes):
             print(json.dumps(row), flush=True)
 
 
+def heap_cell(heap):
+    return f" ({heap['allocated']} + {heap['free']})" if heap else ""
+
+
 def cell(row, name, fmt="{}"):
     return fmt.format(row[name]) if name in row else "n/a"
 
 
 def table(rows):
-    lines = ["| host | mode | keys (document) | load | RSS empty → loaded | B/key | after 5 reloads "
-             "| CPU/request | valid key at rest | reload p99 / max | non-2xx |",
+    lines = ["| host | mode | keys (document) | load | RSS empty → loaded | B/key | after 5 reloads (heap: used + free) "
+             "| CPU/request | valid key at rest | reload p99 / max (slowest at; reload took) | non-2xx |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         keys = f"{r['keys']:,}" + (f" ({r['document_mb']} MB)" if "document_mb" in r else "")
@@ -301,13 +369,14 @@ def table(rows):
         if r["mode"] == "full":
             load = f"{r['load_s']} s"
             growth = cell(r, "rss_growth_bytes_per_key")
-            spike = f"{r['reload_p99_ms']} / {r['reload_max_ms']} ms"
+            spike = (f"{r['reload_p99_ms']} / {r['reload_max_ms']} ms "
+                     f"({r['reload_max_at_s']:+} s; {r['reload_s']} s)")
             non_2xx = f"{r['reload_non_2xx'] + r['at_rest_non_2xx']} of {r['reload_requests']:,}"
         else:
             load = f"per key (first miss {r['first_request_ms']} ms)"
             growth, spike, non_2xx = "n/a", "n/a (ttl)", str(r["at_rest_non_2xx"])
         lines.append(head + f"| {load} | {r['rss_empty_mb']} → {r['rss_loaded_mb']} MB | {growth} "
-                     f"| {cell(r, 'rss_after_5_reloads_mb', '{} MB')} | {r['cpu_us_per_request']} µs "
+                     f"| {cell(r, 'rss_after_5_reloads_mb', '{} MB')}{heap_cell(r.get('heap_reloaded_mb'))} | {r['cpu_us_per_request']} µs "
                      f"| {r['valid_key_ms_median']} ms | {spike} | {non_2xx} |")
     return "\n".join(lines)
 

@@ -186,9 +186,15 @@ impl RemoteKeySet {
         }
     }
 
+    /// The set held now, whatever its age: a host keeps the set a new version replaces, so
+    /// the million records it frees are not freed under the lock requests take (or by one of
+    /// them), but later, on the fetcher's thread.
+    pub fn held(&self) -> Option<Arc<KeySet>> {
+        self.keys.clone()
+    }
+
     /// Adopts the set the fetcher parsed after a successful fetch. The set it replaces is
-    /// dropped at once (or by the last request still holding it): the fetcher has just paused
-    /// to parse anyway.
+    /// dropped here unless the host holds it too (`held`).
     pub fn install(&mut self, version: u64, keys: KeySet) -> SyncEvent {
         let count = keys.len();
         self.version = version;

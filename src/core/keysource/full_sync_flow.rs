@@ -68,6 +68,11 @@ impl Fetch {
         self.queued.is_some()
     }
 
+    /// The host ticks this worker often: a part is being read, or a replaced slot emptied.
+    pub fn wants_short_ticks(&self) -> bool {
+        self.is_working() || self.clearing.is_some()
+    }
+
     /// A fetch is under way: sent, or its parts being read.
     fn busy(&self) -> bool {
         self.in_flight.is_some() || self.queued.is_some() || self.build.is_some()

@@ -33,9 +33,10 @@ const RECORDS_PER_BUCKET: u64 = 32;
 const MIN_RECORD_BYTES: u64 = 80;
 const MIN_BUCKETS: u64 = 64;
 const MAX_BUCKETS: u64 = 1 << 16;
-/// Buckets emptied per slice (per tick) when an old slot is cleared: 2,048 host calls, a
-/// couple of milliseconds; 64K buckets are cleared in 16 s of 250 ms ticks.
-pub const BUCKETS_PER_SLICE: u32 = 1024;
+/// Buckets emptied per slice when an old slot is cleared: 512 host calls, under a millisecond,
+/// on the short ticks of a VM at work (`Fetch::wants_short_ticks`), so 64K buckets are cleared
+/// in a few seconds (256 ticks) and the memory they held is free soon after a reload.
+pub const BUCKETS_PER_SLICE: u32 = 256;
 
 /// The digest of a profile written as a record (never looked up).
 const BLANK_DIGEST: &str = "0000000000000000000000000000000000000000000000000000000000000000";

@@ -66,6 +66,10 @@ impl Metrics for MainThreadHost<'_> {
 struct ProcessSet {
     /// Written on the main thread only; requests lock it to clone the current set's `Arc`.
     remote: Mutex<RemoteKeySet>,
+    /// The set the last new version replaced, freed on the main thread's next tick: freeing a
+    /// million records takes tens of milliseconds, which must not run under `remote`'s lock
+    /// (every request waits for it) nor in a request that happened to hold the last `Arc`.
+    retired: Mutex<Option<Arc<KeySet>>>,
 }
 
 /// Filter name and service namespace to the process's set.
@@ -81,16 +85,39 @@ impl ProcessSet {
             .or_insert_with(|| {
                 Arc::new(ProcessSet {
                     remote: Mutex::new(RemoteKeySet::default()),
+                    retired: Mutex::new(None),
                 })
             })
             .clone()
     }
 
-    /// Main thread: changes the set.
+    /// Main thread: changes the set. A set the change replaces is kept until `free_retired`.
     fn change(&self, change: impl FnOnce(&mut RemoteKeySet)) {
-        if let Ok(mut remote) = self.remote.lock() {
-            change(&mut remote);
+        let replaced = match self.remote.lock() {
+            Ok(mut remote) => {
+                let before = remote.held();
+                change(&mut remote);
+                before.filter(|old| remote.held().is_none_or(|new| !Arc::ptr_eq(old, &new)))
+            }
+            Err(_) => None,
+        };
+        if let Some(old) = replaced {
+            if let Ok(mut retired) = self.retired.lock() {
+                // A set retired a tick ago and not yet freed is freed here, outside `remote`.
+                drop(retired.replace(old));
+            }
         }
+    }
+
+    /// Main thread, a tick after a change: frees the replaced set, by then held by no request
+    /// (requests hold a set for one decision).
+    fn free_retired(&self) {
+        let old = self
+            .retired
+            .lock()
+            .ok()
+            .and_then(|mut retired| retired.take());
+        drop(old);
     }
 
     /// The set to decide with.
@@ -218,6 +245,7 @@ impl FullSource {
     /// Main thread: catch up with the store (the time of the last success, after a 304 too),
     /// then fetch when the period has passed.
     pub fn on_tick(&self) {
+        self.set.free_retired();
         let host = self.host();
         self.set.change(|remote| self.flow.catch_up(&host, remote));
         if let Ok(mut fetch) = self.fetch.lock() {

@@ -198,16 +198,17 @@ impl KeySource {
         };
         let host = self.host();
         let mut fetch = self.fetch.borrow_mut();
-        let was_working = fetch.is_working();
+        let was_working = fetch.wants_short_ticks();
         if let Some(outcome) = flow.work(&host, &mut fetch) {
             flow.apply_shared(&host, &mut self.shared.borrow_mut(), outcome);
         }
         flow.catch_up_shared(&host, &mut self.shared.borrow_mut());
         flow.tick(&host, &mut fetch);
-        self.pace(was_working, fetch.is_working());
+        self.pace(was_working, fetch.wants_short_ticks());
     }
 
-    /// Short ticks while a document is being read, the usual ones otherwise.
+    /// Short ticks while a document is being read or a replaced slot emptied, the usual ones
+    /// otherwise.
     fn pace(&self, was_working: bool, working: bool) {
         if was_working == working {
             return;
@@ -228,12 +229,12 @@ impl KeySource {
         let host = self.host();
         let response = read_call_response(body_size);
         let mut fetch = self.fetch.borrow_mut();
-        let was_working = fetch.is_working();
+        let was_working = fetch.wants_short_ticks();
         let outcome = flow.on_response(&host, &mut fetch, token.into(), response);
         if let Some(outcome) = outcome {
             flow.apply_shared(&host, &mut self.shared.borrow_mut(), outcome);
         }
-        self.pace(was_working, fetch.is_working());
+        self.pace(was_working, fetch.wants_short_ticks());
     }
 
     /// The VM is going away: let another take over the fetch at once.
