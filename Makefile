@@ -53,13 +53,13 @@ deps: $(VENV)/.installed toolchain compose-tools keyservice-tools
 # --- build --------------------------------------------------------------------------------
 build: build-wasm build-native
 
-# The module: opt-level 3, the unused callback exports dropped, then Binaryen's wasm-opt -O3
-# (Debian's binaryen, installed here if missing). `make build WASM_OPT_LEVEL=z WASM_OPT=-Oz` makes
-# it about 25% smaller (398 KB, under issue 18's 400 KB) and 25–40% slower per filter
-# (BENCHMARKS.md, issue 18). The opt-level
-# applies to the wasm build only: the CLI and the core benchmarks keep [profile.release]'s.
-WASM_OPT_LEVEL ?= 3
-WASM_OPT ?= -O3
+# The module: opt-level z (sha2 kept at 3 by Cargo.toml), the unused callback exports dropped,
+# then Binaryen's wasm-opt -Oz (Debian's binaryen, installed here if missing): under issue 18's
+# 400 KB. `make build WASM_OPT_LEVEL=3 WASM_OPT=-O3` is about 30% larger and 15-20% cheaper per
+# filter (BENCHMARKS.md, issue 18). The opt-level applies to the wasm build only: the CLI, the
+# native module and the core benchmarks keep [profile.release]'s 3.
+WASM_OPT_LEVEL ?= z
+WASM_OPT ?= -Oz
 # Binaryen 108 (Debian 12) validates only the features it is told the module uses.
 WASM_FEATURES := --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int \
 	--enable-mutable-globals --enable-multivalue --enable-reference-types

@@ -15,8 +15,11 @@ use std::sync::Arc;
 use serde::de::{DeserializeSeed, Error as _, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
+use serde_json::{Map, Value};
+
 use super::config_error::{is_header_value, ConfigError};
 use super::digest::{parse_hex_digest, Digest};
+use super::json_fields::{invalid_type, Fields};
 use super::rate_limit::{RateLimit, RateLimitSpec};
 use super::time::parse_rfc3339;
 
@@ -28,39 +31,23 @@ pub enum TimeSpec {
     Text(String),
 }
 
-/// Read by hand rather than derived `untagged`: serde reads an untagged enum by buffering the
-/// value in its generic `Content` form first, and that code cost the wasm module about 3 KB.
-impl<'de> Deserialize<'de> for TimeSpec {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<TimeSpec, D::Error> {
-        deserializer.deserialize_any(TimeSpecVisitor)
-    }
-}
-
-struct TimeSpecVisitor;
-
-impl<'de> Visitor<'de> for TimeSpecVisitor {
-    type Value = TimeSpec;
-
-    fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
-        formatter.write_str("an RFC 3339 time or Unix seconds")
-    }
-
-    fn visit_i64<E: serde::de::Error>(self, seconds: i64) -> Result<TimeSpec, E> {
-        Ok(TimeSpec::Unix(seconds))
-    }
-
-    fn visit_u64<E: serde::de::Error>(self, seconds: u64) -> Result<TimeSpec, E> {
-        i64::try_from(seconds)
-            .map(TimeSpec::Unix)
-            .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(seconds), &self))
-    }
-
-    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<TimeSpec, E> {
-        Ok(TimeSpec::Text(text.to_string()))
-    }
-
-    fn visit_string<E: serde::de::Error>(self, text: String) -> Result<TimeSpec, E> {
-        Ok(TimeSpec::Text(text))
+impl TimeSpec {
+    /// Read by hand (see `KeyRecordSpec::decode`): a whole number is Unix seconds, text is
+    /// RFC 3339 (checked when the record is).
+    fn decode(value: &Value, path: &str) -> Result<TimeSpec, ConfigError> {
+        const EXPECTED: &str = "an RFC 3339 time or Unix seconds";
+        match value {
+            Value::String(text) => Ok(TimeSpec::Text(text.clone())),
+            Value::Number(n) if n.is_i64() || n.is_u64() => {
+                n.as_i64().map(TimeSpec::Unix).ok_or_else(|| {
+                    ConfigError::new(
+                        path,
+                        format!("invalid value: integer `{n}`, expected {EXPECTED}"),
+                    )
+                })
+            }
+            other => Err(invalid_type(path, other, EXPECTED)),
+        }
     }
 }
 
@@ -71,8 +58,7 @@ impl<'de> Visitor<'de> for TimeSpecVisitor {
 /// (`KeyProfile::fields`), so a new field is one line here; a field that needs a check or a
 /// parsed form adds it in `KeyRecord::from_spec_sharing` (and `check_header_safe` when it
 /// goes upstream in a header). Holds the digest of the secret, never the secret.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct KeyRecordSpec {
     pub id: String,
     /// Hex SHA-256 of the secret: the whole key for opaque keys, the part after `:` for
@@ -114,7 +100,7 @@ pub struct KeyRecordSpec {
 
 /// A record's `enabled`: true unless the record says otherwise. Its own type so that the
 /// record's `Default` is the default of every field, as serde reads a record that omits them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(transparent)]
 pub struct Enabled(pub bool);
 
@@ -132,6 +118,97 @@ impl Enabled {
 
 fn is_false(value: &bool) -> bool {
     !*value
+}
+
+impl KeyRecordSpec {
+    pub const FIELDS: &'static [&'static str] = &[
+        "id",
+        "secret_sha256",
+        "tenant",
+        "organizations",
+        "environment",
+        "product",
+        "permissions",
+        "origins",
+        "user",
+        "expires_at",
+        "not_after",
+        "enabled",
+        "rate_limit",
+        "monthly_budget",
+        "budget_exhausted",
+    ];
+
+    /// Reads a record's fields out of its JSON object with `json_fields`' readers, not serde's
+    /// derive: the derive's per-field visitors cost keygate.wasm several KB. Unknown fields
+    /// are refused; `null` counts as left out.
+    pub fn decode(value: &Value, path: &str) -> Result<KeyRecordSpec, ConfigError> {
+        let fields = Fields::of(value, path, Self::FIELDS)?;
+        let time = |name: &str| {
+            fields
+                .get(name)
+                .map(|v| TimeSpec::decode(v, &fields.path_of(name)))
+                .transpose()
+        };
+        Ok(KeyRecordSpec {
+            id: fields.required_string("id")?,
+            secret_sha256: fields.required_string("secret_sha256")?,
+            tenant: fields.string("tenant")?,
+            organizations: fields.strings("organizations")?,
+            environment: fields.string("environment")?,
+            product: fields.string("product")?,
+            permissions: fields.strings("permissions")?,
+            origins: fields.strings("origins")?,
+            user: fields.string("user")?,
+            expires_at: time("expires_at")?,
+            not_after: time("not_after")?,
+            enabled: Enabled(fields.bool("enabled")?.unwrap_or(true)),
+            rate_limit: fields
+                .get("rate_limit")
+                .map(|v| RateLimitSpec::decode(v, &fields.path_of("rate_limit")))
+                .transpose()?,
+            monthly_budget: fields.u64("monthly_budget")?,
+            budget_exhausted: fields.bool("budget_exhausted")?.unwrap_or(false),
+        })
+    }
+}
+
+/// Every reader of records (inline keys, key-service documents, the lookup cache, a stored
+/// set's profiles) goes through `decode`. The object is collected first so that a field given
+/// twice is refused, as serde's derive refused it, instead of the last copy winning.
+impl<'de> Deserialize<'de> for KeyRecordSpec {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<KeyRecordSpec, D::Error> {
+        let object = deserializer.deserialize_map(RecordObjectVisitor)?;
+        KeyRecordSpec::decode(&Value::Object(object), "").map_err(|e| {
+            if e.path.is_empty() {
+                D::Error::custom(e.message)
+            } else {
+                D::Error::custom(e)
+            }
+        })
+    }
+}
+
+struct RecordObjectVisitor;
+
+impl<'de> Visitor<'de> for RecordObjectVisitor {
+    type Value = Map<String, Value>;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+        formatter.write_str("a key record object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
+        let mut object = Map::new();
+        while let Some(name) = access.next_key::<String>()? {
+            if object.contains_key(&name) {
+                return Err(A::Error::custom(format!("duplicate field `{name}`")));
+            }
+            let value = access.next_value::<Value>()?;
+            object.insert(name, value);
+        }
+        Ok(object)
+    }
 }
 
 /// A validated key record: its own id and digest, and what it grants, shared with every other
@@ -1133,5 +1210,30 @@ mod tests {
         r["secret"] = serde_json::json!("plaintext");
         let err = load(serde_json::json!([r])).unwrap_err();
         assert!(err.to_string().contains("unknown field `secret`"), "{err}");
+    }
+
+    #[test]
+    fn a_field_given_twice_in_a_record_is_refused_not_last_wins() {
+        let digest = spec("a", "s")["secret_sha256"].clone();
+        let text = format!(
+            r#"{{"keys":[{{"id":"a","secret_sha256":{digest},"tenant":"t1","tenant":"t2"}}]}}"#
+        );
+        let err = KeySet::from_json(text.as_bytes()).unwrap_err();
+        assert!(
+            err.to_string().contains("duplicate field `tenant`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_bad_rate_limit_in_a_record_names_its_field() {
+        let mut r = spec("a", "s");
+        r["rate_limit"] = serde_json::json!({"requests": 5});
+        let err = load(serde_json::json!([r])).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("rate_limit: missing field `per_seconds`"),
+            "{err}"
+        );
     }
 }

@@ -86,7 +86,7 @@ impl LimitsSpec {
         Ok(LimitsSpec {
             rate_limit: fields
                 .get("rate_limit")
-                .map(|v| decode_rate_limit(v, &fields.path_of("rate_limit")))
+                .map(|v| RateLimitSpec::decode(v, &fields.path_of("rate_limit")))
                 .transpose()?,
             monthly_budget: fields.u64("monthly_budget")?,
             response_headers: fields.bool("response_headers")?.unwrap_or(false),
@@ -97,21 +97,6 @@ impl LimitsSpec {
             max_retries: fields.u32("max_retries")?,
         })
     }
-}
-
-/// `limits.rate_limit`: the fields of a key record's `rate_limit` (`RateLimitSpec`, read there by
-/// serde's derive) and the same refusals, without a second serde instantiation.
-fn decode_rate_limit(value: &Value, path: &str) -> Result<RateLimitSpec, ConfigError> {
-    let fields = Fields::of(value, path, &["requests", "per_seconds", "burst"])?;
-    Ok(RateLimitSpec {
-        requests: fields
-            .u64("requests")?
-            .ok_or_else(|| fields.missing("requests"))?,
-        per_seconds: fields
-            .u64("per_seconds")?
-            .ok_or_else(|| fields.missing("per_seconds"))?,
-        burst: fields.u64("burst")?.unwrap_or(0),
-    })
 }
 
 /// The validated limits configuration.

@@ -2,17 +2,33 @@
 //! into the bucket interval that `limits` counts with. A leaf: key records and the `limits`
 //! defaults both hold one.
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+use serde_json::Value;
 
 use super::config_error::ConfigError;
+use super::json_fields::Fields;
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct RateLimitSpec {
     pub requests: u64,
     pub per_seconds: u64,
-    #[serde(default)]
     pub burst: u64,
+}
+
+impl RateLimitSpec {
+    /// A key record's `rate_limit` and the config's `limits.rate_limit` alike.
+    pub fn decode(value: &Value, path: &str) -> Result<RateLimitSpec, ConfigError> {
+        let fields = Fields::of(value, path, &["requests", "per_seconds", "burst"])?;
+        Ok(RateLimitSpec {
+            requests: fields
+                .u64("requests")?
+                .ok_or_else(|| fields.missing("requests"))?,
+            per_seconds: fields
+                .u64("per_seconds")?
+                .ok_or_else(|| fields.missing("per_seconds"))?,
+            burst: fields.u64("burst")?.unwrap_or(0),
+        })
+    }
 }
 
 pub(super) const MICROS_PER_SECOND: i128 = 1_000_000;
