@@ -65,6 +65,18 @@ impl<'a> Fields<'a> {
         Ok(())
     }
 
+    /// A nested value read by its own `decode`, given the value and its path; `None` when the
+    /// field is absent or `null`.
+    pub fn decoded<T>(
+        &self,
+        name: &str,
+        decode: fn(&Value, &str) -> Result<T, ConfigError>,
+    ) -> Result<Option<T>, ConfigError> {
+        self.get(name)
+            .map(|v| decode(v, &self.path_of(name)))
+            .transpose()
+    }
+
     #[inline(never)]
     pub fn required_string(&self, name: &str) -> Result<String, ConfigError> {
         self.string(name)?.ok_or_else(|| self.missing(name))

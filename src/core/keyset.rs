@@ -144,12 +144,6 @@ impl KeyRecordSpec {
     /// are refused; `null` counts as left out.
     pub fn decode(value: &Value, path: &str) -> Result<KeyRecordSpec, ConfigError> {
         let fields = Fields::of(value, path, Self::FIELDS)?;
-        let time = |name: &str| {
-            fields
-                .get(name)
-                .map(|v| TimeSpec::decode(v, &fields.path_of(name)))
-                .transpose()
-        };
         Ok(KeyRecordSpec {
             id: fields.required_string("id")?,
             secret_sha256: fields.required_string("secret_sha256")?,
@@ -160,13 +154,10 @@ impl KeyRecordSpec {
             permissions: fields.strings("permissions")?,
             origins: fields.strings("origins")?,
             user: fields.string("user")?,
-            expires_at: time("expires_at")?,
-            not_after: time("not_after")?,
+            expires_at: fields.decoded("expires_at", TimeSpec::decode)?,
+            not_after: fields.decoded("not_after", TimeSpec::decode)?,
             enabled: Enabled(fields.bool("enabled")?.unwrap_or(true)),
-            rate_limit: fields
-                .get("rate_limit")
-                .map(|v| RateLimitSpec::decode(v, &fields.path_of("rate_limit")))
-                .transpose()?,
+            rate_limit: fields.decoded("rate_limit", RateLimitSpec::decode)?,
             monthly_budget: fields.u64("monthly_budget")?,
             budget_exhausted: fields.bool("budget_exhausted")?.unwrap_or(false),
         })

@@ -84,10 +84,7 @@ impl LimitsSpec {
             ("allow", StoreFailurePolicy::Allow),
         ];
         Ok(LimitsSpec {
-            rate_limit: fields
-                .get("rate_limit")
-                .map(|v| RateLimitSpec::decode(v, &fields.path_of("rate_limit")))
-                .transpose()?,
+            rate_limit: fields.decoded("rate_limit", RateLimitSpec::decode)?,
             monthly_budget: fields.u64("monthly_budget")?,
             response_headers: fields.bool("response_headers")?.unwrap_or(false),
             on_store_failure: fields
