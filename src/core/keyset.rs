@@ -458,7 +458,10 @@ impl HashBuckets {
 /// comparator: the standard sort inlined with each comparator was 89 KB of keygate.wasm
 /// (its small-sort networks repeat the comparator dozens of times), for a sort that runs only
 /// when a key set is built.
-fn sorted_indexes(count: u32, order: &dyn Fn(&u32, &u32) -> std::cmp::Ordering) -> Vec<u32> {
+pub(crate) fn sorted_indexes(
+    count: u32,
+    order: &dyn Fn(&u32, &u32) -> std::cmp::Ordering,
+) -> Vec<u32> {
     let mut indexes: Vec<u32> = (0..count).collect();
     indexes.sort_unstable_by(|a, b| order(a, b));
     indexes

@@ -347,7 +347,7 @@ impl Build {
         self.writer.slot()
     }
 
-    /// Reads the next bytes of the document and writes their records into their buckets.
+    /// Reads the next bytes of the document and stages their records in shared data.
     pub fn feed(
         &mut self,
         service: &KeyService,
@@ -359,21 +359,30 @@ impl Build {
         self.stream
             .feed(part, |position, spec| writer.add(position, spec))
             .map_err(FetchError::InvalidDocument)?;
+        self.writer.flush(service, store).map_err(build_error)
+    }
+
+    /// Every part is in: writes the next group of buckets. True once the set is in its slot.
+    pub fn assemble(
+        &mut self,
+        service: &KeyService,
+        store: &dyn SharedStore,
+    ) -> Result<bool, FetchError> {
         self.writer
-            .flush(service, store)
-            .map_err(|error| match error {
-                BuildError::Invalid(error) => FetchError::InvalidDocument(error),
-                BuildError::Store => FetchError::StoreRefused,
-            })
+            .assemble_step(service, store)
+            .map_err(build_error)
     }
 
     /// What clears this build's slot (a build that is not published).
     pub fn clearing(&self) -> Clearing {
-        Clearing {
-            slot: self.writer.slot(),
-            buckets: self.writer.buckets(),
-            next: 0,
-        }
+        self.writer.clearing()
+    }
+}
+
+fn build_error(error: BuildError) -> FetchError {
+    match error {
+        BuildError::Invalid(error) => FetchError::InvalidDocument(error),
+        BuildError::Store => FetchError::StoreRefused,
     }
 }
 

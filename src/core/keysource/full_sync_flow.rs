@@ -60,12 +60,16 @@ pub struct Fetch {
     clearing: Option<Clearing>,
     /// `Fetchers::Many`: the part being read.
     queued: Option<Queued>,
+    /// `Fetchers::Many`: every part is read and the build is being assembled, a group per
+    /// `work` call; then it is published with this ETag.
+    assembling: Option<Option<String>>,
 }
 
 impl Fetch {
-    /// A part is being read: the host calls `FullSyncFlow::work` often until it is done.
+    /// A part is being read or the build assembled: the host calls `FullSyncFlow::work` often
+    /// until it is done.
     pub fn is_working(&self) -> bool {
-        self.queued.is_some()
+        self.queued.is_some() || self.assembling.is_some()
     }
 
     /// The host ticks this worker often: a part is being read, or a replaced slot emptied.
@@ -311,6 +315,9 @@ impl FullSyncFlow {
     /// for the next one, or publishes the document after its last. The outcome is for
     /// `apply_shared`.
     pub fn work(&self, host: &impl KeySourceHost, fetch: &mut Fetch) -> Option<FetchOutcome> {
+        if let Some(etag) = fetch.assembling.take() {
+            return self.assemble(host, fetch, etag);
+        }
         let mut queued = fetch.queued.take()?;
         let end = queued
             .read
@@ -336,12 +343,34 @@ impl FullSyncFlow {
                 Err(reason) => Some(self.fail_build(host, fetch, FetchError::NotSent(reason))),
             };
         }
-        let build = fetch.build.take()?;
-        let (outcome, clearing) =
-            self.sync
-                .publish_built(&self.service, host, host.now_ms(), queued.etag, build);
-        self.clear(fetch, clearing);
-        Some(outcome)
+        fetch.assembling = Some(queued.etag);
+        None
+    }
+
+    /// Writes the next group of the finished build's buckets; publishes it after the last.
+    fn assemble(
+        &self,
+        host: &impl KeySourceHost,
+        fetch: &mut Fetch,
+        etag: Option<String>,
+    ) -> Option<FetchOutcome> {
+        self.sync
+            .hold_lease(&self.service, host, self.worker, host.now_ms());
+        match fetch.build.as_mut()?.assemble(&self.service, host) {
+            Ok(false) => {
+                fetch.assembling = Some(etag);
+                None
+            }
+            Ok(true) => {
+                let build = fetch.build.take()?;
+                let (outcome, clearing) =
+                    self.sync
+                        .publish_built(&self.service, host, host.now_ms(), etag, build);
+                self.clear(fetch, clearing);
+                Some(outcome)
+            }
+            Err(reason) => Some(self.fail_build(host, fetch, reason)),
+        }
     }
 
     /// The fetch failed: its parts and build are forgotten.
@@ -385,6 +414,7 @@ impl FullSyncFlow {
 
     /// Forgets a build that will not be published; its slot is cleared in slices.
     fn abandon_build(&self, fetch: &mut Fetch) {
+        fetch.assembling = None;
         if let Some(build) = fetch.build.take() {
             fetch.clearing = Some(build.clearing());
         }
