@@ -34,6 +34,15 @@ SDK's `send_http_response`) is the floor of a wasm filter's local reply; it runs
 `--unknown` (it would answer 401 to valid keys too):
 
     python3 bench/ab.py --unknown deny=build/bench-deny.wasm keygate=build/keygate.wasm
+
+The dynamic-module floors (bench/empty-module, `make build/libbench_empty.so
+build/libbench_deny.so`) are variants like any `.so`: a name containing `empty` runs
+build/libbench_empty.so (a module doing nothing) without a keygate config, a name starting with
+`deny` runs build/libbench_deny.so (the same module answering keygate's 401). Issue 15's
+comparison, one variant list for the three paths (chained, `--chain 1`, `--unknown`):
+
+    BENCH_CPU=user python3 bench/ab.py empty_module=build/libbench_empty.so \
+        deny_module=build/libbench_deny.so api_key_auth=api_key_auth native=build/libkeygate.so
 """
 import argparse
 import json
