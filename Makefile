@@ -111,6 +111,7 @@ lint: toolchain core-wall core-cycles tracked-outputs
 	cargo fmt --manifest-path bench/empty-module/Cargo.toml -- --check
 	cargo clippy --manifest-path bench/empty-module/Cargo.toml --target-dir target/empty-module -- -D warnings
 	cargo clippy --manifest-path bench/empty-module/Cargo.toml --target-dir target/deny-module --features deny -- -D warnings
+	cargo clippy --manifest-path bench/empty-module/Cargo.toml --target-dir target/calls-module --features calls -- -D warnings
 
 unit:
 	cargo test
@@ -301,6 +302,13 @@ build/libbench_deny.so: bench/empty-module/src/lib.rs bench/empty-module/Cargo.t
 	  --target-dir target/deny-module
 	@mkdir -p build && cp target/deny-module/release/libempty_module.so $@
 
+# The same module making keygate-native's callbacks of a valid key with fixed values, nothing
+# else (bench/ab.py only): what the callbacks cost Envoy apart from keygate's code.
+build/libbench_calls.so: bench/empty-module/src/lib.rs bench/empty-module/Cargo.toml
+	cargo build --release --manifest-path bench/empty-module/Cargo.toml --features calls \
+	  --target-dir target/calls-module
+	@mkdir -p build && cp target/calls-module/release/libempty_module.so $@
+
 BENCH_FLOORS := build/bench-empty.wasm build/bench-deny.wasm build/libbench_empty.so build/libbench_deny.so
 
 # BEFORE's module, built by that revision's own `make build` in a scratch tree.
@@ -333,7 +341,7 @@ bench: bench-envoy bench-core bench-scale
 
 # Amplified A/B of two builds (bench/ab.py): make bench-ab A=build/keygate-before.wasm
 A ?= build/keygate-before.wasm
-bench-ab: build $(BENCH_FLOORS) bench-tools $(VENV)/.installed
+bench-ab: build $(BENCH_FLOORS) build/libbench_calls.so bench-tools $(VENV)/.installed
 	ENVOY_BIN=$(ENVOY) $(PY) bench/ab.py empty=build/bench-empty.wasm empty_module=build/libbench_empty.so \
 	  a=$(A) b=$(ARTIFACT)
 

@@ -2,16 +2,23 @@
 //! floor for any dynamic-module filter, next to bench/empty-filter's floor for wasm filters.
 //!
 //! It exports every `envoy_dynamic_module_on_*` hook Envoy 1.40 resolves when it loads a filter
-//! config (a missing one refuses the config) and nothing else. Config and stream are one static
-//! byte each: no allocation per config or per request. The hooks are declared by hand from the
-//! facts in DYNAMIC-MODULES.md (the same ABI as src/host/envoy_module/ffi.rs, which this crate
-//! does not link).
+//! config (a missing one refuses the config). Config and stream are one static byte each: no
+//! allocation per config or per request. The hooks and the few callbacks are declared by hand
+//! from the facts in DYNAMIC-MODULES.md (the same ABI as src/host/envoy_module/ffi.rs, which this
+//! crate does not link).
 //!
-//! Built with `--features deny` (build/libbench_deny.so) the request hook answers every request
-//! with the 401 keygate sends for an unknown key (same status, headers and body) through
-//! `http_send_response`, and does nothing else: the floor of a dynamic module's local reply, the
-//! yardstick for keygate-native's 401 path (`bench/ab.py --unknown`). That call is the crate's
-//! only `unsafe` block.
+//! Two other builds of the same crate, each a measuring stick for keygate-native:
+//! - `--features deny` (build/libbench_deny.so): the request hook answers every request with the
+//!   401 keygate sends for an unknown key (same status, headers and body) through
+//!   `http_send_response`, and does nothing else: the floor of a dynamic module's local reply,
+//!   the yardstick of keygate-native's 401 path (`bench/ab.py --unknown`).
+//! - `--features calls` (build/libbench_calls.so): the request hook makes the Envoy callbacks
+//!   keygate-native makes for a valid key with credential stripping off (read all request
+//!   headers, publish the access-log filter state, count the request, add three scope headers),
+//!   with fixed values and no other work: what those callbacks cost Envoy, apart from keygate's
+//!   own code.
+//!
+//! Every `unsafe` block is in `mod envoy`, each with its `SAFETY` comment.
 
 use std::ffi::{c_char, c_void};
 
@@ -27,7 +34,17 @@ pub struct Buffer {
     length: usize,
 }
 
-/// `envoy_dynamic_module_type_module_http_header`.
+impl Buffer {
+    #[cfg(any(feature = "deny", feature = "calls"))]
+    fn of(bytes: &[u8]) -> Buffer {
+        Buffer {
+            ptr: bytes.as_ptr().cast(),
+            length: bytes.len(),
+        }
+    }
+}
+
+/// `envoy_dynamic_module_type_{module,envoy}_http_header`.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct HttpHeader {
@@ -35,6 +52,18 @@ pub struct HttpHeader {
     key_length: usize,
     value_ptr: *const c_char,
     value_length: usize,
+}
+
+impl HttpHeader {
+    #[cfg(any(feature = "deny", feature = "calls"))]
+    fn of(name: &str, value: &str) -> HttpHeader {
+        HttpHeader {
+            key_ptr: name.as_ptr().cast(),
+            key_length: name.len(),
+            value_ptr: value.as_ptr().cast(),
+            value_length: value.len(),
+        }
+    }
 }
 
 /// `..._status` of every hook: `Continue` is 0.
@@ -51,10 +80,171 @@ fn nothing() -> ModulePtr {
     std::ptr::addr_of!(NOTHING).cast()
 }
 
+/// The callbacks the `deny` and `calls` builds make, as safe functions: the crate's only
+/// `unsafe` code. Each build uses some of them.
+#[cfg(any(feature = "deny", feature = "calls"))]
+#[allow(dead_code)]
+mod envoy {
+    use super::{Buffer, EnvoyConfigPtr, EnvoyFilterPtr, HttpHeader};
+
+    extern "C" {
+        fn envoy_dynamic_module_callback_http_send_response(
+            filter: EnvoyFilterPtr,
+            status_code: u32,
+            headers: *mut HttpHeader,
+            headers_size: usize,
+            body: Buffer,
+            details: Buffer,
+        );
+        fn envoy_dynamic_module_callback_http_get_headers_size(
+            filter: EnvoyFilterPtr,
+            header_type: u32,
+        ) -> usize;
+        fn envoy_dynamic_module_callback_http_get_headers(
+            filter: EnvoyFilterPtr,
+            header_type: u32,
+            result_headers: *mut HttpHeader,
+        ) -> bool;
+        fn envoy_dynamic_module_callback_http_add_header(
+            filter: EnvoyFilterPtr,
+            header_type: u32,
+            key: Buffer,
+            value: Buffer,
+        ) -> bool;
+        fn envoy_dynamic_module_callback_http_set_filter_state_bytes(
+            filter: EnvoyFilterPtr,
+            key: Buffer,
+            value: Buffer,
+        ) -> bool;
+        fn envoy_dynamic_module_callback_http_filter_config_define_counter(
+            config: EnvoyConfigPtr,
+            name: Buffer,
+            label_names: *mut Buffer,
+            label_names_length: usize,
+            counter_id: *mut usize,
+        ) -> u32;
+        fn envoy_dynamic_module_callback_http_filter_increment_counter(
+            filter: EnvoyFilterPtr,
+            id: usize,
+            label_values: *mut Buffer,
+            label_values_length: usize,
+            value: u64,
+        ) -> u32;
+    }
+
+    /// `envoy_dynamic_module_type_http_header_type`: the request headers.
+    const REQUEST_HEADER: u32 = 0;
+    /// `envoy_dynamic_module_type_metrics_result_Success`.
+    const METRICS_SUCCESS: u32 = 0;
+
+    /// Answers the request locally. `filter` must be the filter pointer of the running hook.
+    pub fn send_response(filter: EnvoyFilterPtr, status: u32, headers: &[HttpHeader], body: &[u8]) {
+        let mut headers = headers.to_vec();
+        // SAFETY: `filter` is the filter pointer Envoy passed to the running hook (the caller's
+        // promise); `headers`, the static strings they point into and `body` outlive the call,
+        // and Envoy copies them before it returns; an empty details buffer is allowed.
+        unsafe {
+            envoy_dynamic_module_callback_http_send_response(
+                filter,
+                status,
+                headers.as_mut_ptr(),
+                headers.len(),
+                Buffer::of(body),
+                Buffer::of(&[]),
+            );
+        }
+    }
+
+    /// Reads the request headers' entries into `into` (its first ones; a map with more entries
+    /// than `into` holds is not read) and returns how many Envoy has. `filter` as above.
+    pub fn read_request_headers(filter: EnvoyFilterPtr, into: &mut [HttpHeader]) -> usize {
+        // SAFETY: `filter` is the running hook's filter pointer; no pointer is written.
+        let count =
+            unsafe { envoy_dynamic_module_callback_http_get_headers_size(filter, REQUEST_HEADER) };
+        if count <= into.len() {
+            // SAFETY: `into` holds at least `count` entries, the number Envoy just reported for
+            // this map, which nothing changes between the two calls (same hook, same thread).
+            unsafe {
+                envoy_dynamic_module_callback_http_get_headers(
+                    filter,
+                    REQUEST_HEADER,
+                    into.as_mut_ptr(),
+                );
+            }
+        }
+        count
+    }
+
+    /// Adds a request header. `filter` as above.
+    pub fn add_request_header(filter: EnvoyFilterPtr, name: &str, value: &str) {
+        // SAFETY: `filter` is the running hook's filter pointer; both buffers live for the call
+        // and Envoy copies them.
+        unsafe {
+            envoy_dynamic_module_callback_http_add_header(
+                filter,
+                REQUEST_HEADER,
+                Buffer::of(name.as_bytes()),
+                Buffer::of(value.as_bytes()),
+            );
+        }
+    }
+
+    /// Sets a filter-state value of the stream. `filter` as above.
+    pub fn set_filter_state(filter: EnvoyFilterPtr, key: &str, value: &[u8]) {
+        // SAFETY: `filter` is the running hook's filter pointer; both buffers live for the call
+        // and Envoy copies them.
+        unsafe {
+            envoy_dynamic_module_callback_http_set_filter_state_bytes(
+                filter,
+                Buffer::of(key.as_bytes()),
+                Buffer::of(value),
+            );
+        }
+    }
+
+    /// Defines a counter without labels. `config` must be the config pointer of the running
+    /// `config_new` hook.
+    pub fn define_counter(config: EnvoyConfigPtr, name: &str) -> Option<usize> {
+        let mut id = 0usize;
+        // SAFETY: `config` is the running `config_new` hook's config pointer (the caller's
+        // promise); the name buffer lives for the call and Envoy copies it; no labels (null,
+        // 0); `id` is a live local.
+        let result = unsafe {
+            envoy_dynamic_module_callback_http_filter_config_define_counter(
+                config,
+                Buffer::of(name.as_bytes()),
+                std::ptr::null_mut(),
+                0,
+                &mut id,
+            )
+        };
+        (result == METRICS_SUCCESS).then_some(id)
+    }
+
+    /// Adds one to a counter `define_counter` returned. `filter` as above.
+    pub fn increment_counter(filter: EnvoyFilterPtr, id: usize) {
+        // SAFETY: `filter` is the running hook's filter pointer; `id` came from
+        // `define_counter` on this filter's config; no labels (null, 0).
+        unsafe {
+            envoy_dynamic_module_callback_http_filter_increment_counter(
+                filter,
+                id,
+                std::ptr::null_mut(),
+                0,
+                1,
+            );
+        }
+    }
+}
+
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const c_char {
     ABI_VERSION.as_ptr().cast()
 }
+
+/// The counter the `calls` build bumps on each request (`usize::MAX`: none defined).
+#[cfg(feature = "calls")]
+static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(usize::MAX);
 
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
@@ -62,6 +252,10 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
     _name: Buffer,
     _config: Buffer,
 ) -> ModulePtr {
+    #[cfg(feature = "calls")]
+    if let Some(id) = envoy::define_counter(_config_envoy, "bench_calls.allowed") {
+        COUNTER.store(id, std::sync::atomic::Ordering::Relaxed);
+    }
     nothing()
 }
 
@@ -79,76 +273,48 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(_filter: ModulePtr) {}
 
-#[cfg(not(feature = "deny"))]
+/// keygate's default reply for INVALID_API_KEY, as `core::reply` renders it.
+#[cfg(feature = "deny")]
+const UNKNOWN_KEY_BODY: &[u8] = br#"{"code":"INVALID_API_KEY","message":"The API key is unknown, revoked or its secret is wrong."}"#;
+
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     _filter_envoy: EnvoyFilterPtr,
     _filter: ModulePtr,
     _end_of_stream: bool,
 ) -> u32 {
-    CONTINUE
-}
-
-#[cfg(feature = "deny")]
-mod deny {
-    use super::{Buffer, EnvoyFilterPtr, HttpHeader, ModulePtr};
-
-    extern "C" {
-        fn envoy_dynamic_module_callback_http_send_response(
-            filter: EnvoyFilterPtr,
-            status_code: u32,
-            headers: *mut HttpHeader,
-            headers_size: usize,
-            body: Buffer,
-            details: Buffer,
+    #[cfg(feature = "deny")]
+    {
+        let headers = [
+            HttpHeader::of("content-type", "application/json"),
+            HttpHeader::of("x-keygate-code", "INVALID_API_KEY"),
+            HttpHeader::of("www-authenticate", "ApiKey realm=\"keygate\""),
+        ];
+        envoy::send_response(_filter_envoy, 401, &headers, UNKNOWN_KEY_BODY);
+        // `..._request_headers_status`: `StopIteration`.
+        return 1;
+    }
+    #[cfg(all(feature = "calls", not(feature = "deny")))]
+    {
+        // keygate-native's callbacks for a valid bench key (1,000 keys, stripping off), with
+        // the values it would publish for key bench-0000007.
+        let mut headers = [HttpHeader::of("", ""); 32];
+        std::hint::black_box(envoy::read_request_headers(_filter_envoy, &mut headers));
+        envoy::set_filter_state(
+            _filter_envoy,
+            "wasm.keygate",
+            br#"{"auth":"api_key","key_id":"bench-0000007","tenant":"tenant-7"}"#,
         );
-    }
-
-    /// `..._request_headers_status`: `StopIteration`.
-    const STOP_ITERATION: u32 = 1;
-
-    /// keygate's default reply for INVALID_API_KEY, as `core::reply` renders it.
-    const UNKNOWN_KEY_BODY: &[u8] = br#"{"code":"INVALID_API_KEY","message":"The API key is unknown, revoked or its secret is wrong."}"#;
-    const UNKNOWN_KEY_HEADERS: [(&str, &str); 3] = [
-        ("content-type", "application/json"),
-        ("x-keygate-code", "INVALID_API_KEY"),
-        ("www-authenticate", "ApiKey realm=\"keygate\""),
-    ];
-
-    fn buffer(bytes: &[u8]) -> Buffer {
-        Buffer {
-            ptr: bytes.as_ptr().cast(),
-            length: bytes.len(),
+        let counter = COUNTER.load(std::sync::atomic::Ordering::Relaxed);
+        if counter != usize::MAX {
+            envoy::increment_counter(_filter_envoy, counter);
         }
+        envoy::add_request_header(_filter_envoy, "x-keygate-auth", "api_key");
+        envoy::add_request_header(_filter_envoy, "x-keygate-key-id", "bench-0000007");
+        envoy::add_request_header(_filter_envoy, "x-keygate-tenant", "tenant-7");
     }
-
-    #[no_mangle]
-    pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
-        filter_envoy: EnvoyFilterPtr,
-        _filter: ModulePtr,
-        _end_of_stream: bool,
-    ) -> u32 {
-        let mut headers = UNKNOWN_KEY_HEADERS.map(|(name, value)| HttpHeader {
-            key_ptr: name.as_ptr().cast(),
-            key_length: name.len(),
-            value_ptr: value.as_ptr().cast(),
-            value_length: value.len(),
-        });
-        // SAFETY: `filter_envoy` is the filter pointer Envoy passed to this running hook;
-        // `headers` (pointing into static strings) and the static body outlive the call, and
-        // Envoy copies them before it returns; an empty details buffer is allowed.
-        unsafe {
-            envoy_dynamic_module_callback_http_send_response(
-                filter_envoy,
-                401,
-                headers.as_mut_ptr(),
-                headers.len(),
-                buffer(UNKNOWN_KEY_BODY),
-                buffer(&[]),
-            );
-        }
-        STOP_ITERATION
-    }
+    #[allow(unreachable_code)]
+    CONTINUE
 }
 
 // The rest of the hooks Envoy 1.40 requires: each does nothing and lets the stream go on.
