@@ -47,6 +47,12 @@ comparison, one variant list for the three paths (chained, `--chain 1`, `--unkno
 build/libbench_calls.so (`make build/libbench_calls.so`; name it `empty_calls`) makes the Envoy
 callbacks keygate-native makes for a valid key, with fixed values and nothing else: between the
 empty module and keygate-native, it splits what the callbacks cost Envoy from keygate's own work.
+Its `--config` names the steps it makes, so variants can add them one at a time:
+
+    BENCH_CPU=user python3 bench/ab.py empty_module=build/libbench_empty.so \\
+        empty_h=build/libbench_calls.so --config empty_h=headers \\
+        empty_hs=build/libbench_calls.so --config 'empty_hs=headers state' \\
+        empty_calls=build/libbench_calls.so native=build/libkeygate.so
 """
 import argparse
 import json
@@ -96,7 +102,8 @@ def chained_filters(name, wasm, chain, keys, service=False, fields=""):
         extra = '"strip_credentials": false,' + (f" {fields}," if fields else "")
         config = config.replace('"name": "bench",', f'"name": "bench", {extra}', 1)
     else:
-        config = "{}\n"
+        # A bench module's --config is its whole filter config (build/libbench_calls.so: the steps).
+        config = f"{fields}\n" if fields else "{}\n"
     if wasm.endswith(".so"):
         module = Path(wasm).name.removeprefix("lib").removesuffix(".so")
         one = bench_config.keygate_module_filter(config, module=module)

@@ -16,7 +16,8 @@
 //!   keygate-native makes for a valid key with credential stripping off (read all request
 //!   headers, publish the access-log filter state, count the request, add three scope headers),
 //!   with fixed values and no other work: what those callbacks cost Envoy, apart from keygate's
-//!   own code.
+//!   own code. Its filter config may name the steps to make (`headers`, `state`, `counter`,
+//!   `scope`; by default all), so that one run can add them one at a time.
 //!
 //! Every `unsafe` block is in `mod envoy`, each with its `SAFETY` comment.
 
@@ -111,6 +112,12 @@ mod envoy {
             key: Buffer,
             value: Buffer,
         ) -> bool;
+        fn envoy_dynamic_module_callback_http_set_header(
+            filter: EnvoyFilterPtr,
+            header_type: u32,
+            key: Buffer,
+            value: Buffer,
+        ) -> bool;
         fn envoy_dynamic_module_callback_http_set_filter_state_bytes(
             filter: EnvoyFilterPtr,
             key: Buffer,
@@ -189,6 +196,43 @@ mod envoy {
         }
     }
 
+    /// Sets a request header, replacing its values. `filter` as above.
+    pub fn set_request_header(filter: EnvoyFilterPtr, name: &str, value: &str) {
+        // SAFETY: `filter` is the running hook's filter pointer; both buffers live for the call
+        // and Envoy copies them.
+        unsafe {
+            envoy_dynamic_module_callback_http_set_header(
+                filter,
+                REQUEST_HEADER,
+                Buffer::of(name.as_bytes()),
+                Buffer::of(value.as_bytes()),
+            );
+        }
+    }
+
+    /// Whether a header entry `read_request_headers` filled is named `name`.
+    pub fn names(header: &HttpHeader, name: &str) -> bool {
+        if header.key_ptr.is_null() || header.key_length != name.len() {
+            return false;
+        }
+        // SAFETY: Envoy filled the entry in this hook with a pointer into its header map and
+        // the name's length; callers check names before the hook's first edit of the map, so
+        // the pointer is still valid.
+        let key =
+            unsafe { std::slice::from_raw_parts(header.key_ptr.cast::<u8>(), header.key_length) };
+        key == name.as_bytes()
+    }
+
+    /// The filter config's bytes, valid during `config_new`.
+    pub fn config_bytes<'a>(config: Buffer) -> &'a [u8] {
+        if config.ptr.is_null() || config.length == 0 {
+            return &[];
+        }
+        // SAFETY: Envoy passes `config_new` the filter_config bytes, valid for that call; the
+        // caller reads them before it returns.
+        unsafe { std::slice::from_raw_parts(config.ptr.cast(), config.length) }
+    }
+
     /// Sets a filter-state value of the stream. `filter` as above.
     pub fn set_filter_state(filter: EnvoyFilterPtr, key: &str, value: &[u8]) {
         // SAFETY: `filter` is the running hook's filter pointer; both buffers live for the call
@@ -242,9 +286,71 @@ pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const c_char {
     ABI_VERSION.as_ptr().cast()
 }
 
-/// The counter the `calls` build bumps on each request (`usize::MAX`: none defined).
+/// The `calls` build: what each filter config makes (its filter config names the steps, as
+/// words: `headers`, `state`, `counter`, `scope`; none of them: all four) and its counter id.
+/// One slot per config, in a static table so that the config pointer Envoy holds is the slot's
+/// address, and the hooks find the slot from it with arithmetic only. A config past the table's
+/// end makes all four calls without a counter.
 #[cfg(feature = "calls")]
-static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(usize::MAX);
+mod calls {
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+    pub const HEADERS: u64 = 1;
+    pub const STATE: u64 = 2;
+    pub const COUNTER: u64 = 4;
+    pub const SCOPE: u64 = 8;
+    const ALL: u64 = HEADERS | STATE | COUNTER | SCOPE;
+    /// The counter id sits above the step bits; all ones: no counter.
+    const NO_COUNTER: u64 = u64::MAX >> 8;
+
+    static SLOTS: [AtomicU64; 64] = [const { AtomicU64::new(ALL | (NO_COUNTER << 8)) }; 64];
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+    pub fn steps_of(config: &[u8]) -> u64 {
+        let has = |word: &[u8]| config.windows(word.len()).any(|w| w == word);
+        let steps = [
+            (&b"headers"[..], HEADERS),
+            (b"state", STATE),
+            (b"counter", COUNTER),
+            (b"scope", SCOPE),
+        ]
+        .iter()
+        .filter(|(word, _)| has(word))
+        .fold(0, |acc, (_, bit)| acc | bit);
+        if steps == 0 {
+            ALL
+        } else {
+            steps
+        }
+    }
+
+    /// A new config's slot, as the pointer Envoy keeps.
+    pub fn new_slot(steps: u64, counter: Option<usize>) -> *const std::ffi::c_void {
+        let counter = counter.map_or(NO_COUNTER, |id| (id as u64).min(NO_COUNTER));
+        let index = NEXT.fetch_add(1, Ordering::Relaxed);
+        match SLOTS.get(index) {
+            Some(slot) => {
+                slot.store(steps | (counter << 8), Ordering::Relaxed);
+                std::ptr::addr_of!(*slot).cast()
+            }
+            None => super::nothing(),
+        }
+    }
+
+    /// The steps and counter of the config whose slot `ptr` is.
+    pub fn of(ptr: *const std::ffi::c_void) -> (u64, Option<usize>) {
+        let base = SLOTS.as_ptr() as usize;
+        let index = (ptr as usize).wrapping_sub(base) / std::mem::size_of::<AtomicU64>();
+        let value = SLOTS
+            .get(index)
+            .map_or(ALL | (NO_COUNTER << 8), |s| s.load(Ordering::Relaxed));
+        let counter = value >> 8;
+        (
+            value & 0xff,
+            (counter != NO_COUNTER).then_some(counter as usize),
+        )
+    }
+}
 
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
@@ -253,9 +359,16 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
     _config: Buffer,
 ) -> ModulePtr {
     #[cfg(feature = "calls")]
-    if let Some(id) = envoy::define_counter(_config_envoy, "bench_calls.allowed") {
-        COUNTER.store(id, std::sync::atomic::Ordering::Relaxed);
+    {
+        let steps = calls::steps_of(envoy::config_bytes(_config));
+        let counter = if steps & calls::COUNTER != 0 {
+            envoy::define_counter(_config_envoy, "bench_calls.allowed")
+        } else {
+            None
+        };
+        return calls::new_slot(steps, counter);
     }
+    #[allow(unreachable_code)]
     nothing()
 }
 
@@ -267,6 +380,10 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
     _config: ModulePtr,
     _filter_envoy: EnvoyFilterPtr,
 ) -> ModulePtr {
+    // The `calls` build hands each stream its config's slot (no allocation per request).
+    #[cfg(feature = "calls")]
+    return _config;
+    #[allow(unreachable_code)]
     nothing()
 }
 
@@ -297,21 +414,43 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     #[cfg(all(feature = "calls", not(feature = "deny")))]
     {
         // keygate-native's callbacks for a valid bench key (1,000 keys, stripping off), with
-        // the values it would publish for key bench-0000007.
+        // the values it would publish for key bench-0000007: read the request headers, publish
+        // the access-log entry, count, and set the three scope headers (added when the request
+        // lacks them, else set: as keygate-native does, so a chain does not grow the map).
+        let (steps, counter) = calls::of(_filter);
         let mut headers = [HttpHeader::of("", ""); 32];
-        std::hint::black_box(envoy::read_request_headers(_filter_envoy, &mut headers));
-        envoy::set_filter_state(
-            _filter_envoy,
-            "wasm.keygate",
-            br#"{"auth":"api_key","key_id":"bench-0000007","tenant":"tenant-7"}"#,
-        );
-        let counter = COUNTER.load(std::sync::atomic::Ordering::Relaxed);
-        if counter != usize::MAX {
-            envoy::increment_counter(_filter_envoy, counter);
+        let mut count = 0;
+        if steps & calls::HEADERS != 0 {
+            count = envoy::read_request_headers(_filter_envoy, &mut headers);
         }
-        envoy::add_request_header(_filter_envoy, "x-keygate-auth", "api_key");
-        envoy::add_request_header(_filter_envoy, "x-keygate-key-id", "bench-0000007");
-        envoy::add_request_header(_filter_envoy, "x-keygate-tenant", "tenant-7");
+        if steps & calls::STATE != 0 {
+            envoy::set_filter_state(
+                _filter_envoy,
+                "wasm.keygate",
+                br#"{"auth":"api_key","key_id":"bench-0000007","tenant":"tenant-7"}"#,
+            );
+        }
+        if let Some(id) = counter {
+            envoy::increment_counter(_filter_envoy, id);
+        }
+        if steps & calls::SCOPE != 0 {
+            let scope = [
+                ("x-keygate-auth", "api_key"),
+                ("x-keygate-key-id", "bench-0000007"),
+                ("x-keygate-tenant", "tenant-7"),
+            ];
+            // Which ones the request carries, all checked before the first edit: an edit may
+            // free what the entries read above point to.
+            let read = headers.get(..count).unwrap_or_default();
+            let present = scope.map(|(name, _)| read.iter().any(|h| envoy::names(h, name)));
+            for ((name, value), present) in scope.into_iter().zip(present) {
+                if present {
+                    envoy::set_request_header(_filter_envoy, name, value);
+                } else {
+                    envoy::add_request_header(_filter_envoy, name, value);
+                }
+            }
+        }
     }
     #[allow(unreachable_code)]
     CONTINUE
