@@ -50,9 +50,9 @@ empty module and keygate-native, it splits what the callbacks cost Envoy from ke
 Its `--config` names the steps it makes, so variants can add them one at a time:
 
     BENCH_CPU=user python3 bench/ab.py empty_module=build/libbench_empty.so \\
-        empty_h=build/libbench_calls.so --config empty_h=headers \\
-        empty_hs=build/libbench_calls.so --config 'empty_hs=headers state' \\
-        empty_calls=build/libbench_calls.so native=build/libkeygate.so
+        empty_h=build/libbench_calls.so empty_hs=build/libbench_calls.so \\
+        empty_calls=build/libbench_calls.so native=build/libkeygate.so \\
+        --config empty_h=headers --config 'empty_hs=headers state'
 """
 import argparse
 import json
