@@ -335,7 +335,10 @@ def issue15_goal(results, chained_results, chain):
                           f"{keygate['added_lowest_us'] - floor['added_lowest_us']:.2f}")
         met = [keygate[k] <= target[k] for k in ("added_us", "added_lowest_us")]
         verdict = "met" if all(met) else "not met" if not any(met) else "met by one estimate"
-        if floor is not None and floor["added_lowest_us"] > target["added_lowest_us"]:
+        if native["added_lowest_us"] <= 0.05:
+            # api_key_auth's cost is below this run's noise: there is no target to compare with.
+            verdict = "n/a: api_key_auth's added CPU is ≈ 0 or below in this run (noise)"
+        elif floor is not None and floor["added_lowest_us"] > target["added_lowest_us"]:
             verdict += "; the empty module alone is above the target"
         out.append(f"| {title} | {pair(native)} | {pair(target)} | {floor_cell} | {pair(keygate)} "
                    f"| {over_floor} | {verdict} |")
