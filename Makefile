@@ -108,6 +108,10 @@ lint: toolchain core-wall core-cycles tracked-outputs
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --release --target $(WASM_TARGET) --lib -- -D warnings
 	cargo clippy --features panic-probe --lib -- -D warnings
+	cargo fmt --manifest-path bench/empty-module/Cargo.toml -- --check
+	cargo clippy --manifest-path bench/empty-module/Cargo.toml --target-dir target/empty-module -- -D warnings
+	cargo clippy --manifest-path bench/empty-module/Cargo.toml --target-dir target/deny-module --features deny -- -D warnings
+	cargo clippy --manifest-path bench/empty-module/Cargo.toml --target-dir target/calls-module --features calls -- -D warnings
 
 unit:
 	cargo test
@@ -285,6 +289,28 @@ build/bench-deny.wasm: bench/empty-filter/src/lib.rs bench/empty-filter/Cargo.to
 	  --features deny --target-dir target/deny-filter
 	@mkdir -p build && cp target/deny-filter/$(WASM_TARGET)/release/empty_filter.wasm $@
 
+# The Envoy dynamic module that does nothing (bench/empty-module, a crate of its own): the floor
+# of any dynamic-module filter, under keygate-native. Bench only: not part of `make build`.
+build/libbench_empty.so: bench/empty-module/src/lib.rs bench/empty-module/Cargo.toml
+	cargo build --release --manifest-path bench/empty-module/Cargo.toml --target-dir target/empty-module
+	@mkdir -p build && cp target/empty-module/release/libempty_module.so $@
+
+# The same module answering every request with keygate's unknown-key 401 (http_send_response):
+# the floor of a dynamic module's local reply, for keygate-native's 401 path.
+build/libbench_deny.so: bench/empty-module/src/lib.rs bench/empty-module/Cargo.toml
+	cargo build --release --manifest-path bench/empty-module/Cargo.toml --features deny \
+	  --target-dir target/deny-module
+	@mkdir -p build && cp target/deny-module/release/libempty_module.so $@
+
+# The same module making keygate-native's callbacks of a valid key with fixed values, nothing
+# else (bench/ab.py only): what the callbacks cost Envoy apart from keygate's code.
+build/libbench_calls.so: bench/empty-module/src/lib.rs bench/empty-module/Cargo.toml
+	cargo build --release --manifest-path bench/empty-module/Cargo.toml --features calls \
+	  --target-dir target/calls-module
+	@mkdir -p build && cp target/calls-module/release/libempty_module.so $@
+
+BENCH_FLOORS := build/bench-empty.wasm build/bench-deny.wasm build/libbench_empty.so build/libbench_deny.so
+
 # BEFORE's module, built by that revision's own `make build` in a scratch tree.
 bench-before:
 	@test -n "$(BEFORE)" || { echo "set BEFORE=<git revision>"; exit 1; }
@@ -295,7 +321,7 @@ bench-before:
 	  NATIVE_OUT=$(CURDIR)/target/before/native/libkeygate.so
 	cp .tmp/before/build/keygate.wasm build/keygate-before.wasm
 
-bench-envoy: build build/bench-empty.wasm build/bench-deny.wasm bench-tools $(VENV)/.installed $(if $(BEFORE),bench-before)
+bench-envoy: build $(BENCH_FLOORS) bench-tools $(VENV)/.installed $(if $(BEFORE),bench-before)
 	ENVOY_BIN=$(ENVOY) $(PY) bench/run.py --rounds $(BENCH_ROUNDS) --seconds $(BENCH_SECONDS) $(BENCH_EXTRA)
 
 # An example rather than a `cargo bench` target: cargo builds the CLI binary for benches too,
@@ -315,8 +341,9 @@ bench: bench-envoy bench-core bench-scale
 
 # Amplified A/B of two builds (bench/ab.py): make bench-ab A=build/keygate-before.wasm
 A ?= build/keygate-before.wasm
-bench-ab: build build/bench-empty.wasm bench-tools $(VENV)/.installed
-	ENVOY_BIN=$(ENVOY) $(PY) bench/ab.py empty=build/bench-empty.wasm a=$(A) b=$(ARTIFACT)
+bench-ab: build $(BENCH_FLOORS) build/libbench_calls.so bench-tools $(VENV)/.installed
+	ENVOY_BIN=$(ENVOY) $(PY) bench/ab.py empty=build/bench-empty.wasm empty_module=build/libbench_empty.so \
+	  a=$(A) b=$(ARTIFACT)
 
 clean:
 	cargo clean

@@ -34,6 +34,25 @@ SDK's `send_http_response`) is the floor of a wasm filter's local reply; it runs
 `--unknown` (it would answer 401 to valid keys too):
 
     python3 bench/ab.py --unknown deny=build/bench-deny.wasm keygate=build/keygate.wasm
+
+The dynamic-module floors (bench/empty-module, `make build/libbench_empty.so
+build/libbench_deny.so`) are variants like any `.so`: a name containing `empty` runs
+build/libbench_empty.so (a module doing nothing) without a keygate config, a name starting with
+`deny` runs build/libbench_deny.so (the same module answering keygate's 401). Issue 15's
+comparison, one variant list for the three paths (chained, `--chain 1`, `--unknown`):
+
+    BENCH_CPU=user python3 bench/ab.py empty_module=build/libbench_empty.so \
+        deny_module=build/libbench_deny.so api_key_auth=api_key_auth native=build/libkeygate.so
+
+build/libbench_calls.so (`make build/libbench_calls.so`; name it `empty_calls`) makes the Envoy
+callbacks keygate-native makes for a valid key, with fixed values and nothing else: between the
+empty module and keygate-native, it splits what the callbacks cost Envoy from keygate's own work.
+Its `--config` names the steps it makes, so variants can add them one at a time:
+
+    BENCH_CPU=user python3 bench/ab.py empty_module=build/libbench_empty.so \\
+        empty_h=build/libbench_calls.so empty_hs=build/libbench_calls.so \\
+        empty_calls=build/libbench_calls.so native=build/libkeygate.so \\
+        --config empty_h=headers --config 'empty_hs=headers state'
 """
 import argparse
 import json
@@ -83,7 +102,8 @@ def chained_filters(name, wasm, chain, keys, service=False, fields=""):
         extra = '"strip_credentials": false,' + (f" {fields}," if fields else "")
         config = config.replace('"name": "bench",', f'"name": "bench", {extra}', 1)
     else:
-        config = "{}\n"
+        # A bench module's --config is its whole filter config (build/libbench_calls.so: the steps).
+        config = f"{fields}\n" if fields else "{}\n"
     if wasm.endswith(".so"):
         module = Path(wasm).name.removeprefix("lib").removesuffix(".so")
         one = bench_config.keygate_module_filter(config, module=module)

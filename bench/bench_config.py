@@ -41,13 +41,15 @@ PORTS = {
     "keygate_native": 10012,
     "keygate_native_100k": 10013,
     "wasm_deny": 10014,
+    "module_floor": 10015,
+    "module_deny": 10016,
     "upstream": 8081,
     "admin": 9901,
 }
 CONTENDERS = ["floor", "native", "lua", "ext_authz", "keygate"]
 # Contenders measured with one filter per listener only: the large key sets (one copy is enough)
 # and the 401-only filter (it answers before a second copy would run).
-SINGLE_ONLY = ("keygate_100k", "keygate_service", "keygate_native_100k", "wasm_deny")
+SINGLE_ONLY = ("keygate_100k", "keygate_service", "keygate_native_100k", "wasm_deny", "module_deny")
 # The floor of unknown-key traffic: no filter, the route itself answers 401 locally.
 FLOOR_DENY = "floor_deny"
 
@@ -269,6 +271,9 @@ def contender_filters(contender, n, chain=1):
         "wasm_floor": lambda i: keygate_filter("bench-empty", "build/bench-empty.wasm", "{}\n",
                                                f"empty_{i}" if chain > 1 else "empty"),
         "wasm_deny": lambda i: keygate_filter("bench-deny", "build/bench-deny.wasm", "{}\n", "deny"),
+        "module_floor": lambda i: keygate_module_filter("{}\n", f"empty_module_{i}" if chain > 1 else "empty_module",
+                                                        module="bench_empty"),
+        "module_deny": lambda i: keygate_module_filter("{}\n", "deny_module", module="bench_deny"),
     }[contender]
     return "".join(one(i) for i in range(chain))
 
@@ -277,10 +282,12 @@ def render(n, extra=(), chain=1):
     """The bench config. `extra` adds listeners bench/run.py uses but does not ship (their wasm
     files exist only after `make bench` builds them): `empty` (bench/empty-filter, a Rust
     proxy-wasm filter that does nothing, and the same filter built to answer keygate's unknown-key
-    401 itself, the floor of the 401 path; one filter only), `before` (build/keygate-before.wasm, same keys) and
+    401 itself, the floor of the 401 path; one filter only; and the same two as Envoy dynamic
+    modules, bench/empty-module: build/libbench_empty.so and build/libbench_deny.so), `before` (build/keygate-before.wasm, same keys) and
     `100k` (keygate with 100,000 inline keys). `chain` repeats every contender's filter."""
     names = list(CONTENDERS)
-    names += [name for key, name in (("empty", "wasm_floor"), ("empty", "wasm_deny"), ("before", "keygate_before"),
+    names += [name for key, name in (("empty", "wasm_floor"), ("empty", "wasm_deny"), ("empty", "module_floor"),
+                                     ("empty", "module_deny"), ("before", "keygate_before"),
                                      ("100k", "keygate_100k"), ("100k", "keygate_service"),
                                      ("native", "keygate_native")) if key in extra]
     if "native" in extra and "100k" in extra:

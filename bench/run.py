@@ -40,6 +40,8 @@ LABELS = {
     "floor": "no filter (floor)",
     "wasm_floor": "empty Rust proxy-wasm filter (does nothing)",
     "wasm_deny": "Rust proxy-wasm filter sending the same 401 (nothing else)",
+    "module_floor": "empty Rust dynamic module (does nothing)",
+    "module_deny": "Rust dynamic module sending the same 401 (nothing else)",
     "native": "native api_key_auth",
     "lua": "Lua filter",
     "ext_authz": "ext_authz (HTTP, local listener)",
@@ -89,9 +91,9 @@ def write_keys(path, keys):
 def traffic_kinds(name, chain):
     # A chained run measures the pass-through path only; the empty filter has no unknown-key case,
     # the deny filter only that one.
-    if name == "wasm_deny":
+    if name in ("wasm_deny", "module_deny"):
         return ("invalid",)
-    return ("valid",) if chain > 1 or name == "wasm_floor" else ("valid", "invalid")
+    return ("valid",) if chain > 1 or name in ("wasm_floor", "module_floor") else ("valid", "invalid")
 
 
 class Phase:
@@ -165,8 +167,8 @@ class Phase:
         for name in self.contenders:
             port = self.ports[name]
             got = (http_status(port, valid), http_status(port, invalid), http_status(port, None))
-            want = {"floor": (200, 200, 200), "wasm_floor": (200, 200, 200),
-                    "wasm_deny": (401, 401, 401)}.get(name, (200, 401, 401))
+            want = {"floor": (200, 200, 200), "wasm_floor": (200, 200, 200), "module_floor": (200, 200, 200),
+                    "wasm_deny": (401, 401, 401), "module_deny": (401, 401, 401)}.get(name, (200, 401, 401))
             if got != want:
                 self.fail(f"contender {name}: valid/unknown/missing key gave {got}, expected {want}")
         if http_status(self.ports[bench_config.FLOOR_DENY], valid) != 401:
@@ -300,6 +302,49 @@ def chained_table(results, contenders, chain):
     return "\n".join(out)
 
 
+def issue15_goal(results, chained_results, chain):
+    """Issue 15's goal rows: keygate-native's added CPU against twice api_key_auth's, with the
+    dynamic-module floor (the empty module, or the 401-only one) beside it: what any module
+    costs before it does any work, so whether the target is reachable above it at all."""
+    rows = [("valid key, one filter", results, "valid", "module_floor"),
+            ("unknown key (401), one filter", results, "invalid", "module_deny")]
+    if chained_results:
+        rows.insert(0, (f"valid key, chained ×{chain}, per filter", chained_results, "valid", "module_floor"))
+    out = ["\n**Issue 15's goal in this run**: keygate-native adds ≤ 2× native api_key_auth's CPU per request "
+           "(added µs/req over the no-filter floor: median of rounds / from the quieter rounds)\n",
+           "| path | api_key_auth | target: 2× api_key_auth | dynamic-module floor (its ÷ api_key_auth) "
+           "| keygate-native | keygate-native over the module floor | met? |",
+           "|---|---|---|---|---|---|---|"]
+
+    def pair(m):
+        return f"{m['added_us']:.2f} / {m['added_lowest_us']:.2f}"
+
+    for title, res, traffic, floor_name in rows:
+        native, keygate = res.get(("native", traffic)), res.get(("keygate_native", traffic))
+        if native is None or keygate is None:
+            continue
+        target = {k: 2 * native[k] for k in ("added_us", "added_lowest_us")}
+        floor = res.get((floor_name, traffic))
+        if floor is None:
+            floor_cell = over_floor = "not run (`--extra empty`)"
+        else:
+            ratios = (ratio(floor["added_us"], native["added_us"]),
+                      ratio(floor["added_lowest_us"], native["added_lowest_us"]))
+            floor_cell = f"{pair(floor)} ({' / '.join(ratios) if 'n/a' not in ''.join(ratios) else 'n/a'})"
+            over_floor = (f"{keygate['added_us'] - floor['added_us']:.2f} / "
+                          f"{keygate['added_lowest_us'] - floor['added_lowest_us']:.2f}")
+        met = [keygate[k] <= target[k] for k in ("added_us", "added_lowest_us")]
+        verdict = "met" if all(met) else "not met" if not any(met) else "met by one estimate"
+        if native["added_lowest_us"] <= 0.05:
+            # api_key_auth's cost is below this run's noise: there is no target to compare with.
+            verdict = "n/a: api_key_auth's added CPU is ≈ 0 or below in this run (noise)"
+        elif floor is not None and floor["added_lowest_us"] > target["added_lowest_us"]:
+            verdict += "; the empty module alone is above the target"
+        out.append(f"| {title} | {pair(native)} | {pair(target)} | {floor_cell} | {pair(keygate)} "
+                   f"| {over_floor} | {verdict} |")
+    return "\n".join(out) if len(out) > 3 else ""
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
@@ -312,7 +357,8 @@ def main():
     parser.add_argument("--keys", type=int, default=1000)
     parser.add_argument("--extra", action="append", default=[], choices=["empty", "before", "100k", "native"],
                         help="empty: also run build/bench-empty.wasm (a Rust proxy-wasm filter doing nothing) and, "
-                             "on the 401 path, build/bench-deny.wasm (the same filter sending keygate's 401); "
+                             "on the 401 path, build/bench-deny.wasm (the same filter sending keygate's 401), and "
+                             "the same two as dynamic modules (build/libbench_empty.so, build/libbench_deny.so); "
                              "before: build/keygate-before.wasm; 100k: keygate with 100,000 inline keys; "
                              "native: build/libkeygate.so")
     parser.add_argument("--envoy-cpu", type=int, default=0)
@@ -320,7 +366,8 @@ def main():
     parser.add_argument("--wrk", default=shutil.which("wrk") or "wrk")
     parser.add_argument("--json", type=Path, default=WORK / "results.json")
     args = parser.parse_args()
-    for extra, wasm in (("empty", "bench-empty.wasm"), ("empty", "bench-deny.wasm"), ("before", "keygate-before.wasm"),
+    for extra, wasm in (("empty", "bench-empty.wasm"), ("empty", "bench-deny.wasm"), ("empty", "libbench_empty.so"),
+                        ("empty", "libbench_deny.so"), ("before", "keygate-before.wasm"),
                         ("native", "libkeygate.so")):
         if extra in args.extra and not (ROOT / "build" / wasm).exists():
             sys.exit(f"--extra {extra} needs build/{wasm}")
@@ -333,12 +380,14 @@ def main():
                               [bench_config.KEY_PREFIX + f"{i:032x}" for i in range(args.keys)]),
     }
     contenders = list(bench_config.CONTENDERS)
-    for extra, name in (("empty", "wasm_floor"), ("empty", "wasm_deny"), ("before", "keygate_before"),
+    for extra, name in (("empty", "wasm_floor"), ("empty", "module_floor"), ("empty", "wasm_deny"),
+                        ("empty", "module_deny"), ("before", "keygate_before"),
                         ("100k", "keygate_100k"), ("100k", "keygate_service"), ("native", "keygate_native")):
         if extra in args.extra:
-            # The wasm floors next to the floor: the empty filter, then the 401-only one.
-            wasm_floors = {"wasm_floor": 1, "wasm_deny": 2}
-            contenders.insert(wasm_floors[name], name) if name in wasm_floors else contenders.append(name)
+            # The filter floors next to the floor: the empty wasm filter and dynamic module, then
+            # the 401-only ones.
+            floors = {"wasm_floor": 1, "module_floor": 2, "wasm_deny": 3, "module_deny": 4}
+            contenders.insert(floors[name], name) if name in floors else contenders.append(name)
     if "native" in args.extra and "100k" in args.extra:
         contenders.append("keygate_native_100k")
 
@@ -376,6 +425,9 @@ def main():
     print(single_table(results, contenders))
     if chained_results:
         print(chained_table(chained_results, chained_contenders, args.chain))
+    goal = issue15_goal(results, chained_results, args.chain)
+    if goal:
+        print(goal)
     print(f"\nraw runs: {args.json.relative_to(ROOT)}")
 
 

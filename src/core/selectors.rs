@@ -101,9 +101,12 @@ pub fn check_strict(
     req: &RequestView,
     record: &KeyRecord,
 ) -> Result<(), ErrorCode> {
-    if let Some((_, query)) = req.path_with_query().split_once('?') {
+    // Without a query selector no parameter can name one: the query is not read at all (its
+    // pairs would each be decoded and case-folded for nothing, on every request).
+    let query = req.path_with_query().split_once('?').map(|(_, q)| q);
+    if let Some(query) = query.filter(|_| has_query_selectors(config)) {
         let query = query.split_once('#').map_or(query, |(q, _)| q);
-        if has_query_selectors(config) && query.contains(';') {
+        if query.contains(';') {
             return Err(ErrorCode::TenantForbidden);
         }
         check_pairs(config, record, query)?;
@@ -329,6 +332,31 @@ mod tests {
             &[],
         );
         assert_eq!(check_strict(&c, &ok, record), Ok(()));
+    }
+
+    #[test]
+    fn without_query_selectors_the_query_never_refuses() {
+        let cfg = serde_json::json!({
+            "credentials": [{"in": "header", "prefixes": ["cmp_"]}],
+            "tenant_selectors": [{"header": "x-organization-id", "scope": "organizations"}],
+            "keys": [{"id": "k1", "secret_sha256": hex::encode(sha256(b"cmp_one")),
+                      "organizations": ["org-101"]}]
+        });
+        let (c, k) = Config::parse(cfg.to_string().as_bytes()).unwrap();
+        let record = k.by_id("k1").unwrap();
+        for query in [
+            "organizationId=org-901",
+            "limit=1;x=2",
+            "a=%zz&organizationId[]=org-9",
+        ] {
+            let r = req(&format!("/p?{query}"), &[]);
+            assert_eq!(check_strict(&c, &r, record), Ok(()), "{query}");
+        }
+        let forged = req("/p?limit=1", &[("x-organization-id", "org-901")]);
+        assert_eq!(
+            check_strict(&c, &forged, record),
+            Err(ErrorCode::TenantForbidden)
+        );
     }
 
     #[test]
