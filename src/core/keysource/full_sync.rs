@@ -333,11 +333,11 @@ pub struct Build {
 
 impl Build {
     /// Starts the build of the version after the stored one, in its slot.
-    pub fn start(service: &KeyService, store: &dyn SharedStore, now_ms: i64, total: u64) -> Build {
+    pub fn start(service: &KeyService, store: &dyn SharedStore, now_ms: i64) -> Build {
         let stored = read_meta(service, store).map_or(0, |(m, _)| m.version);
         Build {
             stream: DocumentStream::default(),
-            writer: SetWriter::start(slot_of(stored + 1), now_ms as u64, total),
+            writer: SetWriter::start(slot_of(stored + 1), now_ms as u64),
             digest: Default::default(),
         }
     }

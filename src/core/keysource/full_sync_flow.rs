@@ -26,7 +26,6 @@ pub const SLICE_BYTES: usize = 128 * 1024;
 struct Queued {
     body: Vec<u8>,
     read: usize,
-    total: u64,
     /// The next part to ask for once this one is read; `None`: this is the last part.
     next: Option<u64>,
     etag: Option<String>,
@@ -266,19 +265,17 @@ impl FullSyncFlow {
         let step = fetch.parts.accept(response, content_range);
         let part = fetch.parts.take_part();
         let queued = match step {
-            PartStep::Fetch { offset } => part.map(|(total, body)| Queued {
+            PartStep::Fetch { offset } => part.map(|(_, body)| Queued {
                 body,
                 read: 0,
-                total,
                 next: Some(offset),
                 etag: None,
             }),
             PartStep::Complete(response) if response.status == Some(200) => match part {
                 // The last of the parts.
-                Some((total, body)) => Some(Queued {
+                Some((_, body)) => Some(Queued {
                     body,
                     read: 0,
-                    total,
                     next: None,
                     etag: response.etag,
                 }),
@@ -286,7 +283,6 @@ impl FullSyncFlow {
                 None => {
                     self.abandon_build(fetch);
                     Some(Queued {
-                        total: response.body.len() as u64,
                         body: response.body,
                         read: 0,
                         next: None,
@@ -325,7 +321,7 @@ impl FullSyncFlow {
             .min(queued.body.len());
         let done = end == queued.body.len();
         let slice = queued.body.get(queued.read..end).unwrap_or_default();
-        if let Err(reason) = self.feed_part(host, fetch, queued.total, slice) {
+        if let Err(reason) = self.feed_part(host, fetch, slice) {
             return Some(self.fail_build(host, fetch, reason));
         }
         queued.read = end;
@@ -392,13 +388,12 @@ impl FullSyncFlow {
         &self,
         host: &impl KeySourceHost,
         fetch: &mut Fetch,
-        total: u64,
         part: &[u8],
     ) -> Result<(), FetchError> {
         let now = host.now_ms();
         self.sync.hold_lease(&self.service, host, self.worker, now);
         if fetch.build.is_none() {
-            let build = Build::start(&self.service, host, now, total);
+            let build = Build::start(&self.service, host, now);
             // A slot still being cleared is the one this build writes: the build replaces each
             // bucket it touches, and what it does not touch is tagged as another build's.
             if fetch.clearing.is_some_and(|c| c.slot == build.slot()) {

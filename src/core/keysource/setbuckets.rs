@@ -32,22 +32,22 @@ use crate::core::digest::Digest;
 use crate::core::keyset::{digest_prefix, sorted_indexes, KeyProfile, KeyRecord, KeyRecordSpec};
 
 const FORMAT: u8 = 1;
-/// Records a bucket holds on average at most: one bucket read (about 2 KB) per request.
+/// Records a bucket holds on average at most: one bucket read (about 2 KB) per request. The
+/// count is chosen once the records are counted, when the build is assembled.
 const RECORDS_PER_BUCKET: u64 = 32;
-/// The smallest record a document can hold (`{"id":"a","secret_sha256":"<64 hex>"},`), to size
-/// the bucket count from the document's length before its records are counted.
-const MIN_RECORD_BYTES: u64 = 80;
-const MIN_BUCKETS: u64 = 64;
+/// Staged groups per index, also the fewest buckets: a group is a fixed slice of the digest's
+/// leading bits (of the id hash's low bits), so records are grouped before the bucket count is
+/// known and every bucket lies in one group.
+const GROUPS: u32 = 256;
+const MIN_BUCKETS: u64 = GROUPS as u64;
 const MAX_BUCKETS: u64 = 1 << 16;
 /// Buckets emptied per slice when an old slot is cleared: 512 host calls, under a millisecond,
 /// on the short ticks of a VM at work (`Fetch::wants_short_ticks`), so 64K buckets are cleared
 /// in a few seconds (256 ticks) and the memory they held is free soon after a reload.
 pub const BUCKETS_PER_SLICE: u32 = 256;
-/// Buckets one staged group covers: a group is read and its buckets written in one assembly
-/// step (at 1M keys, about 4,000 records and 256 writes per index).
-const BUCKETS_PER_GROUP: u32 = 256;
 /// Staged records held in the VM before they are written out, one value per group and index
-/// (at 1M keys, 256 groups: values of about 4 KB, each written once and read once).
+/// (values of about 4 KB, larger than any bucket, each written once and read once; at 1M keys
+/// a group is about 4,000 records, read and written in one assembly step).
 const STAGE_FLUSH_BYTES: usize = 2 * 1024 * 1024;
 
 /// The digest of a profile written as a record (never looked up).
@@ -73,10 +73,10 @@ fn decode_profiles(bytes: &[u8]) -> Result<Vec<Arc<KeyProfile>>, String> {
         .collect()
 }
 
-/// Buckets (a power of two) for a document of `document_bytes`: at most `RECORDS_PER_BUCKET`
-/// records each whatever the records' size.
-pub fn bucket_count(document_bytes: u64) -> u32 {
-    let wanted = (document_bytes / MIN_RECORD_BYTES / RECORDS_PER_BUCKET).max(1);
+/// Buckets (a power of two) for `records` records: at most `RECORDS_PER_BUCKET` each on
+/// average, up to 2M records.
+pub fn bucket_count(records: u64) -> u32 {
+    let wanted = (records / RECORDS_PER_BUCKET).max(1);
     wanted.next_power_of_two().clamp(MIN_BUCKETS, MAX_BUCKETS) as u32
 }
 
@@ -118,12 +118,14 @@ fn entry_prefix(digest: &[u8]) -> u64 {
     <&Digest>::try_from(digest).map_or(0, digest_prefix)
 }
 
-fn group_count(buckets: u32) -> u32 {
-    buckets.div_ceil(BUCKETS_PER_GROUP).max(1)
+/// The staged group of a digest: its leading bits, which also lead its bucket number.
+fn digest_group(prefix: u64) -> u32 {
+    digest_bucket(prefix, GROUPS)
 }
 
-fn group_of(bucket: u32) -> u32 {
-    bucket / BUCKETS_PER_GROUP
+/// The staged group of an id: the low bits of its hash, which also end its bucket number.
+fn id_group(id: &[u8]) -> u32 {
+    id_bucket(id, GROUPS)
 }
 
 /// Digests are evenly spread: their leading bits pick the bucket.
@@ -266,18 +268,17 @@ pub struct SetWriter {
 impl SetWriter {
     /// A build of the version to be stored in `slot`, tagged `tag` (unique per build: the
     /// time it started), for a document of `document_bytes`.
-    pub fn start(slot: u64, tag: u64, document_bytes: u64) -> SetWriter {
-        let buckets = bucket_count(document_bytes);
+    pub fn start(slot: u64, tag: u64) -> SetWriter {
         SetWriter {
             slot,
             tag,
-            buckets,
+            buckets: 0,
             profiles: HashSet::new(),
             numbers: HashMap::new(),
             specs: Vec::new(),
             pending: Vec::new(),
             records: 0,
-            staging: vec![Vec::new(); 2 * group_count(buckets) as usize],
+            staging: vec![Vec::new(); 2 * GROUPS as usize],
             staging_bytes: 0,
             stage_flush_bytes: STAGE_FLUSH_BYTES,
             flushes: 0,
@@ -288,10 +289,6 @@ impl SetWriter {
 
     pub fn slot(&self) -> u64 {
         self.slot
-    }
-
-    pub fn buckets(&self) -> u32 {
-        self.buckets
     }
 
     /// What empties this build's slot, staged values included (a build not published).
@@ -332,7 +329,6 @@ impl SetWriter {
     ) -> Result<(), BuildError> {
         let pending = std::mem::take(&mut self.pending);
         self.records = self.records.saturating_add(pending.len() as u32);
-        let groups = group_count(self.buckets) as usize;
         for (position, record) in &pending {
             let profile = self
                 .numbers
@@ -341,7 +337,7 @@ impl SetWriter {
                 .unwrap_or(0);
             let id = record.id.as_bytes();
             let prefix = digest_prefix(&record.digest);
-            let group = group_of(digest_bucket(prefix, self.buckets)) as usize;
+            let group = digest_group(prefix) as usize;
             if let Some(staged) = self.staging.get_mut(group) {
                 let before = staged.len();
                 staged.extend_from_slice(&record.digest);
@@ -351,7 +347,7 @@ impl SetWriter {
                 staged.extend_from_slice(id);
                 self.staging_bytes += staged.len() - before;
             }
-            let group = groups + group_of(id_bucket(id, self.buckets)) as usize;
+            let group = (GROUPS + id_group(id)) as usize;
             if let Some(staged) = self.staging.get_mut(group) {
                 let before = staged.len();
                 staged.extend_from_slice(&(id.len() as u16).to_le_bytes());
@@ -376,16 +372,15 @@ impl SetWriter {
         if self.staging_bytes == 0 {
             return Ok(());
         }
-        let groups = group_count(self.buckets);
         let mut value = Vec::new();
         for (n, staged) in (0u32..).zip(self.staging.iter_mut()) {
             if staged.is_empty() {
                 continue;
             }
-            let (index, group) = if n < groups {
+            let (index, group) = if n < GROUPS {
                 (Index::Digest, n)
             } else {
-                (Index::Id, n - groups)
+                (Index::Id, n - GROUPS)
             };
             value.clear();
             value.extend_from_slice(&self.tag.to_le_bytes());
@@ -410,17 +405,19 @@ impl SetWriter {
     ) -> Result<bool, BuildError> {
         self.write_staged(service, store)?;
         self.staging = Vec::new();
-        let groups = group_count(self.buckets);
-        if self.assembled < 2 * groups {
-            let (index, group) = if self.assembled < groups {
+        if self.buckets == 0 {
+            self.buckets = bucket_count(u64::from(self.records));
+        }
+        if self.assembled < 2 * GROUPS {
+            let (index, group) = if self.assembled < GROUPS {
                 (Index::Digest, self.assembled)
             } else {
-                (Index::Id, self.assembled - groups)
+                (Index::Id, self.assembled - GROUPS)
             };
             self.assemble_group(service, store, index, group)?;
             self.assembled += 1;
         }
-        if self.assembled < 2 * groups {
+        if self.assembled < 2 * GROUPS {
             return Ok(false);
         }
         match self.duplicate {
@@ -652,10 +649,9 @@ impl Clearing {
     /// Empties up to `BUCKETS_PER_SLICE` more buckets of both indexes, then the staged values
     /// left behind, the header last. True once the slot is empty.
     pub fn step(&mut self, service: &KeyService, store: &dyn SharedStore) -> bool {
-        let groups = group_count(self.buckets);
         let total = self
             .buckets
-            .saturating_add(self.staged.saturating_mul(groups));
+            .saturating_add(self.staged.saturating_mul(GROUPS));
         let end = self.next.saturating_add(BUCKETS_PER_SLICE).min(total);
         for unit in self.next..end {
             if unit < self.buckets {
@@ -664,7 +660,7 @@ impl Clearing {
                 continue;
             }
             let staged = unit - self.buckets;
-            let (flush, group) = (staged / groups, staged % groups);
+            let (flush, group) = (staged / GROUPS, staged % GROUPS);
             for index in [Index::Digest, Index::Id] {
                 let key = staged_key(service, self.slot, index, group, flush);
                 // Only what was written: a write would create the absent ones.
@@ -709,7 +705,7 @@ mod tests {
         stage_bytes: usize,
     ) -> Result<SetWriter, BuildError> {
         let service = service(json!({}));
-        let mut writer = SetWriter::start(slot_of(version), tag, specs.len() as u64 * 100);
+        let mut writer = SetWriter::start(slot_of(version), tag);
         writer.stage_flush_bytes = stage_bytes;
         for (n, chunk) in specs.chunks(part).enumerate() {
             for (i, spec) in chunk.iter().enumerate() {
@@ -910,8 +906,9 @@ mod tests {
 
     #[test]
     fn the_bucket_count_follows_the_document_size() {
-        assert_eq!(bucket_count(0), 64);
-        assert_eq!(bucket_count(123_000_000), 1 << 16);
-        assert_eq!(bucket_count(12_000_000), 8192);
+        assert_eq!(bucket_count(0), 256);
+        assert_eq!(bucket_count(1_000_000), 1 << 15);
+        assert_eq!(bucket_count(100_000), 4096);
+        assert_eq!(bucket_count(5_000_000), 1 << 16);
     }
 }
