@@ -49,6 +49,9 @@ pub const BUCKETS_PER_SLICE: u32 = 256;
 /// (values of about 4 KB, larger than any bucket, each written once and read once; at 1M keys
 /// a group is about 4,000 records, read and written in one assembly step).
 const STAGE_FLUSH_BYTES: usize = 2 * 1024 * 1024;
+/// Records assembled per step at most (whole groups; at least one): at 1M keys one group a
+/// step, a small set in one step.
+const RECORDS_PER_STEP: usize = 4096;
 
 /// The digest of a profile written as a record (never looked up).
 const BLANK_DIGEST: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -257,8 +260,9 @@ pub struct SetWriter {
     staging: Vec<Vec<u8>>,
     staging_bytes: usize,
     stage_flush_bytes: usize,
-    /// Write-outs of `staging` so far: the staged values of a group are `0..flushes`.
+    /// Write-outs of `staging` so far, and which of them staged a value for each group.
     flushes: u32,
+    staged_in: Vec<Vec<u32>>,
     /// Groups assembled so far: the digest index's, then the id index's.
     assembled: u32,
     /// The first duplicate of the document found by assembly so far.
@@ -282,6 +286,7 @@ impl SetWriter {
             staging_bytes: 0,
             stage_flush_bytes: STAGE_FLUSH_BYTES,
             flushes: 0,
+            staged_in: vec![Vec::new(); 2 * GROUPS as usize],
             assembled: 0,
             duplicate: None,
         }
@@ -388,14 +393,17 @@ impl SetWriter {
             staged.clear();
             let key = staged_key(service, self.slot, index, group, self.flushes);
             store.set(&key, &value, 0).map_err(|_| BuildError::Store)?;
+            if let Some(flushes) = self.staged_in.get_mut(n as usize) {
+                flushes.push(self.flushes);
+            }
         }
         self.staging_bytes = 0;
         self.flushes += 1;
         Ok(())
     }
 
-    /// Every part is in: assembles the next group (its staged values read, its buckets written
-    /// once, the staged values emptied). True once every group of both indexes is assembled;
+    /// Every part is in: assembles the next groups, up to `RECORDS_PER_STEP` records (each
+    /// group's staged values read, its buckets written once, the staged values emptied). True once every group of both indexes is assembled;
     /// then refuses the first duplicate id or digest of the document (its id before its
     /// digest), as `KeySet::from_document` does.
     pub fn assemble_step(
@@ -408,13 +416,14 @@ impl SetWriter {
         if self.buckets == 0 {
             self.buckets = bucket_count(u64::from(self.records));
         }
-        if self.assembled < 2 * GROUPS {
+        let mut records = 0;
+        while self.assembled < 2 * GROUPS && records < RECORDS_PER_STEP {
             let (index, group) = if self.assembled < GROUPS {
                 (Index::Digest, self.assembled)
             } else {
                 (Index::Id, self.assembled - GROUPS)
             };
-            self.assemble_group(service, store, index, group)?;
+            records += self.assemble_group(service, store, index, group)?;
             self.assembled += 1;
         }
         if self.assembled < 2 * GROUPS {
@@ -432,15 +441,21 @@ impl SetWriter {
         }
     }
 
+    /// Assembles one group; the number of records it held.
     fn assemble_group(
         &mut self,
         service: &KeyService,
         store: &dyn SharedStore,
         index: Index,
         group: u32,
-    ) -> Result<(), BuildError> {
+    ) -> Result<usize, BuildError> {
         let mut values = Vec::new();
-        for flush in 0..self.flushes {
+        let at = match index {
+            Index::Digest => group,
+            Index::Id => GROUPS + group,
+        };
+        let flushes = self.staged_in.get_mut(at as usize).map(std::mem::take);
+        for flush in flushes.unwrap_or_default() {
             let key = staged_key(service, self.slot, index, group, flush);
             if let Some((bytes, _)) = store.get(&key) {
                 if tagged(&bytes, self.tag).is_some() {
@@ -498,7 +513,7 @@ impl SetWriter {
         for (key, _) in &values {
             store.set(key, &[], 0).map_err(|_| BuildError::Store)?;
         }
-        Ok(())
+        Ok(entries.len())
     }
 
     /// Every part is in: writes the slot's header for `version` (the meta, written next,
@@ -891,9 +906,10 @@ mod tests {
     fn an_unpublished_build_is_cleared_with_what_it_staged() {
         let store = CountingStore::default();
         let service = service(json!({}));
-        let specs: Vec<_> = (0..2000).map(spec).collect();
-        let mut writer = staged(&store, &specs, 100, 2, 4, 4096).unwrap();
-        // Half assembled, then abandoned: buckets and staged values are both in the slot.
+        let specs: Vec<_> = (0..12_000).map(spec).collect();
+        let mut writer = staged(&store, &specs, 1000, 2, 4, 64 * 1024).unwrap();
+        // Partly assembled (a step takes about a third of these records), then abandoned:
+        // buckets and staged values are both in the slot.
         writer.assemble_step(&service, &store).unwrap();
         assert!(held(&store, &service, 0, "t") > 0);
         assert!(held(&store, &service, 0, "d") > 0);
