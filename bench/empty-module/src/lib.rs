@@ -182,26 +182,17 @@ mod envoy {
         count
     }
 
-    /// Adds a request header. `filter` as above.
-    pub fn add_request_header(filter: EnvoyFilterPtr, name: &str, value: &str) {
+    /// Adds a request header (`replace`: sets it, replacing its values). `filter` as above.
+    pub fn write_request_header(filter: EnvoyFilterPtr, name: &str, value: &str, replace: bool) {
+        let write = if replace {
+            envoy_dynamic_module_callback_http_set_header
+        } else {
+            envoy_dynamic_module_callback_http_add_header
+        };
         // SAFETY: `filter` is the running hook's filter pointer; both buffers live for the call
         // and Envoy copies them.
         unsafe {
-            envoy_dynamic_module_callback_http_add_header(
-                filter,
-                REQUEST_HEADER,
-                Buffer::of(name.as_bytes()),
-                Buffer::of(value.as_bytes()),
-            );
-        }
-    }
-
-    /// Sets a request header, replacing its values. `filter` as above.
-    pub fn set_request_header(filter: EnvoyFilterPtr, name: &str, value: &str) {
-        // SAFETY: `filter` is the running hook's filter pointer; both buffers live for the call
-        // and Envoy copies them.
-        unsafe {
-            envoy_dynamic_module_callback_http_set_header(
+            write(
                 filter,
                 REQUEST_HEADER,
                 Buffer::of(name.as_bytes()),
@@ -444,11 +435,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
             let read = headers.get(..count).unwrap_or_default();
             let present = scope.map(|(name, _)| read.iter().any(|h| envoy::names(h, name)));
             for ((name, value), present) in scope.into_iter().zip(present) {
-                if present {
-                    envoy::set_request_header(_filter_envoy, name, value);
-                } else {
-                    envoy::add_request_header(_filter_envoy, name, value);
-                }
+                envoy::write_request_header(_filter_envoy, name, value, present);
             }
         }
     }
