@@ -116,7 +116,7 @@ pub struct PartedFetch {
     assembly: Option<Assembly>,
     /// Hand each part on (`take_part`) instead of putting the document together.
     streamed: bool,
-    part: Option<(u64, Vec<u8>)>,
+    part: Option<Vec<u8>>,
 }
 
 /// `bytes start-end/total` of a `content-range` header.
@@ -137,8 +137,8 @@ impl PartedFetch {
         }
     }
 
-    /// The part the last answer brought, with the document's whole size.
-    pub fn take_part(&mut self) -> Option<(u64, Vec<u8>)> {
+    /// The part the last answer brought.
+    pub fn take_part(&mut self) -> Option<Vec<u8>> {
         self.part.take()
     }
 
@@ -178,7 +178,7 @@ impl PartedFetch {
         }
         let received = response.body.len() as u64;
         let body = if self.streamed {
-            self.part = Some((total, response.body));
+            self.part = Some(response.body);
             Vec::new()
         } else {
             // The whole size at once: growing by doubling would leave a far larger peak
@@ -225,7 +225,7 @@ impl PartedFetch {
                 }
                 assembly.received += response.body.len() as u64;
                 if self.streamed {
-                    self.part = Some((assembly.total, response.body));
+                    self.part = Some(response.body);
                 } else {
                     assembly.body.extend_from_slice(&response.body);
                 }

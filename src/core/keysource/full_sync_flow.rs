@@ -265,7 +265,7 @@ impl FullSyncFlow {
         let step = fetch.parts.accept(response, content_range);
         let part = fetch.parts.take_part();
         let queued = match step {
-            PartStep::Fetch { offset } => part.map(|(_, body)| Queued {
+            PartStep::Fetch { offset } => part.map(|body| Queued {
                 body,
                 read: 0,
                 next: Some(offset),
@@ -273,7 +273,7 @@ impl FullSyncFlow {
             }),
             PartStep::Complete(response) if response.status == Some(200) => match part {
                 // The last of the parts.
-                Some((_, body)) => Some(Queued {
+                Some(body) => Some(Queued {
                     body,
                     read: 0,
                     next: None,

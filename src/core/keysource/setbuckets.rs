@@ -121,6 +121,22 @@ fn entry_prefix(digest: &[u8]) -> u64 {
     <&Digest>::try_from(digest).map_or(0, digest_prefix)
 }
 
+/// A staged group's place among both indexes' groups (the digest index's first), and back.
+fn staged_place(index: Index, group: u32) -> u32 {
+    match index {
+        Index::Digest => group,
+        Index::Id => GROUPS + group,
+    }
+}
+
+fn staged_group(place: u32) -> (Index, u32) {
+    if place < GROUPS {
+        (Index::Digest, place)
+    } else {
+        (Index::Id, place - GROUPS)
+    }
+}
+
 /// The staged group of a digest: its leading bits, which also lead its bucket number.
 fn digest_group(prefix: u64) -> u32 {
     digest_bucket(prefix, GROUPS)
@@ -342,7 +358,7 @@ impl SetWriter {
                 .unwrap_or(0);
             let id = record.id.as_bytes();
             let prefix = digest_prefix(&record.digest);
-            let group = digest_group(prefix) as usize;
+            let group = staged_place(Index::Digest, digest_group(prefix)) as usize;
             if let Some(staged) = self.staging.get_mut(group) {
                 let before = staged.len();
                 staged.extend_from_slice(&record.digest);
@@ -352,7 +368,7 @@ impl SetWriter {
                 staged.extend_from_slice(id);
                 self.staging_bytes += staged.len() - before;
             }
-            let group = (GROUPS + id_group(id)) as usize;
+            let group = staged_place(Index::Id, id_group(id)) as usize;
             if let Some(staged) = self.staging.get_mut(group) {
                 let before = staged.len();
                 staged.extend_from_slice(&(id.len() as u16).to_le_bytes());
@@ -382,11 +398,7 @@ impl SetWriter {
             if staged.is_empty() {
                 continue;
             }
-            let (index, group) = if n < GROUPS {
-                (Index::Digest, n)
-            } else {
-                (Index::Id, n - GROUPS)
-            };
+            let (index, group) = staged_group(n);
             value.clear();
             value.extend_from_slice(&self.tag.to_le_bytes());
             value.extend_from_slice(staged);
@@ -418,11 +430,7 @@ impl SetWriter {
         }
         let mut records = 0;
         while self.assembled < 2 * GROUPS && records < RECORDS_PER_STEP {
-            let (index, group) = if self.assembled < GROUPS {
-                (Index::Digest, self.assembled)
-            } else {
-                (Index::Id, self.assembled - GROUPS)
-            };
+            let (index, group) = staged_group(self.assembled);
             records += self.assemble_group(service, store, index, group)?;
             self.assembled += 1;
         }
@@ -450,11 +458,8 @@ impl SetWriter {
         group: u32,
     ) -> Result<usize, BuildError> {
         let mut values = Vec::new();
-        let at = match index {
-            Index::Digest => group,
-            Index::Id => GROUPS + group,
-        };
-        let flushes = self.staged_in.get_mut(at as usize).map(std::mem::take);
+        let place = staged_place(index, group) as usize;
+        let flushes = self.staged_in.get_mut(place).map(std::mem::take);
         for flush in flushes.unwrap_or_default() {
             let key = staged_key(service, self.slot, index, group, flush);
             if let Some((bytes, _)) = store.get(&key) {
