@@ -8,7 +8,8 @@ use super::docparts::{range_header, PartError};
 use super::docstream::DocumentStream;
 use super::host::CalloutError;
 use super::service::{FetchResponse, FullSync, KeyService};
-use super::setbuckets::{slot_of, BuildError, Clearing, SetWriter, SharedSet};
+use super::setbuckets::{other_slot, slot_of, BuildError, Clearing, SetWriter, SharedSet};
+use super::setdelta::{DeltaError, DeltaStop, SetDelta};
 use super::store::{cas_update, Change, Reader, SharedStore};
 use crate::core::config_error::ConfigError;
 use crate::core::credential::Credential;
@@ -323,59 +324,179 @@ impl SharedKeys {
     }
 }
 
-/// A document being written into shared data part by part as its ranges arrive.
+/// A document being written into shared data part by part as its ranges arrive: over the live
+/// version in place when there is one (`SetDelta`), else whole into the other slot.
 #[derive(Debug)]
 pub struct Build {
+    /// The version stored when the build began: the one it replaces.
+    base: u64,
     stream: DocumentStream,
-    writer: SetWriter,
+    writer: Writer,
     digest: Sha256Stream,
+    /// A delta's verdict once compared: whether the document is to be published at all (it is
+    /// written over the live version only then).
+    publishable: Option<bool>,
+}
+
+#[derive(Debug)]
+enum Writer {
+    Whole(Box<SetWriter>),
+    InPlace(Box<SetDelta>),
+}
+
+/// Where a build stands after a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildStep {
+    Going,
+    /// Every bucket is written: the build is ready to publish.
+    Done,
+    /// An update in place gave way: the document is to be read again and built whole.
+    Rebuild(DeltaStop),
 }
 
 impl Build {
-    /// Starts the build of the version after the stored one, in its slot.
-    pub fn start(service: &KeyService, store: &dyn SharedStore, now_ms: i64) -> Build {
+    /// Starts the build of the version after the stored one: over it in place, unless there is
+    /// none or `whole` asks for a whole build.
+    pub fn start(service: &KeyService, store: &dyn SharedStore, now_ms: i64, whole: bool) -> Build {
         let stored = read_meta(service, store).map_or(0, |(m, _)| m.version);
+        let live = (stored != 0)
+            .then(|| SharedSet::load(service, store, stored).ok().flatten())
+            .flatten();
+        let tag = now_ms as u64;
+        let writer = match live {
+            Some(live) if !whole => Writer::InPlace(Box::new(SetDelta::start(&live))),
+            Some(live) => Writer::Whole(Box::new(SetWriter::start(
+                other_slot(live.layout().slot),
+                tag,
+            ))),
+            None => Writer::Whole(Box::new(SetWriter::start(slot_of(stored + 1), tag))),
+        };
         Build {
+            base: stored,
             stream: DocumentStream::default(),
-            writer: SetWriter::start(slot_of(stored + 1), now_ms as u64),
+            writer,
             digest: Default::default(),
+            publishable: None,
         }
     }
 
     /// The slot this build writes.
     pub fn slot(&self) -> u64 {
-        self.writer.slot()
+        match &self.writer {
+            Writer::Whole(w) => w.slot(),
+            Writer::InPlace(d) => d.slot(),
+        }
     }
 
-    /// Reads the next bytes of the document and stages their records in shared data.
+    /// Records an update in place changed, added or removed; `None` for a whole build.
+    pub fn changed_in_place(&self) -> Option<usize> {
+        match &self.writer {
+            Writer::Whole(_) => None,
+            Writer::InPlace(d) => Some(d.changed()),
+        }
+    }
+
+    /// Reads the next bytes of the document: a whole build stages their records in shared data,
+    /// an update compares them with the live set.
     pub fn feed(
         &mut self,
         service: &KeyService,
         store: &dyn SharedStore,
         part: &[u8],
-    ) -> Result<(), FetchError> {
+    ) -> Result<BuildStep, FetchError> {
         self.digest.update(part);
-        let writer = &mut self.writer;
-        self.stream
-            .feed(part, |position, spec| writer.add(position, spec))
-            .map_err(FetchError::InvalidDocument)?;
-        self.writer.flush(service, store).map_err(build_error)
+        let stream = &mut self.stream;
+        let read = match &mut self.writer {
+            Writer::Whole(writer) => stream.feed(part, |position, spec| writer.add(position, spec)),
+            Writer::InPlace(delta) => stream.feed(part, |position, spec| delta.add(position, spec)),
+        };
+        read.map_err(FetchError::InvalidDocument)?;
+        match &mut self.writer {
+            Writer::Whole(writer) => writer.flush(service, store).map_err(build_error)?,
+            Writer::InPlace(delta) => {
+                return delta_step(delta.flush(service, store).map(|()| false))
+            }
+        }
+        Ok(BuildStep::Going)
     }
 
-    /// Every part is in: writes the next group of buckets. True once the set is in its slot.
+    /// Every part is in: writes the next group of buckets (an update compares first, and
+    /// writes only a document that will be published).
     pub fn assemble(
         &mut self,
         service: &KeyService,
         store: &dyn SharedStore,
-    ) -> Result<bool, FetchError> {
-        self.writer
-            .assemble_step(service, store)
-            .map_err(build_error)
+    ) -> Result<BuildStep, FetchError> {
+        if let (None, Writer::InPlace(delta)) = (self.publishable, &mut self.writer) {
+            match delta.compare_step(service, store) {
+                Ok(true) => {}
+                other => return delta_step(other.map(|_| false)),
+            }
+            self.publishable = Some(self.judge(service, store));
+        }
+        match &mut self.writer {
+            Writer::Whole(writer) => match writer.assemble_step(service, store) {
+                Ok(true) => Ok(BuildStep::Done),
+                Ok(false) => Ok(BuildStep::Going),
+                Err(e) => Err(build_error(e)),
+            },
+            // Not to be published: `publish_built` says why, and nothing was written.
+            Writer::InPlace(_) if self.publishable == Some(false) => Ok(BuildStep::Done),
+            Writer::InPlace(delta) => delta_step(delta.apply_step(service, store)),
+        }
     }
 
-    /// What clears this build's slot (a build that is not published).
-    pub fn clearing(&self) -> Clearing {
-        self.writer.clearing()
+    /// Whether the document read is to be published over the version the build began with: it
+    /// has a serial above the stored one, other bytes than the stored ones, and that version is
+    /// still stored.
+    fn judge(&self, service: &KeyService, store: &dyn SharedStore) -> bool {
+        let Ok((Some(serial), _)) = self.stream.finish() else {
+            return false;
+        };
+        let stored = read_meta(service, store)
+            .map(|(m, _)| m)
+            .unwrap_or_default();
+        stored.version == self.base
+            && serial > stored.serial
+            && self.digest.clone().finish() != stored.doc_sha256
+    }
+
+    /// The version this build is published as after `stored`, unless the stored version moved
+    /// since it began (its slot was chosen then).
+    fn next_version(&self, stored: u64) -> Option<u64> {
+        (stored == self.base).then_some(stored + 1)
+    }
+
+    fn finish(
+        &self,
+        service: &KeyService,
+        store: &dyn SharedStore,
+        version: u64,
+    ) -> Result<usize, BuildError> {
+        match &self.writer {
+            Writer::Whole(w) => w.finish(service, store, version),
+            Writer::InPlace(d) => d.finish(service, store, version),
+        }
+    }
+
+    /// What clears this build's slot (a whole build that is not published; an update writes
+    /// only what it publishes).
+    pub fn clearing(&self) -> Option<Clearing> {
+        match &self.writer {
+            Writer::Whole(w) => Some(w.clearing()),
+            Writer::InPlace(_) => None,
+        }
+    }
+}
+
+/// An update's step as a build's.
+fn delta_step(step: Result<bool, DeltaError>) -> Result<BuildStep, FetchError> {
+    match step {
+        Ok(true) => Ok(BuildStep::Done),
+        Ok(false) => Ok(BuildStep::Going),
+        Err(DeltaError::Stop(stop)) => Ok(BuildStep::Rebuild(stop)),
+        Err(DeltaError::Invalid(e)) => Err(FetchError::InvalidDocument(e)),
+        Err(DeltaError::Store) => Err(FetchError::StoreRefused),
     }
 }
 
@@ -710,7 +831,7 @@ impl FullSync {
             reason,
             failures: count_failure(service, store),
         };
-        let unused = Some(build.clearing());
+        let unused = build.clearing();
         let serial = match build.stream.finish() {
             Ok((Some(serial), _)) => serial,
             Ok((None, _)) => {
@@ -737,18 +858,20 @@ impl FullSync {
             };
             return (outcome, unused);
         }
-        let old = SharedSet::load(service, store, stored.version)
-            .ok()
-            .flatten();
+        // An update wrote over the old version; a whole build leaves it to be cleared.
+        let old = build.clearing().and_then(|_| {
+            SharedSet::load(service, store, stored.version)
+                .ok()
+                .flatten()
+        });
         let stored_as = cas_update(store, &service.key("meta"), META_RETRIES, |bytes| {
             let mut meta = bytes.and_then(Meta::decode).unwrap_or_default();
-            let version = meta.version + 1;
             // The slot was chosen when the build began: a meta that moved since is not
             // overwritten.
-            if slot_of(version) != build.slot() {
+            let Some(version) = build.next_version(meta.version) else {
                 return Change::Keep(None);
-            }
-            let Ok(keys) = build.writer.finish(service, store, version) else {
+            };
+            let Ok(keys) = build.finish(service, store, version) else {
                 return Change::Keep(None);
             };
             meta.version = version;

@@ -7,12 +7,13 @@
 use super::docparts::{PartStep, PartedFetch};
 use super::fetch_handover::leaves_fetch_to_idle_vm;
 use super::full_sync::{
-    age_ms, fetch_failed_line, rollback_line, Build, FetchError, FetchOutcome, RemoteKeySet,
-    SharedKeys, SyncEvent, TickPlan,
+    age_ms, fetch_failed_line, rollback_line, Build, BuildStep, FetchError, FetchOutcome,
+    RemoteKeySet, SharedKeys, SyncEvent, TickPlan,
 };
 use super::host::{Counter, Gauge, KeySourceHost, Level};
 use super::service::{FetchResponse, FullSync, KeyService};
 use super::setbuckets::Clearing;
+use super::setdelta::DeltaStop;
 
 /// A fetch whose answer never came is forgotten after its timeout plus this.
 pub const IN_FLIGHT_GRACE_MS: i64 = 5_000;
@@ -62,6 +63,8 @@ pub struct Fetch {
     /// `Fetchers::Many`: every part is read and the build is being assembled, a group per
     /// `work` call; then it is published with this ETag.
     assembling: Option<Option<String>>,
+    /// `Fetchers::Many`: the next build is whole, not an update in place (one gave way).
+    whole_next: bool,
 }
 
 impl Fetch {
@@ -321,8 +324,10 @@ impl FullSyncFlow {
             .min(queued.body.len());
         let done = end == queued.body.len();
         let slice = queued.body.get(queued.read..end).unwrap_or_default();
-        if let Err(reason) = self.feed_part(host, fetch, slice) {
-            return Some(self.fail_build(host, fetch, reason));
+        match self.feed_part(host, fetch, slice) {
+            Err(reason) => return Some(self.fail_build(host, fetch, reason)),
+            Ok(BuildStep::Rebuild(stop)) => return self.rebuild_whole(host, fetch, stop),
+            Ok(_) => {}
         }
         queued.read = end;
         if !done {
@@ -353,12 +358,22 @@ impl FullSyncFlow {
         self.sync
             .hold_lease(&self.service, host, self.worker, host.now_ms());
         match fetch.build.as_mut()?.assemble(&self.service, host) {
-            Ok(false) => {
+            Ok(BuildStep::Going) => {
                 fetch.assembling = Some(etag);
                 None
             }
-            Ok(true) => {
+            Ok(BuildStep::Rebuild(stop)) => self.rebuild_whole(host, fetch, stop),
+            Ok(BuildStep::Done) => {
                 let build = fetch.build.take()?;
+                if let Some(changed) = build.changed_in_place() {
+                    host.log(
+                        Level::Info,
+                        &format!(
+                            "keygate[{}]: key set updated in place ({changed} records changed, added or removed)",
+                            self.name
+                        ),
+                    );
+                }
                 let (outcome, clearing) =
                     self.sync
                         .publish_built(&self.service, host, host.now_ms(), etag, build);
@@ -383,17 +398,48 @@ impl FullSyncFlow {
         self.sync.failed(&self.service, host, reason)
     }
 
-    /// Writes one part's records into shared data, starting the build on the first part.
+    /// An update in place gave way (nothing of it was written): the document is asked for
+    /// again from its first part, to be built whole.
+    fn rebuild_whole(
+        &self,
+        host: &impl KeySourceHost,
+        fetch: &mut Fetch,
+        stop: DeltaStop,
+    ) -> Option<FetchOutcome> {
+        host.log(
+            Level::Info,
+            &format!(
+                "keygate[{}]: key set to be rebuilt whole: {stop}",
+                self.name
+            ),
+        );
+        fetch.build = None;
+        fetch.queued = None;
+        fetch.assembling = None;
+        fetch.whole_next = true;
+        fetch.parts = PartedFetch::streamed();
+        let headers = self.sync.part_headers(&self.service, 0);
+        match host.dispatch(&self.service.cluster, &headers, self.service.timeout_ms) {
+            Ok(token) => {
+                fetch.in_flight = Some((token, host.now_ms()));
+                None
+            }
+            Err(reason) => Some(self.fail_build(host, fetch, FetchError::NotSent(reason))),
+        }
+    }
+
+    /// Reads one part's records into the build, starting it on the first part.
     fn feed_part(
         &self,
         host: &impl KeySourceHost,
         fetch: &mut Fetch,
         part: &[u8],
-    ) -> Result<(), FetchError> {
+    ) -> Result<BuildStep, FetchError> {
         let now = host.now_ms();
         self.sync.hold_lease(&self.service, host, self.worker, now);
         if fetch.build.is_none() {
-            let build = Build::start(&self.service, host, now);
+            let whole = std::mem::take(&mut fetch.whole_next);
+            let build = Build::start(&self.service, host, now, whole);
             // A slot still being cleared is the one this build writes: the build replaces each
             // bucket it touches, and what it does not touch is tagged as another build's.
             if fetch.clearing.is_some_and(|c| c.slot == build.slot()) {
@@ -403,15 +449,15 @@ impl FullSyncFlow {
         }
         match &mut fetch.build {
             Some(build) => build.feed(&self.service, host, part),
-            None => Ok(()),
+            None => Ok(BuildStep::Going),
         }
     }
 
     /// Forgets a build that will not be published; its slot is cleared in slices.
     fn abandon_build(&self, fetch: &mut Fetch) {
         fetch.assembling = None;
-        if let Some(build) = fetch.build.take() {
-            fetch.clearing = Some(build.clearing());
+        if let Some(clearing) = fetch.build.take().and_then(|b| b.clearing()) {
+            fetch.clearing = Some(clearing);
         }
     }
 
@@ -794,13 +840,18 @@ mod tests {
         }
     }
 
-    /// Answers `call` and the part requests that follow with `doc` in parts of `part` bytes.
+    /// Answers `call` and the part requests that follow with `doc` in parts of `part` bytes,
+    /// from where each asks.
     fn answer_in_parts(worker: &mut Worker, host: &TestHost, call: Call, doc: &[u8], part: usize) {
         let mut call = call;
-        let mut from = 0;
         loop {
+            let from = call
+                .header("range")
+                .and_then(|r| r.strip_prefix("bytes="))
+                .and_then(|r| r.split('-').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
             let more = worker.answer(host, &call, ranged(doc, from, part, "\"p\""));
-            from += part;
             match more.into_iter().next() {
                 Some(next) => call = next,
                 None => break,
@@ -874,6 +925,82 @@ mod tests {
             assert!(worker.fetch.clearing.is_none(), "the old slot is empty");
         }
         assert_eq!(host.gauge(Gauge::Version), Some(5));
+        assert!(host.warnings().is_empty(), "{:?}", host.warnings());
+    }
+
+    fn logged(host: &TestHost, text: &str) -> bool {
+        host.logs
+            .borrow()
+            .iter()
+            .any(|(_, line)| line.contains(text))
+    }
+
+    fn ids(range: std::ops::Range<usize>) -> Vec<String> {
+        range.map(|i| format!("k{i}")).collect()
+    }
+
+    #[test]
+    fn a_few_changed_keys_are_written_over_the_live_version_and_no_other_slot_is_used() {
+        let host = TestHost::at(1_000);
+        let mut fetcher = Worker::new(&host, 1, Fetchers::Many);
+        let mut other = Worker::new(&host, 2, Fetchers::Many);
+        let v1 = ids(0..300);
+        let call = only(fetcher.tick(&host));
+        let doc = document(&v1.iter().map(String::as_str).collect::<Vec<_>>(), 1);
+        answer_in_parts(&mut fetcher, &host, call, &doc, 900);
+        let mut v2: Vec<&str> = v1
+            .iter()
+            .map(String::as_str)
+            .filter(|id| *id != "k7")
+            .collect();
+        v2.push("added");
+        host.now_ms.set(1_000 + PERIOD_MS);
+        let call = only(fetcher.tick(&host));
+        answer_in_parts(&mut fetcher, &host, call, &document(&v2, 2), 900);
+        assert!(
+            logged(
+                &host,
+                "key set updated in place (2 records changed, added or removed)"
+            ),
+            "{:?}",
+            host.logs.borrow()
+        );
+        assert_eq!(host.gauge(Gauge::Version), Some(2));
+        assert!(fetcher.fetch.clearing.is_none());
+        other.tick(&host);
+        assert!(other.has(&host, "added") && other.has(&host, "k299"));
+        assert!(!other.has(&host, "k7") && !fetcher.has(&host, "k7"));
+        // Version 1 was written to slot 1 and version 2 over it: slot 0 was never written.
+        let service = fetcher.flow.service();
+        assert!(host.get(&service.key("s0.h")).is_none());
+        assert!(host.warnings().is_empty(), "{:?}", host.warnings());
+    }
+
+    #[test]
+    fn an_update_that_gives_way_reads_the_document_again_and_builds_it_whole() {
+        let host = TestHost::at(1_000);
+        let mut worker = Worker::new(&host, 1, Fetchers::Many);
+        let call = only(worker.tick(&host));
+        worker.answer(&host, &call, ok(document(&["a", "b"], 1), "\"e1\""));
+        // 20,000 new keys: more than an update in place rewrites.
+        let v2 = ids(0..20_000);
+        let v2: Vec<&str> = v2.iter().map(String::as_str).collect();
+        host.now_ms.set(1_000 + PERIOD_MS);
+        let call = only(worker.tick(&host));
+        answer_in_parts(&mut worker, &host, call, &document(&v2, 2), 64 * 1024);
+        assert!(
+            logged(&host, "key set to be rebuilt whole: more records changed"),
+            "{:?}",
+            host.logs.borrow()
+        );
+        assert_eq!(host.gauge(Gauge::Version), Some(2));
+        assert_eq!(host.gauge(Gauge::Keys), Some(20_000));
+        assert!(worker.has(&host, "k19999") && !worker.has(&host, "a"));
+        // The whole build went to the other slot; the replaced one is emptied on later ticks.
+        while worker.fetch.clearing.is_some() {
+            worker.tick(&host);
+        }
+        assert!(worker.has(&host, "k0"));
         assert!(host.warnings().is_empty(), "{:?}", host.warnings());
     }
 }

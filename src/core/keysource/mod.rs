@@ -39,6 +39,7 @@ pub mod lookup_waiters;
 pub mod paths;
 pub mod service;
 pub mod setbuckets;
+pub mod setdelta;
 pub mod store;
 #[cfg(test)]
 pub(crate) mod test_host;

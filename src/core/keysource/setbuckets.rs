@@ -34,7 +34,7 @@ use crate::core::keyset::{digest_prefix, sorted_indexes, KeyProfile, KeyRecord, 
 const FORMAT: u8 = 1;
 /// Records a bucket holds on average at most: one bucket read (about 2 KB) per request. The
 /// count is chosen once the records are counted, when the build is assembled.
-const RECORDS_PER_BUCKET: u64 = 32;
+pub(super) const RECORDS_PER_BUCKET: u64 = 32;
 /// Staged groups per index, also the fewest buckets: a group is a fixed slice of the digest's
 /// leading bits (of the id hash's low bits), so records are grouped before the bucket count is
 /// known and every bucket lies in one group.
@@ -57,7 +57,7 @@ const RECORDS_PER_STEP: usize = 4096;
 const BLANK_DIGEST: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// A set's profile as a record without id or digest, as the header stores it.
-fn profile_spec(p: &KeyProfile) -> KeyRecordSpec {
+pub(super) fn profile_spec(p: &KeyProfile) -> KeyRecordSpec {
     p.to_spec("profile".into(), BLANK_DIGEST.into())
 }
 
@@ -76,6 +76,78 @@ fn decode_profiles(bytes: &[u8]) -> Result<Vec<Arc<KeyProfile>>, String> {
         .collect()
 }
 
+/// A set's distinct profiles, numbered in order of appearance: records store the number, the
+/// header the profiles.
+#[derive(Debug, Default)]
+pub(super) struct ProfileTable {
+    /// Each validated once and shared by every record that grants the same; numbered in
+    /// `numbers` by address (each lives here until the build ends).
+    profiles: HashSet<Arc<KeyProfile>>,
+    numbers: HashMap<usize, u32>,
+    pub(super) specs: Vec<KeyRecordSpec>,
+}
+
+impl ProfileTable {
+    /// A table that keeps the numbers of a stored version's profiles.
+    pub(super) fn numbered(stored: &[Arc<KeyProfile>]) -> ProfileTable {
+        let mut table = ProfileTable::default();
+        for profile in stored {
+            table.profiles.insert(Arc::clone(profile));
+            table.number(profile);
+        }
+        table
+    }
+
+    /// Validates the record at `position` of the document; it and its profile's number.
+    pub(super) fn record(
+        &mut self,
+        position: usize,
+        spec: KeyRecordSpec,
+    ) -> Result<(u32, KeyRecord, u32), ConfigError> {
+        let path = format!("keys[{position}]");
+        let record = KeyRecord::from_spec_sharing(spec, &path, &mut self.profiles)?;
+        let position = u32::try_from(position)
+            .map_err(|_| ConfigError::new("keys", "too many keys for one set"))?;
+        let number = self.number(&record.profile);
+        Ok((position, record, number))
+    }
+
+    fn number(&mut self, profile: &Arc<KeyProfile>) -> u32 {
+        let next = self.numbers.len() as u32;
+        let specs = &mut self.specs;
+        *self
+            .numbers
+            .entry(Arc::as_ptr(profile) as usize)
+            .or_insert_with(|| {
+                specs.push(profile_spec(profile));
+                next
+            })
+    }
+}
+
+/// Appends a digest bucket's record.
+pub(super) fn encode_digest_entry(
+    out: &mut Vec<u8>,
+    digest: &[u8],
+    profile: u32,
+    position: u32,
+    id: &[u8],
+) {
+    out.extend_from_slice(digest);
+    out.extend_from_slice(&profile.to_le_bytes());
+    out.extend_from_slice(&position.to_le_bytes());
+    out.extend_from_slice(&(id.len() as u16).to_le_bytes());
+    out.extend_from_slice(id);
+}
+
+/// Appends an id bucket's record.
+pub(super) fn encode_id_entry(out: &mut Vec<u8>, id: &[u8], prefix: u64, position: u32) {
+    out.extend_from_slice(&(id.len() as u16).to_le_bytes());
+    out.extend_from_slice(id);
+    out.extend_from_slice(&prefix.to_le_bytes());
+    out.extend_from_slice(&position.to_le_bytes());
+}
+
 /// Buckets (a power of two) for `records` records: at most `RECORDS_PER_BUCKET` each on
 /// average, up to 2M records.
 pub fn bucket_count(records: u64) -> u32 {
@@ -83,20 +155,26 @@ pub fn bucket_count(records: u64) -> u32 {
     wanted.next_power_of_two().clamp(MIN_BUCKETS, MAX_BUCKETS) as u32
 }
 
-/// The slot a version is stored in.
+/// The slot a version is first looked for in (and a first version written to). An update in
+/// place keeps its version's slot, so a version can be in either; its header names it.
 pub fn slot_of(version: u64) -> u64 {
     version % 2
 }
 
-fn header_key(service: &KeyService, slot: u64) -> String {
+/// The slot a whole build writes while `live` serves from the other.
+pub fn other_slot(live: u64) -> u64 {
+    1 - live % 2
+}
+
+pub(super) fn header_key(service: &KeyService, slot: u64) -> String {
     service.key(&format!("s{slot}.h"))
 }
 
-fn digest_key(service: &KeyService, slot: u64, bucket: u32) -> String {
+pub(super) fn digest_key(service: &KeyService, slot: u64, bucket: u32) -> String {
     service.key(&format!("s{slot}.d{bucket}"))
 }
 
-fn id_key(service: &KeyService, slot: u64, bucket: u32) -> String {
+pub(super) fn id_key(service: &KeyService, slot: u64, bucket: u32) -> String {
     service.key(&format!("s{slot}.i{bucket}"))
 }
 
@@ -148,13 +226,13 @@ fn id_group(id: &[u8]) -> u32 {
 }
 
 /// Digests are evenly spread: their leading bits pick the bucket.
-fn digest_bucket(prefix: u64, buckets: u32) -> u32 {
+pub(super) fn digest_bucket(prefix: u64, buckets: u32) -> u32 {
     let bits = buckets.trailing_zeros();
     prefix.checked_shr(64 - bits).unwrap_or(0) as u32
 }
 
 /// FNV-1a: ids come from the key service, not from requests, so a plain hash spreads them.
-fn id_bucket(id: &[u8], buckets: u32) -> u32 {
+pub(super) fn id_bucket(id: &[u8], buckets: u32) -> u32 {
     let hash = id.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
     });
@@ -162,14 +240,14 @@ fn id_bucket(id: &[u8], buckets: u32) -> u32 {
 }
 
 /// A digest bucket's record as stored.
-struct DigestEntry<'a> {
-    digest: &'a [u8],
-    profile: u32,
-    position: u32,
-    id: &'a [u8],
+pub(super) struct DigestEntry<'a> {
+    pub(super) digest: &'a [u8],
+    pub(super) profile: u32,
+    pub(super) position: u32,
+    pub(super) id: &'a [u8],
 }
 
-fn digest_entries(mut r: Reader<'_>) -> impl Iterator<Item = DigestEntry<'_>> {
+pub(super) fn digest_entries(mut r: Reader<'_>) -> impl Iterator<Item = DigestEntry<'_>> {
     std::iter::from_fn(move || {
         let digest = r.take(32)?;
         let profile = r.u32()?;
@@ -185,13 +263,13 @@ fn digest_entries(mut r: Reader<'_>) -> impl Iterator<Item = DigestEntry<'_>> {
 }
 
 /// An id bucket's record as stored.
-struct IdEntry<'a> {
-    id: &'a [u8],
-    prefix: u64,
-    position: u32,
+pub(super) struct IdEntry<'a> {
+    pub(super) id: &'a [u8],
+    pub(super) prefix: u64,
+    pub(super) position: u32,
 }
 
-fn id_entries(mut r: Reader<'_>) -> impl Iterator<Item = IdEntry<'_>> {
+pub(super) fn id_entries(mut r: Reader<'_>) -> impl Iterator<Item = IdEntry<'_>> {
     std::iter::from_fn(move || {
         let len = usize::from(r.u16()?);
         let id = r.take(len)?;
@@ -241,7 +319,7 @@ fn staged_entries(
 }
 
 /// The records of a bucket written by the build tagged `tag` (none when another build wrote it).
-fn tagged(bytes: &[u8], tag: u64) -> Option<Reader<'_>> {
+pub(super) fn tagged(bytes: &[u8], tag: u64) -> Option<Reader<'_>> {
     let mut r = Reader(bytes);
     (r.u64()? == tag).then_some(r)
 }
@@ -264,13 +342,9 @@ pub struct SetWriter {
     slot: u64,
     tag: u64,
     buckets: u32,
-    /// Distinct profiles, each validated once; numbered in `numbers` (by address: each lives
-    /// in `profiles` until the build ends) in order of appearance.
-    profiles: HashSet<Arc<KeyProfile>>,
-    numbers: HashMap<usize, u32>,
-    specs: Vec<KeyRecordSpec>,
-    /// This part's validated records, with their position in the document.
-    pending: Vec<(u32, KeyRecord)>,
+    profiles: ProfileTable,
+    /// This part's validated records, with their position in the document and profile number.
+    pending: Vec<(u32, KeyRecord, u32)>,
     records: u32,
     /// Encoded records not yet staged, per group: of the digest index, then of the id index.
     staging: Vec<Vec<u8>>,
@@ -293,9 +367,7 @@ impl SetWriter {
             slot,
             tag,
             buckets: 0,
-            profiles: HashSet::new(),
-            numbers: HashMap::new(),
-            specs: Vec::new(),
+            profiles: ProfileTable::default(),
             pending: Vec::new(),
             records: 0,
             staging: vec![Vec::new(); 2 * GROUPS as usize],
@@ -325,19 +397,7 @@ impl SetWriter {
     /// Validates one record of the document (at `position` in `keys`), to be staged by the
     /// next `flush`.
     pub fn add(&mut self, position: usize, spec: KeyRecordSpec) -> Result<(), ConfigError> {
-        let path = format!("keys[{position}]");
-        let record = KeyRecord::from_spec_sharing(spec, &path, &mut self.profiles)?;
-        let position = u32::try_from(position)
-            .map_err(|_| ConfigError::new("keys", "too many keys for one set"))?;
-        let next = self.numbers.len() as u32;
-        let specs = &mut self.specs;
-        self.numbers
-            .entry(Arc::as_ptr(&record.profile) as usize)
-            .or_insert_with(|| {
-                specs.push(profile_spec(&record.profile));
-                next
-            });
-        self.pending.push((position, record));
+        self.pending.push(self.profiles.record(position, spec)?);
         Ok(())
     }
 
@@ -350,31 +410,20 @@ impl SetWriter {
     ) -> Result<(), BuildError> {
         let pending = std::mem::take(&mut self.pending);
         self.records = self.records.saturating_add(pending.len() as u32);
-        for (position, record) in &pending {
-            let profile = self
-                .numbers
-                .get(&(Arc::as_ptr(&record.profile) as usize))
-                .copied()
-                .unwrap_or(0);
+        for (position, record, profile) in &pending {
+            let (position, profile) = (*position, *profile);
             let id = record.id.as_bytes();
             let prefix = digest_prefix(&record.digest);
             let group = staged_place(Index::Digest, digest_group(prefix)) as usize;
             if let Some(staged) = self.staging.get_mut(group) {
                 let before = staged.len();
-                staged.extend_from_slice(&record.digest);
-                staged.extend_from_slice(&profile.to_le_bytes());
-                staged.extend_from_slice(&position.to_le_bytes());
-                staged.extend_from_slice(&(id.len() as u16).to_le_bytes());
-                staged.extend_from_slice(id);
+                encode_digest_entry(staged, &record.digest, profile, position, id);
                 self.staging_bytes += staged.len() - before;
             }
             let group = staged_place(Index::Id, id_group(id)) as usize;
             if let Some(staged) = self.staging.get_mut(group) {
                 let before = staged.len();
-                staged.extend_from_slice(&(id.len() as u16).to_le_bytes());
-                staged.extend_from_slice(id);
-                staged.extend_from_slice(&prefix.to_le_bytes());
-                staged.extend_from_slice(&position.to_le_bytes());
+                encode_id_entry(staged, id, prefix, position);
                 self.staging_bytes += staged.len() - before;
             }
         }
@@ -529,19 +578,52 @@ impl SetWriter {
         store: &dyn SharedStore,
         version: u64,
     ) -> Result<usize, BuildError> {
-        let profiles = serde_json::to_vec(&self.specs).map_err(|_| BuildError::Store)?;
-        let mut header = Vec::with_capacity(32 + profiles.len());
-        header.push(FORMAT);
-        header.extend_from_slice(&self.tag.to_le_bytes());
-        header.extend_from_slice(&version.to_le_bytes());
-        header.extend_from_slice(&self.buckets.to_le_bytes());
-        header.extend_from_slice(&self.records.to_le_bytes());
-        header.extend_from_slice(&profiles);
-        store
-            .set(&header_key(service, self.slot), &header, 0)
-            .map_err(|_| BuildError::Store)?;
+        let layout = Layout {
+            slot: self.slot,
+            tag: self.tag,
+            buckets: self.buckets,
+        };
+        write_header(
+            service,
+            store,
+            layout,
+            version,
+            self.records,
+            &self.profiles.specs,
+        )?;
         Ok(self.records as usize)
     }
+}
+
+/// Where a version's buckets are: its slot, the tag of the build that wrote them, their count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Layout {
+    pub(super) slot: u64,
+    pub(super) tag: u64,
+    pub(super) buckets: u32,
+}
+
+/// Writes the header of `version` (its buckets laid out as `layout`, `records` records, the
+/// profiles numbered as in `specs`).
+pub(super) fn write_header(
+    service: &KeyService,
+    store: &dyn SharedStore,
+    layout: Layout,
+    version: u64,
+    records: u32,
+    specs: &[KeyRecordSpec],
+) -> Result<(), BuildError> {
+    let profiles = serde_json::to_vec(specs).map_err(|_| BuildError::Store)?;
+    let mut header = Vec::with_capacity(32 + profiles.len());
+    header.push(FORMAT);
+    header.extend_from_slice(&layout.tag.to_le_bytes());
+    header.extend_from_slice(&version.to_le_bytes());
+    header.extend_from_slice(&layout.buckets.to_le_bytes());
+    header.extend_from_slice(&records.to_le_bytes());
+    header.extend_from_slice(&profiles);
+    store
+        .set(&header_key(service, layout.slot), &header, 0)
+        .map_err(|_| BuildError::Store)
 }
 
 /// A version in shared data as one VM reads it: the slot's header, its profiles decoded once.
@@ -556,14 +638,28 @@ pub struct SharedSet {
 }
 
 impl SharedSet {
-    /// Reads the header of `version`'s slot. `Ok(None)`: the slot holds another version (the
+    /// Reads the header of `version`, in whichever slot holds it. `Ok(None)`: neither does (the
     /// meta moved on meanwhile); `Err`: the stored bytes do not decode.
     pub fn load(
         service: &KeyService,
         store: &dyn SharedStore,
         version: u64,
     ) -> Result<Option<SharedSet>, String> {
-        let slot = slot_of(version);
+        let first = slot_of(version);
+        for slot in [first, other_slot(first)] {
+            if let Some(set) = SharedSet::load_slot(service, store, slot, version)? {
+                return Ok(Some(set));
+            }
+        }
+        Ok(None)
+    }
+
+    fn load_slot(
+        service: &KeyService,
+        store: &dyn SharedStore,
+        slot: u64,
+        version: u64,
+    ) -> Result<Option<SharedSet>, String> {
         let Some((bytes, _)) = store.get(&header_key(service, slot)) else {
             return Ok(None);
         };
@@ -600,6 +696,19 @@ impl SharedSet {
 
     pub fn len(&self) -> usize {
         self.records
+    }
+
+    pub(super) fn layout(&self) -> Layout {
+        Layout {
+            slot: self.slot,
+            tag: self.tag,
+            buckets: self.buckets,
+        }
+    }
+
+    /// The profiles, numbered as the records refer to them.
+    pub(super) fn profiles(&self) -> &[Arc<KeyProfile>] {
+        &self.profiles
     }
 
     /// What empties this version's slot once a newer one is announced.

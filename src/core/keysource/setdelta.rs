@@ -1,0 +1,727 @@
+//! A new version of a set already in shared data, written over the live version in its own
+//! slot: only the buckets whose records change are rewritten. A full build (`SetWriter`) holds
+//! two sets in shared data at its peak, the live one and the one being built, and Envoy's
+//! allocator keeps that peak's pages for minutes after the old one is cleared; a delta that adds
+//! or revokes a few keys rewrites a few buckets of about 2 KB each, so memory stays where the
+//! first load left it.
+//!
+//! Each record of the document is looked up in the live set by digest as it is read. The same
+//! id and profile is unchanged, and marked seen; anything else is a change, held in the VM. Once
+//! the document is read, the live records never seen are the deletions. Profile numbers are
+//! stable: the live profiles keep theirs and new ones are appended, so a VM still reading with
+//! the old header never maps a record to another record's profile (a new number it does not
+//! know reads as no record, until the meta announces the version).
+//!
+//! What a delta cannot settle alone it leaves to a full build (`DeltaStop`): more than
+//! `MAX_CHANGES` records changed, added or removed; a possible duplicate (the full build names
+//! both records); a bucket fuller than its seen bits; a set grown past its bucket count, or a
+//! profile table mostly unused.
+
+use std::collections::{HashMap, HashSet};
+
+use super::service::KeyService;
+use super::setbuckets::{
+    bucket_count, digest_bucket, digest_entries, digest_key, encode_digest_entry, encode_id_entry,
+    id_bucket, id_entries, id_key, tagged, write_header, BuildError, Layout, ProfileTable,
+    SharedSet,
+};
+use super::store::SharedStore;
+use crate::core::config_error::ConfigError;
+use crate::core::digest::Digest;
+use crate::core::keyset::{digest_prefix, KeyRecordSpec};
+
+/// Records a delta may change, add or remove; more goes to a full build. Each is held in the
+/// VM until the document is read (about 100 bytes) and costs two bucket rewrites.
+pub const MAX_CHANGES: usize = 8192;
+/// Records a digest bucket may hold for a delta (its seen bits): 8 times the average.
+const SEEN_BITS: usize = 256;
+const SEEN_WORDS: usize = SEEN_BITS / 64;
+/// Buckets read or rewritten per step, each a host call or two of about 2 KB: about a
+/// millisecond of a VM's tick.
+const BUCKETS_PER_STEP: usize = 256;
+/// A profile table this many times larger than what the document uses is compacted by a full
+/// build.
+const PROFILE_SLACK: usize = 2;
+const UNREAD: u16 = u16::MAX;
+
+/// Why a delta stops and a full build takes over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeltaStop {
+    TooManyChanges,
+    /// A digest or id seen twice: the full build finds and names the duplicate.
+    MaybeDuplicate,
+    BucketTooFull,
+    /// The set outgrew its bucket count, or its profile table holds mostly unused profiles.
+    Outgrown,
+}
+
+impl std::fmt::Display for DeltaStop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DeltaStop::TooManyChanges => "more records changed than an in-place update rewrites",
+            DeltaStop::MaybeDuplicate => "a digest or id appears twice",
+            DeltaStop::BucketTooFull => "a bucket holds more records than an update tracks",
+            DeltaStop::Outgrown => "the set outgrew its layout",
+        })
+    }
+}
+
+/// Why a delta could not go on.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DeltaError {
+    /// The document holds an invalid record.
+    Invalid(ConfigError),
+    Store,
+    /// A full build takes over.
+    Stop(DeltaStop),
+}
+
+impl From<BuildError> for DeltaError {
+    fn from(error: BuildError) -> DeltaError {
+        match error {
+            BuildError::Invalid(e) => DeltaError::Invalid(e),
+            BuildError::Store => DeltaError::Store,
+        }
+    }
+}
+
+/// A record of the document that the live set does not hold as it is.
+#[derive(Debug)]
+struct Change {
+    position: u32,
+    digest: Digest,
+    profile: u32,
+    id: Vec<u8>,
+}
+
+/// A bucket an update rewrites.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Unit {
+    Digest(u32),
+    Id(u32),
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// The document is being read; each record compared with the live set.
+    Reading,
+    /// Finding the live records the document no longer holds, from digest bucket `next` on.
+    Scanning {
+        next: u32,
+    },
+    /// Checking each change's id against the live records kept, from change `next` on.
+    CheckingIds {
+        next: usize,
+    },
+    /// Compared: nothing is written until `apply_step`.
+    Compared,
+    /// Rewriting the buckets of `units` (each with the changes that belong in it), from `next`
+    /// on.
+    Applying {
+        units: Vec<(Unit, Vec<usize>)>,
+        next: usize,
+    },
+    Applied,
+}
+
+/// One version written over the live one, in place.
+#[derive(Debug)]
+pub struct SetDelta {
+    layout: Layout,
+    profiles: ProfileTable,
+    /// Which profile numbers the document's records use.
+    used_profiles: Vec<bool>,
+    pending: Vec<(u32, crate::core::keyset::KeyRecord, u32)>,
+    records: u32,
+    /// `SEEN_BITS` per digest bucket: the live records the document holds.
+    seen: Vec<u64>,
+    /// Records in each digest bucket when it was read (`UNREAD`: not yet), and how many of
+    /// them are seen.
+    bucket_len: Vec<u16>,
+    bucket_seen: Vec<u16>,
+    changes: Vec<Change>,
+    change_digests: HashSet<Digest>,
+    change_ids: HashSet<Vec<u8>>,
+    /// Live records that are gone: their digests and ids, and ids a changed record dropped.
+    deleted_digests: HashSet<Digest>,
+    dropped_ids: HashSet<Vec<u8>>,
+    phase: Phase,
+}
+
+impl SetDelta {
+    /// An update of `live` (the stored version) in its slot.
+    pub fn start(live: &SharedSet) -> SetDelta {
+        let layout = live.layout();
+        let buckets = layout.buckets as usize;
+        let profiles = ProfileTable::numbered(live.profiles());
+        SetDelta {
+            layout,
+            used_profiles: vec![false; profiles.specs.len()],
+            profiles,
+            pending: Vec::new(),
+            records: 0,
+            seen: vec![0; buckets * SEEN_WORDS],
+            bucket_len: vec![UNREAD; buckets],
+            bucket_seen: vec![0; buckets],
+            changes: Vec::new(),
+            change_digests: HashSet::new(),
+            change_ids: HashSet::new(),
+            deleted_digests: HashSet::new(),
+            dropped_ids: HashSet::new(),
+            phase: Phase::Reading,
+        }
+    }
+
+    pub fn slot(&self) -> u64 {
+        self.layout.slot
+    }
+
+    /// Records changed, added or removed (known once compared).
+    pub fn changed(&self) -> usize {
+        self.changes.len() + self.deleted_digests.len()
+    }
+
+    /// Validates one record of the document, to be compared by the next `flush`.
+    pub fn add(&mut self, position: usize, spec: KeyRecordSpec) -> Result<(), ConfigError> {
+        self.pending.push(self.profiles.record(position, spec)?);
+        Ok(())
+    }
+
+    /// Compares the records added since the last flush with the live set.
+    pub fn flush(
+        &mut self,
+        service: &KeyService,
+        store: &dyn SharedStore,
+    ) -> Result<(), DeltaError> {
+        let pending = std::mem::take(&mut self.pending);
+        self.records = self.records.saturating_add(pending.len() as u32);
+        if bucket_count(u64::from(self.records)) > self.layout.buckets.saturating_mul(2) {
+            return Err(DeltaError::Stop(DeltaStop::Outgrown));
+        }
+        let mut read: Option<(u32, Vec<u8>)> = None;
+        for (position, record, profile) in pending {
+            self.use_profile(profile);
+            let bucket = digest_bucket(digest_prefix(&record.digest), self.layout.buckets);
+            if read.as_ref().is_none_or(|(b, _)| *b != bucket) {
+                read = Some((bucket, self.read(service, store, Unit::Digest(bucket))));
+            }
+            let bytes = read.as_ref().map_or(&[][..], |(_, bytes)| bytes);
+            let id = record.id.as_bytes();
+            let mut len = 0;
+            let mut live = None;
+            if let Some(entries) = tagged(bytes, self.layout.tag) {
+                for (i, e) in digest_entries(entries).enumerate() {
+                    len = i + 1;
+                    if live.is_none() && e.digest == record.digest {
+                        let dropped_id = (e.id != id).then(|| e.id.to_vec());
+                        live = Some((i, e.profile == profile && dropped_id.is_none(), dropped_id));
+                    }
+                }
+            }
+            self.note_len(bucket, len)?;
+            if let Some((i, unchanged, dropped_id)) = live {
+                if !self.mark_seen(bucket, i) {
+                    return Err(DeltaError::Stop(DeltaStop::MaybeDuplicate));
+                }
+                if unchanged {
+                    continue;
+                }
+                self.dropped_ids.extend(dropped_id);
+            }
+            if !self.change_digests.insert(record.digest) || !self.change_ids.insert(id.to_vec()) {
+                return Err(DeltaError::Stop(DeltaStop::MaybeDuplicate));
+            }
+            self.changes.push(Change {
+                position,
+                digest: record.digest,
+                profile,
+                id: id.to_vec(),
+            });
+            if self.changes.len() + self.dropped_ids.len() > MAX_CHANGES {
+                return Err(DeltaError::Stop(DeltaStop::TooManyChanges));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every part is read: finds what the document removed and checks the changes' ids, a
+    /// slice per step. Writes nothing. True once compared.
+    pub fn compare_step(
+        &mut self,
+        service: &KeyService,
+        store: &dyn SharedStore,
+    ) -> Result<bool, DeltaError> {
+        match self.phase {
+            Phase::Reading => {
+                let used = self.used_profiles.iter().filter(|u| **u).count();
+                if self.profiles.specs.len() > PROFILE_SLACK * used + 64 {
+                    return Err(DeltaError::Stop(DeltaStop::Outgrown));
+                }
+                self.phase = Phase::Scanning { next: 0 };
+                Ok(false)
+            }
+            Phase::Scanning { next } => {
+                let end = next
+                    .saturating_add(BUCKETS_PER_STEP as u32)
+                    .min(self.layout.buckets);
+                for bucket in next..end {
+                    self.find_deleted(service, store, bucket)?;
+                }
+                self.phase = if end < self.layout.buckets {
+                    Phase::Scanning { next: end }
+                } else {
+                    Phase::CheckingIds { next: 0 }
+                };
+                Ok(false)
+            }
+            Phase::CheckingIds { next } => {
+                let end = next
+                    .saturating_add(BUCKETS_PER_STEP / 2)
+                    .min(self.changes.len());
+                for n in next..end {
+                    if self.id_kept_elsewhere(service, store, n) {
+                        return Err(DeltaError::Stop(DeltaStop::MaybeDuplicate));
+                    }
+                }
+                self.phase = if end < self.changes.len() {
+                    Phase::CheckingIds { next: end }
+                } else {
+                    Phase::Compared
+                };
+                Ok(matches!(self.phase, Phase::Compared))
+            }
+            _ => Ok(true),
+        }
+    }
+
+    /// Rewrites the next buckets the changes touch (digest buckets first: a revoked key stops
+    /// being found at once). True once every one is written.
+    pub fn apply_step(
+        &mut self,
+        service: &KeyService,
+        store: &dyn SharedStore,
+    ) -> Result<bool, DeltaError> {
+        if matches!(self.phase, Phase::Compared) {
+            self.phase = Phase::Applying {
+                units: self.units(),
+                next: 0,
+            };
+        }
+        let Phase::Applying { units, next } = &mut self.phase else {
+            return Ok(matches!(self.phase, Phase::Applied));
+        };
+        let end = next.saturating_add(BUCKETS_PER_STEP).min(units.len());
+        let todo = units.get(*next..end).unwrap_or_default().to_vec();
+        let done = end == units.len();
+        *next = end;
+        for (unit, changes) in todo {
+            self.rewrite(service, store, unit, &changes)?;
+        }
+        if done {
+            self.phase = Phase::Applied;
+        }
+        Ok(done)
+    }
+
+    /// Writes the header of `version` over the live one: the same slot and buckets, the
+    /// profiles appended to. Returns the record count.
+    pub fn finish(
+        &self,
+        service: &KeyService,
+        store: &dyn SharedStore,
+        version: u64,
+    ) -> Result<usize, BuildError> {
+        write_header(
+            service,
+            store,
+            self.layout,
+            version,
+            self.records,
+            &self.profiles.specs,
+        )?;
+        Ok(self.records as usize)
+    }
+
+    fn read(&self, service: &KeyService, store: &dyn SharedStore, unit: Unit) -> Vec<u8> {
+        let key = match unit {
+            Unit::Digest(b) => digest_key(service, self.layout.slot, b),
+            Unit::Id(b) => id_key(service, self.layout.slot, b),
+        };
+        store.get(&key).map(|(bytes, _)| bytes).unwrap_or_default()
+    }
+
+    fn use_profile(&mut self, profile: u32) {
+        let n = profile as usize;
+        if self.used_profiles.len() <= n {
+            self.used_profiles.resize(n + 1, false);
+        }
+        if let Some(used) = self.used_profiles.get_mut(n) {
+            *used = true;
+        }
+    }
+
+    fn note_len(&mut self, bucket: u32, len: usize) -> Result<(), DeltaError> {
+        if len > SEEN_BITS {
+            return Err(DeltaError::Stop(DeltaStop::BucketTooFull));
+        }
+        if let Some(known) = self.bucket_len.get_mut(bucket as usize) {
+            *known = len as u16;
+        }
+        Ok(())
+    }
+
+    fn seen_bit(&self, bucket: u32, i: usize) -> Option<(usize, u64)> {
+        (i < SEEN_BITS).then(|| (bucket as usize * SEEN_WORDS + i / 64, 1u64 << (i % 64)))
+    }
+
+    fn is_seen(&self, bucket: u32, i: usize) -> bool {
+        self.seen_bit(bucket, i)
+            .and_then(|(word, bit)| self.seen.get(word).map(|w| w & bit != 0))
+            .unwrap_or(false)
+    }
+
+    /// Marks the live record `i` of `bucket` seen; false if it already was.
+    fn mark_seen(&mut self, bucket: u32, i: usize) -> bool {
+        let Some((word, bit)) = self.seen_bit(bucket, i) else {
+            return false;
+        };
+        let Some(w) = self.seen.get_mut(word) else {
+            return false;
+        };
+        if *w & bit != 0 {
+            return false;
+        }
+        *w |= bit;
+        if let Some(n) = self.bucket_seen.get_mut(bucket as usize) {
+            *n += 1;
+        }
+        true
+    }
+
+    /// Notes the records of `bucket` the document does not hold (a bucket whose every record
+    /// was seen is not read again).
+    fn find_deleted(
+        &mut self,
+        service: &KeyService,
+        store: &dyn SharedStore,
+        bucket: u32,
+    ) -> Result<(), DeltaError> {
+        let (len, seen) = (
+            self.bucket_len
+                .get(bucket as usize)
+                .copied()
+                .unwrap_or(UNREAD),
+            self.bucket_seen.get(bucket as usize).copied().unwrap_or(0),
+        );
+        if len != UNREAD && seen == len {
+            return Ok(());
+        }
+        let bytes = self.read(service, store, Unit::Digest(bucket));
+        let Some(entries) = tagged(&bytes, self.layout.tag) else {
+            return Ok(());
+        };
+        for (i, e) in digest_entries(entries).enumerate() {
+            if self.is_seen(bucket, i) {
+                continue;
+            }
+            let Ok(digest) = Digest::try_from(e.digest) else {
+                continue;
+            };
+            self.deleted_digests.insert(digest);
+            self.dropped_ids.insert(e.id.to_vec());
+        }
+        if self.changes.len() + self.dropped_ids.len() > MAX_CHANGES {
+            return Err(DeltaError::Stop(DeltaStop::TooManyChanges));
+        }
+        Ok(())
+    }
+
+    /// Whether change `n`'s id belongs to a live record the document keeps under another
+    /// digest: the same id twice.
+    fn id_kept_elsewhere(&self, service: &KeyService, store: &dyn SharedStore, n: usize) -> bool {
+        let Some(change) = self.changes.get(n) else {
+            return false;
+        };
+        let buckets = self.layout.buckets;
+        let id_bytes = self.read(service, store, Unit::Id(id_bucket(&change.id, buckets)));
+        let Some(prefix) = tagged(&id_bytes, self.layout.tag)
+            .and_then(|r| id_entries(r).find(|e| e.id == change.id.as_slice()))
+            .map(|e| e.prefix)
+        else {
+            return false;
+        };
+        let bucket = digest_bucket(prefix, buckets);
+        let bytes = self.read(service, store, Unit::Digest(bucket));
+        let Some(entries) = tagged(&bytes, self.layout.tag) else {
+            return false;
+        };
+        let kept = digest_entries(entries)
+            .enumerate()
+            .find(|(_, e)| e.id == change.id.as_slice())
+            .is_some_and(|(i, e)| {
+                e.digest != change.digest
+                    && self.is_seen(bucket, i)
+                    && Digest::try_from(e.digest).is_ok_and(|d| !self.change_digests.contains(&d))
+            });
+        kept
+    }
+
+    /// The buckets to rewrite, digest buckets first, each with the changes that belong in it.
+    fn units(&self) -> Vec<(Unit, Vec<usize>)> {
+        let buckets = self.layout.buckets;
+        let digest_unit = |d: &Digest| Unit::Digest(digest_bucket(digest_prefix(d), buckets));
+        let id_unit = |id: &[u8]| Unit::Id(id_bucket(id, buckets));
+        let mut units: HashMap<Unit, Vec<usize>> = HashMap::new();
+        for (n, change) in self.changes.iter().enumerate() {
+            units
+                .entry(digest_unit(&change.digest))
+                .or_default()
+                .push(n);
+            units.entry(id_unit(&change.id)).or_default().push(n);
+        }
+        for digest in &self.deleted_digests {
+            units.entry(digest_unit(digest)).or_default();
+        }
+        for id in &self.dropped_ids {
+            units.entry(id_unit(id)).or_default();
+        }
+        let mut units: Vec<(Unit, Vec<usize>)> = units.into_iter().collect();
+        units.sort_unstable_by_key(|(unit, _)| *unit);
+        units
+    }
+
+    /// Rewrites one bucket: its live records but those changed or gone, then the changes that
+    /// belong in it.
+    fn rewrite(
+        &self,
+        service: &KeyService,
+        store: &dyn SharedStore,
+        unit: Unit,
+        changes: &[usize],
+    ) -> Result<(), DeltaError> {
+        let bytes = self.read(service, store, unit);
+        let live = tagged(&bytes, self.layout.tag);
+        let changes = changes.iter().filter_map(|n| self.changes.get(*n));
+        let mut value = Vec::with_capacity(bytes.len() + 64);
+        value.extend_from_slice(&self.layout.tag.to_le_bytes());
+        let key = match unit {
+            Unit::Digest(bucket) => {
+                for e in live.into_iter().flat_map(digest_entries) {
+                    let gone = Digest::try_from(e.digest).is_ok_and(|d| {
+                        self.change_digests.contains(&d) || self.deleted_digests.contains(&d)
+                    });
+                    if !gone {
+                        encode_digest_entry(&mut value, e.digest, e.profile, e.position, e.id);
+                    }
+                }
+                for c in changes {
+                    encode_digest_entry(&mut value, &c.digest, c.profile, c.position, &c.id);
+                }
+                digest_key(service, self.layout.slot, bucket)
+            }
+            Unit::Id(bucket) => {
+                for e in live.into_iter().flat_map(id_entries) {
+                    if !self.change_ids.contains(e.id) && !self.dropped_ids.contains(e.id) {
+                        encode_id_entry(&mut value, e.id, e.prefix, e.position);
+                    }
+                }
+                for c in changes {
+                    encode_id_entry(&mut value, &c.id, digest_prefix(&c.digest), c.position);
+                }
+                id_key(service, self.layout.slot, bucket)
+            }
+        };
+        store.set(&key, &value, 0).map_err(|_| DeltaError::Store)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::digest::sha256;
+    use crate::core::keysource::setbuckets::SetWriter;
+    use crate::core::keysource::store::StoreError;
+    use crate::core::keysource::test_host::service;
+    use crate::core::memory_store::MemoryStore;
+    use serde_json::json;
+    use std::cell::RefCell;
+
+    fn spec(id: &str, secret: &str, tenant: &str) -> KeyRecordSpec {
+        serde_json::from_value(json!({"id": id,
+            "secret_sha256": hex::encode(sha256(secret.as_bytes())), "tenant": tenant}))
+        .unwrap()
+    }
+
+    fn set_of(n: usize) -> Vec<KeyRecordSpec> {
+        (0..n)
+            .map(|i| spec(&format!("k{i}"), &format!("s{i}"), &format!("t{}", i % 3)))
+            .collect()
+    }
+
+    /// A store that remembers which keys were written.
+    #[derive(Default)]
+    struct WatchedStore {
+        inner: MemoryStore,
+        written: RefCell<Vec<String>>,
+    }
+
+    impl SharedStore for WatchedStore {
+        fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+            self.inner.get(key)
+        }
+        fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
+            self.written.borrow_mut().push(key.to_string());
+            self.inner.set(key, value, cas)
+        }
+    }
+
+    /// `specs` built whole as version 1.
+    fn stored(store: &dyn SharedStore, specs: &[KeyRecordSpec]) -> SharedSet {
+        let service = service(json!({}));
+        let mut writer = SetWriter::start(1, 7);
+        for (i, spec) in specs.iter().enumerate() {
+            writer.add(i, spec.clone()).unwrap();
+        }
+        writer.flush(&service, store).unwrap();
+        while !writer.assemble_step(&service, store).unwrap() {}
+        writer.finish(&service, store, 1).unwrap();
+        SharedSet::load(&service, store, 1).unwrap().unwrap()
+    }
+
+    /// `specs` compared with `live` in parts of 100 records and, unless it stops, written over
+    /// it as version 2.
+    fn update(
+        store: &dyn SharedStore,
+        live: &SharedSet,
+        specs: &[KeyRecordSpec],
+    ) -> Result<SetDelta, DeltaError> {
+        let service = service(json!({}));
+        let mut delta = SetDelta::start(live);
+        for (n, part) in specs.chunks(100).enumerate() {
+            for (i, spec) in part.iter().enumerate() {
+                delta
+                    .add(n * 100 + i, spec.clone())
+                    .map_err(DeltaError::Invalid)?;
+            }
+            delta.flush(&service, store)?;
+        }
+        while !delta.compare_step(&service, store)? {}
+        while !delta.apply_step(&service, store)? {}
+        delta.finish(&service, store, 2)?;
+        Ok(delta)
+    }
+
+    #[test]
+    fn an_update_rewrites_only_the_buckets_it_changes_and_is_found_in_the_same_slot() {
+        let store = WatchedStore::default();
+        let service = service(json!({}));
+        let mut specs = set_of(3000);
+        let live = stored(&store, &specs);
+        store.written.borrow_mut().clear();
+        specs.remove(5); // revoked
+        specs[6].tenant = Some("moved".into()); // k7: a new profile
+        specs[8] = spec("k9", "rotated", "t0"); // k9: a new secret
+        specs.push(spec("fresh", "new-secret", "brand-new"));
+        let delta = update(&store, &live, &specs).unwrap();
+        // k5 gone, k7 changed, fresh added, and k9 both: its old secret gone, its new added.
+        assert_eq!(delta.changed(), 5);
+        let written = store.written.borrow().clone();
+        // Five changed or gone digests and four ids, at most one bucket each, and the header.
+        assert!(written.len() <= 10, "{written:?}");
+        assert!(written.iter().all(|k| k.starts_with(&service.key("s1."))));
+
+        let set = SharedSet::load(&service, &store, 2).unwrap().unwrap();
+        assert_eq!(set.len(), 3000);
+        assert!(SharedSet::load(&service, &store, 1).unwrap().is_none());
+        assert!(set.by_digest(&service, &store, &sha256(b"s5")).is_none());
+        assert!(set.by_id(&service, &store, "k5").is_none());
+        let k7 = set.by_id(&service, &store, "k7").unwrap();
+        assert_eq!(k7.profile.fields.tenant.as_deref(), Some("moved"));
+        assert!(set.by_digest(&service, &store, &sha256(b"s9")).is_none());
+        let k9 = set.by_id(&service, &store, "k9").unwrap();
+        assert_eq!(k9.digest, sha256(b"rotated"));
+        let fresh = set
+            .by_digest(&service, &store, &sha256(b"new-secret"))
+            .unwrap();
+        assert_eq!(fresh.id.as_str(), "fresh");
+        assert_eq!(fresh.profile.fields.tenant.as_deref(), Some("brand-new"));
+        let kept = set.by_id(&service, &store, "k2999").unwrap();
+        assert_eq!(kept.profile.fields.tenant.as_deref(), Some("t2"));
+        // The old header's profiles keep their numbers: a VM still on version 1 reads the
+        // unchanged records as before.
+        assert_eq!(
+            live.by_id(&service, &store, "k2999").unwrap().profile,
+            kept.profile
+        );
+    }
+
+    #[test]
+    fn the_same_document_changes_nothing() {
+        let store = WatchedStore::default();
+        let specs = set_of(500);
+        let live = stored(&store, &specs);
+        store.written.borrow_mut().clear();
+        assert_eq!(update(&store, &live, &specs).unwrap().changed(), 0);
+        // Only the header.
+        assert_eq!(store.written.borrow().len(), 1);
+    }
+
+    #[test]
+    fn what_a_delta_cannot_settle_goes_to_a_whole_build() {
+        let store = MemoryStore::default();
+        let specs = set_of(400);
+        let live = stored(&store, &specs);
+        let stop = |specs: &[KeyRecordSpec]| match update(&store, &live, specs) {
+            Err(DeltaError::Stop(stop)) => Some(stop),
+            _ => None,
+        };
+        let mut twice = specs.clone();
+        twice.push(specs[10].clone());
+        assert_eq!(stop(&twice), Some(DeltaStop::MaybeDuplicate));
+        // A new secret under the id of a record the document keeps.
+        let mut taken = specs.clone();
+        taken.push(spec("k3", "other", "t0"));
+        assert_eq!(stop(&taken), Some(DeltaStop::MaybeDuplicate));
+        let mut new_twice = specs.clone();
+        new_twice.push(spec("x", "dup", "t0"));
+        new_twice.push(spec("y", "dup", "t0"));
+        assert_eq!(stop(&new_twice), Some(DeltaStop::MaybeDuplicate));
+        let all_new: Vec<_> = (0..MAX_CHANGES + 1)
+            .map(|i| spec(&format!("n{i}"), &format!("n{i}"), "t"))
+            .collect();
+        assert!(matches!(
+            stop(&all_new),
+            Some(DeltaStop::TooManyChanges | DeltaStop::Outgrown)
+        ));
+        // None of it was written: the live set is as it was.
+        let service = service(json!({}));
+        assert!(SharedSet::load(&service, &store, 2).unwrap().is_none());
+        assert!(live.by_id(&service, &store, "k10").is_some());
+        assert!(live.by_id(&service, &store, "x").is_none());
+    }
+
+    #[test]
+    fn a_rotated_secret_frees_its_old_id_and_a_record_may_take_it() {
+        let store = MemoryStore::default();
+        let service = service(json!({}));
+        let mut specs = set_of(300);
+        let live = stored(&store, &specs);
+        // k1's secret now belongs to a record named k1-new; k1 comes back with another secret.
+        specs[1] = spec("k1-new", "s1", "t1");
+        specs.push(spec("k1", "s1-again", "t1"));
+        update(&store, &live, &specs).unwrap();
+        let set = SharedSet::load(&service, &store, 2).unwrap().unwrap();
+        assert_eq!(
+            set.by_digest(&service, &store, &sha256(b"s1"))
+                .unwrap()
+                .id
+                .as_str(),
+            "k1-new"
+        );
+        assert_eq!(
+            set.by_id(&service, &store, "k1").unwrap().digest,
+            sha256(b"s1-again")
+        );
+        assert!(set.by_id(&service, &store, "k1-new").is_some());
+    }
+}
