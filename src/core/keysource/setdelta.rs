@@ -17,8 +17,6 @@
 //! both records); a bucket fuller than its seen bits; a set grown past its bucket count, or a
 //! profile table mostly unused.
 
-use std::collections::{HashMap, HashSet};
-
 use super::service::KeyService;
 use super::setbuckets::{
     bucket_count, digest_bucket, digest_entries, digest_key, encode_digest_entry, encode_id_entry,
@@ -28,7 +26,7 @@ use super::setbuckets::{
 use super::store::SharedStore;
 use crate::core::config_error::ConfigError;
 use crate::core::digest::Digest;
-use crate::core::keyset::{digest_prefix, KeyRecordSpec};
+use crate::core::keyset::{digest_prefix, sorted_indexes, KeyRecordSpec};
 
 /// Records a delta may change, add or remove; more goes to a full build. Each is held in the
 /// VM until the document is read (about 100 bytes) and costs two bucket rewrites.
@@ -43,6 +41,8 @@ const BUCKETS_PER_STEP: usize = 256;
 /// build.
 const PROFILE_SLACK: usize = 2;
 const UNREAD: u16 = u16::MAX;
+/// A bucket rewritten only for the records it loses.
+const NO_CHANGE: u32 = u32::MAX;
 
 /// Why a delta stops and a full build takes over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,6 +94,46 @@ struct Change {
     id: Vec<u8>,
 }
 
+/// Digests or ids, looked up by binary search once sealed (the key set's one sort, rather
+/// than a hash set or a sort of their own per type: keygate.wasm stays small).
+#[derive(Debug, Default)]
+struct ByteSet {
+    items: Vec<Vec<u8>>,
+    /// `items` positions in byte order, once sealed.
+    order: Vec<u32>,
+}
+
+impl ByteSet {
+    fn push(&mut self, bytes: &[u8]) {
+        self.items.push(bytes.to_vec());
+    }
+
+    fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Sorts the items; whether one is there twice.
+    fn seal(&mut self) -> bool {
+        let items = &self.items;
+        let key = |n: &u32| items.get(*n as usize);
+        self.order = sorted_indexes(items.len() as u32, &|a, b| key(a).cmp(&key(b)));
+        self.order.windows(2).any(|w| match w {
+            [a, b] => key(a) == key(b),
+            _ => false,
+        })
+    }
+
+    fn contains(&self, bytes: &[u8]) -> bool {
+        self.order
+            .binary_search_by(|n| {
+                self.items
+                    .get(*n as usize)
+                    .map_or(std::cmp::Ordering::Less, |item| item.as_slice().cmp(bytes))
+            })
+            .is_ok()
+    }
+}
+
 /// A bucket an update rewrites.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Unit {
@@ -115,10 +155,10 @@ enum Phase {
     },
     /// Compared: nothing is written until `apply_step`.
     Compared,
-    /// Rewriting the buckets of `units` (each with the changes that belong in it), from `next`
-    /// on.
+    /// Rewriting the buckets of `units` (sorted; each bucket once per change that belongs in
+    /// it, `NO_CHANGE` for one that only loses records), from `next` on.
     Applying {
-        units: Vec<(Unit, Vec<usize>)>,
+        units: Vec<(Unit, u32)>,
         next: usize,
     },
     Applied,
@@ -140,11 +180,11 @@ pub struct SetDelta {
     bucket_len: Vec<u16>,
     bucket_seen: Vec<u16>,
     changes: Vec<Change>,
-    change_digests: HashSet<Digest>,
-    change_ids: HashSet<Vec<u8>>,
+    change_digests: ByteSet,
+    change_ids: ByteSet,
     /// Live records that are gone: their digests and ids, and ids a changed record dropped.
-    deleted_digests: HashSet<Digest>,
-    dropped_ids: HashSet<Vec<u8>>,
+    deleted_digests: ByteSet,
+    dropped_ids: ByteSet,
     phase: Phase,
 }
 
@@ -164,10 +204,10 @@ impl SetDelta {
             bucket_len: vec![UNREAD; buckets],
             bucket_seen: vec![0; buckets],
             changes: Vec::new(),
-            change_digests: HashSet::new(),
-            change_ids: HashSet::new(),
-            deleted_digests: HashSet::new(),
-            dropped_ids: HashSet::new(),
+            change_digests: ByteSet::default(),
+            change_ids: ByteSet::default(),
+            deleted_digests: ByteSet::default(),
+            dropped_ids: ByteSet::default(),
             phase: Phase::Reading,
         }
     }
@@ -226,11 +266,12 @@ impl SetDelta {
                 if unchanged {
                     continue;
                 }
-                self.dropped_ids.extend(dropped_id);
+                if let Some(dropped) = dropped_id {
+                    self.dropped_ids.push(&dropped);
+                }
             }
-            if !self.change_digests.insert(record.digest) || !self.change_ids.insert(id.to_vec()) {
-                return Err(DeltaError::Stop(DeltaStop::MaybeDuplicate));
-            }
+            self.change_digests.push(&record.digest);
+            self.change_ids.push(id);
             self.changes.push(Change {
                 position,
                 digest: record.digest,
@@ -253,6 +294,10 @@ impl SetDelta {
     ) -> Result<bool, DeltaError> {
         match self.phase {
             Phase::Reading => {
+                // The document's changes twice: a duplicate, for the whole build to name.
+                if self.change_digests.seal() || self.change_ids.seal() {
+                    return Err(DeltaError::Stop(DeltaStop::MaybeDuplicate));
+                }
                 let used = self.used_profiles.iter().filter(|u| **u).count();
                 if self.profiles.specs.len() > PROFILE_SLACK * used + 64 {
                     return Err(DeltaError::Stop(DeltaStop::Outgrown));
@@ -270,6 +315,8 @@ impl SetDelta {
                 self.phase = if end < self.layout.buckets {
                     Phase::Scanning { next: end }
                 } else {
+                    self.deleted_digests.seal();
+                    self.dropped_ids.seal();
                     Phase::CheckingIds { next: 0 }
                 };
                 Ok(false)
@@ -310,12 +357,26 @@ impl SetDelta {
         let Phase::Applying { units, next } = &mut self.phase else {
             return Ok(matches!(self.phase, Phase::Applied));
         };
-        let end = next.saturating_add(BUCKETS_PER_STEP).min(units.len());
+        // Whole buckets, up to `BUCKETS_PER_STEP` of them.
+        let mut end = *next;
+        let mut buckets = 0;
+        while let Some((unit, _)) = units.get(end) {
+            let before = end.checked_sub(1).and_then(|b| units.get(b));
+            if end == *next || before.is_some_and(|(u, _)| u != unit) {
+                if buckets == BUCKETS_PER_STEP {
+                    break;
+                }
+                buckets += 1;
+            }
+            end += 1;
+        }
         let todo = units.get(*next..end).unwrap_or_default().to_vec();
         let done = end == units.len();
         *next = end;
-        for (unit, changes) in todo {
-            self.rewrite(service, store, unit, &changes)?;
+        for run in todo.chunk_by(|a, b| a.0 == b.0) {
+            if let Some((unit, _)) = run.first() {
+                self.rewrite(service, store, *unit, run)?;
+            }
         }
         if done {
             self.phase = Phase::Applied;
@@ -427,8 +488,8 @@ impl SetDelta {
             let Ok(digest) = Digest::try_from(e.digest) else {
                 continue;
             };
-            self.deleted_digests.insert(digest);
-            self.dropped_ids.insert(e.id.to_vec());
+            self.deleted_digests.push(&digest);
+            self.dropped_ids.push(e.id);
         }
         if self.changes.len() + self.dropped_ids.len() > MAX_CHANGES {
             return Err(DeltaError::Stop(DeltaStop::TooManyChanges));
@@ -461,33 +522,37 @@ impl SetDelta {
             .is_some_and(|(i, e)| {
                 e.digest != change.digest
                     && self.is_seen(bucket, i)
-                    && Digest::try_from(e.digest).is_ok_and(|d| !self.change_digests.contains(&d))
+                    && !self.change_digests.contains(e.digest)
             });
         kept
     }
 
     /// The buckets to rewrite, digest buckets first, each with the changes that belong in it.
-    fn units(&self) -> Vec<(Unit, Vec<usize>)> {
+    fn units(&self) -> Vec<(Unit, u32)> {
         let buckets = self.layout.buckets;
-        let digest_unit = |d: &Digest| Unit::Digest(digest_bucket(digest_prefix(d), buckets));
+        let digest_unit = |d: &[u8]| {
+            Unit::Digest(digest_bucket(
+                Digest::try_from(d).map_or(0, |d| digest_prefix(&d)),
+                buckets,
+            ))
+        };
         let id_unit = |id: &[u8]| Unit::Id(id_bucket(id, buckets));
-        let mut units: HashMap<Unit, Vec<usize>> = HashMap::new();
-        for (n, change) in self.changes.iter().enumerate() {
-            units
-                .entry(digest_unit(&change.digest))
-                .or_default()
-                .push(n);
-            units.entry(id_unit(&change.id)).or_default().push(n);
+        let mut units = Vec::new();
+        for (n, change) in (0u32..).zip(&self.changes) {
+            units.push((digest_unit(&change.digest), n));
+            units.push((id_unit(&change.id), n));
         }
-        for digest in &self.deleted_digests {
-            units.entry(digest_unit(digest)).or_default();
+        for digest in &self.deleted_digests.items {
+            units.push((digest_unit(digest), NO_CHANGE));
         }
-        for id in &self.dropped_ids {
-            units.entry(id_unit(id)).or_default();
+        for id in &self.dropped_ids.items {
+            units.push((id_unit(id), NO_CHANGE));
         }
-        let mut units: Vec<(Unit, Vec<usize>)> = units.into_iter().collect();
-        units.sort_unstable_by_key(|(unit, _)| *unit);
-        units
+        let key = |n: &u32| units.get(*n as usize).copied();
+        sorted_indexes(units.len() as u32, &|a, b| key(a).cmp(&key(b)))
+            .iter()
+            .filter_map(key)
+            .collect()
     }
 
     /// Rewrites one bucket: its live records but those changed or gone, then the changes that
@@ -497,19 +562,20 @@ impl SetDelta {
         service: &KeyService,
         store: &dyn SharedStore,
         unit: Unit,
-        changes: &[usize],
+        changes: &[(Unit, u32)],
     ) -> Result<(), DeltaError> {
         let bytes = self.read(service, store, unit);
         let live = tagged(&bytes, self.layout.tag);
-        let changes = changes.iter().filter_map(|n| self.changes.get(*n));
+        let changes = changes
+            .iter()
+            .filter_map(|(_, n)| self.changes.get(*n as usize));
         let mut value = Vec::with_capacity(bytes.len() + 64);
         value.extend_from_slice(&self.layout.tag.to_le_bytes());
         let key = match unit {
             Unit::Digest(bucket) => {
                 for e in live.into_iter().flat_map(digest_entries) {
-                    let gone = Digest::try_from(e.digest).is_ok_and(|d| {
-                        self.change_digests.contains(&d) || self.deleted_digests.contains(&d)
-                    });
+                    let gone = self.change_digests.contains(e.digest)
+                        || self.deleted_digests.contains(e.digest);
                     if !gone {
                         encode_digest_entry(&mut value, e.digest, e.profile, e.position, e.id);
                     }
