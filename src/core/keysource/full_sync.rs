@@ -14,7 +14,7 @@ use super::store::{cas_update, Change, Reader, SharedStore};
 use crate::core::config_error::ConfigError;
 use crate::core::credential::Credential;
 use crate::core::digest::{sha256, Digest, Sha256Stream};
-use crate::core::keyset::{KeyRecord, KeySet};
+use crate::core::keyset::{KeyRecord, KeyRecordSpec, KeySet};
 
 /// First byte of every value this module writes.
 const FORMAT: u8 = 1;
@@ -344,6 +344,16 @@ enum Writer {
     InPlace(Box<SetDelta>),
 }
 
+impl Writer {
+    /// One record of the document (one reader of the document for both writers).
+    fn add(&mut self, position: usize, spec: KeyRecordSpec) -> Result<(), ConfigError> {
+        match self {
+            Writer::Whole(w) => w.add(position, spec),
+            Writer::InPlace(d) => d.add(position, spec),
+        }
+    }
+}
+
 /// Where a build stands after a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BuildStep {
@@ -405,12 +415,10 @@ impl Build {
         part: &[u8],
     ) -> Result<BuildStep, FetchError> {
         self.digest.update(part);
-        let stream = &mut self.stream;
-        let read = match &mut self.writer {
-            Writer::Whole(writer) => stream.feed(part, |position, spec| writer.add(position, spec)),
-            Writer::InPlace(delta) => stream.feed(part, |position, spec| delta.add(position, spec)),
-        };
-        read.map_err(FetchError::InvalidDocument)?;
+        let writer = &mut self.writer;
+        self.stream
+            .feed(part, |position, spec| writer.add(position, spec))
+            .map_err(FetchError::InvalidDocument)?;
         match &mut self.writer {
             Writer::Whole(writer) => writer.flush(service, store).map_err(build_error)?,
             Writer::InPlace(delta) => {

@@ -369,7 +369,7 @@ impl FullSyncFlow {
                     host.log(
                         Level::Info,
                         &format!(
-                            "keygate[{}]: key set updated in place ({changed} records changed, added or removed)",
+                            "keygate[{}]: key set updated in place (records changed, added or removed: {changed})",
                             self.name
                         ),
                     );
@@ -960,7 +960,7 @@ mod tests {
         assert!(
             logged(
                 &host,
-                "key set updated in place (2 records changed, added or removed)"
+                "key set updated in place (records changed, added or removed: 2)"
             ),
             "{:?}",
             host.logs.borrow()

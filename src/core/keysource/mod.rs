@@ -8,7 +8,8 @@
 //!   root context ticks, and only the holder of a compare-and-swap lease in shared data fetches.
 //!   The holder fetches the document in ranges (`docparts`). In wasm it reads each part as it
 //!   comes, a slice per tick (`docstream`), and writes the records into buckets in shared data
-//!   under the next version's slot (`setbuckets`); the meta then announces the version, and every
+//!   under the next version's slot (`setbuckets`), or over the live version in place when only a
+//!   few thousand records changed (`setdelta`); the meta then announces the version, and every
 //!   VM looks each key up in its bucket: one copy of the set for the process. The native module
 //!   parses the whole document into the process's one `KeySet`. A failed fetch (no answer, timeout, 5xx, malformed or truncated JSON,
 //!   an invalid record) changes nothing but the failure count: a good set is never replaced by a
@@ -21,8 +22,8 @@
 //!
 //! The modules, from the leaves up: `store` (the shared store and its compare-and-swap loop),
 //! `paths` (request paths and the key a request is looked up by), `service` (the validated
-//! configuration), `docparts`, `docstream` and `setbuckets` (a document fetched and read in
-//! parts, a set in shared data), then the two flows: `full_sync` (+ `full_sync_flow`, the flow
+//! configuration), `docparts`, `docstream`, `setbuckets` and `setdelta` (a document fetched and
+//! read in parts, a set in shared data and an update of it in place), then the two flows: `full_sync` (+ `full_sync_flow`, the flow
 //! over the host traits of `host`; `fetch_handover` picks which VM fetches) and
 //! `lookup_on_miss` (+ `lookup_flow`, and `lookup_waiters`: the requests waiting on one lookup,
 //! for both hosts). `test_host` runs the flows in memory.

@@ -14,7 +14,9 @@
 //! are all freed together. Every bucket starts with the tag of the build that wrote it, so
 //! whatever an older or failed build left in the slot reads as empty. The slot's header (tag,
 //! version, bucket count, profiles) is written last, then the meta that announces the version;
-//! the slot the old version used is emptied in slices after that (`Clearing`).
+//! the slot the old version used is emptied in slices after that (`Clearing`). A whole build is
+//! for a first version, or one an update in place (`setdelta`) cannot settle: most new versions
+//! are written over the live one, in its slot.
 //!
 //! Digest bucket: tag, then per record digest (32), profile number (u32), document position
 //! (u32), id length (u16), id. Id bucket: tag, then per record id length (u16), id, digest

@@ -306,11 +306,15 @@ impl SetDelta {
                 Ok(false)
             }
             Phase::Scanning { next } => {
-                let end = next
-                    .saturating_add(BUCKETS_PER_STEP as u32)
-                    .min(self.layout.buckets);
-                for bucket in next..end {
-                    self.find_deleted(service, store, bucket)?;
+                // Up to `BUCKETS_PER_STEP` buckets read; one whose every record was seen is
+                // passed over without a read.
+                let mut end = next;
+                let mut reads = 0;
+                while end < self.layout.buckets && reads < BUCKETS_PER_STEP {
+                    if self.find_deleted(service, store, end)? {
+                        reads += 1;
+                    }
+                    end += 1;
                 }
                 self.phase = if end < self.layout.buckets {
                     Phase::Scanning { next: end }
@@ -459,14 +463,14 @@ impl SetDelta {
         true
     }
 
-    /// Notes the records of `bucket` the document does not hold (a bucket whose every record
-    /// was seen is not read again).
+    /// Notes the records of `bucket` the document does not hold; whether the bucket was read
+    /// (one whose every record was seen is not).
     fn find_deleted(
         &mut self,
         service: &KeyService,
         store: &dyn SharedStore,
         bucket: u32,
-    ) -> Result<(), DeltaError> {
+    ) -> Result<bool, DeltaError> {
         let (len, seen) = (
             self.bucket_len
                 .get(bucket as usize)
@@ -475,11 +479,11 @@ impl SetDelta {
             self.bucket_seen.get(bucket as usize).copied().unwrap_or(0),
         );
         if len != UNREAD && seen == len {
-            return Ok(());
+            return Ok(false);
         }
         let bytes = self.read(service, store, Unit::Digest(bucket));
         let Some(entries) = tagged(&bytes, self.layout.tag) else {
-            return Ok(());
+            return Ok(true);
         };
         for (i, e) in digest_entries(entries).enumerate() {
             if self.is_seen(bucket, i) {
@@ -494,7 +498,7 @@ impl SetDelta {
         if self.changes.len() + self.dropped_ids.len() > MAX_CHANGES {
             return Err(DeltaError::Stop(DeltaStop::TooManyChanges));
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Whether change `n`'s id belongs to a live record the document keeps under another
