@@ -358,34 +358,29 @@ impl SetDelta {
                 next: 0,
             };
         }
-        let Phase::Applying { units, next } = &mut self.phase else {
-            return Ok(matches!(self.phase, Phase::Applied));
+        let phase = std::mem::replace(&mut self.phase, Phase::Applied);
+        let Phase::Applying { units, mut next } = phase else {
+            let applied = matches!(phase, Phase::Applied);
+            self.phase = phase;
+            return Ok(applied);
         };
         // Whole buckets, up to `BUCKETS_PER_STEP` of them.
-        let mut end = *next;
-        let mut buckets = 0;
-        while let Some((unit, _)) = units.get(end) {
-            let before = end.checked_sub(1).and_then(|b| units.get(b));
-            if end == *next || before.is_some_and(|(u, _)| u != unit) {
-                if buckets == BUCKETS_PER_STEP {
-                    break;
-                }
-                buckets += 1;
-            }
-            end += 1;
-        }
-        let todo = units.get(*next..end).unwrap_or_default().to_vec();
-        let done = end == units.len();
-        *next = end;
-        for run in todo.chunk_by(|a, b| a.0 == b.0) {
+        let runs = units
+            .get(next..)
+            .unwrap_or_default()
+            .chunk_by(|a, b| a.0 == b.0);
+        let mut written = Ok(());
+        for run in runs.take(BUCKETS_PER_STEP) {
             if let Some((unit, _)) = run.first() {
-                self.rewrite(service, store, *unit, run)?;
+                written = written.and_then(|()| self.rewrite(service, store, *unit, run));
             }
+            next += run.len();
         }
-        if done {
-            self.phase = Phase::Applied;
+        let done = next >= units.len();
+        if !done {
+            self.phase = Phase::Applying { units, next };
         }
-        Ok(done)
+        written.map(|()| done)
     }
 
     /// Writes the header of `version` over the live one: the same slot and buckets, the
@@ -793,5 +788,38 @@ mod tests {
             sha256(b"s1-again")
         );
         assert!(set.by_id(&service, &store, "k1-new").is_some());
+    }
+
+    #[test]
+    fn an_update_of_many_buckets_is_written_over_several_steps() {
+        let store = MemoryStore::default();
+        let service = service(json!({}));
+        let specs = set_of(20_000);
+        let live = stored(&store, &specs);
+        // Every 25th key revoked: 800 digest buckets and as many id buckets to rewrite.
+        let kept: Vec<_> = (0..20_000)
+            .filter(|i| i % 25 != 0)
+            .map(|i| specs[i].clone())
+            .collect();
+        let mut delta = SetDelta::start(&live);
+        for (i, spec) in kept.iter().enumerate() {
+            delta.add(i, spec.clone()).unwrap();
+        }
+        delta.flush(&service, &store).unwrap();
+        while !delta.compare_step(&service, &store).unwrap() {}
+        let mut steps = 0;
+        while !delta.apply_step(&service, &store).unwrap() {
+            steps += 1;
+        }
+        assert!(steps >= 3, "{steps}");
+        delta.finish(&service, &store, 2).unwrap();
+        let set = SharedSet::load(&service, &store, 2).unwrap().unwrap();
+        assert_eq!(set.len(), 19_200);
+        for i in (0..20_000).step_by(7) {
+            let found = set.by_id(&service, &store, &format!("k{i}")).is_some();
+            assert_eq!(found, i % 25 != 0, "k{i}");
+            let by_digest = set.by_digest(&service, &store, &sha256(format!("s{i}").as_bytes()));
+            assert_eq!(by_digest.is_some(), i % 25 != 0, "s{i}");
+        }
     }
 }
