@@ -24,6 +24,7 @@
 //! bucket of its index. Header: format, tag, version, bucket count, record count, then the
 //! profiles (`profile_spec`s as JSON).
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -636,7 +637,8 @@ pub struct SharedSet {
     tag: u64,
     buckets: u32,
     records: usize,
-    profiles: Vec<Arc<KeyProfile>>,
+    /// Decoded once; longer once an update in place appends profiles (`refresh_profiles`).
+    profiles: RefCell<Vec<Arc<KeyProfile>>>,
 }
 
 impl SharedSet {
@@ -692,7 +694,7 @@ impl SharedSet {
             tag,
             buckets,
             records: records as usize,
-            profiles,
+            profiles: RefCell::new(profiles),
         }))
     }
 
@@ -709,8 +711,23 @@ impl SharedSet {
     }
 
     /// The profiles, numbered as the records refer to them.
-    pub(super) fn profiles(&self) -> &[Arc<KeyProfile>] {
-        &self.profiles
+    pub(super) fn profiles(&self) -> Vec<Arc<KeyProfile>> {
+        self.profiles.borrow().clone()
+    }
+
+    pub(super) fn records(&self) -> u32 {
+        self.records as u32
+    }
+
+    /// Rereads the header's profiles: an update in place appends the new ones to its version's
+    /// header before it writes a record that refers to them.
+    fn refresh_profiles(&self, service: &KeyService, store: &dyn SharedStore) {
+        if let Ok(Some(stored)) = SharedSet::load_slot(service, store, self.slot, self.version) {
+            let fresh = stored.profiles.into_inner();
+            if stored.tag == self.tag && fresh.len() > self.profiles.borrow().len() {
+                *self.profiles.borrow_mut() = fresh;
+            }
+        }
     }
 
     /// What empties this version's slot once a newer one is announced.
@@ -737,7 +754,7 @@ impl SharedSet {
         let bucket = digest_bucket(digest_prefix(digest), self.buckets);
         let (bytes, _) = store.get(&digest_key(service, self.slot, bucket))?;
         let entry = digest_entries(tagged(&bytes, self.tag)?).find(|e| e.digest == digest)?;
-        self.record(&entry)
+        self.record(service, store, &entry)
     }
 
     /// The record with this id: its id bucket gives its digest bucket.
@@ -755,12 +772,25 @@ impl SharedSet {
         let bucket = digest_bucket(prefix, self.buckets);
         let (bytes, _) = store.get(&digest_key(service, self.slot, bucket))?;
         let entry = digest_entries(tagged(&bytes, self.tag)?).find(|e| e.id == id.as_bytes())?;
-        self.record(&entry)
+        self.record(service, store, &entry)
     }
 
-    fn record(&self, entry: &DigestEntry<'_>) -> Option<KeyRecord> {
+    fn record(
+        &self,
+        service: &KeyService,
+        store: &dyn SharedStore,
+        entry: &DigestEntry<'_>,
+    ) -> Option<KeyRecord> {
         let digest = entry.digest.try_into().ok()?;
-        let profile = Arc::clone(self.profiles.get(entry.profile as usize)?);
+        let number = entry.profile as usize;
+        let known = self.profiles.borrow().get(number).cloned();
+        let profile = match known {
+            Some(profile) => profile,
+            None => {
+                self.refresh_profiles(service, store);
+                self.profiles.borrow().get(number).cloned()?
+            }
+        };
         let id = String::from_utf8(entry.id.to_vec()).ok()?;
         KeyRecord::with_checked_profile(id, digest, profile)
     }

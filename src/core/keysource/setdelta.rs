@@ -167,6 +167,8 @@ enum Phase {
 /// One version written over the live one, in place.
 #[derive(Debug)]
 pub struct SetDelta {
+    /// The live version, its record count and how many profiles its header holds.
+    base: (u64, u32, usize),
     layout: Layout,
     profiles: ProfileTable,
     /// Which profile numbers the document's records use.
@@ -193,8 +195,9 @@ impl SetDelta {
     pub fn start(live: &SharedSet) -> SetDelta {
         let layout = live.layout();
         let buckets = layout.buckets as usize;
-        let profiles = ProfileTable::numbered(live.profiles());
+        let profiles = ProfileTable::numbered(&live.profiles());
         SetDelta {
+            base: (live.version, live.records(), profiles.specs.len()),
             layout,
             used_profiles: vec![false; profiles.specs.len()],
             profiles,
@@ -353,6 +356,13 @@ impl SetDelta {
         store: &dyn SharedStore,
     ) -> Result<bool, DeltaError> {
         if matches!(self.phase, Phase::Compared) {
+            // New profiles go into the live header first: a VM that reads a rewritten record
+            // before the version is announced finds its profile there.
+            let (version, records, profiles) = self.base;
+            if self.profiles.specs.len() > profiles {
+                let specs = &self.profiles.specs;
+                write_header(service, store, self.layout, version, records, specs)?;
+            }
             self.phase = Phase::Applying {
                 units: self.units(),
                 next: 0,
@@ -691,8 +701,9 @@ mod tests {
         // k5 gone, k7 changed, fresh added, and k9 both: its old secret gone, its new added.
         assert_eq!(delta.changed(), 5);
         let written = store.written.borrow().clone();
-        // Five changed or gone digests and four ids, at most one bucket each, and the header.
-        assert!(written.len() <= 10, "{written:?}");
+        // Five changed or gone digests and four ids, at most one bucket each, and the header
+        // twice (its new profiles before any record refers to them, then the version).
+        assert!(written.len() <= 11, "{written:?}");
         assert!(written.iter().all(|k| k.starts_with(&service.key("s1."))));
 
         let set = SharedSet::load(&service, &store, 2).unwrap().unwrap();
@@ -821,5 +832,34 @@ mod tests {
             let by_digest = set.by_digest(&service, &store, &sha256(format!("s{i}").as_bytes()));
             assert_eq!(by_digest.is_some(), i % 25 != 0, "s{i}");
         }
+    }
+
+    #[test]
+    fn a_vm_on_the_old_header_finds_a_rewritten_record_with_a_new_profile() {
+        let store = MemoryStore::default();
+        let service = service(json!({}));
+        let mut specs = set_of(300);
+        let live = stored(&store, &specs);
+        specs[4].tenant = Some("moved".into());
+        let mut delta = SetDelta::start(&live);
+        for (i, spec) in specs.iter().enumerate() {
+            delta.add(i, spec.clone()).unwrap();
+        }
+        delta.flush(&service, &store).unwrap();
+        while !delta.compare_step(&service, &store).unwrap() {}
+        while !delta.apply_step(&service, &store).unwrap() {}
+        // Rewritten, not yet announced: the VM still on version 1 rereads the header's
+        // profiles for the number it does not know.
+        let k4 = live.by_id(&service, &store, "k4").unwrap();
+        assert_eq!(k4.profile.fields.tenant.as_deref(), Some("moved"));
+        assert_eq!(
+            live.by_id(&service, &store, "k5")
+                .unwrap()
+                .profile
+                .fields
+                .tenant
+                .as_deref(),
+            Some("t2")
+        );
     }
 }
