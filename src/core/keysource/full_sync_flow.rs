@@ -409,8 +409,9 @@ impl FullSyncFlow {
         host.log(
             Level::Info,
             &format!(
-                "keygate[{}]: key set to be rebuilt whole: {stop}",
-                self.name
+                "keygate[{}]: key set to be rebuilt whole: {}",
+                self.name,
+                stop.reason()
             ),
         );
         fetch.build = None;

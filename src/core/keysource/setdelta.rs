@@ -55,14 +55,15 @@ pub enum DeltaStop {
     Outgrown,
 }
 
-impl std::fmt::Display for DeltaStop {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+impl DeltaStop {
+    /// Why, for the log line.
+    pub fn reason(self) -> &'static str {
+        match self {
             DeltaStop::TooManyChanges => "more records changed than an in-place update rewrites",
             DeltaStop::MaybeDuplicate => "a digest or id appears twice",
             DeltaStop::BucketTooFull => "a bucket holds more records than an update tracks",
             DeltaStop::Outgrown => "the set outgrew its layout",
-        })
+        }
     }
 }
 
