@@ -348,8 +348,8 @@ impl Writer {
     /// One record of the document (one reader of the document for both writers).
     fn add(&mut self, position: usize, spec: KeyRecordSpec) -> Result<(), ConfigError> {
         match self {
-            Writer::Whole(w) => w.add(position, spec),
-            Writer::InPlace(d) => d.add(position, spec),
+            Writer::Whole(w) => w.intake.add(position, spec),
+            Writer::InPlace(d) => d.intake.add(position, spec),
         }
     }
 }
@@ -482,8 +482,8 @@ impl Build {
         version: u64,
     ) -> Result<usize, BuildError> {
         match &self.writer {
-            Writer::Whole(w) => w.finish(service, store, version),
-            Writer::InPlace(d) => d.finish(service, store, version),
+            Writer::Whole(w) => w.intake.publish(service, store, w.layout(), version),
+            Writer::InPlace(d) => d.intake.publish(service, store, d.layout(), version),
         }
     }
 

@@ -650,6 +650,14 @@ mod tests {
         }
     }
 
+    /// A worker sharing the set (wasm) that fetched version 1, keys a and b, at 1_000.
+    fn serving_a_and_b(host: &TestHost) -> Worker {
+        let mut worker = Worker::new(host, 1, Fetchers::Many);
+        let call = only(worker.tick(host));
+        worker.answer(host, &call, ok(document(&["a", "b"], 1), "\"e1\""));
+        worker
+    }
+
     fn only(calls: Vec<Call>) -> Call {
         assert_eq!(calls.len(), 1, "{calls:?}");
         calls.into_iter().next().unwrap()
@@ -882,9 +890,7 @@ mod tests {
     #[test]
     fn a_duplicate_in_a_later_part_refuses_the_version_and_the_last_good_set_serves() {
         let host = TestHost::at(1_000);
-        let mut worker = Worker::new(&host, 1, Fetchers::Many);
-        let call = only(worker.tick(&host));
-        worker.answer(&host, &call, ok(document(&["a", "b"], 1), "\"e1\""));
+        let mut worker = serving_a_and_b(&host);
         host.now_ms.set(1_000 + PERIOD_MS);
         let call = only(worker.tick(&host));
         let ids: Vec<String> = (0..50)
@@ -912,9 +918,7 @@ mod tests {
     #[test]
     fn a_replaced_version_is_cleared_from_shared_data_and_the_new_one_serves() {
         let host = TestHost::at(1_000);
-        let mut worker = Worker::new(&host, 1, Fetchers::Many);
-        let call = only(worker.tick(&host));
-        worker.answer(&host, &call, ok(document(&["a", "b"], 1), "\"e1\""));
+        let mut worker = serving_a_and_b(&host);
         for version in 2..=5u64 {
             host.now_ms.set(1_000 + PERIOD_MS * version as i64);
             let call = only(worker.tick(&host));
@@ -980,9 +984,7 @@ mod tests {
     #[test]
     fn an_update_that_gives_way_reads_the_document_again_and_builds_it_whole() {
         let host = TestHost::at(1_000);
-        let mut worker = Worker::new(&host, 1, Fetchers::Many);
-        let call = only(worker.tick(&host));
-        worker.answer(&host, &call, ok(document(&["a", "b"], 1), "\"e1\""));
+        let mut worker = serving_a_and_b(&host);
         // 20,000 new keys: more than an update in place rewrites.
         let v2 = ids(0..20_000);
         let v2: Vec<&str> = v2.iter().map(String::as_str).collect();

@@ -91,8 +91,7 @@ pub(super) struct ProfileTable {
 }
 
 impl ProfileTable {
-    /// A table that keeps the numbers of a stored version's profiles.
-    pub(super) fn numbered(stored: &[Arc<KeyProfile>]) -> ProfileTable {
+    fn numbered(stored: &[Arc<KeyProfile>]) -> ProfileTable {
         let mut table = ProfileTable::default();
         for profile in stored {
             table.profiles.insert(Arc::clone(profile));
@@ -125,6 +124,60 @@ impl ProfileTable {
                 specs.push(profile_spec(profile));
                 next
             })
+    }
+}
+
+/// The document's records as they are read: validated, numbered by profile, and held until
+/// the writer's next flush.
+#[derive(Debug, Default)]
+pub(super) struct Intake {
+    pub(super) profiles: ProfileTable,
+    /// Records since the last flush: position in the document, record, profile number.
+    pending: Vec<(u32, KeyRecord, u32)>,
+    /// Records taken so far.
+    pub(super) records: u32,
+}
+
+impl Intake {
+    /// An intake that keeps the numbers of a stored version's profiles.
+    pub(super) fn numbered(stored: &[Arc<KeyProfile>]) -> Intake {
+        Intake {
+            profiles: ProfileTable::numbered(stored),
+            ..Intake::default()
+        }
+    }
+
+    /// Validates the record at `position` of the document's `keys`.
+    pub(crate) fn add(&mut self, position: usize, spec: KeyRecordSpec) -> Result<(), ConfigError> {
+        self.pending.push(self.profiles.record(position, spec)?);
+        Ok(())
+    }
+
+    /// Every record is in: writes the header of `version`, its buckets laid out as `layout`
+    /// (the meta, written next, announces it). Returns the record count.
+    pub(super) fn publish(
+        &self,
+        service: &KeyService,
+        store: &dyn SharedStore,
+        layout: Layout,
+        version: u64,
+    ) -> Result<usize, BuildError> {
+        write_header(
+            service,
+            store,
+            layout,
+            version,
+            self.records,
+            &self.profiles.specs,
+        )?;
+        Ok(self.records as usize)
+    }
+
+    /// The records added since the last call.
+    pub(super) fn take(&mut self) -> Vec<(u32, KeyRecord, u32)> {
+        let pending = std::mem::take(&mut self.pending);
+        self.records = self.records.saturating_add(pending.len() as u32);
+        pending
     }
 }
 
@@ -345,10 +398,7 @@ pub struct SetWriter {
     slot: u64,
     tag: u64,
     buckets: u32,
-    profiles: ProfileTable,
-    /// This part's validated records, with their position in the document and profile number.
-    pending: Vec<(u32, KeyRecord, u32)>,
-    records: u32,
+    pub(super) intake: Intake,
     /// Encoded records not yet staged, per group: of the digest index, then of the id index.
     staging: Vec<Vec<u8>>,
     staging_bytes: usize,
@@ -370,9 +420,7 @@ impl SetWriter {
             slot,
             tag,
             buckets: 0,
-            profiles: ProfileTable::default(),
-            pending: Vec::new(),
-            records: 0,
+            intake: Intake::default(),
             staging: vec![Vec::new(); 2 * GROUPS as usize],
             staging_bytes: 0,
             stage_flush_bytes: STAGE_FLUSH_BYTES,
@@ -397,13 +445,6 @@ impl SetWriter {
         }
     }
 
-    /// Validates one record of the document (at `position` in `keys`), to be staged by the
-    /// next `flush`.
-    pub fn add(&mut self, position: usize, spec: KeyRecordSpec) -> Result<(), ConfigError> {
-        self.pending.push(self.profiles.record(position, spec)?);
-        Ok(())
-    }
-
     /// Encodes the records added since the last flush into their groups, and writes the groups
     /// out once `STAGE_FLUSH_BYTES` are held.
     pub fn flush(
@@ -411,9 +452,7 @@ impl SetWriter {
         service: &KeyService,
         store: &dyn SharedStore,
     ) -> Result<(), BuildError> {
-        let pending = std::mem::take(&mut self.pending);
-        self.records = self.records.saturating_add(pending.len() as u32);
-        for (position, record, profile) in &pending {
+        for (position, record, profile) in &self.intake.take() {
             let (position, profile) = (*position, *profile);
             let id = record.id.as_bytes();
             let prefix = digest_prefix(&record.digest);
@@ -478,7 +517,7 @@ impl SetWriter {
         self.write_staged(service, store)?;
         self.staging = Vec::new();
         if self.buckets == 0 {
-            self.buckets = bucket_count(u64::from(self.records));
+            self.buckets = bucket_count(u64::from(self.intake.records));
         }
         let mut records = 0;
         while self.assembled < 2 * GROUPS && records < RECORDS_PER_STEP {
@@ -573,28 +612,13 @@ impl SetWriter {
         Ok(entries.len())
     }
 
-    /// Every part is in: writes the slot's header for `version` (the meta, written next,
-    /// announces it). Returns the record count.
-    pub fn finish(
-        &self,
-        service: &KeyService,
-        store: &dyn SharedStore,
-        version: u64,
-    ) -> Result<usize, BuildError> {
-        let layout = Layout {
+    /// Where this build writes.
+    pub(super) fn layout(&self) -> Layout {
+        Layout {
             slot: self.slot,
             tag: self.tag,
             buckets: self.buckets,
-        };
-        write_header(
-            service,
-            store,
-            layout,
-            version,
-            self.records,
-            &self.profiles.specs,
-        )?;
-        Ok(self.records as usize)
+        }
     }
 }
 
@@ -871,6 +895,7 @@ mod tests {
         for (n, chunk) in specs.chunks(part).enumerate() {
             for (i, spec) in chunk.iter().enumerate() {
                 writer
+                    .intake
                     .add(n * part + i, spec.clone())
                     .map_err(BuildError::Invalid)?;
             }
@@ -890,7 +915,9 @@ mod tests {
         let service = service(json!({}));
         let mut writer = staged(store, specs, part, version, tag, 4096)?;
         while !writer.assemble_step(&service, store)? {}
-        writer.finish(&service, store, version)
+        writer
+            .intake
+            .publish(&service, store, writer.layout(), version)
     }
 
     /// A store that counts the writes of each key.

@@ -20,13 +20,12 @@
 use super::service::KeyService;
 use super::setbuckets::{
     bucket_count, digest_bucket, digest_entries, digest_key, encode_digest_entry, encode_id_entry,
-    id_bucket, id_entries, id_key, tagged, write_header, BuildError, Layout, ProfileTable,
-    SharedSet,
+    id_bucket, id_entries, id_key, tagged, write_header, BuildError, Intake, Layout, SharedSet,
 };
 use super::store::SharedStore;
 use crate::core::config_error::ConfigError;
 use crate::core::digest::Digest;
-use crate::core::keyset::{digest_prefix, sorted_indexes, KeyRecordSpec};
+use crate::core::keyset::{digest_prefix, sorted_indexes};
 
 /// Records a delta may change, add or remove; more goes to a full build. Each is held in the
 /// VM until the document is read (about 100 bytes) and costs two bucket rewrites.
@@ -171,11 +170,9 @@ pub struct SetDelta {
     /// The live version, its record count and how many profiles its header holds.
     base: (u64, u32, usize),
     layout: Layout,
-    profiles: ProfileTable,
+    pub(super) intake: Intake,
     /// Which profile numbers the document's records use.
     used_profiles: Vec<bool>,
-    pending: Vec<(u32, crate::core::keyset::KeyRecord, u32)>,
-    records: u32,
     /// `SEEN_BITS` per digest bucket: the live records the document holds.
     seen: Vec<u64>,
     /// Records in each digest bucket when it was read (`UNREAD`: not yet), and how many of
@@ -196,14 +193,13 @@ impl SetDelta {
     pub fn start(live: &SharedSet) -> SetDelta {
         let layout = live.layout();
         let buckets = layout.buckets as usize;
-        let profiles = ProfileTable::numbered(&live.profiles());
+        let intake = Intake::numbered(&live.profiles());
+        let profiles = intake.profiles.specs.len();
         SetDelta {
-            base: (live.version, live.records(), profiles.specs.len()),
+            base: (live.version, live.records(), profiles),
             layout,
-            used_profiles: vec![false; profiles.specs.len()],
-            profiles,
-            pending: Vec::new(),
-            records: 0,
+            used_profiles: vec![false; profiles],
+            intake,
             seen: vec![0; buckets * SEEN_WORDS],
             bucket_len: vec![UNREAD; buckets],
             bucket_seen: vec![0; buckets],
@@ -225,21 +221,14 @@ impl SetDelta {
         self.changes.len() + self.deleted_digests.len()
     }
 
-    /// Validates one record of the document, to be compared by the next `flush`.
-    pub fn add(&mut self, position: usize, spec: KeyRecordSpec) -> Result<(), ConfigError> {
-        self.pending.push(self.profiles.record(position, spec)?);
-        Ok(())
-    }
-
     /// Compares the records added since the last flush with the live set.
     pub fn flush(
         &mut self,
         service: &KeyService,
         store: &dyn SharedStore,
     ) -> Result<(), DeltaError> {
-        let pending = std::mem::take(&mut self.pending);
-        self.records = self.records.saturating_add(pending.len() as u32);
-        if bucket_count(u64::from(self.records)) > self.layout.buckets.saturating_mul(2) {
+        let pending = self.intake.take();
+        if bucket_count(u64::from(self.intake.records)) > self.layout.buckets.saturating_mul(2) {
             return Err(DeltaError::Stop(DeltaStop::Outgrown));
         }
         let mut read: Option<(u32, Vec<u8>)> = None;
@@ -303,7 +292,7 @@ impl SetDelta {
                     return Err(DeltaError::Stop(DeltaStop::MaybeDuplicate));
                 }
                 let used = self.used_profiles.iter().filter(|u| **u).count();
-                if self.profiles.specs.len() > PROFILE_SLACK * used + 64 {
+                if self.intake.profiles.specs.len() > PROFILE_SLACK * used + 64 {
                     return Err(DeltaError::Stop(DeltaStop::Outgrown));
                 }
                 self.phase = Phase::Scanning { next: 0 };
@@ -360,8 +349,8 @@ impl SetDelta {
             // New profiles go into the live header first: a VM that reads a rewritten record
             // before the version is announced finds its profile there.
             let (version, records, profiles) = self.base;
-            if self.profiles.specs.len() > profiles {
-                let specs = &self.profiles.specs;
+            if self.intake.profiles.specs.len() > profiles {
+                let specs = &self.intake.profiles.specs;
                 write_header(service, store, self.layout, version, records, specs)?;
             }
             self.phase = Phase::Applying {
@@ -394,23 +383,10 @@ impl SetDelta {
         written.map(|()| done)
     }
 
-    /// Writes the header of `version` over the live one: the same slot and buckets, the
-    /// profiles appended to. Returns the record count.
-    pub fn finish(
-        &self,
-        service: &KeyService,
-        store: &dyn SharedStore,
-        version: u64,
-    ) -> Result<usize, BuildError> {
-        write_header(
-            service,
-            store,
-            self.layout,
-            version,
-            self.records,
-            &self.profiles.specs,
-        )?;
-        Ok(self.records as usize)
+    /// Where the update writes: the live version's slot and buckets. Its header is written
+    /// over the live one, the profiles appended to.
+    pub(super) fn layout(&self) -> Layout {
+        self.layout
     }
 
     fn read(&self, service: &KeyService, store: &dyn SharedStore, unit: Unit) -> Vec<u8> {
@@ -615,6 +591,7 @@ impl SetDelta {
 mod tests {
     use super::*;
     use crate::core::digest::sha256;
+    use crate::core::keyset::KeyRecordSpec;
     use crate::core::keysource::setbuckets::SetWriter;
     use crate::core::keysource::store::StoreError;
     use crate::core::keysource::test_host::service;
@@ -656,17 +633,17 @@ mod tests {
         let service = service(json!({}));
         let mut writer = SetWriter::start(1, 7);
         for (i, spec) in specs.iter().enumerate() {
-            writer.add(i, spec.clone()).unwrap();
+            writer.intake.add(i, spec.clone()).unwrap();
         }
         writer.flush(&service, store).unwrap();
         while !writer.assemble_step(&service, store).unwrap() {}
-        writer.finish(&service, store, 1).unwrap();
+        let layout = writer.layout();
+        writer.intake.publish(&service, store, layout, 1).unwrap();
         SharedSet::load(&service, store, 1).unwrap().unwrap()
     }
 
-    /// `specs` compared with `live` in parts of 100 records and, unless it stops, written over
-    /// it as version 2.
-    fn update(
+    /// `specs` read in parts of 100 records and compared with `live`.
+    fn compared(
         store: &dyn SharedStore,
         live: &SharedSet,
         specs: &[KeyRecordSpec],
@@ -675,15 +652,25 @@ mod tests {
         let mut delta = SetDelta::start(live);
         for (n, part) in specs.chunks(100).enumerate() {
             for (i, spec) in part.iter().enumerate() {
-                delta
-                    .add(n * 100 + i, spec.clone())
-                    .map_err(DeltaError::Invalid)?;
+                let added = delta.intake.add(n * 100 + i, spec.clone());
+                added.map_err(DeltaError::Invalid)?;
             }
             delta.flush(&service, store)?;
         }
         while !delta.compare_step(&service, store)? {}
+        Ok(delta)
+    }
+
+    /// `specs` compared with `live` and, unless the update stops, written over it as version 2.
+    fn update(
+        store: &dyn SharedStore,
+        live: &SharedSet,
+        specs: &[KeyRecordSpec],
+    ) -> Result<SetDelta, DeltaError> {
+        let service = service(json!({}));
+        let mut delta = compared(store, live, specs)?;
         while !delta.apply_step(&service, store)? {}
-        delta.finish(&service, store, 2)?;
+        delta.intake.publish(&service, store, delta.layout(), 2)?;
         Ok(delta)
     }
 
@@ -813,18 +800,14 @@ mod tests {
             .filter(|i| i % 25 != 0)
             .map(|i| specs[i].clone())
             .collect();
-        let mut delta = SetDelta::start(&live);
-        for (i, spec) in kept.iter().enumerate() {
-            delta.add(i, spec.clone()).unwrap();
-        }
-        delta.flush(&service, &store).unwrap();
-        while !delta.compare_step(&service, &store).unwrap() {}
+        let mut delta = compared(&store, &live, &kept).unwrap();
         let mut steps = 0;
         while !delta.apply_step(&service, &store).unwrap() {
             steps += 1;
         }
         assert!(steps >= 3, "{steps}");
-        delta.finish(&service, &store, 2).unwrap();
+        let layout = delta.layout();
+        delta.intake.publish(&service, &store, layout, 2).unwrap();
         let set = SharedSet::load(&service, &store, 2).unwrap().unwrap();
         assert_eq!(set.len(), 19_200);
         for i in (0..20_000).step_by(7) {
@@ -842,12 +825,7 @@ mod tests {
         let mut specs = set_of(300);
         let live = stored(&store, &specs);
         specs[4].tenant = Some("moved".into());
-        let mut delta = SetDelta::start(&live);
-        for (i, spec) in specs.iter().enumerate() {
-            delta.add(i, spec.clone()).unwrap();
-        }
-        delta.flush(&service, &store).unwrap();
-        while !delta.compare_step(&service, &store).unwrap() {}
+        let mut delta = compared(&store, &live, &specs).unwrap();
         while !delta.apply_step(&service, &store).unwrap() {}
         // Rewritten, not yet announced: the VM still on version 1 rereads the header's
         // profiles for the number it does not know.
