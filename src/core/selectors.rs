@@ -209,27 +209,26 @@ fn multipart_names(body: &[u8]) -> impl Iterator<Item = String> + '_ {
 
 /// Request headers that a WSGI/CGI-style upstream would read as a header keygate strips or
 /// selects on, spelled with `_` (`x_keygate_user`): keygate removes them.
+/// Nothing is allocated for a request without `_` in any header name, the usual case.
 pub fn underscore_aliases<'r>(config: &Config, req: &'r RequestView) -> Vec<&'r str> {
-    let selector_headers = config
-        .tenant_selectors
-        .iter()
-        .filter_map(|s| match &s.place {
-            SelectorPlace::Header(h) => Some(h.as_str()),
-            SelectorPlace::Query(_) => None,
-        });
-    let guarded: Vec<&str> = config
-        .headers_to_strip
-        .iter()
-        .map(String::as_str)
-        .chain(selector_headers)
-        .collect();
+    let is_guarded = |canonical: &[u8]| {
+        let mut selector_headers = config
+            .tenant_selectors
+            .iter()
+            .filter_map(|s| match &s.place {
+                SelectorPlace::Header(h) => Some(h.as_str()),
+                SelectorPlace::Query(_) => None,
+            });
+        config
+            .headers_to_strip
+            .iter()
+            .any(|g| g.as_bytes() == canonical)
+            || selector_headers.any(|g| g.as_bytes() == canonical)
+    };
     req.headers
         .iter()
         .filter(|(name, _)| name.contains(&b'_'))
-        .filter(|(name, _)| {
-            let canonical = canonical_header_name(name);
-            guarded.iter().any(|g| g.as_bytes() == canonical.as_slice())
-        })
+        .filter(|(name, _)| is_guarded(&canonical_header_name(name)))
         .filter_map(|(name, _)| std::str::from_utf8(name).ok())
         .collect()
 }
