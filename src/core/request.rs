@@ -72,6 +72,13 @@ impl Headers {
             .filter_map(move |s| Some((part(s.name)?, part(s.value)?)))
     }
 
+    /// Every header name, in order (a repeated header yields its name again).
+    pub fn names(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.spans
+            .iter()
+            .filter_map(|s| self.bytes.get(s.name.0 as usize..s.name.1 as usize))
+    }
+
     /// Every value of the header `name` (ASCII case ignored), in order. A header whose name has
     /// another length is passed over without reading its bytes: most lookups are misses.
     pub fn values<'a>(&'a self, name: &'a [u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
