@@ -103,8 +103,10 @@ pub fn check_strict(
 ) -> Result<(), ErrorCode> {
     // Without a query selector no parameter can name one: the query is not read at all (its
     // pairs would each be decoded and case-folded for nothing, on every request).
-    let query = req.path_with_query().split_once('?').map(|(_, q)| q);
-    if let Some(query) = query.filter(|_| has_query_selectors(config)) {
+    let query = has_query_selectors(config)
+        .then(|| req.path_with_query().split_once('?').map(|(_, q)| q))
+        .flatten();
+    if let Some(query) = query {
         let query = query.split_once('#').map_or(query, |(q, _)| q);
         if query.contains(';') {
             return Err(ErrorCode::TenantForbidden);
