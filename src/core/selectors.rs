@@ -250,8 +250,7 @@ fn has_underscore(name: &[u8]) -> bool {
         bytes.copy_from_slice(word);
         any_zero_byte(u64::from_ne_bytes(bytes) ^ UNDERSCORES)
     });
-    // The last 0-7 bytes one by one (`contains` would call memchr for them).
-    found || words.remainder().iter().any(|b| *b == b'_')
+    found || words.remainder().contains(&b'_')
 }
 
 #[cfg(test)]
