@@ -593,7 +593,8 @@ fn apply(filter: &FilterHandle, stream: &Stream, req: &RequestView, decision: De
     }
     // A set is a removal scan plus an add in Envoy: a header the request does not carry
     // (and not set twice here) is only added, and one it carries once with this very value
-    // (an earlier keygate on the chain set it) is left as it is: the map would come out the same.
+    // (an earlier keygate on the chain set it) is left as it is: the map would come out the
+    // same. Not if a removal above took it out (`req` is the map before the removals).
     for (at, (name, value)) in edits.set.iter().enumerate() {
         let set_before = edits
             .set
@@ -601,7 +602,9 @@ fn apply(filter: &FilterHandle, stream: &Stream, req: &RequestView, decision: De
             .is_some_and(|earlier| earlier.iter().any(|(n, _)| n == name));
         let mut carried = req.header_values(name);
         let first = carried.next();
-        if !set_before && first == Some(value.as_bytes()) && carried.next().is_none() {
+        let unchanged = first == Some(value.as_bytes()) && carried.next().is_none();
+        let removed = || edits.remove.iter().any(|r| r.eq_ignore_ascii_case(name));
+        if !set_before && unchanged && !removed() {
             continue;
         }
         if set_before || first.is_some() {
