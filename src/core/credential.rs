@@ -311,21 +311,13 @@ impl CredentialSource {
     /// Finds this source's credential in the request: `Ok(None)` when it is not there.
     pub fn extract(&self, req: &RequestView) -> Result<Option<Credential>, ErrorCode> {
         match &self.place {
-            Place::Header(name) => {
-                let values = header_items(req, name);
-                match single_value(&values)? {
-                    None => Ok(None),
-                    Some(token) => self.parse_token(token).map(Some),
-                }
-            }
+            Place::Header(name) => match single_value(header_items(req, name))? {
+                None => Ok(None),
+                Some(token) => self.parse_token(token).map(Some),
+            },
             Place::Bearer(name) => {
-                let mut tokens = Vec::new();
-                for item in header_items(req, name) {
-                    if let Some(token) = bearer_token(item) {
-                        tokens.push(token);
-                    }
-                }
-                match single_value(&tokens)? {
+                let tokens = header_items(req, name).filter_map(bearer_token);
+                match single_value(tokens)? {
                     None => Ok(None),
                     Some(token) => self.parse_token(token).map(Some),
                 }
@@ -335,23 +327,20 @@ impl CredentialSource {
                 if values.iter().any(Option::is_none) {
                     return Err(ErrorCode::MalformedApiKey);
                 }
-                let values: Vec<&[u8]> = values.iter().flatten().map(|v| v.as_bytes()).collect();
-                match single_value(&values)? {
+                let values = values.iter().flatten().map(|v| v.as_bytes());
+                match single_value(values)? {
                     None => Ok(None),
                     Some(token) => self.parse_token(token).map(Some),
                 }
             }
-            Place::Cookie(cookie) => {
-                let values = req.cookie_values(cookie);
-                match single_value(&values)? {
-                    None => Ok(None),
-                    Some(token) => self.parse_token(token).map(Some),
-                }
-            }
+            Place::Cookie(cookie) => match single_value(req.cookie_values(cookie))? {
+                None => Ok(None),
+                Some(token) => self.parse_token(token).map(Some),
+            },
             Place::HeaderPair { id, secret } => {
                 let ids = header_items(req, id);
                 let secrets = header_items(req, secret);
-                match (single_value(&ids)?, single_value(&secrets)?) {
+                match (single_value(ids)?, single_value(secrets)?) {
                     (None, None) => Ok(None),
                     (Some(_), None) | (None, Some(_)) => Err(ErrorCode::IncompleteApiKey),
                     (Some(id), Some(secret)) => self.parse_pair(id, secret, None).map(Some),
@@ -434,22 +423,21 @@ impl CredentialSource {
 }
 
 /// Each value of a header, split on `,` because Envoy joins repeated headers with commas.
-fn header_items<'a>(req: &'a RequestView, name: &'a str) -> Vec<&'a [u8]> {
-    let mut out = Vec::new();
-    for value in req.header_values(name) {
-        for item in value.split(|b| *b == b',') {
-            out.push(trim_ascii(item));
-        }
-    }
-    out
+fn header_items<'a>(req: &'a RequestView, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+    req.header_values(name)
+        .flat_map(|value| value.split(|b| *b == b',').map(trim_ascii))
 }
 
 /// At most one distinct value: the same credential sent twice is fine, two different ones are not.
-fn single_value<'a>(values: &[&'a [u8]]) -> Result<Option<&'a [u8]>, ErrorCode> {
-    let Some(first) = values.first() else {
+/// Read as it comes: nothing is collected for the usual single value.
+fn single_value<'a>(
+    values: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<Option<&'a [u8]>, ErrorCode> {
+    let mut values = values.into_iter();
+    let Some(first) = values.next() else {
         return Ok(None);
     };
-    if values.iter().any(|v| v != first) {
+    if values.any(|v| v != first) {
         return Err(ErrorCode::ConflictingCredentials);
     }
     Ok(Some(first))

@@ -288,7 +288,7 @@ pub fn check_origin(req: &RequestView, record: &KeyRecord) -> Result<(), ErrorCo
 /// A CORS preflight carries no credentials by design, so it cannot be authenticated: on a route
 /// that needs authentication keygate answers it itself (`Decision::Preflight`).
 pub fn is_cors_preflight(req: &RequestView) -> bool {
-    req.method() == "OPTIONS"
+    req.header_values(":method").next() == Some(b"OPTIONS".as_slice())
         && req.has_header("origin")
         && req.has_header("access-control-request-method")
 }

@@ -103,8 +103,10 @@ pub fn check_strict(
 ) -> Result<(), ErrorCode> {
     // Without a query selector no parameter can name one: the query is not read at all (its
     // pairs would each be decoded and case-folded for nothing, on every request).
-    let query = req.path_with_query().split_once('?').map(|(_, q)| q);
-    if let Some(query) = query.filter(|_| has_query_selectors(config)) {
+    let query = has_query_selectors(config)
+        .then(|| req.path_with_query().split_once('?').map(|(_, q)| q))
+        .flatten();
+    if let Some(query) = query {
         let query = query.split_once('#').map_or(query, |(q, _)| q);
         if query.contains(';') {
             return Err(ErrorCode::TenantForbidden);
@@ -209,29 +211,46 @@ fn multipart_names(body: &[u8]) -> impl Iterator<Item = String> + '_ {
 
 /// Request headers that a WSGI/CGI-style upstream would read as a header keygate strips or
 /// selects on, spelled with `_` (`x_keygate_user`): keygate removes them.
+/// Nothing is allocated for a request without `_` in any header name, the usual case.
 pub fn underscore_aliases<'r>(config: &Config, req: &'r RequestView) -> Vec<&'r str> {
-    let selector_headers = config
-        .tenant_selectors
-        .iter()
-        .filter_map(|s| match &s.place {
-            SelectorPlace::Header(h) => Some(h.as_str()),
-            SelectorPlace::Query(_) => None,
-        });
-    let guarded: Vec<&str> = config
-        .headers_to_strip
-        .iter()
-        .map(String::as_str)
-        .chain(selector_headers)
-        .collect();
+    let is_guarded = |canonical: &[u8]| {
+        let mut selector_headers = config
+            .tenant_selectors
+            .iter()
+            .filter_map(|s| match &s.place {
+                SelectorPlace::Header(h) => Some(h.as_str()),
+                SelectorPlace::Query(_) => None,
+            });
+        config
+            .headers_to_strip
+            .iter()
+            .any(|g| g.as_bytes() == canonical)
+            || selector_headers.any(|g| g.as_bytes() == canonical)
+    };
     req.headers
-        .iter()
-        .filter(|(name, _)| name.contains(&b'_'))
-        .filter(|(name, _)| {
-            let canonical = canonical_header_name(name);
-            guarded.iter().any(|g| g.as_bytes() == canonical.as_slice())
-        })
-        .filter_map(|(name, _)| std::str::from_utf8(name).ok())
+        .names()
+        .filter(|name| has_underscore(name))
+        .filter(|name| is_guarded(&canonical_header_name(name)))
+        .filter_map(|name| std::str::from_utf8(name).ok())
         .collect()
+}
+
+/// Whether `name` holds a `_`, eight bytes at a time: every request name is checked, and
+/// almost none has one.
+fn has_underscore(name: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([1; 8]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    const UNDERSCORES: u64 = u64::from_ne_bytes([b'_'; 8]);
+    let mut words = name.chunks_exact(8);
+    // A byte of `word ^ UNDERSCORES` is zero exactly where the word has `_`; the classic test
+    // below is non-zero if and only if some byte of `x` is zero.
+    let any_zero_byte = |x: u64| x.wrapping_sub(ONES) & !x & HIGHS != 0;
+    let found = words.by_ref().any(|word| {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(word);
+        any_zero_byte(u64::from_ne_bytes(bytes) ^ UNDERSCORES)
+    });
+    found || words.remainder().contains(&b'_')
 }
 
 #[cfg(test)]
@@ -414,5 +433,21 @@ mod tests {
             underscore_aliases(&c, &r),
             vec!["x_keygate_user", "X_Keygate_Tenant", "x_organization_id"]
         );
+    }
+
+    #[test]
+    fn has_underscore_finds_it_at_any_place_and_nothing_else() {
+        for len in 0..20 {
+            let plain = vec![b'x'; len];
+            assert!(!has_underscore(&plain), "{len}");
+            for at in 0..len {
+                let mut name = plain.clone();
+                name[at] = b'_';
+                assert!(has_underscore(&name), "{len} {at}");
+            }
+        }
+        for other in [0u8, b'^', b'`', 0xdf, 0x5e, 0x60, 0xff, b'-'] {
+            assert!(!has_underscore(&[other; 17]), "{other}");
+        }
     }
 }

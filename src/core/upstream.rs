@@ -73,7 +73,7 @@ pub fn upstream_edits<'a>(
     let mut remove: Vec<Cow<'a, str>> = config
         .headers_to_strip
         .iter()
-        .filter(|h| req.has_header(h) && !set.iter().any(|(n, _)| n == h))
+        .filter(|h| !set.iter().any(|(n, _)| n == h) && req.has_header(h))
         .map(|h| Cow::Borrowed(h.as_str()))
         .collect();
     remove.extend(

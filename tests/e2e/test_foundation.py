@@ -64,6 +64,19 @@ def test_client_sent_scope_headers_are_replaced_or_removed(stack):
     assert "x-keygate-user" not in seen and "x-keygate-product" not in seen
 
 
+def test_client_sent_scope_headers_with_the_keys_own_values_reach_upstream_once(stack):
+    # keygate-native leaves a header it would set to the same value as it is (a chain's earlier
+    # copy set it): sent once it stays once; sent twice, the two copies become one.
+    once = [("x-keygate-tenant", "acme"), ("x-keygate-key-id", "cmp_demo")]
+    seen = assert_passed(stack.request("GET", "/p", [("x-api-key", OPAQUE)] + once))
+    assert seen["x-keygate-tenant"] == ["acme"]
+    assert seen["x-keygate-key-id"] == ["cmp_demo"]
+    assert seen["x-keygate-auth"] == ["api_key"]
+    twice = [("x-keygate-tenant", "acme"), ("x-keygate-tenant", "acme")]
+    seen = assert_passed(stack.request("GET", "/p", [("x-api-key", OPAQUE)] + twice))
+    assert seen["x-keygate-tenant"] == ["acme"]
+
+
 def test_public_route_needs_no_key_and_still_scrubs_scope_headers(stack):
     seen = assert_passed(stack.request("GET", "/healthz", [("x-keygate-tenant", "forged")]))
     assert "x-keygate-tenant" not in seen

@@ -214,6 +214,18 @@ mod envoy {
         key == name.as_bytes()
     }
 
+    /// Whether a header entry `read_request_headers` filled has the value `value`.
+    pub fn has_value(header: &HttpHeader, value: &str) -> bool {
+        if header.value_ptr.is_null() || header.value_length != value.len() {
+            return false;
+        }
+        // SAFETY: as in `names`: Envoy's pointer and length, read before any edit of the map.
+        let got = unsafe {
+            std::slice::from_raw_parts(header.value_ptr.cast::<u8>(), header.value_length)
+        };
+        got == value.as_bytes()
+    }
+
     /// The filter config's bytes, valid during `config_new`.
     pub fn config_bytes<'a>(config: Buffer) -> &'a [u8] {
         if config.ptr.is_null() || config.length == 0 {
@@ -406,8 +418,10 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     {
         // keygate-native's callbacks for a valid bench key (1,000 keys, stripping off), with
         // the values it would publish for key bench-0000007: read the request headers, publish
-        // the access-log entry, count, and set the three scope headers (added when the request
-        // lacks them, else set: as keygate-native does, so a chain does not grow the map).
+        // the access-log entry, count, and set the three scope headers as keygate-native does:
+        // added when the request lacks them, left alone when it carries them once with this
+        // very value (a chain's earlier copy set them), else set (so a chain does not grow the
+        // map).
         let (steps, counter) = calls::of(_filter);
         let mut headers = [HttpHeader::of("", ""); 32];
         let mut count = 0;
@@ -433,9 +447,17 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
             // Which ones the request carries, all checked before the first edit: an edit may
             // free what the entries read above point to.
             let read = headers.get(..count).unwrap_or_default();
-            let present = scope.map(|(name, _)| read.iter().any(|h| envoy::names(h, name)));
-            for ((name, value), present) in scope.into_iter().zip(present) {
-                envoy::write_request_header(_filter_envoy, name, value, present);
+            let carried = scope.map(|(name, value)| {
+                let mut named = read.iter().filter(|h| envoy::names(h, name));
+                let first = named.next();
+                let same =
+                    first.is_some_and(|h| envoy::has_value(h, value)) && named.next().is_none();
+                (first.is_some(), same)
+            });
+            for ((name, value), (present, same)) in scope.into_iter().zip(carried) {
+                if !same {
+                    envoy::write_request_header(_filter_envoy, name, value, present);
+                }
             }
         }
     }

@@ -592,13 +592,22 @@ fn apply(filter: &FilterHandle, stream: &Stream, req: &RequestView, decision: De
         filter.set_request_header(name, None);
     }
     // A set is a removal scan plus an add in Envoy: a header the request does not carry
-    // (and not set twice here) is only added.
+    // (and not set twice here) is only added, and one it carries once with this very value
+    // (an earlier keygate on the chain set it) is left as it is: the map would come out the
+    // same. Not if a removal above took it out (`req` is the map before the removals).
     for (at, (name, value)) in edits.set.iter().enumerate() {
         let set_before = edits
             .set
             .get(..at)
             .is_some_and(|earlier| earlier.iter().any(|(n, _)| n == name));
-        if set_before || req.has_header(name) {
+        let mut carried = req.header_values(name);
+        let first = carried.next();
+        let unchanged = first == Some(value.as_bytes()) && carried.next().is_none();
+        let removed = || edits.remove.iter().any(|r| r.eq_ignore_ascii_case(name));
+        if !set_before && unchanged && !removed() {
+            continue;
+        }
+        if set_before || first.is_some() {
             filter.set_request_header(name, Some(value));
         } else {
             filter.add_request_header(name, value);
