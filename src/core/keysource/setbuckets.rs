@@ -744,12 +744,16 @@ impl SharedSet {
     }
 
     /// Rereads the header's profiles: an update in place appends the new ones to its version's
-    /// header before it writes a record that refers to them.
+    /// header before it writes a record that refers to them, and keeps them in the header of
+    /// the version it publishes (this VM may read a record before it reads that version).
     fn refresh_profiles(&self, service: &KeyService, store: &dyn SharedStore) {
-        if let Ok(Some(stored)) = SharedSet::load_slot(service, store, self.slot, self.version) {
-            let fresh = stored.profiles.into_inner();
-            if stored.tag == self.tag && fresh.len() > self.profiles.borrow().len() {
-                *self.profiles.borrow_mut() = fresh;
+        for version in [self.version, self.version + 1] {
+            if let Ok(Some(stored)) = SharedSet::load_slot(service, store, self.slot, version) {
+                let fresh = stored.profiles.into_inner();
+                if stored.tag == self.tag && fresh.len() > self.profiles.borrow().len() {
+                    *self.profiles.borrow_mut() = fresh;
+                }
+                return;
             }
         }
     }

@@ -824,11 +824,13 @@ mod tests {
         let service = service(json!({}));
         let mut specs = set_of(300);
         let live = stored(&store, &specs);
+        // A second VM on version 1 that reads nothing until the update is announced.
+        let late = SharedSet::load(&service, &store, 1).unwrap().unwrap();
         specs[4].tenant = Some("moved".into());
         let mut delta = compared(&store, &live, &specs).unwrap();
         while !delta.apply_step(&service, &store).unwrap() {}
-        // Rewritten, not yet announced: the VM still on version 1 rereads the header's
-        // profiles for the number it does not know.
+        // Rewritten, not yet announced: the VM on version 1 rereads the header's profiles for
+        // the number it does not know.
         let k4 = live.by_id(&service, &store, "k4").unwrap();
         assert_eq!(k4.profile.fields.tenant.as_deref(), Some("moved"));
         assert_eq!(
@@ -840,5 +842,11 @@ mod tests {
                 .as_deref(),
             Some("t2")
         );
+        // Announced before the other VM read the meta: it finds the profile in the header of
+        // version 2.
+        let layout = delta.layout();
+        delta.intake.publish(&service, &store, layout, 2).unwrap();
+        let k4 = late.by_id(&service, &store, "k4").unwrap();
+        assert_eq!(k4.profile.fields.tenant.as_deref(), Some("moved"));
     }
 }
