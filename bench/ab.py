@@ -215,12 +215,8 @@ def main():
         return cpu * 1e6 / result["requests"]
 
     try:
-        for _ in range(300):
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{ports['admin']}/ready", timeout=1):
-                    break
-            except OSError:
-                time.sleep(0.2)
+        if not run.envoy_ready(ports["admin"], envoy, 60):
+            sys.exit(f"Envoy did not start: see {run.WORK / 'ab-envoy.log'}")
         if service:
             for name in names:
                 wait_for_keys(ports[name], bench_config.bench_key(keys[name] - 1), envoy)

@@ -18,7 +18,6 @@ import re
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,13 +65,7 @@ def main():
         env=dict(os.environ, ENVOY_DYNAMIC_MODULES_SEARCH_PATH=str(ROOT / "build")))
     results = {}
     try:
-        for _ in range(1200):
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{ports['admin']}/ready", timeout=2):
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
+        if not run.envoy_ready(ports["admin"], envoy, 600):
             sys.exit("Envoy did not get ready under callgrind")
 
         def send(name, count):

@@ -74,6 +74,19 @@ def cpu_seconds(pid):
     return (int(fields[11]) + system) / CLK_TCK
 
 
+def envoy_ready(admin_port, envoy, seconds):
+    """Waits until Envoy's admin answers /ready with 200; False if Envoy exits or time runs out."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and envoy.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            time.sleep(0.2)
+    return False
+
+
 def http_status(port, key):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     conn.request("GET", "/v1/items", headers={"x-api-key": key} if key is not None else {})
@@ -132,14 +145,8 @@ class Phase:
              "--concurrency", "1", "--disable-hot-restart", "--log-level", "warn"],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
             env=dict(os.environ, ENVOY_DYNAMIC_MODULES_SEARCH_PATH=str(ROOT / "build")))
-        deadline = time.time() + 180
-        while time.time() < deadline and self.envoy.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['admin']}/ready", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.2)
+        if envoy_ready(self.ports["admin"], self.envoy, 180):
+            return
         self.stop()
         sys.exit("Envoy did not start:\n" + (WORK / f"envoy-chain{self.chain}.log").read_text()[-3000:])
 
