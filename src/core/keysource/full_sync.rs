@@ -454,19 +454,43 @@ impl Build {
         }
     }
 
-    /// Whether the document read is to be published over the version the build began with: it
-    /// has a serial above the stored one, other bytes than the stored ones, and that version is
-    /// still stored.
+    /// Whether the document read is to be published over the version the build began with
+    /// (still the stored one).
     fn judge(&self, service: &KeyService, store: &dyn SharedStore) -> bool {
-        let Ok((Some(serial), _)) = self.stream.finish() else {
-            return false;
+        matches!(self.verdict(service, store), Verdict::Publish { stored, .. } if stored.version == self.base)
+    }
+
+    /// What the document read comes to against the stored meta: published only with a serial
+    /// above the stored one and other bytes than the stored ones.
+    fn verdict(&self, service: &KeyService, store: &dyn SharedStore) -> Verdict {
+        let serial = match self.stream.finish() {
+            Ok((Some(serial), _)) => serial,
+            Ok((None, _)) => {
+                return Verdict::Invalid(ConfigError::new(
+                    "serial",
+                    "required: a number raised with every published document (keygate keyset add/revoke/build write it)",
+                ))
+            }
+            Err(error) => return Verdict::Invalid(error),
         };
+        let digest: Digest = self.digest.clone().finish();
         let stored = read_meta(service, store)
             .map(|(m, _)| m)
             .unwrap_or_default();
-        stored.version == self.base
-            && serial > stored.serial
-            && self.digest.clone().finish() != stored.doc_sha256
+        if stored.version != 0 && digest == stored.doc_sha256 {
+            return Verdict::Same;
+        }
+        if stored.version != 0 && serial <= stored.serial {
+            return Verdict::RolledBack {
+                offered: serial,
+                current: stored.serial,
+            };
+        }
+        Verdict::Publish {
+            serial,
+            digest,
+            stored,
+        }
     }
 
     /// The version this build is published as after `stored`, unless the stored version moved
@@ -495,6 +519,22 @@ impl Build {
             Writer::InPlace(_) => None,
         }
     }
+}
+
+/// What a document read whole comes to, before it is published.
+enum Verdict {
+    Invalid(ConfigError),
+    /// The stored bytes again: only confirmed.
+    Same,
+    RolledBack {
+        offered: u64,
+        current: u64,
+    },
+    Publish {
+        serial: u64,
+        digest: Digest,
+        stored: Meta,
+    },
 }
 
 /// An update's step as a build's.
@@ -840,32 +880,25 @@ impl FullSync {
             failures: count_failure(service, store),
         };
         let unused = build.clearing();
-        let serial = match build.stream.finish() {
-            Ok((Some(serial), _)) => serial,
-            Ok((None, _)) => {
-                let error = ConfigError::new(
-                    "serial",
-                    "required: a number raised with every published document (keygate keyset add/revoke/build write it)",
-                );
-                return (failure(FetchError::InvalidDocument(error)), unused);
+        let (serial, digest, stored) = match build.verdict(service, store) {
+            Verdict::Publish {
+                serial,
+                digest,
+                stored,
+            } => (serial, digest, stored),
+            Verdict::Invalid(error) => {
+                return (failure(FetchError::InvalidDocument(error)), unused)
             }
-            Err(error) => return (failure(FetchError::InvalidDocument(error)), unused),
+            Verdict::Same => return (confirm(service, store, now_ms, etag), unused),
+            Verdict::RolledBack { offered, current } => {
+                let outcome = FetchOutcome::RolledBack {
+                    offered,
+                    current,
+                    failures: count_failure(service, store),
+                };
+                return (outcome, unused);
+            }
         };
-        let digest: Digest = build.digest.clone().finish();
-        let stored = read_meta(service, store)
-            .map(|(m, _)| m)
-            .unwrap_or_default();
-        if stored.version != 0 && digest == stored.doc_sha256 {
-            return (confirm(service, store, now_ms, etag), unused);
-        }
-        if stored.version != 0 && serial <= stored.serial {
-            let outcome = FetchOutcome::RolledBack {
-                offered: serial,
-                current: stored.serial,
-                failures: count_failure(service, store),
-            };
-            return (outcome, unused);
-        }
         // An update wrote over the old version; a whole build leaves it to be cleared.
         let old = build.clearing().and_then(|_| {
             SharedSet::load(service, store, stored.version)
